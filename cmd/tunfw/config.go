@@ -1,0 +1,189 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/BurntSushi/toml"
+	"github.com/tunfw/tunfw"
+	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/internal/config"
+	"github.com/tunfw/tunfw/tun"
+)
+
+// defaultConfigPath is read when -c is not given; if it does not exist the
+// embedded example config is used instead.
+const defaultConfigPath = "/etc/tunfw/config.toml"
+
+// fileLayout is the top level of the config file. Each section is decoded
+// separately into the type of the package that owns it, so a type error in
+// one section does not hide the errors of the others.
+type fileLayout struct {
+	Tun    toml.Primitive   `toml:"tun"`
+	Route  toml.Primitive   `toml:"route"`
+	Filter toml.Primitive   `toml:"filter"`
+	Sets   toml.Primitive   `toml:"sets"`
+	Rule   []toml.Primitive `toml:"rule"`
+}
+
+// Config is a loaded, validated config file.
+type Config struct {
+	// Source names where it came from: a path or "embedded config.toml".
+	Source string
+	Net    tun.Settings
+	Filter filter.Options
+	Rules  *filter.Ruleset
+}
+
+// ConfigError is one problem in a config file, located by line.
+type ConfigError struct {
+	File string
+	Line int // 0 when unknown
+	Key  string
+	Msg  string
+}
+
+func (e ConfigError) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		b.WriteString(":" + strconv.Itoa(e.Line))
+	}
+	b.WriteString(": ")
+	if e.Key != "" {
+		b.WriteString(e.Key + ": ")
+	}
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+// ConfigErrors is every problem found in one config file.
+type ConfigErrors []ConfigError
+
+func (es ConfigErrors) Error() string {
+	s := make([]string, len(es))
+	for i, e := range es {
+		s[i] = e.Error()
+	}
+	return strings.Join(s, "\n")
+}
+
+// readConfig reads path; when path is the default and absent, it falls back to
+// the embedded config and says so through fellBack.
+func readConfig(path string, explicit bool) (data []byte, source string, fellBack bool, err error) {
+	data, err = os.ReadFile(path)
+	if err == nil {
+		return data, path, false, nil
+	}
+	if !explicit && errors.Is(err, fs.ErrNotExist) {
+		return tunfw.DefaultConfig, "embedded config.toml", true, nil
+	}
+	return nil, path, false, fmt.Errorf("read config: %w", err)
+}
+
+// parseConfig decodes and validates a config file and reports every error
+// it finds with its line.
+func parseConfig(source string, data []byte) (*Config, error) {
+	var errs ConfigErrors
+	lines := config.Locate(data)
+	add := func(err error) {
+		for _, e := range config.Errors(err) {
+			errs = append(errs, locate(source, lines, e))
+		}
+	}
+	var layout fileLayout
+	md, err := toml.Decode(string(data), &layout)
+	if err != nil {
+		add(err)
+		return nil, errs
+	}
+	var (
+		tc    tun.Config
+		rc    tun.RouteConfig
+		fo    filter.Options
+		sets  map[string]any
+		rules = make([]filter.RuleConfig, len(layout.Rule))
+	)
+	decode := func(key string, p toml.Primitive, v any) {
+		if md.IsDefined(key) {
+			add(md.PrimitiveDecode(p, v))
+		}
+	}
+	decode("tun", layout.Tun, &tc)
+	decode("route", layout.Route, &rc)
+	decode("filter", layout.Filter, &fo)
+	decode("sets", layout.Sets, &sets)
+	for i, p := range layout.Rule {
+		add(md.PrimitiveDecode(p, &rules[i]))
+	}
+	for _, k := range unknownKeys(md) {
+		ks := k.String()
+		places := lines.Places(ks)
+		if len(places) == 0 {
+			places = []config.Place{{Key: ks, Line: lines.Line(ks)}}
+		}
+		for _, p := range places {
+			errs = append(errs, ConfigError{File: source, Line: p.Line, Key: p.Key, Msg: "unknown key"})
+		}
+	}
+	cfg := &Config{Source: source, Filter: fo}
+	cfg.Net, err = tun.Validate(tc, rc)
+	add(err)
+	cfg.Rules, err = filter.Compile(fo, sets, rules)
+	add(err)
+	if len(errs) > 0 {
+		sort.SliceStable(errs, func(i, j int) bool { return errs[i].Line < errs[j].Line })
+		return nil, errs
+	}
+	return cfg, nil
+}
+
+// unknownKeys returns the undecoded keys, leaving out those whose parent is
+// itself unknown (an unknown table is reported once).
+func unknownKeys(md toml.MetaData) []toml.Key {
+	var out []toml.Key
+	seen := make(map[string]bool)
+	for _, k := range md.Undecoded() {
+		parentUnknown := false
+		for i := 1; i < len(k); i++ {
+			if seen[k[:i].String()] {
+				parentUnknown = true
+				break
+			}
+		}
+		seen[k.String()] = true
+		if !parentUnknown {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// tomlErrRe matches BurntSushi/toml's decode errors, which carry the line and
+// key in their text only.
+var tomlErrRe = regexp.MustCompile(`^toml: (?:line (\d+) )?\(last key "([^"]*)"\): (.*)$`)
+
+// locate turns an error from decoding or validation into a ConfigError.
+func locate(source string, lines *config.Lines, err error) ConfigError {
+	var pe toml.ParseError
+	if errors.As(err, &pe) {
+		return ConfigError{File: source, Line: pe.Position.Line, Key: pe.LastKey, Msg: pe.Message}
+	}
+	if fe, ok := config.AsField(err); ok {
+		return ConfigError{File: source, Line: lines.Line(fe.Key), Key: fe.Key, Msg: fe.Err.Error()}
+	}
+	if m := tomlErrRe.FindStringSubmatch(err.Error()); m != nil {
+		line, _ := strconv.Atoi(m[1])
+		if line == 0 {
+			line = lines.Line(m[2])
+		}
+		return ConfigError{File: source, Line: line, Key: m[2], Msg: m[3]}
+	}
+	return ConfigError{File: source, Msg: err.Error()}
+}

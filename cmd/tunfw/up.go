@@ -1,0 +1,125 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os/signal"
+	"syscall"
+
+	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack"
+	"github.com/tunfw/tunfw/tun"
+	"github.com/vishvananda/netlink"
+)
+
+func cmdUp(args []string, stdout, stderr io.Writer) int {
+	var f commonFlags
+	fs := newFlagSet("up", "Create the TUN device and routes, then filter and forward until SIGINT or SIGTERM,\nand remove everything installed before exiting.", stdout, &f, true)
+	if code, stop := parseFlags(fs, args, stderr); stop {
+		return code
+	}
+	log, err := newLogger(stderr, f.logFormat, f.logLevel)
+	if err != nil {
+		fmt.Fprintf(stderr, "tunfw up: %v\n", err)
+		return 2
+	}
+	data, source, fellBack, err := readConfig(f.config, configGiven(fs))
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return 1
+	}
+	if fellBack {
+		log.Warn("config file does not exist; using the embedded config.toml", "path", defaultConfigPath)
+	}
+	cfg, err := parseConfig(source, data)
+	if err != nil {
+		// Plain lines, one per error, so file:line stays readable.
+		fmt.Fprintln(stderr, err)
+		log.Error("invalid config; nothing was changed", "config", source)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := up(ctx, cfg, log); err != nil {
+		log.Error("tunfw failed", "err", err)
+		return 1
+	}
+	return 0
+}
+
+// up runs the firewall until ctx ends. Everything it installs is removed
+// before it returns, whatever the outcome.
+func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
+	out, err := resolveOutbound(cfg.Net)
+	if err != nil {
+		return err
+	}
+	dev, err := tun.Open(cfg.Net)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := dev.Close(); err != nil {
+			log.Error("teardown", "err", err)
+		}
+	}()
+	if err := dev.AddRoutes(cfg.Net.Include, cfg.Net.Exclude); err != nil {
+		return err
+	}
+	eng := filter.NewEngine(cfg.Rules, filter.EngineOptions{Logger: log})
+	st, err := stack.New(stack.Options{
+		Device:   dev,
+		MTU:      cfg.Net.MTU,
+		Engine:   eng,
+		Outbound: out,
+		Logger:   log,
+	})
+	if err != nil {
+		return fmt.Errorf("build stack: %w", err)
+	}
+	defer st.Close()
+
+	runErr := make(chan error, 1)
+	go func() { runErr <- st.Run(ctx) }()
+	log.Info("tunfw is up",
+		"config", cfg.Source, "tun", dev.InterfaceName(), "mtu", cfg.Net.MTU,
+		"routes", fmt.Sprint(dev.Routes()), "outbound_v4", out.IfaceV4, "outbound_v6", out.IfaceV6,
+		"fwmark", out.Mark, "rules", cfg.Rules.Len(), "default", cfg.Rules.Default(), "monitor", cfg.Rules.Monitor())
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down: removing routes and device")
+		return nil
+	case err := <-runErr:
+		return err
+	}
+}
+
+// resolveOutbound decides how tunfw's own sockets avoid the TUN. Without an
+// explicit interface they are bound to the default route's interface of
+// their family; with neither that nor a mark, routing the include list into
+// the TUN would send tunfw's own connections back into itself, so it
+// refuses to start.
+func resolveOutbound(s tun.Settings) (stack.Outbound, error) {
+	o := stack.Outbound{Mark: s.FWMark}
+	if s.Outbound != "" {
+		if _, err := netlink.LinkByName(s.Outbound); err != nil {
+			return o, fmt.Errorf("route.outbound %q: %w", s.Outbound, err)
+		}
+		o.IfaceV4, o.IfaceV6 = s.Outbound, s.Outbound
+		return o, nil
+	}
+	var err4, err6 error
+	o.IfaceV4, err4 = tun.DefaultRouteInterface(true)
+	o.IfaceV6, err6 = tun.DefaultRouteInterface(false)
+	if err := errors.Join(err4, err6); err != nil {
+		return o, fmt.Errorf("find default route interface: %w", err)
+	}
+	if o.IfaceV4 == "" && o.IfaceV6 == "" && o.Mark == 0 && len(s.Include) > 0 {
+		return o, errors.New("route.outbound is empty and there is no default route to take its interface from; " +
+			"set route.outbound (or route.fwmark with a policy rule) so tunfw's own connections do not loop into the TUN")
+	}
+	return o, nil
+}

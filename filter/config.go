@@ -1,0 +1,469 @@
+package filter
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"reflect"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/tunfw/tunfw/internal/config"
+)
+
+// Options is the [filter] section.
+type Options struct {
+	Default string `toml:"default"` // allow | deny | reject; "" = allow
+	Log     string `toml:"log"`     // none | deny | all; "" = deny
+	Mode    string `toml:"mode"`    // enforce | monitor; "" = enforce
+}
+
+// RuleConfig is one [[rule]] table as decoded from TOML. Fields are `any`
+// because each key takes a value or a list; TOML integers decode as int64,
+// strings as string, arrays as []any.
+type RuleConfig struct {
+	Name    string `toml:"name"`
+	Action  string `toml:"action"`
+	Proto   any    `toml:"proto"`
+	Src     any    `toml:"src"`
+	Dst     any    `toml:"dst"`
+	SrcPort any    `toml:"src_port"`
+	DstPort any    `toml:"dst_port"`
+}
+
+// setKind is what a [sets] entry holds.
+type setKind uint8
+
+const (
+	setEmpty setKind = iota // usable as either kind
+	setAddrs
+	setPorts
+)
+
+func (k setKind) String() string {
+	switch k {
+	case setAddrs:
+		return "addresses"
+	case setPorts:
+		return "ports"
+	}
+	return "nothing"
+}
+
+// compiledSet is a parsed [sets] entry; only one of addrs/ports is set.
+type compiledSet struct {
+	kind  setKind
+	addrs []netip.Prefix
+	ports []portRange
+}
+
+// compiler collects every error of a Compile run.
+type compiler struct {
+	errs []error
+	sets map[string]*compiledSet
+}
+
+func (c *compiler) errorf(key, format string, args ...any) {
+	c.errs = append(c.errs, config.Errorf(key, format, args...))
+}
+
+// Compile validates opts, sets and rules and compiles them into a Ruleset.
+// sets is the [sets] table (values are []any or a scalar). On failure it
+// returns an errors.Join of one *config.FieldError per problem found, keyed
+// "filter.default", "sets.NAME", "rule[N].KEY" (N 1-based), ...
+func Compile(opts Options, sets map[string]any, rules []RuleConfig) (*Ruleset, error) {
+	c := &compiler{sets: make(map[string]*compiledSet, len(sets))}
+	rs := &Ruleset{}
+
+	switch strings.ToLower(opts.Default) {
+	case "", "allow":
+		rs.def = Allow
+	case "deny":
+		rs.def = Deny
+	case "reject":
+		rs.def = Reject
+	default:
+		c.errorf("filter.default", "unknown action %q (want allow, deny or reject)", opts.Default)
+	}
+	switch strings.ToLower(opts.Log) {
+	case "", "deny":
+		rs.log = LogDeny
+	case "none":
+		rs.log = LogNone
+	case "all":
+		rs.log = LogAll
+	default:
+		c.errorf("filter.log", "unknown log level %q (want none, deny or all)", opts.Log)
+	}
+	switch strings.ToLower(opts.Mode) {
+	case "", "enforce":
+	case "monitor":
+		rs.monitor = true
+	default:
+		c.errorf("filter.mode", "unknown mode %q (want enforce or monitor)", opts.Mode)
+	}
+
+	// Sets in name order so errors come out deterministically.
+	names := make([]string, 0, len(sets))
+	for name := range sets {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		c.compileSet(name, sets[name])
+	}
+
+	rs.rules = make([]rule, 0, len(rules))
+	for i := range rules {
+		r, ok := c.compileRule(i+1, &rules[i])
+		if ok {
+			rs.rules = append(rs.rules, r)
+		}
+	}
+	if len(c.errs) > 0 {
+		return nil, errors.Join(c.errs...)
+	}
+	return rs, nil
+}
+
+// list turns a value-or-list into a list. TOML arrays decode as []any, but
+// callers building configs in Go may use typed slices.
+func list(v any) []any {
+	switch v := v.(type) {
+	case nil:
+		return nil
+	case []any:
+		return v
+	}
+	rv := reflect.ValueOf(v)
+	if rv.Kind() == reflect.Slice || rv.Kind() == reflect.Array {
+		out := make([]any, rv.Len())
+		for i := range out {
+			out[i] = rv.Index(i).Interface()
+		}
+		return out
+	}
+	return []any{v}
+}
+
+// asInt reports v as an integer if it is one.
+func asInt(v any) (int64, bool) {
+	rv := reflect.ValueOf(v)
+	switch rv.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		return rv.Int(), true
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		u := rv.Uint()
+		if u > 1<<62 {
+			return 1 << 62, true // out of range anyway
+		}
+		return int64(u), true
+	}
+	return 0, false
+}
+
+// looksLikeAddr decides how a set entry string is read: addresses always
+// hold '.' or ':', ports and port ranges never do.
+func looksLikeAddr(s string) bool { return strings.ContainsAny(s, ".:") }
+
+func (c *compiler) compileSet(name string, v any) {
+	key := "sets." + name
+	s := &compiledSet{}
+	c.sets[name] = s
+	ok := true
+	for _, e := range list(v) {
+		var kind setKind
+		switch x := e.(type) {
+		case string:
+			if strings.HasPrefix(x, "@") {
+				c.errorf(key, "%q: sets do not nest (list the entries instead)", x)
+				ok = false
+				continue
+			}
+			if looksLikeAddr(x) {
+				kind = setAddrs
+				p, err := parseAddr(x)
+				if err != nil {
+					c.errorf(key, "%v", err)
+					ok = false
+					continue
+				}
+				s.addrs = append(s.addrs, p)
+			} else {
+				kind = setPorts
+				r, err := parsePort(x)
+				if err != nil {
+					c.errorf(key, "%v", err)
+					ok = false
+					continue
+				}
+				s.ports = append(s.ports, r)
+			}
+		default:
+			if _, isInt := asInt(e); !isInt {
+				c.errorf(key, "%v (%T) is not an IP address, CIDR, port or port range", e, e)
+				ok = false
+				continue
+			}
+			kind = setPorts
+			r, err := parsePort(e)
+			if err != nil {
+				c.errorf(key, "%v", err)
+				ok = false
+				continue
+			}
+			s.ports = append(s.ports, r)
+		}
+		if s.kind == setEmpty {
+			s.kind = kind
+		} else if s.kind != kind {
+			c.errorf(key, "mixes addresses and ports (a set holds one kind)")
+			ok = false
+			break
+		}
+	}
+	if !ok {
+		s.kind = setEmpty
+		s.addrs, s.ports = nil, nil
+		// nil marks "known but invalid": rules using it get no second,
+		// misleading error.
+		c.sets[name] = nil
+	}
+}
+
+// parseAddr parses an IP or canonical CIDR; a bare IP is a /32 or /128.
+func parseAddr(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("%q is not an IP address or CIDR", s)
+		}
+		if m := p.Masked(); m != p {
+			return netip.Prefix{}, fmt.Errorf("%q is not a canonical CIDR (write %s)", s, m)
+		}
+		return p, nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("%q is not an IP address or CIDR", s)
+	}
+	if a.Zone() != "" {
+		return netip.Prefix{}, fmt.Errorf("%q: IPv6 zones are not allowed", s)
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+// parsePort parses an integer port, "80" or "lo-hi".
+func parsePort(v any) (portRange, error) {
+	if n, ok := asInt(v); ok {
+		if n < 0 || n > 65535 {
+			return portRange{}, fmt.Errorf("port %d out of range (want 0-65535)", n)
+		}
+		return portRange{uint16(n), uint16(n)}, nil
+	}
+	s, ok := v.(string)
+	if !ok {
+		return portRange{}, fmt.Errorf("%v (%T) is not a port (want a number 0-65535 or a string \"lo-hi\")", v, v)
+	}
+	lo, hi, isRange := strings.Cut(s, "-")
+	if !isRange {
+		hi = lo
+	}
+	l, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 16)
+	h, err2 := strconv.ParseUint(strings.TrimSpace(hi), 10, 16)
+	switch {
+	case (err1 != nil || err2 != nil) && isRange:
+		return portRange{}, fmt.Errorf("bad port range %q (want \"lo-hi\" with numbers 0-65535)", s)
+	case err1 != nil || err2 != nil:
+		return portRange{}, fmt.Errorf("bad port %q (want a number 0-65535 or a range \"lo-hi\")", s)
+	case l > h:
+		return portRange{}, fmt.Errorf("bad port range %q (want lo <= hi)", s)
+	}
+	return portRange{uint16(l), uint16(h)}, nil
+}
+
+// setRef resolves "@name" for key, reporting unknown sets and sets of the
+// wrong kind. ok is false when an error was reported; s is nil (with ok
+// true) for a set that is itself invalid, already reported under sets.NAME.
+func (c *compiler) setRef(key, ref string, want setKind) (s *compiledSet, ok bool) {
+	s, found := c.sets[ref[1:]]
+	if !found {
+		c.errorf(key, "unknown set %q", ref)
+		return nil, false
+	}
+	if s != nil && s.kind != setEmpty && s.kind != want {
+		c.errorf(key, "set %q holds %s, not %s", ref, s.kind, want)
+		return nil, false
+	}
+	return s, true
+}
+
+// compileAddrs compiles an address key; absent means any.
+func (c *compiler) compileAddrs(key string, v any) (addrSet, bool) {
+	if v == nil {
+		return addrSet{any: true}, true
+	}
+	entries := list(v)
+	if len(entries) == 0 {
+		c.errorf(key, "empty list (omit the key to match any address)")
+		return addrSet{}, false
+	}
+	var pfx []netip.Prefix
+	ok := true
+	for _, e := range entries {
+		s, isStr := e.(string)
+		if !isStr {
+			c.errorf(key, "%v (%T) is not an IP address or CIDR (want a string)", e, e)
+			ok = false
+			continue
+		}
+		if strings.HasPrefix(s, "@") {
+			set, good := c.setRef(key, s, setAddrs)
+			if !good {
+				ok = false
+			} else if set != nil {
+				pfx = append(pfx, set.addrs...)
+			}
+			continue
+		}
+		p, err := parseAddr(s)
+		if err != nil {
+			c.errorf(key, "%v", err)
+			ok = false
+			continue
+		}
+		pfx = append(pfx, p)
+	}
+	var v4 []range4
+	var v6 []range6
+	for _, p := range pfx {
+		if p.Addr().Is4() {
+			v4 = append(v4, prefixRange4(p))
+		} else {
+			v6 = append(v6, prefixRange6(p))
+		}
+	}
+	return addrSet{v4: mergeRanges4(v4), v6: mergeRanges6(v6)}, ok
+}
+
+// compilePorts compiles a port key; absent means any.
+func (c *compiler) compilePorts(key string, v any) (portSet, bool) {
+	if v == nil {
+		return portSet{any: true}, true
+	}
+	entries := list(v)
+	if len(entries) == 0 {
+		c.errorf(key, "empty list (omit the key to match any port)")
+		return portSet{}, false
+	}
+	var rs []portRange
+	ok := true
+	for _, e := range entries {
+		if s, isStr := e.(string); isStr && strings.HasPrefix(s, "@") {
+			set, good := c.setRef(key, s, setPorts)
+			if !good {
+				ok = false
+			} else if set != nil {
+				rs = append(rs, set.ports...)
+			}
+			continue
+		}
+		r, err := parsePort(e)
+		if err != nil {
+			c.errorf(key, "%v", err)
+			ok = false
+			continue
+		}
+		rs = append(rs, r)
+	}
+	return portSet{ranges: mergePorts(rs)}, ok
+}
+
+func (c *compiler) compileProto(key string, v any) (uint8, bool) {
+	if v == nil {
+		return protoAny, true
+	}
+	entries := list(v)
+	if len(entries) == 0 {
+		c.errorf(key, "empty list (omit the key to match any protocol)")
+		return 0, false
+	}
+	var mask uint8
+	ok := true
+	for _, e := range entries {
+		s, _ := e.(string)
+		switch strings.ToLower(s) {
+		case "tcp":
+			mask |= protoTCP
+		case "udp":
+			mask |= protoUDP
+		case "icmp":
+			mask |= protoICMP
+		case "any":
+			mask |= protoAny
+		default:
+			if _, isStr := e.(string); isStr {
+				c.errorf(key, "unknown proto %q (want tcp, udp, icmp or any)", s)
+			} else {
+				c.errorf(key, "unknown proto %v (want tcp, udp, icmp or any)", e)
+			}
+			ok = false
+		}
+	}
+	return mask, ok
+}
+
+func (c *compiler) compileRule(n int, rc *RuleConfig) (rule, bool) {
+	key := func(k string) string { return fmt.Sprintf("rule[%d].%s", n, k) }
+	r := rule{name: rc.Name}
+	if r.name == "" {
+		r.name = fmt.Sprintf("rule-%d", n)
+	}
+	ok := true
+	switch strings.ToLower(rc.Action) {
+	case "allow":
+		r.action = Allow
+	case "deny":
+		r.action = Deny
+	case "reject":
+		r.action = Reject
+	case "":
+		c.errorf(key("action"), "missing action (want allow, deny or reject)")
+		ok = false
+	default:
+		c.errorf(key("action"), "unknown action %q (want allow, deny or reject)", rc.Action)
+		ok = false
+	}
+	var good bool
+	if r.protos, good = c.compileProto(key("proto"), rc.Proto); !good {
+		ok = false
+	}
+	if r.src, good = c.compileAddrs(key("src"), rc.Src); !good {
+		ok = false
+	}
+	if r.dst, good = c.compileAddrs(key("dst"), rc.Dst); !good {
+		ok = false
+	}
+	if r.srcPort, good = c.compilePorts(key("src_port"), rc.SrcPort); !good {
+		ok = false
+	}
+	if r.dstPort, good = c.compilePorts(key("dst_port"), rc.DstPort); !good {
+		ok = false
+	}
+	// A port condition can only hold for protocols with ports: it narrows
+	// "any" (or tcp+icmp) to the port-carrying ones, and a rule left with
+	// none is a mistake.
+	if rc.SrcPort != nil || rc.DstPort != nil {
+		k := "dst_port"
+		if rc.DstPort == nil {
+			k = "src_port"
+		}
+		if r.protos != 0 && r.protos&protoPorts == 0 {
+			c.errorf(key(k), "%s needs proto tcp or udp (icmp has no ports)", k)
+			ok = false
+		}
+		r.protos &= protoPorts
+	}
+	return r, ok
+}

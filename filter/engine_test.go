@@ -1,0 +1,323 @@
+package filter
+
+import (
+	"bytes"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+const sec = int64(time.Second)
+
+func newTestEngine(t testing.TB, rules string, opts EngineOptions) (*Engine, *bytes.Buffer) {
+	t.Helper()
+	var buf bytes.Buffer
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{
+			ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+				if a.Key == slog.TimeKey {
+					return slog.Attr{}
+				}
+				return a
+			},
+		}))
+	}
+	return NewEngine(mustCompile(t, rules), opts), &buf
+}
+
+func in(e *Engine, x pk, now int64) Decision {
+	p, _ := parsed(x)
+	return e.Inbound(p, now)
+}
+
+func out(e *Engine, x pk, now int64) bool {
+	p, _ := parsed(x)
+	return e.Outbound(p, now)
+}
+
+func TestEngineFlowVerdictKept(t *testing.T) {
+	e, logs := newTestEngine(t, `
+[[rule]]
+name = "no-ssh"
+action = "deny"
+dst_port = 22
+`, EngineOptions{})
+	syn := tcp("10.0.0.2", 40000, "1.1.1.1", 443, TCPSyn)
+	ack := tcp("10.0.0.2", 40000, "1.1.1.1", 443, TCPAck)
+	if d := in(e, syn, 0); d != (Decision{VerdictForward, -1, ReasonNone}) {
+		t.Fatalf("SYN: %+v", d)
+	}
+	// Swap to rules that deny everything: the flow keeps its verdict.
+	e.Swap(mustCompile(t, "[filter]\ndefault = \"deny\"\n"))
+	if d := in(e, ack, sec); d.Verdict != VerdictForward {
+		t.Errorf("established after swap: %+v", d)
+	}
+	// A new flow sees the new rules.
+	if d := in(e, tcp("10.0.0.2", 40001, "1.1.1.1", 443, TCPSyn), sec); d != (Decision{VerdictDrop, -1, ReasonDenied}) {
+		t.Errorf("new flow after swap: %+v", d)
+	}
+	if e.Rules().Default() != Deny {
+		t.Errorf("Rules() not swapped")
+	}
+	// A denied flow stays denied without re-evaluating: swap back to allow.
+	e.Swap(mustCompile(t, ""))
+	if d := in(e, tcp("10.0.0.2", 40001, "1.1.1.1", 443, TCPSyn), 2*sec); d.Verdict != VerdictDrop {
+		t.Errorf("SYN retransmit of denied flow: %+v", d)
+	}
+	// UDP: first datagram judged, later ones follow.
+	e.Swap(mustCompile(t, "[[rule]]\naction = \"reject\"\nproto = \"udp\"\n"))
+	u := udp("10.0.0.2", 5000, "8.8.8.8", 53)
+	for i := range 3 {
+		if d := in(e, u, 3*sec); d != (Decision{VerdictReject, 0, ReasonRejected}) {
+			t.Errorf("udp %d: %+v", i, d)
+		}
+	}
+	c := e.Counters()
+	if c.Forwarded != 2 || c.Denied != 2 || c.Rejected != 3 || c.FlowsCreated != 3 || c.FlowsActive != 3 {
+		t.Errorf("counters: %+v", c)
+	}
+	// Log: one line per logged new-flow decision (deny level by default).
+	lines := strings.Split(strings.TrimSpace(logs.String()), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("log lines:\n%s", logs)
+	}
+	for i, want := range []string{
+		`level=INFO msg=flow verdict=deny rule=default proto=tcp src=10.0.0.2:40001 dst=1.1.1.1:443`,
+		`level=INFO msg=flow verdict=reject rule=rule-1 proto=udp src=10.0.0.2:5000 dst=8.8.8.8:53`,
+	} {
+		if lines[i] != want {
+			t.Errorf("log %d:\n got %s\nwant %s", i, lines[i], want)
+		}
+	}
+}
+
+func TestEngineUnsupportedAndNoFlow(t *testing.T) {
+	e, _ := newTestEngine(t, "", EngineOptions{})
+	tests := []struct {
+		name string
+		p    pk
+		want Decision
+	}{
+		{"tcp ack without flow", tcp("10.0.0.2", 1, "1.1.1.1", 80, TCPAck), Decision{VerdictDrop, NoRule, ReasonNoFlow}},
+		{"tcp syn-ack without flow", tcp("10.0.0.2", 1, "1.1.1.1", 80, TCPSyn|TCPAck), Decision{VerdictDrop, NoRule, ReasonNoFlow}},
+		{"gre", pk{src: "10.0.0.2", dst: "1.1.1.1", proto: 47}, Decision{VerdictDrop, NoRule, ReasonUnsupported}},
+		{"icmp unreachable", pk{src: "10.0.0.2", dst: "1.1.1.1", proto: ProtoICMP, icmpType: 3}, Decision{VerdictDrop, NoRule, ReasonUnsupported}},
+		{"icmp echo reply", pk{src: "10.0.0.2", dst: "1.1.1.1", proto: ProtoICMP, icmpType: 0}, Decision{VerdictDrop, NoRule, ReasonUnsupported}},
+		{"icmpv6 neighbor solicitation", pk{src: "fd00::2", dst: "fd00::1", proto: ProtoICMPv6, icmpType: 135}, Decision{VerdictDrop, NoRule, ReasonUnsupported}},
+		{"icmp echo", ping("10.0.0.2", "1.1.1.1", 9), Decision{VerdictForward, -1, ReasonNone}},
+		{"icmpv6 echo", ping("fd00::2", "2001:db8::1", 9), Decision{VerdictForward, -1, ReasonNone}},
+	}
+	for _, tt := range tests {
+		if d := in(e, tt.p, 0); d != tt.want {
+			t.Errorf("%s: %+v, want %+v", tt.name, d, tt.want)
+		}
+	}
+	e.Count(ReasonMalformed)
+	e.Count(ParseErrorReason(ErrFragment))
+	c := e.Counters()
+	if c.NoFlow != 2 || c.Unsupported != 4 || c.Forwarded != 2 || c.Malformed != 1 || c.Fragment != 1 {
+		t.Errorf("counters: %+v", c)
+	}
+	// Echo replies from the stack find the flow by the echo id.
+	if !out(e, pk{src: "1.1.1.1", dst: "10.0.0.2", proto: ProtoICMP, icmpType: icmpv4EchoReply, sport: 9}, 0) {
+		t.Errorf("echo reply matched no flow")
+	}
+	if out(e, pk{src: "1.1.1.1", dst: "10.0.0.2", proto: ProtoICMP, icmpType: icmpv4EchoReply, sport: 10}, 0) {
+		t.Errorf("echo reply with other id matched")
+	}
+	if !out(e, pk{src: "2001:db8::1", dst: "fd00::2", proto: ProtoICMPv6, icmpType: icmpv6EchoReply, sport: 9}, 0) {
+		t.Errorf("v6 echo reply matched no flow")
+	}
+}
+
+func flowState(e *Engine, k FlowKey) (uint8, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	f := e.flows[k]
+	if f == nil {
+		return 0, false
+	}
+	return f.state, true
+}
+
+func TestEngineTCPStatesAndExpire(t *testing.T) {
+	e, _ := newTestEngine(t, "", EngineOptions{TCPHandshake: 10 * time.Second, TCPIdle: 100 * time.Second, TCPClosing: 20 * time.Second})
+	cl, sv := "fd00::2", "2001:db8::80"
+	key := FlowKey{ProtoTCP, netip.MustParseAddrPort("[fd00::2]:1000"), netip.MustParseAddrPort("[2001:db8::80]:80")}
+	step := func(name string, got bool, wantState uint8) {
+		t.Helper()
+		if !got {
+			t.Fatalf("%s: no flow", name)
+		}
+		if s, ok := flowState(e, key); !ok || s != wantState {
+			t.Fatalf("%s: state %d (present %v), want %d", name, s, ok, wantState)
+		}
+	}
+	step("syn", in(e, tcp(cl, 1000, sv, 80, TCPSyn), 0).Verdict == VerdictForward, stateNew)
+	step("syn-ack", out(e, tcp(sv, 80, cl, 1000, TCPSyn|TCPAck), 1), stateEstablished)
+	step("ack", in(e, tcp(cl, 1000, sv, 80, TCPAck), 2).Verdict == VerdictForward, stateEstablished)
+	// Established: not expired before TCPIdle.
+	if n := e.Expire(50 * sec); n != 0 {
+		t.Fatalf("expired %d established flows early", n)
+	}
+	step("data", out(e, tcp(sv, 80, cl, 1000, TCPAck|TCPPsh), 60*sec), stateEstablished)
+	step("fin", out(e, tcp(sv, 80, cl, 1000, TCPFin|TCPAck), 61*sec), stateClosing)
+	if n := e.Expire(61*sec + 19*sec); n != 0 {
+		t.Fatalf("closing flow expired early")
+	}
+	if n := e.Expire(61*sec + 21*sec); n != 1 {
+		t.Fatalf("closing flow not expired: %d", n)
+	}
+	if _, ok := flowState(e, key); ok {
+		t.Fatal("flow still present")
+	}
+	// Handshake timeout.
+	in(e, tcp(cl, 1000, sv, 80, TCPSyn), 100*sec)
+	if e.Expire(109*sec) != 0 || e.Expire(111*sec) != 1 {
+		t.Fatal("handshake timeout")
+	}
+	// RST closes; closed flows go on the next Expire. A SYN reusing the
+	// tuple of a closing/closed flow is judged as a new flow.
+	in(e, tcp(cl, 1000, sv, 80, TCPSyn), 200*sec)
+	step("rst", in(e, tcp(cl, 1000, sv, 80, TCPRst), 201*sec).Verdict == VerdictForward, stateClosed)
+	e.Swap(mustCompile(t, "[filter]\ndefault = \"reject\"\n"))
+	if d := in(e, tcp(cl, 1000, sv, 80, TCPSyn), 202*sec); d.Verdict != VerdictReject {
+		t.Fatalf("SYN on closed flow not re-judged: %+v", d)
+	}
+	step("rejudged", true, stateNew)
+	out(e, tcp(sv, 80, cl, 1000, TCPRst|TCPAck), 202*sec) // our own RST passing by
+	if n := e.Expire(202 * sec); n != 1 {
+		t.Fatalf("closed flow not expired: %d", n)
+	}
+	// UDP and ICMP idle, Forget.
+	e.Swap(mustCompile(t, ""))
+	in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 300*sec)
+	in(e, ping("10.0.0.2", "8.8.8.8", 1), 300*sec)
+	if n := e.Expire(300*sec + 31*sec); n != 1 { // ICMP 30s
+		t.Fatalf("icmp expire: %d", n)
+	}
+	out(e, udp("8.8.8.8", 53, "10.0.0.2", 1), 330*sec) // reply refreshes
+	if n := e.Expire(300*sec + 61*sec); n != 0 {
+		t.Fatalf("udp expired despite reply: %d", n)
+	}
+	e.Forget(FlowKey{ProtoUDP, netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("8.8.8.8:53")})
+	if c := e.Counters(); c.FlowsActive != 0 {
+		t.Fatalf("active after Forget: %d", c.FlowsActive)
+	}
+	if to := e.Timeouts(); to.UDPIdle != time.Minute || to.TCPIdle != 100*time.Second {
+		t.Errorf("Timeouts: %+v", to)
+	}
+}
+
+func TestEngineMaxFlows(t *testing.T) {
+	e, _ := newTestEngine(t, "", EngineOptions{MaxFlows: 2})
+	in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 0)
+	in(e, tcp("10.0.0.2", 2, "8.8.8.8", 53, TCPSyn), 0)
+	if d := in(e, udp("10.0.0.2", 3, "8.8.8.8", 53), 0); d != (Decision{VerdictReject, NoRule, ReasonLimit}) {
+		t.Errorf("over limit: %+v", d)
+	}
+	// Existing flows are untouched.
+	if d := in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 0); d.Verdict != VerdictForward {
+		t.Errorf("existing flow: %+v", d)
+	}
+	if d := in(e, tcp("10.0.0.2", 2, "8.8.8.8", 53, TCPAck), 0); d.Verdict != VerdictForward {
+		t.Errorf("existing tcp flow: %+v", d)
+	}
+	if c := e.Counters(); c.Limit != 1 || c.FlowsActive != 2 || c.FlowsCreated != 2 || c.Forwarded != 4 {
+		t.Errorf("counters: %+v", c)
+	}
+}
+
+func TestEngineMonitorAndLogLevels(t *testing.T) {
+	rules := `
+[filter]
+mode = "monitor"
+log = "%s"
+[[rule]]
+name = "no-dns"
+action = "deny"
+dst_port = 53
+[[rule]]
+name = "no-ping"
+action = "reject"
+proto = "icmp"
+`
+	for _, tc := range []struct {
+		level string
+		lines int
+	}{{"none", 0}, {"deny", 2}, {"all", 3}} {
+		e, logs := newTestEngine(t, strings.Replace(rules, "%s", tc.level, 1), EngineOptions{})
+		for range 2 {
+			if d := in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 0); d != (Decision{VerdictForward, 0, ReasonNone}) {
+				t.Errorf("monitored deny: %+v", d)
+			}
+			if d := in(e, ping("fd00::2", "2001:db8::1", 7), 0); d != (Decision{VerdictForward, 1, ReasonNone}) {
+				t.Errorf("monitored reject: %+v", d)
+			}
+			in(e, udp("10.0.0.2", 1, "8.8.8.8", 54), 0)
+		}
+		got := strings.Split(strings.TrimSpace(logs.String()), "\n")
+		if logs.Len() == 0 {
+			got = nil
+		}
+		if len(got) != tc.lines {
+			t.Errorf("log=%s: %d lines:\n%s", tc.level, len(got), logs)
+			continue
+		}
+		if tc.lines > 0 {
+			for i, want := range []string{
+				`level=INFO msg=flow verdict=deny rule=no-dns proto=udp src=10.0.0.2:1 dst=8.8.8.8:53 monitor=true`,
+				`level=INFO msg=flow verdict=reject rule=no-ping proto=icmp src=fd00::2 dst=2001:db8::1 id=7 monitor=true`,
+				`level=INFO msg=flow verdict=allow rule=default proto=udp src=10.0.0.2:1 dst=8.8.8.8:54`,
+			}[:tc.lines] {
+				if got[i] != want {
+					t.Errorf("log=%s line %d:\n got %s\nwant %s", tc.level, i, got[i], want)
+				}
+			}
+		}
+		if c := e.Counters(); c.Monitored != 2 || c.Forwarded != 6 || c.Denied != 0 {
+			t.Errorf("counters: %+v", c)
+		}
+	}
+}
+
+func TestEngineLogV6(t *testing.T) {
+	e, logs := newTestEngine(t, "[filter]\ndefault = \"deny\"\n", EngineOptions{})
+	in(e, tcp("fd00::2", 1, "2001:db8::1", 443, TCPSyn), 0)
+	want := `level=INFO msg=flow verdict=deny rule=default proto=tcp src=[fd00::2]:1 dst=[2001:db8::1]:443` + "\n"
+	if logs.String() != want {
+		t.Errorf("got %s\nwant %s", logs, want)
+	}
+}
+
+// Inbound from one goroutine, the rest from others: run with -race.
+func TestEngineConcurrent(t *testing.T) {
+	e, _ := newTestEngine(t, matchConfig, EngineOptions{Logger: quiet, MaxFlows: 64})
+	done := make(chan struct{})
+	for g := range 3 {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for i := range 500 {
+				out(e, udp("1.1.1.1", 53, "10.0.0.2", uint16(i%100)), int64(i))
+				switch g {
+				case 1:
+					e.Expire(int64(i) * sec)
+				case 2:
+					e.Forget(FlowKey{ProtoUDP, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.2"), uint16(i%100)), netip.MustParseAddrPort("1.1.1.1:53")})
+					e.Counters()
+				}
+			}
+		}()
+	}
+	for i := range 2000 {
+		in(e, udp("10.0.0.2", uint16(i%100), "1.1.1.1", 53), int64(i))
+		if i%500 == 0 {
+			e.Swap(mustCompile(t, ""))
+		}
+	}
+	for range 3 {
+		<-done
+	}
+}

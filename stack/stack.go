@@ -1,0 +1,296 @@
+// Package stack owns forwarding: the gVisor netstack, the link endpoint that
+// bridges it to the TUN device, the TCP, UDP and ICMP echo forwarders, the
+// dialer of real sockets and the relays between the two.
+//
+// It never decides policy. Every packet read from the TUN is judged by the
+// filter.Engine first; the stack only sees what the engine forwards and
+// builds nothing the engine did not ask for.
+package stack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tunfw/tunfw/filter"
+	wgtun "golang.zx2c4.com/wireguard/tun"
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+)
+
+const nicID tcpip.NICID = 1
+
+// Options configures a Stack.
+type Options struct {
+	// Device is the TUN device packets are read from and written to.
+	Device wgtun.Device
+	// MTU of Device.
+	MTU int
+	// Engine judges every packet read from Device.
+	Engine *filter.Engine
+	// Outbound says how tunfw's own sockets leave the host.
+	Outbound Outbound
+	// Logger receives operational messages; decisions are logged by Engine.
+	Logger *slog.Logger
+	// DialTimeout bounds one attempt to reach a TCP destination. When it
+	// expires the client is told nothing; its next SYN retransmission
+	// starts a new attempt. Zero means 30s.
+	DialTimeout time.Duration
+}
+
+// Stack forwards the flows the filter allows between the TUN device and
+// real sockets.
+type Stack struct {
+	dev    wgtun.Device
+	mtu    int
+	eng    *filter.Engine
+	log    *slog.Logger
+	ns     *stack.Stack
+	ep     *linkEndpoint
+	dialer dialer
+	ping   *pinger
+	epoch  time.Time
+
+	dialTimeout time.Duration
+
+	// writeErrors counts failed writes to the TUN.
+	writeErrors atomic.Uint64
+
+	// writeMu serialises writes to the device so batches are not interleaved
+	// and the scratch slices below can be reused.
+	writeMu   sync.Mutex
+	writeBufs [][]byte
+	bufPool   sync.Pool
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// New builds the gVisor stack and its forwarders. Nothing is read from the
+// device until Run.
+func New(o Options) (*Stack, error) {
+	if o.DialTimeout == 0 {
+		o.DialTimeout = 30 * time.Second
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Stack{
+		dev:         o.Device,
+		mtu:         o.MTU,
+		eng:         o.Engine,
+		log:         o.Logger,
+		dialer:      newDialer(o.Outbound),
+		epoch:       time.Now(),
+		dialTimeout: o.DialTimeout,
+		ctx:         ctx,
+		cancel:      cancel,
+	}
+	s.bufPool.New = func() any {
+		b := make([]byte, tunOffset+o.MTU)
+		return &b
+	}
+	s.ep = &linkEndpoint{mtu: uint32(o.MTU), write: s.writeStackPackets}
+	s.ns = stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
+	})
+	if err := s.setup(); err != nil {
+		s.ns.Close()
+		cancel()
+		return nil, err
+	}
+	p, err := newPinger(s)
+	if err != nil {
+		// ICMP is the one protocol that needs CAP_NET_RAW; without it the
+		// rest still works, and allowed pings go unanswered (never faked).
+		s.log.Warn("ICMP echo forwarding disabled", "err", err)
+	}
+	s.ping = p
+	return s, nil
+}
+
+func (s *Stack) setup() error {
+	if err := s.ns.CreateNIC(nicID, s.ep); err != nil {
+		return fmt.Errorf("create NIC: %s", err)
+	}
+	// Promiscuous + spoofing: the stack accepts packets for any destination
+	// and answers as that destination, which is what a transparent
+	// forwarder is. Only flows the filter allowed ever reach it.
+	if err := s.ns.SetPromiscuousMode(nicID, true); err != nil {
+		return fmt.Errorf("set promiscuous mode: %s", err)
+	}
+	if err := s.ns.SetSpoofing(nicID, true); err != nil {
+		return fmt.Errorf("set spoofing: %s", err)
+	}
+	s.ns.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: nicID},
+		{Destination: header.IPv6EmptySubnet, NIC: nicID},
+	})
+	sack := tcpip.TCPSACKEnabled(true)
+	if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &sack); err != nil {
+		return fmt.Errorf("enable SACK: %s", err)
+	}
+	tcpFwd := tcp.NewForwarder(s.ns, 0, maxInFlightDials, s.handleTCP)
+	s.ns.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
+	udpFwd := udp.NewForwarder(s.ns, s.handleUDP)
+	s.ns.SetTransportProtocolHandler(udp.ProtocolNumber, udpFwd.HandlePacket)
+	return nil
+}
+
+// now is the engine's clock: monotonic nanoseconds since the stack started.
+func (s *Stack) now() int64 { return int64(time.Since(s.epoch)) }
+
+// Run reads packets from the device until ctx is done or the device is
+// closed, judging each with the engine. It also expires idle flows.
+func (s *Stack) Run(ctx context.Context) error {
+	s.wg.Add(1)
+	go s.expireLoop(ctx)
+	batch := s.dev.BatchSize()
+	bufs := make([][]byte, batch)
+	for i := range bufs {
+		bufs[i] = make([]byte, tunOffset+s.mtu)
+	}
+	sizes := make([]int, batch)
+	reject := make([]byte, tunOffset+s.mtu)
+	var p filter.Packet
+	for {
+		n, err := s.dev.Read(bufs, sizes, tunOffset)
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
+				return nil
+			}
+			if errors.Is(err, wgtun.ErrTooManySegments) {
+				s.eng.Count(filter.ReasonMalformed)
+				continue
+			}
+			return fmt.Errorf("read %d packets from TUN: %w", batch, err)
+		}
+		now := s.now()
+		for i := 0; i < n; i++ {
+			s.inbound(bufs[i][tunOffset:tunOffset+sizes[i]], &p, now, reject)
+		}
+	}
+}
+
+// inbound judges one packet from the TUN and carries out the verdict.
+func (s *Stack) inbound(pkt []byte, p *filter.Packet, now int64, reject []byte) {
+	if err := filter.ParsePacket(pkt, p); err != nil {
+		s.eng.Count(filter.ParseErrorReason(err))
+		return
+	}
+	d := s.eng.Inbound(p, now)
+	switch d.Verdict {
+	case filter.VerdictForward:
+		switch p.Proto {
+		case uint8(header.ICMPv4ProtocolNumber), uint8(header.ICMPv6ProtocolNumber):
+			// Echo requests never reach gVisor: it would answer them
+			// itself for any address. The pinger asks the real host.
+			if s.ping != nil {
+				s.ping.send(p, pkt)
+			}
+		default:
+			s.ep.deliver(pkt[:p.Len], p.Version == 6)
+		}
+	case filter.VerdictReject:
+		if n := filter.BuildReject(p, pkt, reject[tunOffset:]); n > 0 {
+			s.writeRaw(reject[:tunOffset+n])
+		}
+	}
+}
+
+func (s *Stack) expireLoop(ctx context.Context) {
+	defer s.wg.Done()
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+			now := s.now()
+			s.eng.Expire(now)
+			if s.ping != nil {
+				s.ping.expire(now)
+			}
+		}
+	}
+}
+
+// writeStackPackets sends the stack's outbound packets to the TUN, letting
+// the engine account them to their flows first.
+func (s *Stack) writeStackPackets(pkts []*stack.PacketBuffer) {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	now := s.now()
+	var p filter.Packet
+	bufs := s.writeBufs[:0]
+	for _, pb := range pkts {
+		bp := s.bufPool.Get().(*[]byte)
+		b := (*bp)[:tunOffset]
+		for _, v := range pb.AsSlices() {
+			b = append(b, v...)
+		}
+		if filter.ParsePacket(b[tunOffset:], &p) == nil {
+			s.eng.Outbound(&p, now)
+		}
+		bufs = append(bufs, b)
+	}
+	s.writeLocked(bufs)
+	for i, b := range bufs {
+		b = b[:cap(b)]
+		s.bufPool.Put(&b)
+		bufs[i] = nil
+	}
+	s.writeBufs = bufs[:0]
+}
+
+// writeRaw sends one packet built outside the stack (reject, echo reply);
+// pkt includes tunOffset bytes of headroom.
+func (s *Stack) writeRaw(pkt []byte) {
+	s.writeMu.Lock()
+	defer s.writeMu.Unlock()
+	s.writeLocked([][]byte{pkt})
+}
+
+func (s *Stack) writeLocked(bufs [][]byte) {
+	if _, err := s.dev.Write(bufs, tunOffset); err != nil && s.ctx.Err() == nil {
+		s.writeErrors.Add(1)
+		s.log.Debug("write to TUN", "packets", len(bufs), "err", err)
+	}
+}
+
+// Close stops the forwarders and closes every relayed connection. The
+// device itself is closed by its owner.
+func (s *Stack) Close() {
+	s.cancel()
+	if s.ping != nil {
+		s.ping.close()
+	}
+	s.ns.Close()
+	s.ns.Wait()
+	s.wg.Wait()
+}
+
+// WriteErrors returns how many writes to the TUN failed.
+func (s *Stack) WriteErrors() uint64 { return s.writeErrors.Load() }
+
+func bufferFrom(b []byte) buffer.Buffer { return buffer.MakeWithData(b) }
+
+func addrFromTCPIP(a tcpip.Address) netip.Addr {
+	ad, _ := netip.AddrFromSlice(a.AsSlice())
+	return ad
+}

@@ -1,0 +1,155 @@
+// Package tun owns the TUN device tunfw reads packets from and the host
+// routing that sends traffic into it: creation, addresses, MTU, routes, and
+// their removal.
+package tun
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	wgtun "golang.zx2c4.com/wireguard/tun"
+)
+
+// Device is an open TUN device with the addresses and routes tunfw gave it.
+// Everything it installed is removed by Close.
+type Device struct {
+	wgtun.Device
+	name   string
+	link   netlink.Link
+	routes []netlink.Route
+}
+
+// Open creates the TUN device, gives it its addresses and MTU and brings it
+// up. On error nothing is left behind.
+func Open(s Settings) (_ *Device, err error) {
+	dev, err := wgtun.CreateTUN(s.Name, s.MTU)
+	if err != nil {
+		return nil, fmt.Errorf("create TUN %s: %w", s.Name, err)
+	}
+	d := &Device{Device: dev, name: s.Name}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	if d.name, err = dev.Name(); err != nil {
+		return nil, fmt.Errorf("name of TUN %s: %w", s.Name, err)
+	}
+	if d.link, err = netlink.LinkByName(d.name); err != nil {
+		return nil, fmt.Errorf("find link %s: %w", d.name, err)
+	}
+	for _, p := range s.Addresses {
+		a := &netlink.Addr{IPNet: prefixIPNet(p)}
+		if p.Addr().Is6() {
+			// Usable at once: nothing else can own an address on a TUN.
+			a.Flags = unix.IFA_F_NODAD
+		}
+		if err := netlink.AddrAdd(d.link, a); err != nil {
+			return nil, fmt.Errorf("add address %s to %s: %w", p, d.name, err)
+		}
+	}
+	if err := netlink.LinkSetUp(d.link); err != nil {
+		return nil, fmt.Errorf("bring %s up: %w", d.name, err)
+	}
+	return d, nil
+}
+
+// InterfaceName returns the kernel's name of the device.
+func (d *Device) InterfaceName() string { return d.name }
+
+// AddRoutes routes include minus exclude into the device, in the main table.
+// On error the routes added so far stay recorded and Close removes them.
+func (d *Device) AddRoutes(include, exclude []netip.Prefix) error {
+	for _, p := range Subtract(include, exclude) {
+		r := netlink.Route{
+			LinkIndex: d.link.Attrs().Index,
+			Dst:       prefixIPNet(p),
+			Scope:     netlink.SCOPE_LINK,
+			Protocol:  unix.RTPROT_STATIC,
+		}
+		if err := netlink.RouteAdd(&r); err != nil {
+			return fmt.Errorf("add route %s dev %s: %w", p, d.name, err)
+		}
+		d.routes = append(d.routes, r)
+	}
+	return nil
+}
+
+// Routes returns the destinations routed into the device.
+func (d *Device) Routes() []netip.Prefix {
+	out := make([]netip.Prefix, 0, len(d.routes))
+	for _, r := range d.routes {
+		out = append(out, ipNetPrefix(r.Dst))
+	}
+	return out
+}
+
+// Close removes the routes tunfw added and the device itself.
+func (d *Device) Close() error {
+	var errs []error
+	for i := len(d.routes) - 1; i >= 0; i-- {
+		r := d.routes[i]
+		if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("delete route %s: %w", r.Dst, err))
+		}
+	}
+	d.routes = nil
+	if d.Device != nil {
+		// A non-persistent TUN vanishes with its last file descriptor, and
+		// with it the addresses and any route still pointing at it.
+		if err := d.Device.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close %s: %w", d.name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// DefaultRouteInterface returns the interface of the main table's default
+// route for the family of v4 (true: IPv4), or "" if there is none.
+func DefaultRouteInterface(v4 bool) (string, error) {
+	family := netlink.FAMILY_V6
+	if v4 {
+		family = netlink.FAMILY_V4
+	}
+	routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return "", fmt.Errorf("list routes: %w", err)
+	}
+	for _, r := range routes {
+		if r.Dst != nil && r.Dst.IP != nil {
+			if ones, _ := r.Dst.Mask.Size(); ones != 0 {
+				continue
+			}
+		}
+		idx := r.LinkIndex
+		if idx == 0 && len(r.MultiPath) > 0 {
+			idx = r.MultiPath[0].LinkIndex
+		}
+		if idx == 0 {
+			continue
+		}
+		l, err := netlink.LinkByIndex(idx)
+		if err != nil {
+			return "", fmt.Errorf("link of default route: %w", err)
+		}
+		return l.Attrs().Name, nil
+	}
+	return "", nil
+}
+
+func prefixIPNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{
+		IP:   p.Addr().AsSlice(),
+		Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen()),
+	}
+}
+
+func ipNetPrefix(n *net.IPNet) netip.Prefix {
+	a, _ := netip.AddrFromSlice(n.IP)
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones)
+}
