@@ -93,7 +93,7 @@ func startTunfw(t testing.TB, ns *netnstest.NS, cfg string, extra ...string) *tu
 				<-p.done
 				t.Fatalf("tunfw exited before it was up (%v):\n%s", p.err, p.log())
 			}
-			if strings.Contains(l, `msg="tunfw is up"`) {
+			if strings.Contains(l, `msg="tunfw is up"`) || strings.Contains(l, `"msg":"tunfw is up"`) {
 				return p
 			}
 		case <-timeout:

@@ -87,7 +87,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	log.Info("tunfw is up",
 		"config", cfg.Source, "tun", dev.InterfaceName(), "mtu", cfg.Net.MTU,
 		"routes", fmt.Sprint(dev.Routes()), "outbound_v4", out.IfaceV4, "outbound_v6", out.IfaceV6,
-		"fwmark", out.Mark, "rules", cfg.Rules.Len(), "default", cfg.Rules.Default(), "monitor", cfg.Rules.Monitor())
+		"fwmark", out.Mark, "rules", cfg.Rules.Len(), "default", cfg.Rules.Default().String(), "monitor", cfg.Rules.Monitor())
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down: removing routes and device")
