@@ -17,6 +17,11 @@ type Options struct {
 	Default string `toml:"default"` // allow | deny | reject; "" = allow
 	Log     string `toml:"log"`     // none | deny | all; "" = deny
 	Mode    string `toml:"mode"`    // enforce | monitor; "" = enforce
+	// OnReload says what a reload does to existing flows: keep ("", the
+	// default) leaves them on the verdict they were given, as conntrack
+	// does; recheck runs them through the new rules and closes those now
+	// denied or rejected.
+	OnReload string `toml:"on_reload"`
 }
 
 // RuleConfig is one [[rule]] table as decoded from TOML. Fields are `any`
@@ -103,6 +108,13 @@ func Compile(opts Options, sets map[string]any, rules []RuleConfig) (*Ruleset, e
 	default:
 		c.errorf("filter.mode", "unknown mode %q (want enforce or monitor)", opts.Mode)
 	}
+	switch strings.ToLower(opts.OnReload) {
+	case "", "keep":
+	case "recheck":
+		rs.recheck = true
+	default:
+		c.errorf("filter.on_reload", "unknown value %q (want keep or recheck)", opts.OnReload)
+	}
 
 	// Sets in name order so errors come out deterministically.
 	names := make([]string, 0, len(sets))
@@ -124,6 +136,7 @@ func Compile(opts Options, sets map[string]any, rules []RuleConfig) (*Ruleset, e
 	if len(c.errs) > 0 {
 		return nil, errors.Join(c.errs...)
 	}
+	rs.initStats()
 	return rs, nil
 }
 

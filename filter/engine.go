@@ -93,6 +93,19 @@ type EngineOptions struct {
 	TCPClosing   time.Duration // default 30s
 	UDPIdle      time.Duration // default 60s
 	ICMPIdle     time.Duration // default 30s
+	// MaxFlowsPerSource bounds the flows of one client address; 0: none.
+	MaxFlowsPerSource int
+	// LogRate bounds decision log lines per second; default 100.
+	LogRate int
+}
+
+// Options returns the engine options that apply l, logging to log.
+func (l EngineLimits) Options(log *slog.Logger) EngineOptions {
+	return EngineOptions{
+		Logger: log, MaxFlows: l.MaxFlows, MaxFlowsPerSource: l.MaxFlowsPerSource, LogRate: l.LogRate,
+		TCPHandshake: l.TCPHandshake, TCPIdle: l.TCPIdle, TCPClosing: l.TCPClosing,
+		UDPIdle: l.UDPIdle, ICMPIdle: l.ICMPIdle,
+	}
 }
 
 // Counters is a snapshot of the Engine's counters.
@@ -104,6 +117,11 @@ type Counters struct {
 	Monitored                                                         uint64 // flows forwarded only because of monitor mode
 	FlowsCreated                                                      uint64
 	FlowsActive                                                       int
+	// FlowsByState counts active flows by state name (new, established,
+	// closing, closed).
+	FlowsByState map[string]int
+	// Bytes carried by flows, client to destination and back.
+	BytesIn, BytesOut uint64
 }
 
 // TCP states of a flow. UDP and ICMP flows stay in stateNew.
@@ -116,13 +134,18 @@ const (
 
 // flow is one flow table entry, guarded by Engine.mu.
 type flow struct {
-	dec      Decision
-	state    uint8
-	last     int64 // monotonic ns of the last packet either way
-	pktsIn   uint64
-	pktsOut  uint64
-	bytesIn  uint64
-	bytesOut uint64
+	dec       Decision
+	act       Action // what the rule said (dec may differ in monitor mode)
+	monitored bool
+	state     uint8
+	rs        *Ruleset      // the ruleset that judged the flow, for its rule's name
+	st        *ruleCounters // that rule's counters
+	first     int64         // monotonic ns of the first packet
+	last      int64         // monotonic ns of the last packet either way
+	pktsIn    uint64
+	pktsOut   uint64
+	bytesIn   uint64
+	bytesOut  uint64
 }
 
 // Counter slots: drop reasons count at their own index, ReasonNone's slot
@@ -133,6 +156,8 @@ const (
 	ctrReplies = int(numReasons) + iota
 	ctrMonitored
 	ctrFlowsCreated
+	ctrBytesIn
+	ctrBytesOut
 	numCtrs
 )
 
@@ -143,56 +168,63 @@ const (
 // Inbound must be called from one goroutine; the other methods are safe
 // for concurrent use.
 type Engine struct {
-	rules    atomic.Pointer[Ruleset]
-	log      *slog.Logger
-	maxFlows int
-	to       Timeouts
-	ctr      [numCtrs]atomic.Uint64
+	rules  atomic.Pointer[Ruleset]
+	limits atomic.Pointer[EngineLimits]
+	log    *slog.Logger
+	ctr    [numCtrs]atomic.Uint64
+	logLim logLimiter
 
-	mu    sync.Mutex
-	flows map[FlowKey]*flow
+	mu     sync.Mutex
+	flows  map[FlowKey]*flow
+	perSrc map[netip.Addr]int // flows per client address, for MaxFlowsPerSource
 }
 
 // NewEngine returns an Engine judging new flows with rs.
 func NewEngine(rs *Ruleset, opts EngineOptions) *Engine {
-	def := func(d *time.Duration, v time.Duration) time.Duration {
-		if *d <= 0 {
-			return v
-		}
-		return *d
-	}
 	e := &Engine{
-		log:      opts.Logger,
-		maxFlows: opts.MaxFlows,
-		to: Timeouts{
-			TCPHandshake: def(&opts.TCPHandshake, 30*time.Second),
-			TCPIdle:      def(&opts.TCPIdle, 2*time.Hour),
-			TCPClosing:   def(&opts.TCPClosing, 30*time.Second),
-			UDPIdle:      def(&opts.UDPIdle, 60*time.Second),
-			ICMPIdle:     def(&opts.ICMPIdle, 30*time.Second),
-		},
-		flows: make(map[FlowKey]*flow),
+		log:    opts.Logger,
+		flows:  make(map[FlowKey]*flow),
+		perSrc: make(map[netip.Addr]int),
 	}
 	if e.log == nil {
 		e.log = slog.Default()
 	}
-	if e.maxFlows <= 0 {
-		e.maxFlows = 262144
-	}
+	e.SetLimits(EngineLimits{
+		Timeouts: Timeouts{
+			TCPHandshake: opts.TCPHandshake, TCPIdle: opts.TCPIdle, TCPClosing: opts.TCPClosing,
+			UDPIdle: opts.UDPIdle, ICMPIdle: opts.ICMPIdle,
+		},
+		MaxFlows: opts.MaxFlows, MaxFlowsPerSource: opts.MaxFlowsPerSource, LogRate: opts.LogRate,
+	})
 	e.rules.Store(rs)
 	return e
 }
 
 // Swap installs a new ruleset for flows created from now on; existing flows
-// keep their verdict.
-func (e *Engine) Swap(rs *Ruleset) { e.rules.Store(rs) }
+// keep their verdict (see Recheck). Rules of rs named like rules of the
+// ruleset it replaces continue their statistics. rs must not have been
+// given to another Engine.
+func (e *Engine) Swap(rs *Ruleset) {
+	rs.inheritStats(e.rules.Load())
+	e.rules.Store(rs)
+}
 
 // Rules returns the current ruleset.
 func (e *Engine) Rules() *Ruleset { return e.rules.Load() }
 
+// SetLimits changes the flow table's limits and timeouts. Zero fields take
+// their defaults. Existing flows are kept even if they exceed a new bound.
+func (e *Engine) SetLimits(l EngineLimits) {
+	l = l.withDefaults()
+	e.limits.Store(&l)
+}
+
+// Limits returns the limits in force.
+func (e *Engine) Limits() EngineLimits { return *e.limits.Load() }
+
 // Timeouts returns the effective flow timeouts, so the stack can align its
 // own (e.g. UDP socket) idle timeouts.
-func (e *Engine) Timeouts() Timeouts { return e.to }
+func (e *Engine) Timeouts() Timeouts { return e.limits.Load().Timeouts }
 
 // Count counts a packet the caller dropped itself, e.g. with the reason
 // ParseErrorReason gives for a ParsePacket error.
@@ -241,14 +273,21 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 		f.last = now
 		f.pktsIn++
 		f.bytesIn += uint64(p.Len)
+		f.st.packets.Add(1)
+		f.st.bytes.Add(uint64(p.Len))
 		if p.Proto == ProtoTCP {
 			f.state = tcpStep(f.state, p.TCPFlags, false)
 		}
 		d := f.dec
 		e.mu.Unlock()
+		if d.Verdict == VerdictForward {
+			e.ctr[ctrBytesIn].Add(uint64(p.Len))
+		}
 		return e.count(d)
 	}
-	full := f == nil && len(e.flows) >= e.maxFlows
+	lim := e.limits.Load()
+	full := f == nil && (len(e.flows) >= lim.MaxFlows ||
+		(lim.MaxFlowsPerSource > 0 && e.perSrc[p.Src] >= lim.MaxFlowsPerSource))
 	e.mu.Unlock()
 
 	if p.Proto == ProtoTCP && !syn {
@@ -277,30 +316,56 @@ func (e *Engine) newFlow(key FlowKey, p *Packet, now int64) Decision {
 	if monitored {
 		d.Verdict, d.Reason = VerdictForward, ReasonNone
 	}
-	f := &flow{dec: d, last: now, pktsIn: 1, bytesIn: uint64(p.Len)}
+	st := rs.counters(ri)
+	f := &flow{dec: d, act: act, monitored: monitored, rs: rs, st: st,
+		first: now, last: now, pktsIn: 1, bytesIn: uint64(p.Len)}
 
 	e.mu.Lock()
-	if _, ok := e.flows[key]; !ok && len(e.flows) >= e.maxFlows {
-		e.mu.Unlock()
-		return e.count(Decision{VerdictReject, NoRule, ReasonLimit})
-	}
+	// A new connection reusing a closed tuple replaces its flow.
+	e.removeLocked(key)
 	e.flows[key] = f
+	e.perSrc[key.Src.Addr()]++
 	e.mu.Unlock()
 
+	st.flows.Add(1)
+	st.packets.Add(1)
+	st.bytes.Add(uint64(p.Len))
 	e.ctr[ctrFlowsCreated].Add(1)
 	if monitored {
 		e.ctr[ctrMonitored].Add(1)
 	}
+	if d.Verdict == VerdictForward {
+		e.ctr[ctrBytesIn].Add(uint64(p.Len))
+	}
 	if rs.log == LogAll || (rs.log == LogDeny && act != Allow) {
-		e.logFlow(rs, act, ri, key, monitored)
+		e.logFlow(rs, act, ri, key, monitored, now)
 	}
 	return e.count(d)
 }
 
+// removeLocked deletes flow k; e.mu must be held.
+func (e *Engine) removeLocked(k FlowKey) {
+	if _, ok := e.flows[k]; !ok {
+		return
+	}
+	delete(e.flows, k)
+	a := k.Src.Addr()
+	if e.perSrc[a]--; e.perSrc[a] <= 0 {
+		delete(e.perSrc, a)
+	}
+}
+
 // logFlow writes the one log line of a new-flow decision.
-func (e *Engine) logFlow(rs *Ruleset, act Action, ri int, key FlowKey, monitored bool) {
+func (e *Engine) logFlow(rs *Ruleset, act Action, ri int, key FlowKey, monitored bool, now int64) {
 	ctx := context.Background()
 	if !e.log.Enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	ok, suppressed := e.logLim.allow(now, e.limits.Load().LogRate)
+	if suppressed > 0 {
+		e.logSuppressed(suppressed)
+	}
+	if !ok {
 		return
 	}
 	attrs := make([]slog.Attr, 0, 7)
@@ -329,6 +394,12 @@ func (e *Engine) logFlow(rs *Ruleset, act Action, ri int, key FlowKey, monitored
 		attrs = append(attrs, slog.Bool("monitor", true))
 	}
 	e.log.LogAttrs(ctx, slog.LevelInfo, "flow", attrs...)
+}
+
+// logSuppressed writes the summary of decision lines the rate limit kept
+// out of the log.
+func (e *Engine) logSuppressed(n uint64) {
+	e.log.Warn("flow log lines suppressed by the rate limit", "suppressed", n, "log_rate", e.limits.Load().LogRate)
 }
 
 // tcpStep advances a flow's TCP state for a segment with flags; outbound is
@@ -374,63 +445,129 @@ func (e *Engine) Outbound(p *Packet, now int64) bool {
 	f.last = now
 	f.pktsOut++
 	f.bytesOut += uint64(p.Len)
+	f.st.packets.Add(1)
+	f.st.bytes.Add(uint64(p.Len))
 	if p.Proto == ProtoTCP {
 		f.state = tcpStep(f.state, p.TCPFlags, true)
+	} else if f.state == stateNew {
+		f.state = stateEstablished // a reply establishes UDP and ICMP flows
 	}
 	e.mu.Unlock()
 	e.ctr[ctrReplies].Add(1)
+	e.ctr[ctrBytesOut].Add(uint64(p.Len))
 	return true
+}
+
+// Recheck runs every existing flow through the current ruleset as if its
+// first packet arrived now. Flows the rules now deny or reject (and that
+// monitor mode would not let pass) take the new verdict, so their further
+// packets are dropped, and are returned: the caller closes their
+// connections. Flows still allowed keep their original verdict and rule.
+func (e *Engine) Recheck() []FlowKey {
+	rs := e.rules.Load()
+	var cut []FlowKey
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for k, f := range e.flows {
+		if f.dec.Verdict != VerdictForward {
+			continue
+		}
+		p := k.firstPacket()
+		act, ri := rs.Match(&p)
+		if act == Allow || rs.monitor {
+			continue
+		}
+		f.act, f.rs, f.st = act, rs, rs.counters(ri)
+		f.dec = Decision{Verdict: VerdictDrop, Rule: ri, Reason: ReasonDenied}
+		if act == Reject {
+			f.dec.Verdict, f.dec.Reason = VerdictReject, ReasonRejected
+		}
+		f.st.flows.Add(1)
+		cut = append(cut, k)
+	}
+	return cut
+}
+
+// firstPacket rebuilds the header fields rules look at from a flow key.
+func (k FlowKey) firstPacket() Packet {
+	p := Packet{Proto: k.Proto, Src: k.Src.Addr(), Dst: k.Dst.Addr(), SrcPort: k.Src.Port(), DstPort: k.Dst.Port(), Version: 4}
+	if p.Src.Is6() {
+		p.Version = 6
+	}
+	switch k.Proto {
+	case ProtoTCP:
+		p.TCPFlags = TCPSyn
+	case ProtoICMP:
+		p.ICMPType = icmpv4EchoRequest
+	case ProtoICMPv6:
+		p.ICMPType = icmpv6EchoRequest
+	}
+	return p
 }
 
 // Forget removes the flow k, e.g. when the stack closed it (dial failed,
 // relay ended).
 func (e *Engine) Forget(k FlowKey) {
 	e.mu.Lock()
-	delete(e.flows, k)
+	e.removeLocked(k)
 	e.mu.Unlock()
 }
 
 // timeout returns how long f may stay idle; closed TCP flows go on the
 // next Expire.
-func (e *Engine) timeout(proto uint8, state uint8) int64 {
+func (e *Engine) timeout(to *Timeouts, proto uint8, state uint8) int64 {
 	switch proto {
 	case ProtoTCP:
 		switch state {
 		case stateNew:
-			return int64(e.to.TCPHandshake)
+			return int64(to.TCPHandshake)
 		case stateEstablished:
-			return int64(e.to.TCPIdle)
+			return int64(to.TCPIdle)
 		case stateClosing:
-			return int64(e.to.TCPClosing)
+			return int64(to.TCPClosing)
 		}
 		return -1
 	case ProtoUDP:
-		return int64(e.to.UDPIdle)
+		return int64(to.UDPIdle)
 	}
-	return int64(e.to.ICMPIdle)
+	return int64(to.ICMPIdle)
 }
 
 // Expire removes the flows idle for longer than their state's timeout at
 // monotonic time now (ns) and returns how many it removed.
 func (e *Engine) Expire(now int64) int {
 	n := 0
+	to := &e.limits.Load().Timeouts
 	e.mu.Lock()
 	for k, f := range e.flows {
-		if now-f.last > e.timeout(k.Proto, f.state) {
-			delete(e.flows, k)
+		if now-f.last > e.timeout(to, k.Proto, f.state) {
+			e.removeLocked(k)
 			n++
 		}
 	}
 	e.mu.Unlock()
+	if s := e.logLim.flush(); s > 0 {
+		e.logSuppressed(s)
+	}
 	return n
 }
 
 // Counters returns a snapshot of the counters.
 func (e *Engine) Counters() Counters {
+	byState := make(map[string]int, len(stateNames))
+	for _, n := range stateNames {
+		byState[n] = 0
+	}
 	e.mu.Lock()
 	active := len(e.flows)
+	for _, f := range e.flows {
+		byState[stateNames[f.state]]++
+	}
 	e.mu.Unlock()
 	return Counters{
+		FlowsByState: byState,
+		BytesIn:      e.ctr[ctrBytesIn].Load(),
+		BytesOut:     e.ctr[ctrBytesOut].Load(),
 		Forwarded:    e.ctr[ctrForwarded].Load(),
 		Replies:      e.ctr[ctrReplies].Load(),
 		Denied:       e.ctr[ReasonDenied].Load(),

@@ -66,6 +66,7 @@ type settings struct {
 	def     Action
 	log     LogLevel
 	monitor bool
+	recheck bool // [filter] on_reload = "recheck"
 }
 
 // Ruleset is a compiled, immutable rule list. It is safe for concurrent use
@@ -73,6 +74,9 @@ type settings struct {
 type Ruleset struct {
 	settings
 	rules []rule
+	// stats has one entry per rule plus the default's, last. Counters are
+	// shared with the previous ruleset for rules of the same name.
+	stats []*ruleCounters
 }
 
 // rule is one compiled [[rule]]. Absent keys are "any" sets.
@@ -242,6 +246,10 @@ func (rs *Ruleset) Default() Action { return rs.def }
 
 // LogLevel returns which decisions are logged.
 func (rs *Ruleset) LogLevel() LogLevel { return rs.log }
+
+// RecheckOnReload reports whether existing flows are run through this
+// ruleset when it replaces another ([filter] on_reload = "recheck").
+func (rs *Ruleset) RecheckOnReload() bool { return rs.recheck }
 
 // Monitor reports whether the ruleset is in monitor mode: deny and reject
 // decisions are logged and the flow is forwarded anyway.

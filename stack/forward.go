@@ -3,9 +3,11 @@ package stack
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -79,6 +81,8 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	dst := netip.AddrPortFrom(addrFromTCPIP(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(addrFromTCPIP(id.RemoteAddress), id.RemotePort)
+	key := filter.FlowKey{Proto: uint8(header.TCPProtocolNumber), Src: src, Dst: dst}
+	defer s.recoverFlow(key)
 	ctx, cancel := context.WithTimeout(s.ctx, s.dialTimeout)
 	up, err := s.dialer.net.DialContext(ctx, "tcp", dst.String())
 	cancel()
@@ -103,9 +107,20 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	r.Complete(false)
 	ep.SocketOptions().SetDelayOption(false)
 	client := gonet.NewTCPConn(&wq, ep)
+	upc := up.(*net.TCPConn)
+	var once sync.Once
+	abort := func() {
+		once.Do(func() {
+			upc.SetLinger(0)
+			upc.Close()
+			ep.Abort()
+		})
+	}
 	s.wg.Add(1)
 	defer s.wg.Done()
-	relayTCP(client, ep, up.(*net.TCPConn))
+	s.track(key, abort)
+	defer s.endFlow(key, abort)
+	relayTCP(client, upc, abort)
 }
 
 // halfCloser is a stream that can close its write side alone.
@@ -117,15 +132,7 @@ type halfCloser interface {
 // relayTCP copies both ways until both directions ended. EOF in one direction
 // is passed on as a half close (FIN); an error (a reset) aborts both sides
 // with a RST, so each peer sees the outcome the other one caused.
-func relayTCP(client *gonet.TCPConn, ep tcpip.Endpoint, up *net.TCPConn) {
-	var once sync.Once
-	abort := func() {
-		once.Do(func() {
-			up.SetLinger(0)
-			up.Close()
-			ep.Abort()
-		})
-	}
+func relayTCP(client *gonet.TCPConn, up *net.TCPConn, abort func()) {
 	var wg sync.WaitGroup
 	wg.Add(2)
 	pipe := func(dst, src halfCloser) {
@@ -167,6 +174,7 @@ func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		defer s.recoverFlow(filter.FlowKey{Proto: uint8(header.UDPProtocolNumber), Src: src, Dst: dst})
 		s.relayUDP(client, src, dst)
 	}()
 	return true
@@ -196,6 +204,8 @@ func (s *Stack) relayUDP(client *gonet.UDPConn, src, dst netip.AddrPort) {
 	done := make(chan struct{})
 	var once sync.Once
 	stop := func() { once.Do(func() { close(done); client.Close(); up.Close() }) }
+	s.track(key, stop)
+	defer s.endFlow(key, stop)
 	pipe := func(dst, src net.Conn) {
 		defer stop()
 		buf := make([]byte, s.mtu)
@@ -224,6 +234,65 @@ func (s *Stack) relayUDP(client *gonet.UDPConn, src, dst netip.AddrPort) {
 	go pipe(up, client)
 	pipe(client, up)
 	<-done
+}
+
+// recoverFlow, deferred by a flow's handler before its relay exists, turns
+// a panic into the end of that flow alone: it is logged with its stack and
+// counted, and every other flow and the firewall go on.
+func (s *Stack) recoverFlow(key filter.FlowKey) {
+	if r := recover(); r != nil {
+		s.flowPanicked(key, r)
+	}
+}
+
+// endFlow, deferred once a flow's relay is tracked, untracks it; after a
+// panic it also closes the flow's connections (closeFn), so the client sees
+// the flow end instead of hanging.
+func (s *Stack) endFlow(key filter.FlowKey, closeFn func()) {
+	r := recover()
+	s.untrack(key)
+	if r != nil {
+		closeFn()
+		s.flowPanicked(key, r)
+	}
+}
+
+func (s *Stack) flowPanicked(key filter.FlowKey, r any) {
+	s.panics.Add(1)
+	s.log.Error("flow handler panicked; closing that flow", "proto", key.Proto, "src", key.Src, "dst", key.Dst,
+		"panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+	s.eng.Forget(key)
+}
+
+// track records how to close the relay of flow key, for CloseFlows.
+func (s *Stack) track(key filter.FlowKey, closeFn func()) {
+	s.connMu.Lock()
+	s.conns[key] = closeFn
+	s.connMu.Unlock()
+}
+
+func (s *Stack) untrack(key filter.FlowKey) {
+	s.connMu.Lock()
+	delete(s.conns, key)
+	s.connMu.Unlock()
+}
+
+// CloseFlows ends the relays of the given flows, as when a reload's recheck
+// denies them: a TCP client gets a RST, a UDP flow's socket is closed. It
+// returns how many relays it ended.
+func (s *Stack) CloseFlows(keys []filter.FlowKey) int {
+	var fns []func()
+	s.connMu.Lock()
+	for _, k := range keys {
+		if fn, ok := s.conns[k]; ok {
+			fns = append(fns, fn)
+		}
+	}
+	s.connMu.Unlock()
+	for _, fn := range fns {
+		fn()
+	}
+	return len(fns)
 }
 
 func isRefused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }

@@ -65,8 +65,13 @@ type Stack struct {
 
 	dialTimeout time.Duration
 
-	// writeErrors counts failed writes to the TUN.
-	writeErrors atomic.Uint64
+	// writeErrors and readErrors count failed TUN operations; panics counts
+	// flow handlers that panicked (see recoverFlow).
+	writeErrors, readErrors, panics atomic.Uint64
+
+	// conns holds how to close each relayed flow (CloseFlows).
+	connMu sync.Mutex
+	conns  map[filter.FlowKey]func()
 
 	// writeMu serialises writes to the device so batches are not interleaved
 	// and the scratch slices below can be reused.
@@ -94,6 +99,7 @@ func New(o Options) (*Stack, error) {
 		dialer:      newDialer(o.Outbound),
 		epoch:       time.Now(),
 		dialTimeout: o.DialTimeout,
+		conns:       make(map[filter.FlowKey]func()),
 		ctx:         ctx,
 		cancel:      cancel,
 	}
@@ -152,6 +158,10 @@ func (s *Stack) setup() error {
 // now is the engine's clock: monotonic nanoseconds since the stack started.
 func (s *Stack) now() int64 { return int64(time.Since(s.epoch)) }
 
+// Now is the clock the stack gives the engine: monotonic nanoseconds since
+// the stack started. Callers asking the engine about flow ages use it too.
+func (s *Stack) Now() int64 { return s.now() }
+
 // Run reads packets from the device until ctx is done or the device is
 // closed, judging each with the engine. It also expires idle flows.
 func (s *Stack) Run(ctx context.Context) error {
@@ -165,6 +175,7 @@ func (s *Stack) Run(ctx context.Context) error {
 	sizes := make([]int, batch)
 	reject := make([]byte, tunOffset+s.mtu)
 	var p filter.Packet
+	failures := 0
 	for {
 		n, err := s.dev.Read(bufs, sizes, tunOffset)
 		if err != nil {
@@ -175,8 +186,14 @@ func (s *Stack) Run(ctx context.Context) error {
 				s.eng.Count(filter.ReasonMalformed)
 				continue
 			}
-			return fmt.Errorf("read %d packets from TUN: %w", batch, err)
+			s.readErrors.Add(1)
+			if failures++; failures >= maxReadFailures {
+				return fmt.Errorf("read from TUN failed %d times in a row: %w", failures, err)
+			}
+			s.log.Warn("read from TUN", "err", err)
+			continue
 		}
+		failures = 0
 		now := s.now()
 		for i := 0; i < n; i++ {
 			s.inbound(bufs[i][tunOffset:tunOffset+sizes[i]], &p, now, reject)
@@ -285,8 +302,15 @@ func (s *Stack) Close() {
 	s.wg.Wait()
 }
 
-// WriteErrors returns how many writes to the TUN failed.
-func (s *Stack) WriteErrors() uint64 { return s.writeErrors.Load() }
+// TUNErrors returns how many reads and writes of the TUN failed.
+func (s *Stack) TUNErrors() (read, write uint64) { return s.readErrors.Load(), s.writeErrors.Load() }
+
+// Panics returns how many flow handlers panicked and were recovered.
+func (s *Stack) Panics() uint64 { return s.panics.Load() }
+
+// maxReadFailures is how many TUN reads may fail in a row before Run gives
+// up: a device that keeps failing is gone.
+const maxReadFailures = 100
 
 func bufferFrom(b []byte) buffer.Buffer { return buffer.MakeWithData(b) }
 

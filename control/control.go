@@ -1,0 +1,235 @@
+// Package control is tunfw's control socket: a Unix socket on which a
+// running `tunfw up` answers `status`, `flows`, `stats` and `reload`.
+//
+// The protocol is one JSON request line and one JSON response per
+// connection. Only root may talk to it: the socket is mode 0600, and the
+// server also checks the peer's credentials, so a socket put elsewhere by a
+// config still refuses other users.
+package control
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/tunfw/tunfw/internal/config"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultSocket is where the socket is when [control] socket is not set.
+const DefaultSocket = "/run/tunfw/tunfw.sock"
+
+// Config is the [control] section.
+type Config struct {
+	// Socket is the control socket's path; "" means DefaultSocket.
+	Socket string `toml:"socket"`
+}
+
+// Validate checks the section and returns the socket path to use.
+func (c Config) Validate() (string, error) {
+	if c.Socket == "" {
+		return DefaultSocket, nil
+	}
+	if !filepath.IsAbs(c.Socket) {
+		return "", config.Errorf("control.socket", "%q is not an absolute path", c.Socket)
+	}
+	if len(c.Socket) > 107 {
+		return "", config.Errorf("control.socket", "path is longer than the 107 bytes a Unix socket address holds")
+	}
+	return c.Socket, nil
+}
+
+// Request is one command sent to the server.
+type Request struct {
+	Cmd  string          `json:"cmd"`
+	Args json.RawMessage `json:"args,omitempty"`
+}
+
+// Response is the server's answer. Error is set when the command failed;
+// Errors lists details (e.g. every config error of a refused reload).
+type Response struct {
+	OK     bool            `json:"ok"`
+	Error  string          `json:"error,omitempty"`
+	Errors []string        `json:"errors,omitempty"`
+	Data   json.RawMessage `json:"data,omitempty"`
+}
+
+// Handler answers one request from an authorised peer.
+type Handler func(ctx context.Context, req Request) Response
+
+// maxRequest bounds a request line; anything longer is refused.
+const maxRequest = 64 << 10
+
+// Server serves a control socket.
+type Server struct {
+	ln      *net.UnixListener
+	path    string
+	handler Handler
+	log     *slog.Logger
+
+	// Refused counts requests refused before reaching the handler: bad
+	// JSON, oversize, or an unauthorised peer.
+	refused atomic.Uint64
+	wg      sync.WaitGroup
+}
+
+// Listen creates the socket at path (and its directory), replacing a stale
+// socket left by a crash but refusing to take over one a live tunfw serves.
+func Listen(path string, h Handler, log *slog.Logger) (*Server, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("create control socket directory: %w", err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("control socket %s is in use: is another tunfw running?", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale control socket: %w", err)
+	}
+	// The umask makes the socket 0600 from the start: no window in which
+	// another user could connect.
+	old := syscall.Umask(0o177)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on control socket: %w", err)
+	}
+	ln.SetUnlinkOnClose(true)
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod control socket: %w", err)
+	}
+	return &Server{ln: ln, path: path, handler: h, log: log}, nil
+}
+
+// Path returns the socket's path.
+func (s *Server) Path() string { return s.path }
+
+// Refused returns how many requests were refused before the handler.
+func (s *Server) Refused() uint64 { return s.refused.Load() }
+
+// Close stops accepting requests and removes the socket.
+func (s *Server) Close() error { return s.ln.Close() }
+
+// Serve answers requests until ctx ends or Close, then removes the socket.
+func (s *Server) Serve(ctx context.Context) {
+	go func() {
+		<-ctx.Done()
+		s.ln.Close()
+	}()
+	for {
+		c, err := s.ln.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				break
+			}
+			s.log.Warn("control socket accept", "err", err)
+			continue
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.serveConn(ctx, c)
+		}()
+	}
+	s.wg.Wait()
+}
+
+func (s *Server) serveConn(ctx context.Context, c *net.UnixConn) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	reply := func(r Response) { json.NewEncoder(c).Encode(r) }
+	uid, err := peerUID(c)
+	if err != nil || uid != 0 {
+		s.refused.Add(1)
+		s.log.Warn("control request refused: peer is not root", "uid", uid, "err", err)
+		reply(Response{Error: "permission denied: only root may use the tunfw control socket"})
+		return
+	}
+	line, err := bufio.NewReaderSize(io.LimitReader(c, maxRequest+1), 4096).ReadSlice('\n')
+	if err != nil && !(errors.Is(err, io.EOF) && len(line) > 0) {
+		s.refused.Add(1)
+		reply(Response{Error: "bad request: want one JSON object on one line, at most 64 KiB"})
+		return
+	}
+	var req Request
+	if err := json.Unmarshal(line, &req); err != nil || req.Cmd == "" {
+		s.refused.Add(1)
+		reply(Response{Error: fmt.Sprintf("bad request: %s", strings.TrimSpace(errString(err, "no cmd")))})
+		return
+	}
+	reply(s.handler(ctx, req))
+}
+
+func errString(err error, def string) string {
+	if err == nil {
+		return def
+	}
+	return err.Error()
+}
+
+func peerUID(c *net.UnixConn) (uint32, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if cerr != nil {
+		return 0, cerr
+	}
+	return cred.Uid, nil
+}
+
+// Call sends req to the server at path and returns its response. A failed
+// command is a Response with OK false, not an error; the error is for
+// failing to talk to the server at all.
+func Call(path string, req Request, timeout time.Duration) (Response, error) {
+	c, err := net.DialTimeout("unix", path, timeout)
+	if err != nil {
+		if errors.Is(err, os.ErrPermission) {
+			return Response{}, fmt.Errorf("connect to %s: %w (the control socket is for root)", path, err)
+		}
+		return Response{}, fmt.Errorf("connect to %s: %w (is tunfw up running?)", path, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	b, err := json.Marshal(req)
+	if err != nil {
+		return Response{}, err
+	}
+	if _, err := c.Write(append(b, '\n')); err != nil {
+		return Response{}, fmt.Errorf("send request: %w", err)
+	}
+	var resp Response
+	if err := json.NewDecoder(c).Decode(&resp); err != nil {
+		return Response{}, fmt.Errorf("read response: %w", err)
+	}
+	return resp, nil
+}
+
+// OK returns a successful response carrying v as data.
+func OK(v any) Response {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return Response{Error: "encode response: " + err.Error()}
+	}
+	return Response{OK: true, Data: b}
+}

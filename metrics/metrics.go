@@ -1,0 +1,156 @@
+// Package metrics serves tunfw's Prometheus metrics ([metrics] section).
+//
+// Nothing is counted here: at each scrape the collector reads the counters
+// the filter engine, the stack and the reloader already keep, so the packet
+// path pays nothing for metrics.
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/internal/config"
+)
+
+// Config is the [metrics] section.
+type Config struct {
+	// Listen is the address of the /metrics HTTP endpoint, e.g.
+	// "127.0.0.1:9477"; "" serves no metrics.
+	Listen string `toml:"listen"`
+}
+
+// Validate checks the section.
+func (c Config) Validate() error {
+	if c.Listen == "" {
+		return nil
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		return config.Errorf("metrics.listen", "%q is not host:port (like \"127.0.0.1:9477\")", c.Listen)
+	}
+	return nil
+}
+
+// Source is what the collector reads at each scrape.
+type Source struct {
+	Engine *filter.Engine
+	// Reloads returns successful and failed reloads so far.
+	Reloads func() (ok, failed uint64)
+	// TUNErrors returns failed TUN reads and writes so far.
+	TUNErrors func() (read, write uint64)
+	// ControlRefused returns control requests refused so far.
+	ControlRefused func() uint64
+}
+
+type collector struct {
+	src Source
+
+	flows, flowsCreated, packets, drops, bytes         *prometheus.Desc
+	ruleFlows, rulePackets, ruleBytes, reloads, tunErr *prometheus.Desc
+	controlRefused                                     *prometheus.Desc
+}
+
+func newCollector(src Source) *collector {
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc("tunfw_"+name, help, labels, nil)
+	}
+	return &collector{
+		src:            src,
+		flows:          d("flows", "Flows in the flow table by state.", "state"),
+		flowsCreated:   d("flows_created_total", "Flows created since start."),
+		packets:        d("packets_total", "Packets from clients by verdict (forward, drop, reject) and replies to clients.", "verdict"),
+		drops:          d("drops_total", "Packets from clients not forwarded, by reason.", "reason"),
+		bytes:          d("bytes_total", "Bytes carried by forwarded flows, by direction (in: client to destination).", "direction"),
+		ruleFlows:      d("rule_flows_total", "Flows judged by each rule of the current ruleset.", "rule", "action"),
+		rulePackets:    d("rule_packets_total", "Packets of flows judged by each rule.", "rule", "action"),
+		ruleBytes:      d("rule_bytes_total", "Bytes of flows judged by each rule.", "rule", "action"),
+		reloads:        d("reloads_total", "Config reloads by result.", "result"),
+		tunErr:         d("tun_errors_total", "Failed TUN device operations.", "op"),
+		controlRefused: d("control_refused_total", "Control socket requests refused (bad request or not root)."),
+	}
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(c, ch) }
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	gauge := func(d *prometheus.Desc, v float64, l ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, l...)
+	}
+	counter := func(d *prometheus.Desc, v uint64, l ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), l...)
+	}
+	ctr := c.src.Engine.Counters()
+	for state, n := range ctr.FlowsByState {
+		gauge(c.flows, float64(n), state)
+	}
+	counter(c.flowsCreated, ctr.FlowsCreated)
+	counter(c.packets, ctr.Forwarded, "forward")
+	counter(c.packets, ctr.Denied+ctr.NoFlow+ctr.Malformed+ctr.Fragment+ctr.Unsupported, "drop")
+	counter(c.packets, ctr.Rejected+ctr.Limit, "reject")
+	counter(c.packets, ctr.Replies, "reply")
+	for _, r := range []struct {
+		name string
+		v    uint64
+	}{
+		{"denied", ctr.Denied}, {"rejected", ctr.Rejected}, {"no-flow", ctr.NoFlow}, {"malformed", ctr.Malformed},
+		{"fragment", ctr.Fragment}, {"unsupported", ctr.Unsupported}, {"limit", ctr.Limit},
+	} {
+		counter(c.drops, r.v, r.name)
+	}
+	counter(c.bytes, ctr.BytesIn, "in")
+	counter(c.bytes, ctr.BytesOut, "out")
+	for _, r := range c.src.Engine.RuleStats() {
+		counter(c.ruleFlows, r.Flows, r.Name, r.Action)
+		counter(c.rulePackets, r.Packets, r.Name, r.Action)
+		counter(c.ruleBytes, r.Bytes, r.Name, r.Action)
+	}
+	if c.src.Reloads != nil {
+		ok, failed := c.src.Reloads()
+		counter(c.reloads, ok, "success")
+		counter(c.reloads, failed, "failure")
+	}
+	if c.src.TUNErrors != nil {
+		r, w := c.src.TUNErrors()
+		counter(c.tunErr, r, "read")
+		counter(c.tunErr, w, "write")
+	}
+	if c.src.ControlRefused != nil {
+		counter(c.controlRefused, c.src.ControlRefused())
+	}
+}
+
+// Listen opens the metrics endpoint's socket, so that a port in use is
+// reported before tunfw touches the network.
+func Listen(addr string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics listen on %s: %w", addr, err)
+	}
+	return ln, nil
+}
+
+// Serve serves /metrics on ln until ctx ends.
+func Serve(ctx context.Context, ln net.Listener, src Source, log *slog.Logger) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(newCollector(src), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server", "err", err)
+		}
+	}()
+}

@@ -1,0 +1,72 @@
+package stack
+
+import (
+	"bytes"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/tunfw/tunfw/filter"
+)
+
+// TestPanicClosesOnlyItsFlow checks the recovery a flow's handler defers: a
+// panic closes that flow's connections, is logged and counted, and leaves
+// the other flows alone.
+func TestPanicClosesOnlyItsFlow(t *testing.T) {
+	var logs bytes.Buffer
+	rs, err := filter.Compile(filter.Options{}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Stack{
+		log:   slog.New(slog.NewTextHandler(&logs, nil)),
+		eng:   filter.NewEngine(rs, filter.EngineOptions{}),
+		conns: make(map[filter.FlowKey]func()),
+	}
+	bad := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1000"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
+	good := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1001"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
+	var badClosed, goodClosed bool
+	s.track(good, func() { goodClosed = true })
+
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // as handleTCP runs: in a goroutine of its own
+		defer wg.Done()
+		defer s.recoverFlow(bad)
+		closeFn := func() { badClosed = true }
+		s.track(bad, closeFn)
+		defer s.endFlow(bad, closeFn)
+		var m map[string]int
+		m["boom"]++ // a nil map write: a real runtime panic
+	}()
+	wg.Wait()
+
+	if !badClosed {
+		t.Error("the panicking flow was not closed")
+	}
+	if goodClosed {
+		t.Error("another flow was closed")
+	}
+	if s.Panics() != 1 {
+		t.Errorf("panics counted: %d, want 1", s.Panics())
+	}
+	if n := s.CloseFlows([]filter.FlowKey{bad}); n != 0 {
+		t.Error("the panicked flow is still tracked")
+	}
+	if !strings.Contains(logs.String(), "flow handler panicked") || !strings.Contains(logs.String(), "assignment to entry in nil map") {
+		t.Errorf("panic not logged:\n%s", logs.String())
+	}
+	// A panic before the relay exists is recovered too.
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer s.recoverFlow(bad)
+		panic("before dial")
+	}()
+	wg.Wait()
+	if s.Panics() != 2 {
+		t.Errorf("panics counted: %d, want 2", s.Panics())
+	}
+}
