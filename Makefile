@@ -5,7 +5,12 @@ GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: build test vet fmt-check bench-smoke clean
+.PHONY: build test vet fmt-check bench-smoke clean install image
+
+# `make install` (as root): the binary, the systemd unit and, unless one
+# exists, the example config. DESTDIR stages it elsewhere.
+PREFIX  ?= /usr/local
+DESTDIR ?=
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/tunfw ./cmd/tunfw
@@ -20,6 +25,17 @@ test: vet
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
+
+install: build
+	install -D -m 0755 bin/tunfw $(DESTDIR)$(PREFIX)/bin/tunfw
+	sed 's|/usr/local/bin/tunfw|$(PREFIX)/bin/tunfw|g' deploy/tunfw.service > bin/tunfw.service
+	install -D -m 0644 bin/tunfw.service $(DESTDIR)/etc/systemd/system/tunfw.service
+	test -e $(DESTDIR)/etc/tunfw/config.toml || install -D -m 0600 config.toml $(DESTDIR)/etc/tunfw/config.toml
+	@echo "installed; now: systemctl daemon-reload && systemctl enable --now tunfw"
+
+# The container image (FROM scratch): the static binary and config.toml.
+image: build
+	docker build -t tunfw .
 
 clean:
 	rm -rf bin

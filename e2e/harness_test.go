@@ -29,6 +29,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
+	// Others than root run the binary in some tests.
+	os.Chmod(dir, 0o755)
 	binary = filepath.Join(dir, "tunfw")
 	out, err := exec.Command("go", "build", "-o", binary, "../cmd/tunfw").CombinedOutput()
 	if err != nil {
@@ -56,7 +58,13 @@ type tunfwProc struct {
 // writeConfig writes a config file for a test and returns its path.
 func writeConfig(t testing.TB, body string) string {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), "config.toml")
+	dir := t.TempDir()
+	p := filepath.Join(dir, "config.toml")
+	if !strings.Contains(body, "[control]") {
+		// Each test's tunfw gets its own control socket, never the
+		// machine's default one.
+		body += fmt.Sprintf("\n[control]\nsocket = %q\n", filepath.Join(dir, "tunfw.sock"))
+	}
 	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
 		t.Fatal(err)
 	}

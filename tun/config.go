@@ -31,8 +31,23 @@ type RouteConfig struct {
 	// (SO_BINDTODEVICE). Empty means the interface of the main table's
 	// default route for each family, found at start.
 	Outbound string `toml:"outbound"`
-	// FWMark is set as SO_MARK on tunfw's own sockets; 0 sets none.
+	// FWMark is set as SO_MARK on tunfw's own sockets; 0 sets none, or
+	// DefaultFWMark when policy routing (Auto or From) is used.
 	FWMark uint32 `toml:"fwmark"`
+	// Auto captures all traffic of the host through policy routing: a
+	// routing table and ip rules of tunfw's own (see policy.go).
+	Auto bool `toml:"auto"`
+	// Table is the number of tunfw's routing table (policy routing only).
+	Table int64 `toml:"table"`
+	// RulePriority is the priority of tunfw's first ip rule; the second
+	// uses RulePriority+1.
+	RulePriority int64 `toml:"rule_priority"`
+	// Fail is "open" or "closed": what happens to captured traffic while
+	// tunfw is not running after a crash.
+	Fail string `toml:"fail"`
+	// From lists interfaces whose incoming (forwarded) traffic is routed
+	// into the TUN: gateway mode for other namespaces and containers.
+	From []string `toml:"from"`
 }
 
 // Defaults used for keys the file leaves out.
@@ -42,6 +57,16 @@ const (
 	// MinMTU is IPv6's minimum link MTU; below it the v6 half cannot work.
 	MinMTU = 1280
 	MaxMTU = 65535
+
+	// DefaultTable, DefaultRulePriority and DefaultFWMark tag what policy
+	// routing installs, so that `tunfw down` and the next `up` find it
+	// after a crash. 0x7466 is "tf".
+	DefaultTable        = 0x7466 // 29798
+	DefaultRulePriority = 7466
+	DefaultFWMark       = 0x7466
+	// MaxRulePriority leaves room for the second rule before the main
+	// table's rule (32766).
+	MaxRulePriority = 32764
 )
 
 // Settings is a validated [tun] + [route] configuration.
@@ -53,7 +78,18 @@ type Settings struct {
 	Exclude   []netip.Prefix
 	Outbound  string
 	FWMark    uint32
+
+	// Policy routing ([route] auto / from); see policy.go.
+	Auto         bool
+	Table        int
+	RulePriority int
+	FailClosed   bool
+	From         []string
 }
+
+// PolicyRouting reports whether the include list goes into tunfw's own
+// table behind ip rules (auto or from) rather than into the main table.
+func (s Settings) PolicyRouting() bool { return s.Auto || len(s.From) > 0 }
 
 // Validate checks both sections and returns the settings with defaults
 // filled in. It reports every problem found, each naming its key.
@@ -91,7 +127,48 @@ func Validate(c Config, r RouteConfig) (Settings, error) {
 	if len(r.Outbound) > 15 || strings.ContainsAny(r.Outbound, "/ \t\n") {
 		errs = append(errs, config.Errorf("route.outbound", "%q is not a valid interface name", r.Outbound))
 	}
+	errs = append(errs, validatePolicy(&s, r))
 	return s, errors.Join(errs...)
+}
+
+// validatePolicy checks the policy-routing keys of [route] and fills in
+// their defaults.
+func validatePolicy(s *Settings, r RouteConfig) error {
+	var errs []error
+	s.Auto = r.Auto
+	s.Table, s.RulePriority = DefaultTable, DefaultRulePriority
+	switch {
+	case r.Table == 0:
+	case r.Table < 1 || r.Table > 0xffffffff || r.Table >= 253 && r.Table <= 255:
+		errs = append(errs, config.Errorf("route.table", "%d is not usable (1-4294967295, except 253-255: default, main, local)", r.Table))
+	default:
+		s.Table = int(r.Table)
+	}
+	switch {
+	case r.RulePriority == 0:
+	case r.RulePriority < 1 || r.RulePriority > MaxRulePriority:
+		errs = append(errs, config.Errorf("route.rule_priority", "%d is out of range (1-%d: tunfw's rules must come before the main table's at 32766)", r.RulePriority, MaxRulePriority))
+	default:
+		s.RulePriority = int(r.RulePriority)
+	}
+	switch r.Fail {
+	case "", "open":
+	case "closed":
+		s.FailClosed = true
+	default:
+		errs = append(errs, config.Errorf("route.fail", "%q: want \"open\" or \"closed\"", r.Fail))
+	}
+	for i, name := range r.From {
+		if name == "" || len(name) > 15 || strings.ContainsAny(name, "/ \t\n") {
+			errs = append(errs, config.Errorf(fmt.Sprintf("route.from[%d]", i+1), "%q is not a valid interface name", name))
+			continue
+		}
+		s.From = append(s.From, name)
+	}
+	if s.PolicyRouting() && s.FWMark == 0 {
+		s.FWMark = DefaultFWMark
+	}
+	return errors.Join(errs...)
 }
 
 // parsePrefixes parses network prefixes; a bare address is a host route. A

@@ -21,6 +21,8 @@ type Device struct {
 	name   string
 	link   netlink.Link
 	routes []netlink.Route
+	policy *policy // policy routing, when used (policy.go)
+	noIPv6 bool    // IPv6 is disabled in this network namespace
 }
 
 // Open creates the TUN device, gives it its addresses and MTU and brings it
@@ -42,7 +44,13 @@ func Open(s Settings) (_ *Device, err error) {
 	if d.link, err = netlink.LinkByName(d.name); err != nil {
 		return nil, fmt.Errorf("find link %s: %w", d.name, err)
 	}
+	// Docker and others disable IPv6 in a container's namespace: then
+	// there is no IPv6 traffic to police, and the v6 half is left out.
+	d.noIPv6 = readSysctl("net/ipv6/conf/"+d.name+"/disable_ipv6") == 1
 	for _, p := range s.Addresses {
+		if p.Addr().Is6() && d.noIPv6 {
+			continue
+		}
 		a := &netlink.Addr{IPNet: prefixIPNet(p)}
 		if p.Addr().Is6() {
 			// Usable at once: nothing else can own an address on a TUN.
@@ -65,6 +73,9 @@ func (d *Device) InterfaceName() string { return d.name }
 // On error the routes added so far stay recorded and Close removes them.
 func (d *Device) AddRoutes(include, exclude []netip.Prefix) error {
 	for _, p := range Subtract(include, exclude) {
+		if p.Addr().Is6() && d.noIPv6 {
+			continue
+		}
 		r := netlink.Route{
 			LinkIndex: d.link.Attrs().Index,
 			Dst:       prefixIPNet(p),
@@ -79,18 +90,29 @@ func (d *Device) AddRoutes(include, exclude []netip.Prefix) error {
 	return nil
 }
 
-// Routes returns the destinations routed into the device.
+// Routes returns the destinations routed into the device (in the main
+// table, or in tunfw's table under policy routing).
 func (d *Device) Routes() []netip.Prefix {
-	out := make([]netip.Prefix, 0, len(d.routes))
-	for _, r := range d.routes {
-		out = append(out, ipNetPrefix(r.Dst))
+	routes := d.routes
+	if d.policy != nil {
+		routes = d.policy.routes
+	}
+	out := make([]netip.Prefix, 0, len(routes))
+	for _, r := range routes {
+		if r.LinkIndex == d.link.Attrs().Index {
+			out = append(out, ipNetPrefix(r.Dst))
+		}
 	}
 	return out
 }
 
-// Close removes the routes tunfw added and the device itself.
+// Close removes the routes and ip rules tunfw added and the device itself.
 func (d *Device) Close() error {
 	var errs []error
+	if d.policy != nil {
+		// Rules first: traffic takes the normal routes again at once.
+		errs = append(errs, d.policy.remove())
+	}
 	for i := len(d.routes) - 1; i >= 0; i-- {
 		r := d.routes[i]
 		if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {

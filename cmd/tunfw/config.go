@@ -3,17 +3,21 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"regexp"
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/BurntSushi/toml"
 	"github.com/tunfw/tunfw"
+	"github.com/tunfw/tunfw/control"
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/internal/config"
+	"github.com/tunfw/tunfw/metrics"
 	"github.com/tunfw/tunfw/tun"
 )
 
@@ -21,15 +25,21 @@ import (
 // embedded example config is used instead.
 const defaultConfigPath = "/etc/tunfw/config.toml"
 
+// embeddedSource names the built-in config as a Config's source.
+const embeddedSource = "embedded config.toml"
+
 // fileLayout is the top level of the config file. Each section is decoded
 // separately into the type of the package that owns it, so a type error in
 // one section does not hide the errors of the others.
 type fileLayout struct {
-	Tun    toml.Primitive   `toml:"tun"`
-	Route  toml.Primitive   `toml:"route"`
-	Filter toml.Primitive   `toml:"filter"`
-	Sets   toml.Primitive   `toml:"sets"`
-	Rule   []toml.Primitive `toml:"rule"`
+	Tun     toml.Primitive   `toml:"tun"`
+	Route   toml.Primitive   `toml:"route"`
+	Filter  toml.Primitive   `toml:"filter"`
+	Sets    toml.Primitive   `toml:"sets"`
+	Rule    []toml.Primitive `toml:"rule"`
+	Limits  toml.Primitive   `toml:"limits"`
+	Control toml.Primitive   `toml:"control"`
+	Metrics toml.Primitive   `toml:"metrics"`
 }
 
 // Config is a loaded, validated config file.
@@ -39,6 +49,11 @@ type Config struct {
 	Net    tun.Settings
 	Filter filter.Options
 	Rules  *filter.Ruleset
+	Limits filter.EngineLimits
+	// ControlSocket is the control socket's path.
+	ControlSocket string
+	// Metrics is the [metrics] section.
+	Metrics metrics.Config
 }
 
 // ConfigError is one problem in a config file, located by line.
@@ -77,14 +92,40 @@ func (es ConfigErrors) Error() string {
 // readConfig reads path; when path is the default and absent, it falls back to
 // the embedded config and says so through fellBack.
 func readConfig(path string, explicit bool) (data []byte, source string, fellBack bool, err error) {
-	data, err = os.ReadFile(path)
-	if err == nil {
-		return data, path, false, nil
+	f, err := os.Open(path)
+	if err != nil {
+		if !explicit && errors.Is(err, fs.ErrNotExist) {
+			return tunfw.DefaultConfig, embeddedSource, true, nil
+		}
+		return nil, path, false, fmt.Errorf("read config: %w", err)
 	}
-	if !explicit && errors.Is(err, fs.ErrNotExist) {
-		return tunfw.DefaultConfig, "embedded config.toml", true, nil
+	defer f.Close()
+	if err := checkConfigOwner(f); err != nil {
+		return nil, path, false, err
 	}
-	return nil, path, false, fmt.Errorf("read config: %w", err)
+	data, err = io.ReadAll(f)
+	if err != nil {
+		return nil, path, false, fmt.Errorf("read config: %w", err)
+	}
+	return data, path, false, nil
+}
+
+// checkConfigOwner refuses, as sshd does, a config file that someone other
+// than its reader or root could have written: whoever can write the rules
+// owns the firewall.
+func checkConfigOwner(f *os.File) error {
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("stat config: %w", err)
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("config %s is writable by group or others (mode %#o): refusing it; run: chmod go-w %s",
+			f.Name(), fi.Mode().Perm(), f.Name())
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 && int(st.Uid) != os.Getuid() {
+		return fmt.Errorf("config %s is owned by uid %d, neither root nor you: refusing it", f.Name(), st.Uid)
+	}
+	return nil
 }
 
 // parseConfig decodes and validates a config file and reports every error
@@ -109,6 +150,9 @@ func parseConfig(source string, data []byte) (*Config, error) {
 		fo    filter.Options
 		sets  map[string]any
 		rules = make([]filter.RuleConfig, len(layout.Rule))
+		lim   filter.Limits
+		cc    control.Config
+		mc    metrics.Config
 	)
 	decode := func(key string, p toml.Primitive, v any) {
 		if md.IsDefined(key) {
@@ -119,6 +163,9 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	decode("route", layout.Route, &rc)
 	decode("filter", layout.Filter, &fo)
 	decode("sets", layout.Sets, &sets)
+	decode("limits", layout.Limits, &lim)
+	decode("control", layout.Control, &cc)
+	decode("metrics", layout.Metrics, &mc)
 	for i, p := range layout.Rule {
 		add(md.PrimitiveDecode(p, &rules[i]))
 	}
@@ -132,11 +179,16 @@ func parseConfig(source string, data []byte) (*Config, error) {
 			errs = append(errs, ConfigError{File: source, Line: p.Line, Key: p.Key, Msg: "unknown key"})
 		}
 	}
-	cfg := &Config{Source: source, Filter: fo}
+	cfg := &Config{Source: source, Filter: fo, Metrics: mc}
 	cfg.Net, err = tun.Validate(tc, rc)
 	add(err)
 	cfg.Rules, err = filter.Compile(fo, sets, rules)
 	add(err)
+	cfg.Limits, err = lim.Validate()
+	add(err)
+	cfg.ControlSocket, err = cc.Validate()
+	add(err)
+	add(mc.Validate())
 	if len(errs) > 0 {
 		sort.SliceStable(errs, func(i, j int) bool { return errs[i].Line < errs[j].Line })
 		return nil, errs

@@ -142,3 +142,42 @@ func TestCheckCommand(t *testing.T) {
 		})
 	}
 }
+
+func TestConfigWritableByOthersRefused(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "c.toml")
+	os.WriteFile(p, tunfw.DefaultConfig, 0o600)
+	os.Chmod(p, 0o666)
+	var stdout, stderr bytes.Buffer
+	if code := run([]string{"check", "-c", p}, &stdout, &stderr); code != 1 ||
+		!strings.Contains(stderr.String(), "writable by group or others (mode 0666)") || !strings.Contains(stderr.String(), "chmod go-w") {
+		t.Errorf("world-writable config: exit %d, %q", code, stderr.String())
+	}
+	os.Chmod(p, 0o644)
+	if code := run([]string{"check", "-c", p}, &stdout, &stderr); code != 0 {
+		t.Errorf("0644 config refused: %q", stderr.String())
+	}
+}
+
+// FuzzParseConfig feeds arbitrary text to the config loader: it must return
+// a config or errors, never panic, and every error must carry the file name.
+func FuzzParseConfig(f *testing.F) {
+	f.Add(string(tunfw.DefaultConfig))
+	f.Add("[tun]\naddresses = [\"198.18.0.1/30\"]\n[[rule]]\naction = \"deny\"\ndst = [\"@x\", 3]\n")
+	f.Add("[sets]\na = [\"1-2\", \"::/0\", 70000]\n[[rule]]\naction=\"allow\"\nsrc_port=\"@a\"\n")
+	f.Add("[limits]\nudp_idle = \"-1s\"\n[metrics]\nlisten = \"x\"\n[control]\nsocket = \"rel\"\n")
+	f.Add("[[rule]]\n[[rule]]\nproto = [[]]\n")
+	f.Fuzz(func(t *testing.T, text string) {
+		cfg, err := parseConfig("f.toml", []byte(text))
+		if err == nil {
+			if cfg == nil || cfg.Rules == nil {
+				t.Fatal("no error and no config")
+			}
+			return
+		}
+		for _, line := range strings.Split(err.Error(), "\n") {
+			if !strings.HasPrefix(line, "f.toml") {
+				t.Fatalf("error without file name: %q", line)
+			}
+		}
+	})
+}

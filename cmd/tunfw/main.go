@@ -6,6 +6,7 @@
 //
 //	tunfw up      [-c FILE] [--log-format text|json] [--log-level LEVEL]
 //	tunfw check   [-c FILE]
+//	tunfw down    [-c FILE]
 //	tunfw version
 package main
 
@@ -29,11 +30,20 @@ Usage:
   tunfw up      [-c FILE] [--log-format text|json] [--log-level debug|info|warn|error]
                   create the TUN device and routes, filter and forward until
                   SIGINT/SIGTERM, then remove everything it installed
+  tunfw down    [-c FILE]   after a crash, remove the ip rules and table routes
+                            (kill switch included) that config's tunfw left
   tunfw check   [-c FILE]   validate a config file; exit 1 listing every error
+  tunfw status  [--json]    a running tunfw's state: uptime, mode, flows, verdicts
+  tunfw flows   [--json] [--proto P] [--src CIDR] [--dst CIDR] [--state S]
+                            the flow table
+  tunfw stats   [--json]    per-rule counters and drops by reason
+  tunfw reload              re-read the config; exit 1 (rules kept) if invalid
   tunfw version             print the version
 
 -c/--config defaults to /etc/tunfw/config.toml; when that file does not exist
-the built-in example config is used (and the log says so).
+the built-in example config is used (and the log says so). status, flows,
+stats and reload talk to the control socket ([control] socket of the config,
+or --socket PATH); SIGHUP also reloads.
 Run 'tunfw COMMAND --help' for a command's flags.
 `
 
@@ -52,6 +62,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdUp(args[1:], stdout, stderr)
 	case "check":
 		return cmdCheck(args[1:], stdout, stderr)
+	case "down":
+		return cmdDown(args[1:], stdout, stderr)
+	case "status", "flows", "stats", "reload":
+		return cmdClient(args[0], args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintf(stdout, "tunfw %s\n", versionString())
 		return 0

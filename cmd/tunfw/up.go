@@ -57,6 +57,11 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	d, err := newDaemon(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer d.close()
 	dev, err := tun.Open(cfg.Net)
 	if err != nil {
 		return err
@@ -66,10 +71,22 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 			log.Error("teardown", "err", err)
 		}
 	}()
-	if err := dev.AddRoutes(cfg.Net.Include, cfg.Net.Exclude); err != nil {
+	if cfg.Net.PolicyRouting() {
+		// The device is ours now, so no other tunfw runs with it: what its
+		// table and rule priority hold was left by a crashed run.
+		if n, err := tun.Cleanup(cfg.Net); err != nil {
+			return fmt.Errorf("remove leftovers: %w", err)
+		} else if n.Rules+n.Routes > 0 {
+			log.Warn("removed leftovers of an earlier run", "rules", n.Rules, "routes", n.Routes, "table", cfg.Net.Table)
+		}
+	}
+	if err := dev.Install(cfg.Net); err != nil {
 		return err
 	}
-	eng := filter.NewEngine(cfg.Rules, filter.EngineOptions{Logger: log})
+	for _, w := range dev.Warnings(cfg.Net, out.IfaceV4, out.IfaceV6) {
+		log.Warn(w)
+	}
+	eng := filter.NewEngine(cfg.Rules, cfg.Limits.Options(log))
 	st, err := stack.New(stack.Options{
 		Device:   dev,
 		MTU:      cfg.Net.MTU,
@@ -81,13 +98,15 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		return fmt.Errorf("build stack: %w", err)
 	}
 	defer st.Close()
+	d.serve(ctx, eng, st, dev.InterfaceName())
 
 	runErr := make(chan error, 1)
 	go func() { runErr <- st.Run(ctx) }()
 	log.Info("tunfw is up",
 		"config", cfg.Source, "tun", dev.InterfaceName(), "mtu", cfg.Net.MTU,
 		"routes", fmt.Sprint(dev.Routes()), "outbound_v4", out.IfaceV4, "outbound_v6", out.IfaceV6,
-		"fwmark", out.Mark, "rules", cfg.Rules.Len(), "default", cfg.Rules.Default().String(), "monitor", cfg.Rules.Monitor())
+		"fwmark", out.Mark, "rules", cfg.Rules.Len(), "default", cfg.Rules.Default().String(), "monitor", cfg.Rules.Monitor(),
+		"auto", cfg.Net.Auto, "from", fmt.Sprint(cfg.Net.From), "table", cfg.Net.Table, "fail_closed", cfg.Net.FailClosed)
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down: removing routes and device")

@@ -1,0 +1,196 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"github.com/tunfw/tunfw/control"
+	"github.com/tunfw/tunfw/filter"
+)
+
+// clientFlags are the flags of the commands that talk to a running tunfw.
+type clientFlags struct {
+	commonFlags
+	socket string
+	json   bool
+	// flows filters
+	proto, src, dst, state string
+}
+
+// cmdClient runs status, flows, stats or reload against the control socket.
+func cmdClient(name string, args []string, stdout, stderr io.Writer) int {
+	summaries := map[string]string{
+		"status": "Show a running tunfw's version, uptime, config, mode, flows by state and verdict totals.",
+		"flows":  "List the flow table: proto, src, dst, state, rule, verdict, age, bytes each way.",
+		"stats":  "Show per-rule flows, packets and bytes, and packets dropped by reason.",
+		"reload": "Re-read the config file. If it is invalid, tunfw keeps its rules and this exits 1 listing every error.",
+	}
+	var f clientFlags
+	fs := newFlagSet(name, summaries[name], stdout, &f.commonFlags, false)
+	fs.StringVar(&f.socket, "socket", "", "control socket `path` (default: [control] socket of the config, else "+control.DefaultSocket+")")
+	if name != "reload" {
+		fs.BoolVar(&f.json, "json", false, "print JSON")
+	}
+	if name == "flows" {
+		fs.StringVar(&f.proto, "proto", "", "only flows of this protocol: tcp, udp or icmp")
+		fs.StringVar(&f.src, "src", "", "only flows from this address or CIDR")
+		fs.StringVar(&f.dst, "dst", "", "only flows to this address or CIDR")
+		fs.StringVar(&f.state, "state", "", "only flows in this state: new, established, closing or closed")
+	}
+	if code, stop := parseFlags(fs, args, stderr); stop {
+		return code
+	}
+	path := f.socket
+	if path == "" {
+		path = socketFromConfig(f.config, configGiven(fs))
+	}
+	req := control.Request{Cmd: name}
+	if name == "flows" {
+		req.Args, _ = json.Marshal(flowsArgs{Proto: f.proto, Src: f.src, Dst: f.dst, State: f.state})
+	}
+	resp, err := control.Call(path, req, 30*time.Second)
+	if err != nil {
+		fmt.Fprintf(stderr, "tunfw %s: %v\n", name, err)
+		return 1
+	}
+	if !resp.OK {
+		fmt.Fprintf(stderr, "tunfw %s: %s\n", name, resp.Error)
+		for _, e := range resp.Errors {
+			fmt.Fprintln(stderr, e)
+		}
+		return 1
+	}
+	if f.json {
+		var v any
+		json.Unmarshal(resp.Data, &v)
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(v)
+		return 0
+	}
+	switch name {
+	case "status":
+		return printStatus(stdout, resp.Data)
+	case "flows":
+		return printFlows(stdout, resp.Data)
+	case "stats":
+		return printStats(stdout, resp.Data)
+	default: // reload
+		var r reloadResult
+		json.Unmarshal(resp.Data, &r)
+		fmt.Fprintf(stdout, "reloaded: %d rules", r.Rules)
+		if r.Cut > 0 {
+			fmt.Fprintf(stdout, ", %d flows closed by the new rules", r.Cut)
+		}
+		fmt.Fprintln(stdout)
+		for _, w := range r.Warnings {
+			fmt.Fprintln(stdout, "warning:", w)
+		}
+	}
+	return 0
+}
+
+// socketFromConfig finds the control socket named by the config file a
+// daemon would read. Only [control] is read, so a config that is being
+// fixed (say, before `tunfw reload`) still leads to the socket; a file that
+// cannot be read at all falls back to the default.
+func socketFromConfig(path string, explicit bool) string {
+	data, _, _, err := readConfig(path, explicit)
+	if err != nil {
+		return control.DefaultSocket
+	}
+	var only struct {
+		Control control.Config `toml:"control"`
+	}
+	toml.Decode(string(data), &only)
+	sock, err := only.Control.Validate()
+	if err != nil {
+		return control.DefaultSocket
+	}
+	return sock
+}
+
+func printStatus(w io.Writer, data []byte) int {
+	var s statusInfo
+	if err := json.Unmarshal(data, &s); err != nil {
+		fmt.Fprintln(w, "bad response:", err)
+		return 1
+	}
+	fmt.Fprintf(w, "tunfw %s, up %s\n", s.Version, (time.Duration(s.Uptime) * time.Second).Round(time.Second))
+	fmt.Fprintf(w, "config   %s\n", s.Config)
+	fmt.Fprintf(w, "tun      %s\n", s.TUN)
+	fmt.Fprintf(w, "mode     %s (default %s, %d rules)\n", s.Mode, s.Default, s.Rules)
+	states := []string{"new", "established", "closing", "closed"}
+	parts := make([]string, 0, len(states))
+	for _, st := range states {
+		parts = append(parts, fmt.Sprintf("%s %d", st, s.FlowsByState[st]))
+	}
+	fmt.Fprintf(w, "flows    %d (%s)\n", s.Flows, strings.Join(parts, ", "))
+	fmt.Fprintf(w, "verdicts forwarded %v, denied %v, rejected %v, monitored %v, flows created %v\n",
+		s.Verdicts["forwarded"], s.Verdicts["denied"], s.Verdicts["rejected"], s.Verdicts["monitored"], s.Verdicts["flows_created"])
+	fmt.Fprintf(w, "reloads  %v ok, %v failed\n", s.Reloads["ok"], s.Reloads["failed"])
+	return 0
+}
+
+func printFlows(w io.Writer, data []byte) int {
+	var flows []filter.FlowInfo
+	if err := json.Unmarshal(data, &flows); err != nil {
+		fmt.Fprintln(w, "bad response:", err)
+		return 1
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PROTO\tSRC\tDST\tSTATE\tRULE\tVERDICT\tAGE\tBYTES OUT\tBYTES IN")
+	for _, f := range flows {
+		src, dst := f.Src.String(), f.Dst.String()
+		if f.Proto == "icmp" {
+			src = fmt.Sprintf("%s id %d", f.Src.Addr(), f.Src.Port())
+			dst = f.Dst.Addr().String()
+		}
+		v := f.Verdict
+		if f.Monitor {
+			v += " (monitor)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", f.Proto, src, dst, f.State, f.Rule, v,
+			f.Age.Round(time.Second), f.BytesIn, f.BytesOut)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "%d flows (BYTES OUT: client to destination; BYTES IN: back)\n", len(flows))
+	return 0
+}
+
+func printStats(w io.Writer, data []byte) int {
+	var s statsInfo
+	if err := json.Unmarshal(data, &s); err != nil {
+		fmt.Fprintln(w, "bad response:", err)
+		return 1
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "RULE\tACTION\tFLOWS\tPACKETS\tBYTES")
+	for _, r := range s.Rules {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\n", r.Name, r.Action, r.Flows, r.Packets, r.Bytes)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "\nforwarded %d packets (%d bytes out, %d bytes in), %d replies, %d flows created\n",
+		s.Forwarded, s.BytesIn, s.BytesOut, s.Replies, s.FlowsCreated)
+	reasons := make([]string, 0, len(s.Drops))
+	for r := range s.Drops {
+		reasons = append(reasons, r)
+	}
+	sort.Strings(reasons)
+	fmt.Fprint(w, "dropped")
+	for i, r := range reasons {
+		sep := ","
+		if i == 0 {
+			sep = ""
+		}
+		fmt.Fprintf(w, "%s %s %d", sep, r, s.Drops[r])
+	}
+	fmt.Fprintf(w, "\ntun errors: read %d, write %d; control requests refused %d\n", s.TUNReadErrs, s.TUNWriteErrs, s.ControlRefuse)
+	return 0
+}

@@ -1,0 +1,330 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"reflect"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/tunfw/tunfw"
+	"github.com/tunfw/tunfw/control"
+	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/metrics"
+	"github.com/tunfw/tunfw/stack"
+)
+
+// daemon is a running `tunfw up`: what reloads and control requests act on.
+type daemon struct {
+	log   *slog.Logger
+	eng   *filter.Engine
+	st    *stack.Stack
+	start time.Time
+	tun   string // interface name
+
+	reloadMu sync.Mutex // one reload at a time
+	cfgMu    sync.Mutex
+	cfg      *Config
+
+	reloadsOK, reloadsFailed atomic.Uint64
+	ctrl                     *control.Server
+	metricsLn                net.Listener
+}
+
+// now is the engine's clock (see stack.Stack.Now).
+func (d *daemon) now() int64 { return d.st.Now() }
+
+func (d *daemon) config() *Config {
+	d.cfgMu.Lock()
+	defer d.cfgMu.Unlock()
+	return d.cfg
+}
+
+// reloadResult is what a reload did.
+type reloadResult struct {
+	Rules    int      `json:"rules"`
+	Cut      int      `json:"flows_cut"`
+	Warnings []string `json:"warnings,omitempty"`
+}
+
+// reload reads the config file again. An invalid file changes nothing and
+// returns every error; a valid one replaces the rules and limits at once.
+// Settings that only apply at start are reported, not ignored.
+func (d *daemon) reload() (reloadResult, error) {
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
+	old := d.config()
+	var data []byte
+	var err error
+	if old.Source == embeddedSource {
+		data = tunfw.DefaultConfig
+	} else if data, err = os.ReadFile(old.Source); err != nil {
+		d.reloadsFailed.Add(1)
+		err = fmt.Errorf("read config: %w", err)
+		d.log.Error("reload failed; still running on the previous rules", "err", err)
+		return reloadResult{}, err
+	}
+	cfg, err := parseConfig(old.Source, data)
+	if err != nil {
+		d.reloadsFailed.Add(1)
+		for _, e := range configErrorList(err) {
+			d.log.Error("reload: config error", "err", e)
+		}
+		d.log.Error("reload failed; still running on the previous rules", "config", old.Source)
+		return reloadResult{}, err
+	}
+	res := reloadResult{Rules: cfg.Rules.Len(), Warnings: restartOnly(old, cfg)}
+	d.eng.SetLimits(cfg.Limits)
+	d.eng.Swap(cfg.Rules)
+	if cfg.Rules.RecheckOnReload() {
+		res.Cut = d.st.CloseFlows(d.eng.Recheck())
+	}
+	// Keep what only applies at start as it is running.
+	cfg.Net, cfg.ControlSocket, cfg.Metrics = old.Net, old.ControlSocket, old.Metrics
+	d.cfgMu.Lock()
+	d.cfg = cfg
+	d.cfgMu.Unlock()
+	d.reloadsOK.Add(1)
+	for _, w := range res.Warnings {
+		d.log.Warn("reload: " + w)
+	}
+	d.log.Info("config reloaded", "config", cfg.Source, "rules", res.Rules, "recheck", cfg.Rules.RecheckOnReload(), "flows_cut", res.Cut)
+	return res, nil
+}
+
+// restartOnly lists the settings that differ between old and cfg but take
+// effect only when tunfw starts.
+func restartOnly(old, cfg *Config) []string {
+	var w []string
+	a, b := reflect.ValueOf(old.Net), reflect.ValueOf(cfg.Net)
+	for i := 0; i < a.NumField(); i++ {
+		if !reflect.DeepEqual(a.Field(i).Interface(), b.Field(i).Interface()) {
+			w = append(w, fmt.Sprintf("%s changed; it applies only at start: restart tunfw to apply it", a.Type().Field(i).Name))
+		}
+	}
+	if old.ControlSocket != cfg.ControlSocket {
+		w = append(w, "control.socket changed; restart tunfw to apply it")
+	}
+	if old.Metrics != cfg.Metrics {
+		w = append(w, "metrics.listen changed; restart tunfw to apply it")
+	}
+	return w
+}
+
+func configErrorList(err error) []string {
+	if ce, ok := err.(ConfigErrors); ok {
+		out := make([]string, len(ce))
+		for i, e := range ce {
+			out[i] = e.Error()
+		}
+		return out
+	}
+	return []string{err.Error()}
+}
+
+// statusInfo is the answer to `tunfw status`.
+type statusInfo struct {
+	Version      string         `json:"version"`
+	Uptime       float64        `json:"uptime_seconds"`
+	Config       string         `json:"config"`
+	TUN          string         `json:"tun"`
+	Mode         string         `json:"mode"`
+	Default      string         `json:"default"`
+	Rules        int            `json:"rules"`
+	Flows        int            `json:"flows"`
+	FlowsByState map[string]int `json:"flows_by_state"`
+	Verdicts     map[string]any `json:"verdicts"`
+	Reloads      map[string]any `json:"reloads"`
+}
+
+// statsInfo is the answer to `tunfw stats`.
+type statsInfo struct {
+	Rules         []filter.RuleStat `json:"rules"`
+	Drops         map[string]uint64 `json:"drops"`
+	Forwarded     uint64            `json:"forwarded"`
+	Replies       uint64            `json:"replies"`
+	BytesIn       uint64            `json:"bytes_in"`
+	BytesOut      uint64            `json:"bytes_out"`
+	FlowsCreated  uint64            `json:"flows_created"`
+	TUNReadErrs   uint64            `json:"tun_read_errors"`
+	TUNWriteErrs  uint64            `json:"tun_write_errors"`
+	ControlRefuse uint64            `json:"control_refused"`
+}
+
+// flowsArgs filters `tunfw flows`.
+type flowsArgs struct {
+	Proto string `json:"proto,omitempty"`
+	Src   string `json:"src,omitempty"` // address or prefix
+	Dst   string `json:"dst,omitempty"`
+	State string `json:"state,omitempty"`
+}
+
+// handle answers a control request.
+func (d *daemon) handle(_ context.Context, req control.Request) control.Response {
+	switch req.Cmd {
+	case "status":
+		cfg := d.config()
+		c := d.eng.Counters()
+		mode := "enforce"
+		if cfg.Rules.Monitor() {
+			mode = "monitor"
+		}
+		return control.OK(statusInfo{
+			Version: versionString(), Uptime: time.Since(d.start).Seconds(), Config: cfg.Source, TUN: d.tun,
+			Mode: mode, Default: cfg.Rules.Default().String(), Rules: cfg.Rules.Len(),
+			Flows: c.FlowsActive, FlowsByState: c.FlowsByState,
+			Verdicts: map[string]any{
+				"forwarded": c.Forwarded, "denied": c.Denied, "rejected": c.Rejected, "monitored": c.Monitored,
+				"flows_created": c.FlowsCreated,
+			},
+			Reloads: map[string]any{"ok": d.reloadsOK.Load(), "failed": d.reloadsFailed.Load()},
+		})
+	case "stats":
+		return control.OK(d.stats())
+	case "flows":
+		var a flowsArgs
+		if len(req.Args) > 0 {
+			if err := json.Unmarshal(req.Args, &a); err != nil {
+				return control.Response{Error: "bad flows arguments: " + err.Error()}
+			}
+		}
+		match, err := a.matcher()
+		if err != nil {
+			return control.Response{Error: err.Error()}
+		}
+		all := d.eng.Flows(d.now())
+		out := all[:0]
+		for _, f := range all {
+			if match(f) {
+				out = append(out, f)
+			}
+		}
+		sort.Slice(out, func(i, j int) bool { return out[i].Age > out[j].Age })
+		return control.OK(out)
+	case "reload":
+		res, err := d.reload()
+		if err != nil {
+			return control.Response{Error: "reload failed; still running on the previous rules", Errors: configErrorList(err)}
+		}
+		return control.OK(res)
+	}
+	return control.Response{Error: fmt.Sprintf("unknown command %q (want status, flows, stats or reload)", req.Cmd)}
+}
+
+func (d *daemon) stats() statsInfo {
+	c := d.eng.Counters()
+	r, w := d.st.TUNErrors()
+	return statsInfo{
+		Rules: d.eng.RuleStats(),
+		Drops: map[string]uint64{
+			"denied": c.Denied, "rejected": c.Rejected, "limit": c.Limit, "malformed": c.Malformed,
+			"fragment": c.Fragment, "no-flow": c.NoFlow, "unsupported": c.Unsupported,
+		},
+		Forwarded: c.Forwarded, Replies: c.Replies, BytesIn: c.BytesIn, BytesOut: c.BytesOut,
+		FlowsCreated: c.FlowsCreated, TUNReadErrs: r, TUNWriteErrs: w, ControlRefuse: d.ctrl.Refused(),
+	}
+}
+
+// matcher compiles the filters of a flows request.
+func (a flowsArgs) matcher() (func(filter.FlowInfo) bool, error) {
+	prefix := func(name, s string) (netip.Prefix, error) {
+		if s == "" {
+			return netip.Prefix{}, nil
+		}
+		if ad, err := netip.ParseAddr(s); err == nil {
+			return netip.PrefixFrom(ad, ad.BitLen()), nil
+		}
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return p, fmt.Errorf("--%s %q is not an address or CIDR", name, s)
+		}
+		return p.Masked(), nil
+	}
+	src, err := prefix("src", a.Src)
+	if err != nil {
+		return nil, err
+	}
+	dst, err := prefix("dst", a.Dst)
+	if err != nil {
+		return nil, err
+	}
+	switch a.Proto {
+	case "", "tcp", "udp", "icmp":
+	default:
+		return nil, fmt.Errorf("--proto %q: want tcp, udp or icmp", a.Proto)
+	}
+	switch a.State {
+	case "", "new", "established", "closing", "closed":
+	default:
+		return nil, fmt.Errorf("--state %q: want new, established, closing or closed", a.State)
+	}
+	return func(f filter.FlowInfo) bool {
+		return (a.Proto == "" || f.Proto == a.Proto) &&
+			(a.State == "" || f.State == a.State) &&
+			(!src.IsValid() || src.Contains(f.Src.Addr())) &&
+			(!dst.IsValid() || dst.Contains(f.Dst.Addr()))
+	}, nil
+}
+
+// newDaemon opens the control socket and the metrics port, before anything
+// touches the network, so a socket or port in use fails the start cleanly.
+func newDaemon(cfg *Config, log *slog.Logger) (*daemon, error) {
+	d := &daemon{log: log, start: time.Now(), cfg: cfg}
+	var err error
+	if d.ctrl, err = control.Listen(cfg.ControlSocket, d.handle, log); err != nil {
+		return nil, err
+	}
+	if cfg.Metrics.Listen != "" {
+		if d.metricsLn, err = metrics.Listen(cfg.Metrics.Listen); err != nil {
+			d.ctrl.Close()
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+// serve starts answering control requests, metrics scrapes and SIGHUP,
+// now that the engine and stack exist.
+func (d *daemon) serve(ctx context.Context, eng *filter.Engine, st *stack.Stack, tunName string) {
+	d.eng, d.st, d.tun = eng, st, tunName
+	go d.ctrl.Serve(ctx)
+	if d.metricsLn != nil {
+		metrics.Serve(ctx, d.metricsLn, metrics.Source{
+			Engine:         eng,
+			Reloads:        func() (uint64, uint64) { return d.reloadsOK.Load(), d.reloadsFailed.Load() },
+			TUNErrors:      st.TUNErrors,
+			ControlRefused: d.ctrl.Refused,
+		}, d.log)
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		defer signal.Stop(hup)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				d.log.Info("SIGHUP: reloading config")
+				d.reload()
+			}
+		}
+	}()
+}
+
+// close removes the control socket and closes the metrics port.
+func (d *daemon) close() {
+	d.ctrl.Close()
+	if d.metricsLn != nil {
+		d.metricsLn.Close()
+	}
+}
