@@ -97,6 +97,9 @@ type EngineOptions struct {
 	MaxFlowsPerSource int
 	// LogRate bounds decision log lines per second; default 100.
 	LogRate int
+	// LocalAddrs are the TUN's own addresses: a packet read from the TUN
+	// that is addressed to one of them is dropped as malformed.
+	LocalAddrs []netip.Addr
 }
 
 // Options returns the engine options that apply l, logging to log.
@@ -171,6 +174,7 @@ type Engine struct {
 	rules  atomic.Pointer[Ruleset]
 	limits atomic.Pointer[EngineLimits]
 	log    *slog.Logger
+	local  []netip.Addr // read-only after NewEngine
 	ctr    [numCtrs]atomic.Uint64
 	logLim logLimiter
 
@@ -183,6 +187,7 @@ type Engine struct {
 func NewEngine(rs *Ruleset, opts EngineOptions) *Engine {
 	e := &Engine{
 		log:    opts.Logger,
+		local:  append([]netip.Addr(nil), opts.LocalAddrs...),
 		flows:  make(map[FlowKey]*flow),
 		perSrc: make(map[netip.Addr]int),
 	}
@@ -293,6 +298,9 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 	if p.Proto == ProtoTCP && !syn {
 		return e.count(Decision{VerdictDrop, NoRule, ReasonNoFlow})
 	}
+	if r := e.badAddresses(p); r != ReasonNone {
+		return e.count(Decision{VerdictDrop, NoRule, r})
+	}
 	if full { // fail fast, before running the rules
 		return e.count(Decision{VerdictReject, NoRule, ReasonLimit})
 	}
@@ -354,6 +362,28 @@ func (e *Engine) removeLocked(k FlowKey) {
 		delete(e.perSrc, a)
 	}
 }
+
+// badAddresses checks the addresses of a new flow's first packet: a source
+// no host sends from is malformed, and so is a packet to one of the TUN's
+// own addresses (it travels the wrong way: the kernel delivers those
+// locally); multicast and broadcast cannot be relayed through a connected
+// socket and are unsupported.
+func (e *Engine) badAddresses(p *Packet) DropReason {
+	if p.Src.IsMulticast() || p.Src.IsUnspecified() || p.Src.IsLoopback() || isBroadcast4(p.Src) {
+		return ReasonMalformed
+	}
+	for _, a := range e.local {
+		if p.Dst == a {
+			return ReasonMalformed
+		}
+	}
+	if p.Dst.IsMulticast() || p.Dst.IsUnspecified() || isBroadcast4(p.Dst) || p.Dst.IsLoopback() {
+		return ReasonUnsupported
+	}
+	return ReasonNone
+}
+
+func isBroadcast4(a netip.Addr) bool { return a.Is4() && a.As4() == [4]byte{255, 255, 255, 255} }
 
 // logFlow writes the one log line of a new-flow decision.
 func (e *Engine) logFlow(rs *Ruleset, act Action, ri int, key FlowKey, monitored bool, now int64) {

@@ -300,19 +300,19 @@ func TestEngineConcurrent(t *testing.T) {
 		go func() {
 			defer func() { done <- struct{}{} }()
 			for i := range 500 {
-				out(e, udp("1.1.1.1", 53, "10.0.0.2", uint16(i%100)), int64(i))
+				out(e, udp("1.1.1.1", 53, "10.0.0.2", uint16(i%100+1)), int64(i))
 				switch g {
 				case 1:
 					e.Expire(int64(i) * sec)
 				case 2:
-					e.Forget(FlowKey{ProtoUDP, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.2"), uint16(i%100)), netip.MustParseAddrPort("1.1.1.1:53")})
+					e.Forget(FlowKey{ProtoUDP, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.2"), uint16(i%100+1)), netip.MustParseAddrPort("1.1.1.1:53")})
 					e.Counters()
 				}
 			}
 		}()
 	}
 	for i := range 2000 {
-		in(e, udp("10.0.0.2", uint16(i%100), "1.1.1.1", 53), int64(i))
+		in(e, udp("10.0.0.2", uint16(i%100+1), "1.1.1.1", 53), int64(i))
 		if i%500 == 0 {
 			e.Swap(mustCompile(t, ""))
 		}

@@ -186,6 +186,13 @@ func ParsePacket(b []byte, p *Packet) error {
 		p.TCPAck = binary.BigEndian.Uint32(l4[8:12])
 		p.TCPFlags = l4[13]
 		p.PayloadLen = len(l4) - doff
+		// SYN with FIN or RST has no meaning; scanners use it to probe.
+		if p.TCPFlags&TCPSyn != 0 && p.TCPFlags&(TCPFin|TCPRst) != 0 {
+			return ErrBadHeader
+		}
+		if p.SrcPort == 0 || p.DstPort == 0 {
+			return ErrBadHeader
+		}
 	case p.Proto == ProtoUDP:
 		if len(l4) < 8 {
 			return ErrTruncated
@@ -193,6 +200,14 @@ func ParsePacket(b []byte, p *Packet) error {
 		p.SrcPort = binary.BigEndian.Uint16(l4[0:2])
 		p.DstPort = binary.BigEndian.Uint16(l4[2:4])
 		p.PayloadLen = len(l4) - 8
+		// The UDP length must agree with the IP length (a lying length
+		// would make the stack read past the datagram or drop its tail).
+		if ul := int(binary.BigEndian.Uint16(l4[4:6])); ul < 8 || ul > len(l4) {
+			return ErrBadHeader
+		}
+		if p.SrcPort == 0 || p.DstPort == 0 {
+			return ErrBadHeader
+		}
 	case p.isICMP():
 		if len(l4) < 4 {
 			return ErrTruncated

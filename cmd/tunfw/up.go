@@ -86,7 +86,11 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	for _, w := range dev.Warnings(cfg.Net, out.IfaceV4, out.IfaceV6) {
 		log.Warn(w)
 	}
-	eng := filter.NewEngine(cfg.Rules, cfg.Limits.Options(log))
+	engOpts := cfg.Limits.Options(log)
+	for _, a := range cfg.Net.Addresses {
+		engOpts.LocalAddrs = append(engOpts.LocalAddrs, a.Addr())
+	}
+	eng := filter.NewEngine(cfg.Rules, engOpts)
 	st, err := stack.New(stack.Options{
 		Device:   dev,
 		MTU:      cfg.Net.MTU,
