@@ -5,7 +5,7 @@ GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: build test vet fmt-check bench-smoke clean install image
+.PHONY: build test vet fuzz bench-smoke clean install image
 
 # `make install` (as root): the binary, the systemd unit and, unless one
 # exists, the example config. DESTDIR stages it elsewhere.
@@ -21,6 +21,14 @@ build:
 test: vet
 	$(GO) test -count=1 -timeout 15m ./...
 	$(GO) test -count=1 -run=NONE -bench=. -benchtime=1x ./...
+	$(MAKE) fuzz
+
+# Each fuzzer runs briefly on top of its corpus in testdata/fuzz (the corpus
+# itself already ran as ordinary tests above).
+FUZZTIME ?= 15s
+fuzz:
+	$(GO) test -run=NONE -fuzz=FuzzParsePacket -fuzztime=$(FUZZTIME) ./filter
+	$(GO) test -run=NONE -fuzz=FuzzParseConfig -fuzztime=$(FUZZTIME) ./cmd/tunfw
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }

@@ -250,6 +250,31 @@ func TestReloadUnderTraffic(t *testing.T) {
 			t.Fatalf("connect before reload: %v", err)
 		}
 	}
+	// A stream of new connections runs through the reload. Each one is
+	// judged by the old rules (connects) or the new ones (refused): none
+	// may hang, and once one was refused, none started later connects.
+	type attempt struct {
+		start, end time.Time
+		err        error
+	}
+	stop := make(chan struct{})
+	attempts := make(chan []attempt, 1)
+	go func() {
+		var as []attempt
+		for {
+			select {
+			case <-stop:
+				attempts <- as
+				return
+			default:
+			}
+			a := attempt{start: time.Now()}
+			a.err = connect()
+			a.end = time.Now()
+			as = append(as, a)
+		}
+	}()
+	time.Sleep(300 * time.Millisecond) // let the stream run before the reload
 	// Reload: 9101 is now rejected.
 	os.WriteFile(cfg, []byte(strings.Replace(readFile(t, cfg), "dst_port = [9100, 9101]", "dst_port = 9100", 1)+`
 [[rule]]
@@ -261,6 +286,31 @@ dst_port = 9101
 	out, errOut, code := ctl(t, cfg, "reload")
 	if code != 0 || !strings.Contains(out, "reloaded: 4 rules") {
 		t.Fatalf("reload: exit %d\n%s%s", code, out, errOut)
+	}
+	time.Sleep(300 * time.Millisecond) // and after it
+	close(stop)
+	as := <-attempts
+	var ok, refused int
+	var firstRefusedEnd time.Time
+	for _, a := range as {
+		switch {
+		case a.err == nil:
+			ok++
+			if !firstRefusedEnd.IsZero() && a.start.After(firstRefusedEnd) {
+				t.Errorf("a connection started after one was refused by the new rules still connected")
+			}
+		case errors.Is(a.err, syscall.ECONNREFUSED):
+			refused++
+			if firstRefusedEnd.IsZero() {
+				firstRefusedEnd = a.end
+			}
+		default:
+			t.Errorf("connection during reload: %v (want connected or refused)", a.err)
+		}
+	}
+	t.Logf("connections during the reload: %d connected (old rules), %d refused (new rules)", ok, refused)
+	if ok == 0 || refused == 0 {
+		t.Errorf("the stream saw %d connects and %d refusals; want both", ok, refused)
 	}
 	if err := connect(); !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Errorf("new connection after reload: %v, want refused by the new rule", err)
@@ -334,10 +384,17 @@ func TestReloadRecheckCutsDeniedFlow(t *testing.T) {
 	if echo(cut) != nil || echo(kept) != nil {
 		t.Fatal("echo before reload failed")
 	}
-	os.WriteFile(cfg, []byte(strings.Replace(readFile(t, cfg), "dst_port = [9100, 9101]", "dst_port = 9100", 1)), 0o600)
+	// The reload also changes the TUN's MTU, which needs a restart: it is
+	// reported, not silently ignored.
+	next := strings.Replace(readFile(t, cfg), "dst_port = [9100, 9101]", "dst_port = 9100", 1)
+	next = strings.Replace(next, "[tun]\n", "[tun]\nmtu = 1400\n", 1)
+	os.WriteFile(cfg, []byte(next), 0o600)
 	out, errOut, code := ctl(t, cfg, "reload")
 	if code != 0 || !strings.Contains(out, "1 flows closed by the new rules") {
 		t.Fatalf("reload: exit %d\n%s%s", code, out, errOut)
+	}
+	if !strings.Contains(out, "warning: MTU changed; it applies only at start: restart tunfw to apply it") {
+		t.Errorf("MTU change not reported:\n%s", out)
 	}
 	if err := echo(cut); !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("flow denied by the new rules: %v, want connection reset", err)
