@@ -5,7 +5,7 @@ GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: build test vet fuzz bench-smoke clean install image
+.PHONY: build test vet fuzz bench bench-smoke clean install image
 
 # `make install` (as root): the binary, the systemd unit and, unless one
 # exists, the example config. DESTDIR stages it elsewhere.
@@ -22,6 +22,7 @@ test: vet
 	$(GO) test -count=1 -timeout 15m ./...
 	$(GO) test -count=1 -run=NONE -bench=. -benchtime=1x ./...
 	$(MAKE) fuzz
+	$(MAKE) bench-smoke
 
 # Each fuzzer runs briefly on top of its corpus in testdata/fuzz (the corpus
 # itself already ran as ordinary tests above).
@@ -33,6 +34,16 @@ fuzz:
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
+
+# End-to-end benchmark (root, /dev/net/tun): tunfw against the kernel's
+# direct veth path, in namespaces it creates; table on stdout, JSON in
+# bench/results/latest.json. About 5 minutes.
+bench:
+	TUNFW_BENCH=full $(GO) test -v -count=1 -timeout 30m -run '^TestBench$$' ./bench/
+
+# Every workload for a second or two, one round: proves the harness works.
+bench-smoke:
+	TUNFW_BENCH=smoke $(GO) test -v -count=1 -timeout 5m -run '^TestBench$$' ./bench/
 
 install: build
 	install -D -m 0755 bin/tunfw $(DESTDIR)$(PREFIX)/bin/tunfw

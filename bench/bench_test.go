@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/internal/netnstest"
+	"github.com/tunfw/tunfw/tun"
 )
 
 // modeCfg is how long and how often each workload runs.
@@ -185,7 +186,7 @@ func TestBench(t *testing.T) {
 	b := &bench{t: t, m: m, res: newResults()}
 	b.res.mode, b.res.rounds = m.name, m.rounds
 	b.bin = buildTunfw(t)
-	mtu := 1500
+	mtu := tun.DefaultMTU // what a user gets without setting it
 	if s := os.Getenv("TUNFW_BENCH_MTU"); s != "" {
 		var err error
 		if mtu, err = strconv.Atoi(s); err != nil {

@@ -23,7 +23,7 @@
 //	TUNFW_BENCH_ONLY    comma-separated workload ids to run (tcp1-c2s,
 //	                    tcp1-s2c, tcp4-c2s, tcp4-s2c, conn-seq, conn-32, rr,
 //	                    udp-c2s, udp-s2c, flows)
-//	TUNFW_BENCH_MTU     TUN MTU of the generated config (default 1500)
+//	TUNFW_BENCH_MTU     TUN MTU of the generated config (default: tunfw's, 65520)
 //	TUNFW_BENCH_LOG_LEVEL  --log-level for tunfw (default: tunfw's, info)
 //	TUNFW_BENCH_CONFIG  use this tunfw config file instead of the generated
 //	                    one; it must route 203.0.113.0/24 into the TUN and

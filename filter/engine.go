@@ -97,6 +97,10 @@ type EngineOptions struct {
 	MaxFlowsPerSource int
 	// LogRate bounds decision log lines per second; default 100.
 	LogRate int
+	// DialTimeout and MaxPendingDials are kept for the stack, which reads
+	// them with Limits; defaults 30s and 1024.
+	DialTimeout     time.Duration
+	MaxPendingDials int
 	// LocalAddrs are the TUN's own addresses: a packet read from the TUN
 	// that is addressed to one of them is dropped as malformed.
 	LocalAddrs []netip.Addr
@@ -108,6 +112,7 @@ func (l EngineLimits) Options(log *slog.Logger) EngineOptions {
 		Logger: log, MaxFlows: l.MaxFlows, MaxFlowsPerSource: l.MaxFlowsPerSource, LogRate: l.LogRate,
 		TCPHandshake: l.TCPHandshake, TCPIdle: l.TCPIdle, TCPClosing: l.TCPClosing,
 		UDPIdle: l.UDPIdle, ICMPIdle: l.ICMPIdle,
+		DialTimeout: l.DialTimeout, MaxPendingDials: l.MaxPendingDials,
 	}
 }
 
@@ -200,6 +205,7 @@ func NewEngine(rs *Ruleset, opts EngineOptions) *Engine {
 			UDPIdle: opts.UDPIdle, ICMPIdle: opts.ICMPIdle,
 		},
 		MaxFlows: opts.MaxFlows, MaxFlowsPerSource: opts.MaxFlowsPerSource, LogRate: opts.LogRate,
+		DialTimeout: opts.DialTimeout, MaxPendingDials: opts.MaxPendingDials,
 	})
 	e.rules.Store(rs)
 	return e
@@ -565,21 +571,25 @@ func (e *Engine) timeout(to *Timeouts, proto uint8, state uint8) int64 {
 
 // Expire removes the flows idle for longer than their state's timeout at
 // monotonic time now (ns) and returns how many it removed.
-func (e *Engine) Expire(now int64) int {
-	n := 0
+func (e *Engine) Expire(now int64) int { return len(e.ExpireKeys(now, nil)) }
+
+// ExpireKeys is Expire returning the removed flows' keys appended to keys,
+// so the caller can close what it still holds for them (a relay whose
+// peer went silent).
+func (e *Engine) ExpireKeys(now int64, keys []FlowKey) []FlowKey {
 	to := &e.limits.Load().Timeouts
 	e.mu.Lock()
 	for k, f := range e.flows {
 		if now-f.last > e.timeout(to, k.Proto, f.state) {
 			e.removeLocked(k)
-			n++
+			keys = append(keys, k)
 		}
 	}
 	e.mu.Unlock()
 	if s := e.logLim.flush(); s > 0 {
 		e.logSuppressed(s)
 	}
-	return n
+	return keys
 }
 
 // Counters returns a snapshot of the counters.

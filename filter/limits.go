@@ -21,12 +21,22 @@ type Limits struct {
 	// LogRate bounds decision log lines per second; past it lines are
 	// counted and summarised instead of written.
 	LogRate int `toml:"log_rate"`
+	// DialTimeout bounds one attempt to reach a TCP destination.
+	DialTimeout string `toml:"dial_timeout"`
+	// MaxPendingDials bounds the TCP connections being set up (destination
+	// dialled, client handshake not complete).
+	MaxPendingDials int `toml:"max_pending_dials"`
 }
 
 // Default limits.
 const (
-	DefaultMaxFlows = 262144
-	DefaultLogRate  = 100
+	DefaultMaxFlows        = 262144
+	DefaultLogRate         = 100
+	DefaultMaxPendingDials = 1024
+	DefaultDialTimeout     = 30 * time.Second
+	// MaxPendingDialsCap is the largest max_pending_dials: the stack's
+	// fixed bound on connection requests in flight.
+	MaxPendingDialsCap = 65536
 )
 
 // DefaultTimeouts returns the idle timeouts used for keys [limits] leaves
@@ -47,13 +57,16 @@ type EngineLimits struct {
 	MaxFlows          int
 	MaxFlowsPerSource int // 0: no per-source bound
 	LogRate           int
+	DialTimeout       time.Duration // one attempt to reach a TCP destination
+	MaxPendingDials   int           // TCP connections being set up
 }
 
 // Validate checks the section and fills in defaults. It reports every
 // problem, each naming its key.
 func (l Limits) Validate() (EngineLimits, error) {
 	var errs []error
-	out := EngineLimits{Timeouts: DefaultTimeouts(), MaxFlows: l.MaxFlows, MaxFlowsPerSource: l.MaxFlowsPerSource, LogRate: l.LogRate}
+	out := EngineLimits{Timeouts: DefaultTimeouts(), MaxFlows: l.MaxFlows, MaxFlowsPerSource: l.MaxFlowsPerSource, LogRate: l.LogRate,
+		DialTimeout: DefaultDialTimeout, MaxPendingDials: l.MaxPendingDials}
 	dur := func(key, s string, d *time.Duration) {
 		if s == "" {
 			return
@@ -70,6 +83,7 @@ func (l Limits) Validate() (EngineLimits, error) {
 	dur("tcp_closing", l.TCPClosing, &out.TCPClosing)
 	dur("udp_idle", l.UDPIdle, &out.UDPIdle)
 	dur("icmp_idle", l.ICMPIdle, &out.ICMPIdle)
+	dur("dial_timeout", l.DialTimeout, &out.DialTimeout)
 	if out.MaxFlows == 0 {
 		out.MaxFlows = DefaultMaxFlows
 	}
@@ -84,6 +98,12 @@ func (l Limits) Validate() (EngineLimits, error) {
 	}
 	if out.LogRate < 0 {
 		errs = append(errs, config.Errorf("limits.log_rate", "%d is negative", l.LogRate))
+	}
+	if out.MaxPendingDials == 0 {
+		out.MaxPendingDials = DefaultMaxPendingDials
+	}
+	if out.MaxPendingDials < 0 || out.MaxPendingDials > MaxPendingDialsCap {
+		errs = append(errs, config.Errorf("limits.max_pending_dials", "%d is not in 1-%d", l.MaxPendingDials, MaxPendingDialsCap))
 	}
 	return out, errors.Join(errs...)
 }
@@ -110,11 +130,18 @@ func (l EngineLimits) withDefaults() EngineLimits {
 	if l.LogRate <= 0 {
 		l.LogRate = DefaultLogRate
 	}
+	if l.DialTimeout <= 0 {
+		l.DialTimeout = DefaultDialTimeout
+	}
+	if l.MaxPendingDials <= 0 {
+		l.MaxPendingDials = DefaultMaxPendingDials
+	}
+	l.MaxPendingDials = min(l.MaxPendingDials, MaxPendingDialsCap)
 	return l
 }
 
 // String summarises the limits for logs.
 func (l EngineLimits) String() string {
-	return fmt.Sprintf("max_flows=%d max_flows_per_source=%d tcp_handshake=%v tcp_idle=%v tcp_closing=%v udp_idle=%v icmp_idle=%v log_rate=%d/s",
-		l.MaxFlows, l.MaxFlowsPerSource, l.TCPHandshake, l.TCPIdle, l.TCPClosing, l.UDPIdle, l.ICMPIdle, l.LogRate)
+	return fmt.Sprintf("max_flows=%d max_flows_per_source=%d tcp_handshake=%v tcp_idle=%v tcp_closing=%v udp_idle=%v icmp_idle=%v log_rate=%d/s dial_timeout=%v max_pending_dials=%d",
+		l.MaxFlows, l.MaxFlowsPerSource, l.TCPHandshake, l.TCPIdle, l.TCPClosing, l.UDPIdle, l.ICMPIdle, l.LogRate, l.DialTimeout, l.MaxPendingDials)
 }

@@ -23,9 +23,10 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 )
 
-// maxInFlightDials bounds TCP handshakes waiting for their real destination;
-// SYNs past it are dropped (the client retries).
-const maxInFlightDials = 1024
+// maxInFlightDials is gVisor's own bound on TCP connection requests in
+// flight; the configured [limits] max_pending_dials (at most this) is
+// enforced in handleTCP, so that a reload can change it.
+const maxInFlightDials = filter.MaxPendingDialsCap
 
 // relayBufSize is the size of each relay copy buffer.
 const relayBufSize = 32 << 10
@@ -83,7 +84,30 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	src := netip.AddrPortFrom(addrFromTCPIP(id.RemoteAddress), id.RemotePort)
 	key := filter.FlowKey{Proto: uint8(header.TCPProtocolNumber), Src: src, Dst: dst}
 	defer s.recoverFlow(key)
-	ctx, cancel := context.WithTimeout(s.ctx, s.dialTimeout)
+	// A connection is pending from its SYN until the client completed its
+	// handshake: past max_pending_dials the SYN is dropped and counted
+	// as a limit drop (the client retries), so a SYN flood holds a
+	// bounded number of goroutines and real sockets.
+	lim := s.eng.Limits()
+	if s.pendingDials.Add(1) > int64(lim.MaxPendingDials) {
+		s.pendingDials.Add(-1)
+		s.eng.Count(filter.ReasonLimit)
+		r.Complete(false)
+		return
+	}
+	pending := true
+	release := func() {
+		if pending {
+			pending = false
+			s.pendingDials.Add(-1)
+		}
+	}
+	defer release()
+	timeout := s.dialTimeout
+	if timeout == 0 {
+		timeout = lim.DialTimeout
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, timeout)
 	up, err := s.dialer.net.DialContext(ctx, "tcp", dst.String())
 	cancel()
 	if err != nil {
@@ -95,16 +119,30 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		s.log.Debug("dial failed", "proto", "tcp", "src", src, "dst", dst, "refused", refused, "err", err)
 		return
 	}
+	// gVisor waits for the client's handshake for up to about two minutes
+	// of SYN-ACK retransmissions (a spoofed SYN never completes): the
+	// real connection is not held open that long.
+	holdUp := time.AfterFunc(timeout, func() { up.Close() })
 	var wq waiter.Queue
 	ep, terr := r.CreateEndpoint(&wq)
 	if terr != nil {
 		// The client gave up meanwhile, or its SYN was bad.
+		holdUp.Stop()
 		r.Complete(true)
 		up.Close()
 		s.log.Debug("create endpoint", "src", src, "dst", dst, "err", terr)
 		return
 	}
+	if !holdUp.Stop() {
+		// The client completed its handshake after the real
+		// connection was given up: it gets a RST.
+		r.Complete(false)
+		ep.Abort()
+		s.log.Debug("client handshake too slow", "src", src, "dst", dst, "timeout", timeout)
+		return
+	}
 	r.Complete(false)
+	release()
 	ep.SocketOptions().SetDelayOption(false)
 	client := gonet.NewTCPConn(&wq, ep)
 	upc := up.(*net.TCPConn)

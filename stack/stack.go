@@ -23,6 +23,7 @@ import (
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/qdisc/fifo"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
@@ -31,6 +32,13 @@ import (
 )
 
 const nicID tcpip.NICID = 1
+
+const (
+	// maxIPPacket is the largest IP packet (IPv4 total length).
+	maxIPPacket = 65535
+	// qdiscLen is how many outbound packets may wait for the device.
+	qdiscLen = 1024
+)
 
 // Options configures a Stack.
 type Options struct {
@@ -46,7 +54,8 @@ type Options struct {
 	Logger *slog.Logger
 	// DialTimeout bounds one attempt to reach a TCP destination. When it
 	// expires the client is told nothing; its next SYN retransmission
-	// starts a new attempt. Zero means 30s.
+	// starts a new attempt. Zero means the engine's limits (dial_timeout),
+	// read at each attempt so that a reload changes it.
 	DialTimeout time.Duration
 }
 
@@ -63,7 +72,11 @@ type Stack struct {
 	ping   *pinger
 	epoch  time.Time
 
-	dialTimeout time.Duration
+	dialTimeout time.Duration // 0: the engine's limits
+
+	// pendingDials counts TCP connections between SYN and the client's
+	// completed handshake (max_pending_dials).
+	pendingDials atomic.Int64
 
 	// writeErrors and readErrors count failed TUN operations; panics counts
 	// flow handlers that panicked (see recoverFlow).
@@ -87,9 +100,6 @@ type Stack struct {
 // New builds the gVisor stack and its forwarders. Nothing is read from the
 // device until Run.
 func New(o Options) (*Stack, error) {
-	if o.DialTimeout == 0 {
-		o.DialTimeout = 30 * time.Second
-	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Stack{
 		dev:         o.Device,
@@ -104,7 +114,10 @@ func New(o Options) (*Stack, error) {
 		cancel:      cancel,
 	}
 	s.bufPool.New = func() any {
-		b := make([]byte, tunOffset+o.MTU)
+		// Room for a whole 64 KiB packet: the device coalesces TCP
+		// segments of one flow into the buffer of the first (GRO), so a
+		// batch reaches the kernel in a few writes.
+		b := make([]byte, tunOffset+maxIPPacket)
 		return &b
 	}
 	s.ep = &linkEndpoint{mtu: uint32(o.MTU), write: s.writeStackPackets}
@@ -128,7 +141,11 @@ func New(o Options) (*Stack, error) {
 }
 
 func (s *Stack) setup() error {
-	if err := s.ns.CreateNIC(nicID, s.ep); err != nil {
+	// The FIFO queue batches the stack's outbound packets: its dispatcher
+	// hands WritePackets up to 47 at a time, which become one Write call to
+	// the device, which coalesces TCP segments before writing.
+	qd := fifo.New(s.ep, 1, qdiscLen)
+	if err := s.ns.CreateNICWithOptions(nicID, s.ep, stack.NICOptions{QDisc: qd}); err != nil {
 		return fmt.Errorf("create NIC: %s", err)
 	}
 	// Promiscuous + spoofing: the stack accepts packets for any destination
@@ -147,6 +164,19 @@ func (s *Stack) setup() error {
 	sack := tcpip.TCPSACKEnabled(true)
 	if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &sack); err != nil {
 		return fmt.Errorf("enable SACK: %s", err)
+	}
+	// No TIME_WAIT: when the destination closes first, the stack is the
+	// active closer, and gVisor hands a new SYN for a tuple in TIME_WAIT
+	// only to a listening endpoint, which a forwarder has none of. A client
+	// reusing its port (it closed passively, so its kernel sees the port
+	// free) would hang for a minute, and every closed connection would hold
+	// an endpoint as long. TIME_WAIT guards against old segments of a
+	// connection crossing a network; across the TUN there are none, and a
+	// retransmitted FIN after it is answered with a RST, which ends the
+	// client's LAST_ACK as well.
+	tw := tcpip.TCPTimeWaitTimeoutOption(0)
+	if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &tw); err != nil {
+		return fmt.Errorf("set TIME_WAIT timeout: %s", err)
 	}
 	tcpFwd := tcp.NewForwarder(s.ns, 0, maxInFlightDials, s.handleTCP)
 	s.ns.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
@@ -231,6 +261,7 @@ func (s *Stack) expireLoop(ctx context.Context) {
 	defer s.wg.Done()
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	var expired []filter.FlowKey
 	for {
 		select {
 		case <-ctx.Done():
@@ -239,7 +270,13 @@ func (s *Stack) expireLoop(ctx context.Context) {
 			return
 		case <-t.C:
 			now := s.now()
-			s.eng.Expire(now)
+			// A flow that timed out in the table (a peer went
+			// silent, e.g. a destination that never answers a
+			// FIN) has its relay closed too, so its sockets and
+			// goroutines do not outlive it.
+			if expired = s.eng.ExpireKeys(now, expired[:0]); len(expired) > 0 {
+				s.CloseFlows(expired)
+			}
 			if s.ping != nil {
 				s.ping.expire(now)
 			}

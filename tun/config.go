@@ -53,7 +53,8 @@ type RouteConfig struct {
 // Defaults used for keys the file leaves out.
 const (
 	DefaultName = "tunfw0"
-	DefaultMTU  = 1500
+	// DefaultMTU is large because the TUN is a local link: see config.toml.
+	DefaultMTU = 65520
 	// MinMTU is IPv6's minimum link MTU; below it the v6 half cannot work.
 	MinMTU = 1280
 	MaxMTU = 65535
