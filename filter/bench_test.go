@@ -57,9 +57,16 @@ func nthNet(i int) string {
 	return fmt.Sprintf("%d.%d.%d.0/24", a>>24, a>>16&0xff, a>>8&0xff)
 }
 
-// BenchmarkNewFlowDecision measures the rule evaluation of a new flow that
-// falls through every rule to the default: the worst case of the linear
-// walk over rules, and of the binary search in a 100000-CIDR set.
+// BenchmarkNewFlowDecision measures the rule evaluation of a new flow with
+// n rules "tcp, dst nthNet(i), dst_port 80 or 8000-8080":
+//   - miss-port: falls through every rule on its port (443), the worst case
+//     of the old linear walk over rules;
+//   - miss-addr: port 80, so every rule's port and proto match, and a
+//     destination in the gap after nthNet(n/2): only the address rules it
+//     out; the worst case for an index;
+//   - late-match: matches the last rule only.
+//
+// set=100000cidrs times the binary search in a 100000-CIDR set.
 func BenchmarkNewFlowDecision(b *testing.B) {
 	p, _ := parsed(tcp("10.0.0.2", 40000, "1.1.1.1", 443, TCPSyn))
 	for _, n := range []int{10, 1000, 100000} {
@@ -72,7 +79,14 @@ func BenchmarkNewFlowDecision(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			benchMatch(b, rs, p, -1)
+			b.Run("miss-port", func(b *testing.B) { benchMatch(b, rs, p, -1) })
+			gap := netip.MustParsePrefix(nthNet(n / 2)).Addr().As4()
+			gap[2]++ // the /24 after nthNet(n/2), in no rule
+			miss, _ := parsed(tcp("10.0.0.2", 40000, netip.AddrFrom4(gap).String(), 80, TCPSyn))
+			b.Run("miss-addr", func(b *testing.B) { benchMatch(b, rs, miss, -1) })
+			last := netip.MustParsePrefix(nthNet(n - 1)).Addr().Next()
+			late, _ := parsed(tcp("10.0.0.2", 40000, last.String(), 8080, TCPSyn))
+			b.Run("late-match", func(b *testing.B) { benchMatch(b, rs, late, n-1) })
 		})
 	}
 	b.Run("set=100000cidrs", func(b *testing.B) {

@@ -136,6 +136,7 @@ func Compile(opts Options, sets map[string]any, rules []RuleConfig) (*Ruleset, e
 	if len(c.errs) > 0 {
 		return nil, errors.Join(c.errs...)
 	}
+	rs.buildIndex()
 	rs.initStats()
 	return rs, nil
 }

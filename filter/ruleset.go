@@ -77,6 +77,7 @@ type Ruleset struct {
 	// stats has one entry per rule plus the default's, last. Counters are
 	// shared with the previous ruleset for rules of the same name.
 	stats []*ruleCounters
+	idx   ruleIndex // built by buildIndex; Match uses it (index.go)
 }
 
 // rule is one compiled [[rule]]. Absent keys are "any" sets.
@@ -202,24 +203,29 @@ func protoClass(p *Packet) uint8 {
 	return protoOther
 }
 
-// Match returns the action of the first rule matching p and its index, or
-// the default action and -1 when no rule matches. It does not allocate.
-func (rs *Ruleset) Match(p *Packet) (a Action, rule int) {
+// matchLinear is Match without the index: the rules in order, first match
+// wins. It is the reference the index must agree with (and the path for
+// packets whose source and destination families differ, which ParsePacket
+// never produces).
+func (rs *Ruleset) matchLinear(p *Packet) (a Action, rule int) {
 	class := protoClass(p)
 	for i := range rs.rules {
-		r := &rs.rules[i]
-		// Cheapest checks first: the proto bitmask, then ports, then the
-		// address binary searches.
-		if r.protos&class == 0 ||
-			!r.dstPort.contains(p.DstPort) ||
-			!r.srcPort.contains(p.SrcPort) ||
-			!r.dst.contains(p.Dst) ||
-			!r.src.contains(p.Src) {
-			continue
+		if r := &rs.rules[i]; r.matches(p, class) {
+			return r.action, i
 		}
-		return r.action, i
 	}
 	return rs.def, -1
+}
+
+// matches reports whether r matches p, whose protoClass is class.
+func (r *rule) matches(p *Packet, class uint8) bool {
+	// Cheapest checks first: the proto bitmask, then ports, then the
+	// address binary searches.
+	return r.protos&class != 0 &&
+		r.dstPort.contains(p.DstPort) &&
+		r.srcPort.contains(p.SrcPort) &&
+		r.dst.contains(p.Dst) &&
+		r.src.contains(p.Src)
 }
 
 // NoRule is the Decision.Rule of decisions that no rule took (unknown
