@@ -215,11 +215,14 @@ func Call(path string, req Request, timeout time.Duration) (Response, error) {
 	if err != nil {
 		return Response{}, err
 	}
-	if _, err := c.Write(append(b, '\n')); err != nil {
-		return Response{}, fmt.Errorf("send request: %w", err)
-	}
+	_, werr := c.Write(append(b, '\n'))
+	// Even if the write failed, read: a server refusing the peer answers
+	// and closes before reading the request, and its answer says why.
 	var resp Response
 	if err := json.NewDecoder(c).Decode(&resp); err != nil {
+		if werr != nil {
+			return Response{}, fmt.Errorf("send request: %w", werr)
+		}
 		return Response{}, fmt.Errorf("read response: %w", err)
 	}
 	return resp, nil

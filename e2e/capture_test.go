@@ -362,42 +362,30 @@ func testHostDNS(t *testing.T, topo *netnstest.Topology, fw *tunfwProc) {
 // startDNS answers every A query with answer (and other types with no
 // data): just enough of DNS for a stub resolver.
 func startDNS(t *testing.T, ns *netnstest.NS, at netip.AddrPort, answer netip.Addr) {
-	pc, err := ns.ListenPacket("udp", at.String())
-	if err != nil {
-		t.Fatalf("listen udp %s: %v", at, err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			q := buf[:n]
-			if n < 12 {
-				continue
-			}
-			i := 12
-			for i < n && q[i] != 0 {
-				i += int(q[i]) + 1
-			}
-			if i+5 > n {
-				continue
-			}
-			qtype := int(q[i+1])<<8 | int(q[i+2])
-			end := i + 5
-			resp := append([]byte{}, q[:end]...)
-			resp[2], resp[3] = 0x81, 0x80 // response, recursion desired+available
-			resp[6], resp[7], resp[8], resp[9], resp[10], resp[11] = 0, 0, 0, 0, 0, 0
-			if qtype == 1 {
-				resp[7] = 1
-				a := answer.As4()
-				resp = append(resp, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, a[0], a[1], a[2], a[3])
-			}
-			pc.WriteTo(resp, from)
+	serveUDP(t, ns, at, func(q []byte) []byte {
+		n := len(q)
+		if n < 12 {
+			return nil
 		}
-	}()
+		i := 12
+		for i < n && q[i] != 0 {
+			i += int(q[i]) + 1
+		}
+		if i+5 > n {
+			return nil
+		}
+		qtype := int(q[i+1])<<8 | int(q[i+2])
+		end := i + 5
+		resp := append([]byte{}, q[:end]...)
+		resp[2], resp[3] = 0x81, 0x80 // response, recursion desired+available
+		resp[6], resp[7], resp[8], resp[9], resp[10], resp[11] = 0, 0, 0, 0, 0, 0
+		if qtype == 1 {
+			resp[7] = 1
+			a := answer.As4()
+			resp = append(resp, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, a[0], a[1], a[2], a[3])
+		}
+		return resp
+	})
 }
 
 func TestCaptureTeardown(t *testing.T) {

@@ -135,6 +135,13 @@ func startTCPEcho(t *testing.T, ns *netnstest.NS, at netip.AddrPort) {
 // startUDPEcho binds the service address itself, so replies leave from the
 // address the client sent to.
 func startUDPEcho(t *testing.T, ns *netnstest.NS, at netip.AddrPort) {
+	serveUDP(t, ns, at, func(q []byte) []byte { return q })
+}
+
+// serveUDP answers each datagram received at at with reply(datagram); a
+// nil reply sends nothing. It binds at itself, so replies leave from the
+// address the client sent to.
+func serveUDP(t *testing.T, ns *netnstest.NS, at netip.AddrPort, reply func(q []byte) []byte) {
 	pc, err := ns.ListenPacket("udp", at.String())
 	if err != nil {
 		t.Fatalf("listen udp %s: %v", at, err)
@@ -147,7 +154,9 @@ func startUDPEcho(t *testing.T, ns *netnstest.NS, at netip.AddrPort) {
 			if err != nil {
 				return
 			}
-			pc.WriteTo(buf[:n], from)
+			if r := reply(buf[:n]); r != nil {
+				pc.WriteTo(r, from)
+			}
 		}
 	}()
 }

@@ -365,12 +365,24 @@ const (
 	tcpTimeWait    = 6
 )
 
-// tunfwSockets counts, by TCP state, the sockets of tunfw's network
-// namespace (the host's) whose local address is local4 or local6 (tunfw's
-// outbound address: the test's own clients use the TUN's), and whose remote
-// end is remote if that is valid.
+// tunfwSockets counts, by TCP state, the sockets tunfw holds (their inode is
+// one of its file descriptors: /proc/PID/net lists the whole namespace, the
+// test's own client sockets included) whose local address is local4 or
+// local6 (tunfw's outbound address), and whose remote end is remote if that
+// is valid.
 func tunfwSockets(t *testing.T, pid int, local4, local6 netip.Addr, remote netip.AddrPort) map[int]int {
 	states := map[int]int{}
+	owned, seen := map[string]bool{}, map[string]bool{}
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Errorf("list tunfw's file descriptors: %v", err)
+		return states
+	}
+	for _, e := range ents {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name())); err == nil && strings.HasPrefix(l, "socket:[") {
+			owned[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] = true
+		}
+	}
 	for _, f := range []string{"tcp", "tcp6"} {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, f))
 		if err != nil {
@@ -389,6 +401,12 @@ func tunfwSockets(t *testing.T, pid int, local4, local6 netip.Addr, remote netip
 			if remote.IsValid() && ra != remote {
 				continue
 			}
+			// /proc/net/tcp is read in chunks while sockets come and
+			// go, so one socket can be listed twice: count inodes.
+			if len(fs) < 10 || !owned[fs[9]] || seen[fs[9]] {
+				continue
+			}
+			seen[fs[9]] = true
 			st, _ := strconv.ParseInt(fs[3], 16, 32)
 			states[int(st)]++
 		}
