@@ -158,7 +158,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	defer s.wg.Done()
 	s.track(key, abort)
 	defer s.endFlow(key, abort)
-	relayTCP(client, upc, abort)
+	relayTCP(client, &wq, ep, upc, abort)
 }
 
 // halfCloser is a stream that can close its write side alone.
@@ -170,25 +170,80 @@ type halfCloser interface {
 // relayTCP copies both ways until both directions ended. EOF in one direction
 // is passed on as a half close (FIN); an error (a reset) aborts both sides
 // with a RST, so each peer sees the outcome the other one caused.
-func relayTCP(client *gonet.TCPConn, up *net.TCPConn, abort func()) {
+//
+// A direction holds a copy buffer only while data moves: it waits for its
+// source to be readable first, so an idle connection costs no buffers.
+func relayTCP(client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn, abort func()) {
+	upRaw, err := up.SyscallConn()
+	if err != nil {
+		abort()
+		return
+	}
 	var wg sync.WaitGroup
 	wg.Add(2)
-	pipe := func(dst, src halfCloser) {
+	pipe := func(dst, src halfCloser, readable func() error) {
 		defer wg.Done()
-		bp := relayBufs.Get().(*[]byte)
-		_, err := io.CopyBuffer(dst, src, *bp)
-		relayBufs.Put(bp)
-		if err != nil {
-			abort()
-			return
+		for {
+			if err := readable(); err != nil {
+				abort()
+				return
+			}
+			bp := relayBufs.Get().(*[]byte)
+			n, rerr := src.Read(*bp)
+			var werr error
+			if n > 0 {
+				_, werr = dst.Write((*bp)[:n])
+			}
+			relayBufs.Put(bp)
+			switch {
+			case werr != nil:
+				abort()
+				return
+			case rerr == io.EOF:
+				dst.CloseWrite()
+				return
+			case rerr != nil:
+				abort()
+				return
+			}
 		}
-		dst.CloseWrite()
 	}
-	go pipe(up, client)
-	pipe(client, up)
+	go pipe(up, client, func() error { return waitEndpointReadable(wq, ep) })
+	pipe(client, up, func() error { return waitSocketReadable(upRaw) })
 	wg.Wait()
 	up.Close()
 	client.Close()
+}
+
+// waitEndpointReadable blocks until the gVisor endpoint has data, EOF or an
+// error to read.
+func waitEndpointReadable(wq *waiter.Queue, ep tcpip.Endpoint) error {
+	if ep.Readiness(waiter.ReadableEvents) != 0 {
+		return nil
+	}
+	we, ch := waiter.NewChannelEntry(waiter.ReadableEvents)
+	wq.EventRegister(&we)
+	defer wq.EventUnregister(&we)
+	for ep.Readiness(waiter.ReadableEvents) == 0 {
+		<-ch
+	}
+	return nil
+}
+
+// waitSocketReadable blocks until the kernel socket has data, EOF or an
+// error to read, without reading data: a one-byte MSG_PEEK tells. A pending
+// socket error (a reset) is consumed by the peek, so it is returned here.
+func waitSocketReadable(rc syscall.RawConn) error {
+	var peek [1]byte
+	var perr error
+	err := rc.Read(func(fd uintptr) bool {
+		_, _, perr = unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return perr != unix.EAGAIN && perr != unix.EINTR
+	})
+	if err != nil {
+		return err
+	}
+	return perr
 }
 
 var relayBufs = sync.Pool{New: func() any {
