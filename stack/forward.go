@@ -319,8 +319,13 @@ func (s *Stack) relayUDP(client *gonet.UDPConn, src, dst netip.AddrPort) {
 				return
 			}
 			last.Store(time.Now().UnixNano())
-			if _, err := dst.Write(buf[:n]); err != nil && !isRefused(err) {
+			// UDP is lossy: a datagram that finds a full queue
+			// (ENOBUFS from the kernel, a full qdisc in the stack) is
+			// dropped and the flow goes on. Only a closed side ends it.
+			if _, err := dst.Write(buf[:n]); err != nil && errors.Is(err, net.ErrClosed) {
 				return
+			} else if err != nil && !isRefused(err) {
+				s.udpWriteDrops.Add(1)
 			}
 		}
 	}

@@ -81,6 +81,8 @@ type Stack struct {
 	// writeErrors and readErrors count failed TUN operations; panics counts
 	// flow handlers that panicked (see recoverFlow).
 	writeErrors, readErrors, panics atomic.Uint64
+	// udpWriteDrops counts relayed datagrams dropped on a full queue.
+	udpWriteDrops atomic.Uint64
 
 	// conns holds how to close each relayed flow (CloseFlows).
 	connMu sync.Mutex
@@ -341,6 +343,10 @@ func (s *Stack) Close() {
 
 // TUNErrors returns how many reads and writes of the TUN failed.
 func (s *Stack) TUNErrors() (read, write uint64) { return s.readErrors.Load(), s.writeErrors.Load() }
+
+// UDPWriteDrops returns how many relayed UDP datagrams were dropped because
+// a queue on the way was full.
+func (s *Stack) UDPWriteDrops() uint64 { return s.udpWriteDrops.Load() }
 
 // Panics returns how many flow handlers panicked and were recovered.
 func (s *Stack) Panics() uint64 { return s.panics.Load() }

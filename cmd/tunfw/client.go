@@ -192,5 +192,6 @@ func printStats(w io.Writer, data []byte) int {
 		fmt.Fprintf(w, "%s %s %d", sep, r, s.Drops[r])
 	}
 	fmt.Fprintf(w, "\ntun errors: read %d, write %d; control requests refused %d\n", s.TUNReadErrs, s.TUNWriteErrs, s.ControlRefuse)
+	fmt.Fprintf(w, "relayed UDP datagrams dropped on a full queue %d; flow handlers recovered from a panic %d\n", s.UDPQueueDrops, s.FlowPanics)
 	return 0
 }

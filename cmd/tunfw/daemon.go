@@ -158,6 +158,8 @@ type statsInfo struct {
 	TUNReadErrs   uint64            `json:"tun_read_errors"`
 	TUNWriteErrs  uint64            `json:"tun_write_errors"`
 	ControlRefuse uint64            `json:"control_refused"`
+	UDPQueueDrops uint64            `json:"udp_queue_drops"`
+	FlowPanics    uint64            `json:"flow_panics"`
 }
 
 // flowsArgs filters `tunfw flows`.
@@ -231,6 +233,7 @@ func (d *daemon) stats() statsInfo {
 		},
 		Forwarded: c.Forwarded, Replies: c.Replies, BytesIn: c.BytesIn, BytesOut: c.BytesOut,
 		FlowsCreated: c.FlowsCreated, TUNReadErrs: r, TUNWriteErrs: w, ControlRefuse: d.ctrl.Refused(),
+		UDPQueueDrops: d.st.UDPWriteDrops(), FlowPanics: d.st.Panics(),
 	}
 }
 
