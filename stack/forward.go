@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"runtime/debug"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -19,7 +18,6 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
-	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
 )
 
@@ -250,89 +248,6 @@ var relayBufs = sync.Pool{New: func() any {
 	b := make([]byte, relayBufSize)
 	return &b
 }}
-
-// handleUDP is called by gVisor's forwarder for the first datagram of each
-// 4-tuple the filter allowed. It must not block.
-func (s *Stack) handleUDP(r *udp.ForwarderRequest) bool {
-	id := r.ID()
-	dst := netip.AddrPortFrom(addrFromTCPIP(id.LocalAddress), id.LocalPort)
-	src := netip.AddrPortFrom(addrFromTCPIP(id.RemoteAddress), id.RemotePort)
-	var wq waiter.Queue
-	ep, terr := r.CreateEndpoint(&wq)
-	if terr != nil {
-		s.log.Debug("create UDP endpoint", "src", src, "dst", dst, "err", terr)
-		return true // handled: dropped, no ICMP from gVisor
-	}
-	client := gonet.NewUDPConn(&wq, ep)
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		defer s.recoverFlow(filter.FlowKey{Proto: uint8(header.UDPProtocolNumber), Src: src, Dst: dst})
-		s.relayUDP(client, src, dst)
-	}()
-	return true
-}
-
-// relayUDP relays one UDP flow through a connected socket until it has been
-// idle for the engine's UDP timeout. The connected socket makes the kernel
-// drop datagrams from any other source, so replies reach the client only
-// from the address and port it sent to.
-func (s *Stack) relayUDP(client *gonet.UDPConn, src, dst netip.AddrPort) {
-	defer client.Close()
-	key := filter.FlowKey{Proto: uint8(header.UDPProtocolNumber), Src: src, Dst: dst}
-	defer s.eng.Forget(key)
-	network := "udp4"
-	if dst.Addr().Is6() {
-		network = "udp6"
-	}
-	up, err := s.dialer.net.DialContext(s.ctx, network, dst.String())
-	if err != nil {
-		s.log.Debug("dial failed", "proto", "udp", "src", src, "dst", dst, "err", err)
-		return
-	}
-	defer up.Close()
-	idle := s.eng.Timeouts().UDPIdle
-	var last atomic.Int64
-	last.Store(time.Now().UnixNano())
-	done := make(chan struct{})
-	var once sync.Once
-	stop := func() { once.Do(func() { close(done); client.Close(); up.Close() }) }
-	s.track(key, stop)
-	defer s.endFlow(key, stop)
-	pipe := func(dst, src net.Conn) {
-		defer stop()
-		buf := make([]byte, s.mtu)
-		for {
-			src.SetReadDeadline(time.Unix(0, last.Load()).Add(idle))
-			n, err := src.Read(buf)
-			if err != nil {
-				var ne net.Error
-				if errors.As(err, &ne) && ne.Timeout() && time.Since(time.Unix(0, last.Load())) < idle {
-					continue // the other direction was active
-				}
-				if isRefused(err) {
-					// The destination answered "port unreachable"
-					// to an earlier datagram; keep relaying, a
-					// server may come up.
-					continue
-				}
-				return
-			}
-			last.Store(time.Now().UnixNano())
-			// UDP is lossy: a datagram that finds a full queue
-			// (ENOBUFS from the kernel, a full qdisc in the stack) is
-			// dropped and the flow goes on. Only a closed side ends it.
-			if _, err := dst.Write(buf[:n]); err != nil && errors.Is(err, net.ErrClosed) {
-				return
-			} else if err != nil && !isRefused(err) {
-				s.udpWriteDrops.Add(1)
-			}
-		}
-	}
-	go pipe(up, client)
-	pipe(client, up)
-	<-done
-}
 
 // recoverFlow, deferred by a flow's handler before its relay exists, turns
 // a panic into the end of that flow alone: it is logged with its stack and

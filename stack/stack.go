@@ -28,7 +28,6 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
-	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 )
 
 const nicID tcpip.NICID = 1
@@ -88,6 +87,10 @@ type Stack struct {
 	connMu sync.Mutex
 	conns  map[filter.FlowKey]func()
 
+	// udpFlows are the UDP flows being relayed (udp.go).
+	udpMu    sync.Mutex
+	udpFlows map[filter.FlowKey]*udpFlow
+
 	// writeMu serialises writes to the device so batches are not interleaved
 	// and the scratch slices below can be reused.
 	writeMu   sync.Mutex
@@ -112,6 +115,7 @@ func New(o Options) (*Stack, error) {
 		epoch:       time.Now(),
 		dialTimeout: o.DialTimeout,
 		conns:       make(map[filter.FlowKey]func()),
+		udpFlows:    make(map[filter.FlowKey]*udpFlow),
 		ctx:         ctx,
 		cancel:      cancel,
 	}
@@ -125,7 +129,7 @@ func New(o Options) (*Stack, error) {
 	s.ep = &linkEndpoint{mtu: uint32(o.MTU), write: s.writeStackPackets}
 	s.ns = stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
 	})
 	if err := s.setup(); err != nil {
 		s.ns.Close()
@@ -182,8 +186,6 @@ func (s *Stack) setup() error {
 	}
 	tcpFwd := tcp.NewForwarder(s.ns, 0, maxInFlightDials, s.handleTCP)
 	s.ns.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
-	udpFwd := udp.NewForwarder(s.ns, s.handleUDP)
-	s.ns.SetTransportProtocolHandler(udp.ProtocolNumber, udpFwd.HandlePacket)
 	return nil
 }
 
@@ -249,6 +251,8 @@ func (s *Stack) inbound(pkt []byte, p *filter.Packet, now int64, reject []byte) 
 			if s.ping != nil {
 				s.ping.send(p, pkt)
 			}
+		case uint8(header.UDPProtocolNumber):
+			s.forwardUDP(p, pkt, now)
 		default:
 			s.ep.deliver(pkt[:p.Len], p.Version == 6)
 		}
@@ -338,6 +342,11 @@ func (s *Stack) Close() {
 	}
 	s.ns.Close()
 	s.ns.Wait()
+	s.udpMu.Lock()
+	for _, f := range s.udpFlows {
+		f.conn.Close()
+	}
+	s.udpMu.Unlock()
 	s.wg.Wait()
 }
 

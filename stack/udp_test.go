@@ -1,0 +1,49 @@
+package stack
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/tunfw/tunfw/filter"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+)
+
+// TestBuildUDPReply checks the packets the UDP relay writes to the TUN: they
+// parse, come from the flow's destination to its client, and their IP and
+// UDP checksums verify, in both families.
+func TestBuildUDPReply(t *testing.T) {
+	for _, k := range []filter.FlowKey{
+		{Proto: filter.ProtoUDP, Src: netip.MustParseAddrPort("198.18.0.1:40000"), Dst: netip.MustParseAddrPort("203.0.113.10:53")},
+		{Proto: filter.ProtoUDP, Src: netip.MustParseAddrPort("[fd54::1]:40000"), Dst: netip.MustParseAddrPort("[2001:db8::10]:443")},
+	} {
+		payload := []byte("a reply of some length, odd: 37 bytes")
+		ipLen := header.IPv4MinimumSize
+		if k.Dst.Addr().Is6() {
+			ipLen = header.IPv6MinimumSize
+		}
+		pkt := make([]byte, ipLen+header.UDPMinimumSize+len(payload))
+		copy(pkt[ipLen+header.UDPMinimumSize:], payload)
+		desc := buildUDPReply(pkt, k)
+
+		var p filter.Packet
+		if err := filter.ParsePacket(pkt, &p); err != nil {
+			t.Fatalf("%v: reply does not parse: %v", k, err)
+		}
+		if p != desc {
+			t.Errorf("%v: described as %+v, parses as %+v", k, desc, p)
+		}
+		if p.Src != k.Dst.Addr() || p.SrcPort != k.Dst.Port() || p.Dst != k.Src.Addr() || p.DstPort != k.Src.Port() || p.PayloadLen != len(payload) {
+			t.Errorf("%v: reply %+v", k, p)
+		}
+		src, dst := tcpipAddr(p.Src), tcpipAddr(p.Dst)
+		if k.Dst.Addr().Is4() && !header.IPv4(pkt).IsChecksumValid() {
+			t.Errorf("%v: bad IPv4 header checksum", k)
+		}
+		udp := header.UDP(pkt[ipLen:])
+		xsum := header.PseudoHeaderChecksum(header.UDPProtocolNumber, src, dst, uint16(len(udp)))
+		if got := checksum.Checksum(udp, xsum); got != 0xffff {
+			t.Errorf("%v: UDP checksum does not verify (sum %#x)", k, got)
+		}
+	}
+}
