@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tunfw/tunfw/control"
 	"github.com/tunfw/tunfw/internal/netnstest"
 )
 
@@ -92,6 +94,11 @@ func TestEmbeddedDefaultConfig(t *testing.T) {
 	netnstest.RequireRoot(t)
 	if _, err := os.Stat("/etc/tunfw/config.toml"); err == nil {
 		t.Skip("/etc/tunfw/config.toml exists on this machine; the fallback cannot be exercised")
+	}
+	// The embedded config uses the default control socket.
+	if c, err := net.DialTimeout("unix", control.DefaultSocket, time.Second); err == nil {
+		c.Close()
+		t.Skipf("a tunfw is running on this machine (%s answers); the embedded config's socket is taken", control.DefaultSocket)
 	}
 	topo := netnstest.NewTopology(t)
 	p := &tunfwProc{t: t, cmd: topo.Host.Cmd(binary, "up"), done: make(chan struct{})}
