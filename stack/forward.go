@@ -311,4 +311,10 @@ func (s *Stack) CloseFlows(keys []filter.FlowKey) int {
 func isRefused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }
 
 // tcpipAddr converts a netip.Addr for gVisor.
-func tcpipAddr(a netip.Addr) tcpip.Address { return tcpip.AddrFromSlice(a.AsSlice()) }
+// It does not allocate: the UDP relay and the pinger call it per packet.
+func tcpipAddr(a netip.Addr) tcpip.Address {
+	if a.Is4() {
+		return tcpip.AddrFrom4(a.As4())
+	}
+	return tcpip.AddrFrom16(a.As16())
+}

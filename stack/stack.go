@@ -300,10 +300,7 @@ func (s *Stack) writeStackPackets(pkts []*stack.PacketBuffer) {
 	bufs := s.writeBufs[:0]
 	for _, pb := range pkts {
 		bp := s.bufPool.Get().(*[]byte)
-		b := (*bp)[:tunOffset]
-		for _, v := range pb.AsSlices() {
-			b = append(b, v...)
-		}
+		b := appendPacket((*bp)[:tunOffset], pb)
 		if filter.ParsePacket(b[tunOffset:], &p) == nil {
 			s.eng.Outbound(&p, now)
 		}
@@ -363,6 +360,23 @@ func (s *Stack) Panics() uint64 { return s.panics.Load() }
 // maxReadFailures is how many TUN reads may fail in a row before Run gives
 // up: a device that keeps failing is gone.
 const maxReadFailures = 100
+
+// appendPacket appends the bytes of pb, from its network header on, to dst.
+// It walks the views in place: PacketBuffer.AsSlices would allocate per
+// packet.
+func appendPacket(dst []byte, pb *stack.PacketBuffer) []byte {
+	vl, off := pb.AsViewList()
+	for v := vl.Front(); v != nil; v = v.Next() {
+		b := v.AsSlice()
+		if off >= len(b) {
+			off -= len(b)
+			continue
+		}
+		dst = append(dst, b[off:]...)
+		off = 0
+	}
+	return dst
+}
 
 func bufferFrom(b []byte) buffer.Buffer { return buffer.MakeWithData(b) }
 

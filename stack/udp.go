@@ -39,6 +39,15 @@ type udpFlow struct {
 	sendErr error
 }
 
+func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udpFlow {
+	f := &udpFlow{key: key, conn: conn, raw: raw}
+	f.send = func(fd uintptr) bool {
+		_, f.sendErr = unix.Write(int(fd), f.sendBuf)
+		return true // never wait: a full buffer drops the datagram
+	}
+	return f
+}
+
 // forwardUDP sends the payload of an allowed datagram read from the TUN to
 // its destination, opening the flow's socket with its first datagram. It
 // runs on the read loop and never blocks: a datagram that finds the
@@ -84,12 +93,8 @@ func (s *Stack) openUDP(key filter.FlowKey, now int64) (*udpFlow, error) {
 		// Best effort: without CAP_NET_ADMIN the default stays.
 		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, udpRcvBuf)
 	})
-	f := &udpFlow{key: key, conn: uc, raw: raw}
+	f := newUDPFlow(key, uc, raw)
 	f.last.Store(now)
-	f.send = func(fd uintptr) bool {
-		_, f.sendErr = unix.Write(int(fd), f.sendBuf)
-		return true // never wait: a full buffer drops the datagram
-	}
 	// Under udpMu, so Close either sees this flow or this sees Close.
 	s.udpMu.Lock()
 	if err := s.ctx.Err(); err != nil {
