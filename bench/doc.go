@@ -25,6 +25,8 @@
 //	                    udp-c2s, udp-s2c, flows)
 //	TUNFW_BENCH_MTU     TUN MTU of the generated config (default: tunfw's, 65520)
 //	TUNFW_BENCH_LOG_LEVEL  --log-level for tunfw (default: tunfw's, info)
+//	TUNFW_BENCH_TUNFW_ENV  extra environment for tunfw, space-separated
+//	                    NAME=value pairs (e.g. GOMAXPROCS=1 GODEBUG=...)
 //	TUNFW_BENCH_CONFIG  use this tunfw config file instead of the generated
 //	                    one; it must route 203.0.113.0/24 into the TUN and
 //	                    allow TCP and UDP to 203.0.113.10.

@@ -72,6 +72,9 @@ func startTunfw(t *testing.T, ns *netnstest.NS, bin, cfg string) *tunfwProc {
 		args = append(args, "--log-level", lvl)
 	}
 	p := &tunfwProc{cmd: ns.Cmd(args...), done: make(chan struct{}), upc: make(chan struct{})}
+	if env := os.Getenv("TUNFW_BENCH_TUNFW_ENV"); env != "" {
+		p.cmd.Env = append(os.Environ(), strings.Fields(env)...)
+	}
 	pr, pw := io.Pipe()
 	p.cmd.Stdout, p.cmd.Stderr = pw, pw
 	if err := p.cmd.Start(); err != nil {

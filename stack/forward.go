@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -156,81 +156,170 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	defer s.wg.Done()
 	s.track(key, abort)
 	defer s.endFlow(key, abort)
-	relayTCP(client, &wq, ep, upc, abort)
-}
-
-// halfCloser is a stream that can close its write side alone.
-type halfCloser interface {
-	net.Conn
-	CloseWrite() error
+	relayTCP(client, &wq, ep, upc, abort, func(r any) { s.flowPanicked(key, r) })
 }
 
 // relayTCP copies both ways until both directions ended. EOF in one direction
 // is passed on as a half close (FIN); an error (a reset) aborts both sides
 // with a RST, so each peer sees the outcome the other one caused.
 //
-// A direction holds a copy buffer only while data moves: it waits for its
-// source to be readable first, so an idle connection costs no buffers.
-func relayTCP(client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn, abort func()) {
+// An idle connection costs one parked goroutine and no buffers: the
+// destination-to-client direction runs in the caller's goroutine, parked in
+// the netpoller and taking a copy buffer only once data is there; the
+// client-to-destination direction has no goroutine until gVisor reports
+// data (see c2sPump).
+func relayTCP(client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn, abort func(), onPanic func(any)) {
 	upRaw, err := up.SyscallConn()
 	if err != nil {
 		abort()
 		return
 	}
-	var wg sync.WaitGroup
-	wg.Add(2)
-	pipe := func(dst, src halfCloser, readable func() error) {
-		defer wg.Done()
-		for {
-			if err := readable(); err != nil {
-				abort()
-				return
-			}
-			bp := relayBufs.Get().(*[]byte)
-			n, rerr := src.Read(*bp)
-			var werr error
-			if n > 0 {
-				_, werr = dst.Write((*bp)[:n])
-			}
-			relayBufs.Put(bp)
-			switch {
-			case werr != nil:
-				abort()
-				return
-			case rerr == io.EOF:
-				dst.CloseWrite()
-				return
-			case rerr != nil:
-				abort()
-				return
-			}
-		}
-	}
-	go pipe(up, client, func() error { return waitEndpointReadable(wq, ep) })
-	pipe(client, up, func() error { return waitSocketReadable(upRaw) })
-	wg.Wait()
+	p := &c2sPump{ep: ep, up: up, abort: abort, onPanic: onPanic, done: make(chan struct{})}
+	entry := waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) { p.kick() })
+	wq.EventRegister(&entry)
+	p.kick() // data or a FIN may have arrived before the entry was registered
+	relayToClient(client, upRaw, abort)
+	<-p.done
+	wq.EventUnregister(&entry)
 	up.Close()
 	client.Close()
 }
 
-// waitEndpointReadable blocks until the gVisor endpoint has data, EOF or an
-// error to read.
-func waitEndpointReadable(wq *waiter.Queue, ep tcpip.Endpoint) error {
-	if ep.Readiness(waiter.ReadableEvents) != 0 {
-		return nil
+// relayToClient copies what the destination sends to the client until EOF
+// (passed on as a FIN) or an error (both sides aborted). Each read is one
+// recv into a pooled buffer; a buffer is held only while data moves.
+func relayToClient(client *gonet.TCPConn, upRaw syscall.RawConn, abort func()) {
+	for {
+		var bp *[]byte
+		var n int
+		var rerr error
+		err := upRaw.Read(func(fd uintptr) bool {
+			bp = relayBufs.Get().(*[]byte)
+			for {
+				n, rerr = unix.Read(int(fd), *bp)
+				if rerr != unix.EINTR {
+					break
+				}
+			}
+			if rerr == unix.EAGAIN {
+				relayBufs.Put(bp)
+				bp = nil
+				return false // wait for the netpoller
+			}
+			return true
+		})
+		if err != nil || rerr != nil {
+			// err: the socket was closed by abort; rerr: a reset.
+			if bp != nil {
+				relayBufs.Put(bp)
+			}
+			abort()
+			return
+		}
+		if n == 0 {
+			relayBufs.Put(bp)
+			client.CloseWrite()
+			return
+		}
+		_, werr := client.Write((*bp)[:n])
+		relayBufs.Put(bp)
+		if werr != nil {
+			abort()
+			return
+		}
 	}
-	we, ch := waiter.NewChannelEntry(waiter.ReadableEvents)
-	wq.EventRegister(&we)
-	defer wq.EventUnregister(&we)
-	for ep.Readiness(waiter.ReadableEvents) == 0 {
-		<-ch
+}
+
+// c2sPump moves what the client sends into the destination's socket. It
+// has a goroutine only while data moves: gVisor's readable notification
+// (kick) starts one, and it ends when the endpoint has nothing more, so an
+// idle connection holds no goroutine stack for this direction.
+type c2sPump struct {
+	ep      tcpip.Endpoint
+	up      *net.TCPConn
+	abort   func()
+	onPanic func(any)
+
+	state atomic.Int32  // pumpIdle, pumpRunning or pumpDone
+	done  chan struct{} // closed once the direction ended (FIN or error)
+}
+
+const (
+	pumpIdle int32 = iota
+	pumpRunning
+	pumpDone
+)
+
+// kick starts the pump unless it runs or has ended. It is called from
+// gVisor's notification and must not block.
+func (p *c2sPump) kick() {
+	if p.state.CompareAndSwap(pumpIdle, pumpRunning) {
+		go p.run()
 	}
-	return nil
+}
+
+func (p *c2sPump) run() {
+	defer func() {
+		if r := recover(); r != nil {
+			p.abort()
+			p.finish()
+			p.onPanic(r)
+		}
+	}()
+	for {
+		if p.drain() {
+			p.finish()
+			return
+		}
+		p.state.Store(pumpIdle)
+		// Data that arrived after drain's last read and before the
+		// store found the pump running and did not start it: look again.
+		if p.ep.Readiness(waiter.ReadableEvents) == 0 || !p.state.CompareAndSwap(pumpIdle, pumpRunning) {
+			return
+		}
+	}
+}
+
+func (p *c2sPump) finish() {
+	if p.state.Swap(pumpDone) != pumpDone {
+		close(p.done)
+	}
+}
+
+// drain copies until the endpoint would block (false) or the direction
+// ended (true).
+func (p *c2sPump) drain() bool {
+	for {
+		bp := relayBufs.Get().(*[]byte)
+		w := tcpip.SliceWriter(*bp)
+		res, terr := p.ep.Read(&w, tcpip.ReadOptions{})
+		if res.Count > 0 {
+			p.ep.ModerateRecvBuf(res.Count)
+			_, werr := p.up.Write((*bp)[:res.Count])
+			relayBufs.Put(bp)
+			if werr != nil {
+				p.abort()
+				return true
+			}
+			continue
+		}
+		relayBufs.Put(bp)
+		switch terr.(type) {
+		case *tcpip.ErrWouldBlock:
+			return false
+		case *tcpip.ErrClosedForReceive:
+			p.up.CloseWrite()
+			return true
+		default:
+			p.abort()
+			return true
+		}
+	}
 }
 
 // waitSocketReadable blocks until the kernel socket has data, EOF or an
 // error to read, without reading data: a one-byte MSG_PEEK tells. A pending
-// socket error (a reset) is consumed by the peek, so it is returned here.
+// socket error is consumed by the peek, so it is returned here.
 func waitSocketReadable(rc syscall.RawConn) error {
 	var peek [1]byte
 	var perr error
