@@ -153,10 +153,14 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		})
 	}
 	s.wg.Add(1)
-	defer s.wg.Done()
 	s.track(key, abort)
-	defer s.endFlow(key, abort)
-	relayTCP(client, &wq, ep, upc, abort, func(r any) { s.flowPanicked(key, r) })
+	// The relay gets a goroutine of its own: this one's stack grew while
+	// dialling, and a long idle flow would keep all of it.
+	go func() {
+		defer s.wg.Done()
+		defer s.endFlow(key, abort)
+		relayTCP(client, &wq, ep, upc, abort, func(r any) { s.flowPanicked(key, r) })
+	}()
 }
 
 // relayTCP copies both ways until both directions ended. EOF in one direction
