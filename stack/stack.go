@@ -56,6 +56,8 @@ type Options struct {
 	// starts a new attempt. Zero means the engine's limits (dial_timeout),
 	// read at each attempt so that a reload changes it.
 	DialTimeout time.Duration
+	// TCP is the [stack] section; its zero value means DefaultConfig.
+	TCP Config
 }
 
 // Stack forwards the flows the filter allows between the TUN device and
@@ -131,7 +133,11 @@ func New(o Options) (*Stack, error) {
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
 	})
-	if err := s.setup(); err != nil {
+	tcpCfg := o.TCP
+	if tcpCfg == (Config{}) {
+		tcpCfg = DefaultConfig()
+	}
+	if err := s.setup(tcpCfg); err != nil {
 		s.ns.Close()
 		cancel()
 		return nil, err
@@ -146,7 +152,7 @@ func New(o Options) (*Stack, error) {
 	return s, nil
 }
 
-func (s *Stack) setup() error {
+func (s *Stack) setup(c Config) error {
 	// The FIFO queue batches the stack's outbound packets: its dispatcher
 	// hands WritePackets up to 47 at a time, which become one Write call to
 	// the device, which coalesces TCP segments before writing.
@@ -167,9 +173,8 @@ func (s *Stack) setup() error {
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
-	sack := tcpip.TCPSACKEnabled(true)
-	if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &sack); err != nil {
-		return fmt.Errorf("enable SACK: %s", err)
+	if err := s.applyConfig(c); err != nil {
+		return err
 	}
 	// No TIME_WAIT: when the destination closes first, the stack is the
 	// active closer, and gVisor hands a new SYN for a tuple in TIME_WAIT
@@ -184,7 +189,7 @@ func (s *Stack) setup() error {
 	if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &tw); err != nil {
 		return fmt.Errorf("set TIME_WAIT timeout: %s", err)
 	}
-	tcpFwd := tcp.NewForwarder(s.ns, 0, maxInFlightDials, s.handleTCP)
+	tcpFwd := tcp.NewForwarder(s.ns, c.ReceiveBuffer, maxInFlightDials, s.handleTCP)
 	s.ns.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
 	return nil
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/internal/config"
 	"github.com/tunfw/tunfw/metrics"
+	"github.com/tunfw/tunfw/stack"
 	"github.com/tunfw/tunfw/tun"
 )
 
@@ -40,6 +41,7 @@ type fileLayout struct {
 	Limits  toml.Primitive   `toml:"limits"`
 	Control toml.Primitive   `toml:"control"`
 	Metrics toml.Primitive   `toml:"metrics"`
+	Stack   toml.Primitive   `toml:"stack"`
 }
 
 // Config is a loaded, validated config file.
@@ -54,6 +56,8 @@ type Config struct {
 	ControlSocket string
 	// Metrics is the [metrics] section.
 	Metrics metrics.Config
+	// Stack is the [stack] section.
+	Stack stack.Config
 }
 
 // ConfigError is one problem in a config file, located by line.
@@ -153,6 +157,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 		lim   filter.Limits
 		cc    control.Config
 		mc    metrics.Config
+		sc    = stack.DefaultConfig() // keys left out keep their default
 	)
 	decode := func(key string, p toml.Primitive, v any) {
 		if md.IsDefined(key) {
@@ -166,6 +171,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	decode("limits", layout.Limits, &lim)
 	decode("control", layout.Control, &cc)
 	decode("metrics", layout.Metrics, &mc)
+	decode("stack", layout.Stack, &sc)
 	for i, p := range layout.Rule {
 		add(md.PrimitiveDecode(p, &rules[i]))
 	}
@@ -179,7 +185,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 			errs = append(errs, ConfigError{File: source, Line: p.Line, Key: p.Key, Msg: "unknown key"})
 		}
 	}
-	cfg := &Config{Source: source, Filter: fo, Metrics: mc}
+	cfg := &Config{Source: source, Filter: fo, Metrics: mc, Stack: sc}
 	cfg.Net, err = tun.Validate(tc, rc)
 	add(err)
 	cfg.Rules, err = filter.Compile(fo, sets, rules)
@@ -189,6 +195,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	cfg.ControlSocket, err = cc.Validate()
 	add(err)
 	add(mc.Validate())
+	add(sc.Validate())
 	if len(errs) > 0 {
 		sort.SliceStable(errs, func(i, j int) bool { return errs[i].Line < errs[j].Line })
 		return nil, errs

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/tunfw/tunfw"
+	"github.com/tunfw/tunfw/stack"
 )
 
 func TestEmbeddedConfigIsValid(t *testing.T) {
@@ -52,6 +53,10 @@ dst_port = ["@web", 70000]
 src = "@ports"
 bogus = 1
 
+[stack]
+congestion_control = "bbr"
+send_buffer = 2048
+
 [unknown_section]
 x = 1
 `
@@ -71,7 +76,9 @@ x = 1
 		`f.toml:25: rule[2].dst_port:`,
 		`f.toml:26: rule[2].src:`,
 		"f.toml:27: rule[2].bogus: unknown key",
-		"f.toml:29: unknown_section: unknown key",
+		`f.toml:30: stack.congestion_control: "bbr" is not reno or cubic`,
+		"f.toml:31: stack.send_buffer: 2048 bytes is out of range",
+		"f.toml:33: unknown_section: unknown key",
 	}
 	_, err := parseConfig("f.toml", []byte(bad))
 	if err == nil {
@@ -180,4 +187,26 @@ func FuzzParseConfig(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestStackSectionDefaults checks that keys left out of [stack] keep their
+// defaults and that the ones given are taken.
+func TestStackSectionDefaults(t *testing.T) {
+	cfg, err := parseConfig("f.toml", []byte("[tun]\naddresses = [\"198.18.0.1/30\"]\n[stack]\ncongestion_control = \"cubic\"\nreceive_buffer_max = 16777216\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := stack.DefaultConfig()
+	want.CongestionControl = "cubic"
+	want.ReceiveBufferMax = 16 << 20
+	if cfg.Stack != want {
+		t.Errorf("[stack] = %+v, want %+v", cfg.Stack, want)
+	}
+	cfg, err = parseConfig("f.toml", []byte("[tun]\naddresses = [\"198.18.0.1/30\"]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Stack != stack.DefaultConfig() {
+		t.Errorf("no [stack]: got %+v, want the defaults", cfg.Stack)
+	}
 }

@@ -117,6 +117,9 @@ func restartOnly(old, cfg *Config) []string {
 	if old.Metrics != cfg.Metrics {
 		w = append(w, "metrics.listen changed; restart tunfw to apply it")
 	}
+	if old.Stack != cfg.Stack {
+		w = append(w, "[stack] changed; it applies only at start: restart tunfw to apply it")
+	}
 	return w
 }
 

@@ -97,6 +97,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		Engine:   eng,
 		Outbound: out,
 		Logger:   log,
+		TCP:      cfg.Stack,
 	})
 	if err != nil {
 		return fmt.Errorf("build stack: %w", err)

@@ -1,0 +1,108 @@
+package stack
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/tunfw/tunfw/internal/config"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+)
+
+// Config is the [stack] section: the TCP options of the gVisor netstack that
+// terminates the clients' connections. It applies at start. The defaults
+// are the ones `make bench` measured best on our 2-core machines (README,
+// Performance); the others are there to experiment with.
+type Config struct {
+	// SACK enables selective acknowledgements.
+	SACK bool `toml:"sack"`
+	// RACK enables RACK-TLP loss detection; off, losses are found by
+	// three duplicate ACKs (classic fast retransmit).
+	RACK bool `toml:"rack"`
+	// CongestionControl is "reno" or "cubic".
+	CongestionControl string `toml:"congestion_control"`
+	// ModerateReceiveBuffer lets a connection's receive buffer grow from
+	// ReceiveBuffer up to ReceiveBufferMax as its rate asks for
+	// (receive-buffer auto-tuning); off, it stays at ReceiveBuffer.
+	ModerateReceiveBuffer bool `toml:"moderate_receive_buffer"`
+	// ReceiveBuffer and ReceiveBufferMax are the initial and the largest
+	// receive buffer of a connection, in bytes.
+	ReceiveBuffer    int `toml:"receive_buffer"`
+	ReceiveBufferMax int `toml:"receive_buffer_max"`
+	// SendBuffer and SendBufferMax are the initial and the largest send
+	// buffer of a connection, in bytes.
+	SendBuffer    int `toml:"send_buffer"`
+	SendBufferMax int `toml:"send_buffer_max"`
+}
+
+// Buffer bounds accepted in [stack].
+const (
+	minBuffer = tcp.MinBufferSize
+	maxBuffer = 64 << 20
+)
+
+// DefaultConfig returns the [stack] settings used for keys the config file
+// does not set.
+func DefaultConfig() Config {
+	return Config{
+		SACK:                  true,
+		RACK:                  true,
+		CongestionControl:     "reno",
+		ModerateReceiveBuffer: true,
+		ReceiveBuffer:         1 << 20,
+		ReceiveBufferMax:      4 << 20,
+		SendBuffer:            1 << 20,
+		SendBufferMax:         4 << 20,
+	}
+}
+
+// Validate checks the section.
+func (c Config) Validate() error {
+	var errs []error
+	if c.CongestionControl != "reno" && c.CongestionControl != "cubic" {
+		errs = append(errs, config.Errorf("stack.congestion_control", "%q is not reno or cubic", c.CongestionControl))
+	}
+	buf := func(key string, v int) bool {
+		if v < minBuffer || v > maxBuffer {
+			errs = append(errs, config.Errorf(key, "%d bytes is out of range %d-%d", v, minBuffer, maxBuffer))
+			return false
+		}
+		return true
+	}
+	pair := func(key string, v, max int, maxKey string) {
+		okV, okMax := buf("stack."+key, v), buf("stack."+maxKey, max)
+		if okV && okMax && v > max {
+			errs = append(errs, config.Errorf("stack."+key, "%d bytes is more than %s (%d)", v, maxKey, max))
+		}
+	}
+	pair("receive_buffer", c.ReceiveBuffer, c.ReceiveBufferMax, "receive_buffer_max")
+	pair("send_buffer", c.SendBuffer, c.SendBufferMax, "send_buffer_max")
+	return errors.Join(errs...)
+}
+
+// apply sets c on the stack's TCP protocol.
+func (s *Stack) applyConfig(c Config) error {
+	set := func(what string, opt tcpip.SettableTransportProtocolOption) error {
+		if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {
+			return fmt.Errorf("set %s: %s", what, err)
+		}
+		return nil
+	}
+	sack := tcpip.TCPSACKEnabled(c.SACK)
+	rec := tcpip.TCPRecovery(0)
+	if c.RACK {
+		rec = tcpip.TCPRACKLossDetection
+	}
+	cc := tcpip.CongestionControlOption(c.CongestionControl)
+	mod := tcpip.TCPModerateReceiveBufferOption(c.ModerateReceiveBuffer)
+	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: minBuffer, Default: c.ReceiveBuffer, Max: c.ReceiveBufferMax}
+	snd := tcpip.TCPSendBufferSizeRangeOption{Min: minBuffer, Default: c.SendBuffer, Max: c.SendBufferMax}
+	return errors.Join(
+		set("SACK", &sack),
+		set("RACK", &rec),
+		set("congestion control", &cc),
+		set("receive buffer moderation", &mod),
+		set("receive buffer sizes", &rcv),
+		set("send buffer sizes", &snd),
+	)
+}

@@ -1,0 +1,78 @@
+package stack
+
+import (
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+)
+
+func TestConfigValidate(t *testing.T) {
+	if err := DefaultConfig().Validate(); err != nil {
+		t.Fatalf("defaults: %v", err)
+	}
+	tests := []struct {
+		name string
+		mod  func(*Config)
+		want string
+	}{
+		{"congestion control", func(c *Config) { c.CongestionControl = "vegas" }, `stack.congestion_control: "vegas" is not reno or cubic`},
+		{"buffer too small", func(c *Config) { c.ReceiveBuffer = 100 }, "stack.receive_buffer: 100 bytes is out of range"},
+		{"buffer too large", func(c *Config) { c.SendBufferMax = 1 << 30 }, "stack.send_buffer_max: 1073741824 bytes is out of range"},
+		{"initial above max", func(c *Config) { c.SendBuffer, c.SendBufferMax = 2<<20, 1<<20 }, "stack.send_buffer: 2097152 bytes is more than send_buffer_max"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := DefaultConfig()
+			tt.mod(&c)
+			err := c.Validate()
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// TestConfigApplies checks that every [stack] value is accepted by gVisor
+// and set on the stack's TCP protocol.
+func TestConfigApplies(t *testing.T) {
+	for _, cc := range []string{"reno", "cubic"} {
+		c := DefaultConfig()
+		c.CongestionControl, c.RACK, c.SACK, c.ModerateReceiveBuffer = cc, false, false, false
+		c.ReceiveBufferMax = 16 << 20
+		s := newTestStack(t, c)
+		var got tcpip.CongestionControlOption
+		if err := s.ns.TransportProtocolOption(tcp.ProtocolNumber, &got); err != nil {
+			t.Fatalf("%s: read congestion control: %s", cc, err)
+		}
+		if string(got) != cc {
+			t.Errorf("congestion control = %q, want %q", got, cc)
+		}
+		var rcv tcpip.TCPReceiveBufferSizeRangeOption
+		if err := s.ns.TransportProtocolOption(tcp.ProtocolNumber, &rcv); err != nil {
+			t.Fatal(err)
+		}
+		if rcv.Max != 16<<20 || rcv.Default != c.ReceiveBuffer {
+			t.Errorf("receive buffer range = %+v", rcv)
+		}
+		var sack tcpip.TCPSACKEnabled
+		if err := s.ns.TransportProtocolOption(tcp.ProtocolNumber, &sack); err != nil || bool(sack) {
+			t.Errorf("SACK = %v (%v), want off", sack, err)
+		}
+	}
+}
+
+// newTestStack builds a Stack with no device, enough to inspect its gVisor
+// settings; nothing is read or written.
+func newTestStack(t *testing.T, c Config) *Stack {
+	t.Helper()
+	s, err := New(Options{MTU: 1500, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), TCP: c})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
