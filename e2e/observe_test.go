@@ -486,34 +486,7 @@ func TestMetrics(t *testing.T) {
 	startUDPEcho(t, topo.Server, at)
 	cfg := writeConfig(t, observeConfig+"\n[metrics]\nlisten = \"127.0.0.1:9477\"\n")
 	startTunfw(t, topo.Host, cfg)
-	scrape := func() map[string]float64 {
-		resp, err := topo.Host.HTTPClient().Get("http://127.0.0.1:9477/metrics")
-		if err != nil {
-			t.Fatalf("scrape: %v", err)
-		}
-		defer resp.Body.Close()
-		p := expfmt.NewTextParser(model.LegacyValidation)
-		fams, err := p.TextToMetricFamilies(resp.Body)
-		if err != nil {
-			t.Fatalf("metrics are not Prometheus text: %v", err)
-		}
-		out := make(map[string]float64)
-		for name, f := range fams {
-			for _, m := range f.GetMetric() {
-				key := name
-				for _, l := range m.GetLabel() {
-					key += fmt.Sprintf(",%s=%s", l.GetName(), l.GetValue())
-				}
-				switch {
-				case m.Counter != nil:
-					out[key] = m.Counter.GetValue()
-				case m.Gauge != nil:
-					out[key] = m.Gauge.GetValue()
-				}
-			}
-		}
-		return out
-	}
+	scrape := func() map[string]float64 { return scrapeMetrics(t, topo.Host, "127.0.0.1:9477") }
 	before := scrape()
 	u, err := topo.Host.DialTimeout("udp", at.String(), time.Second)
 	if err != nil {
@@ -589,5 +562,93 @@ func TestControlSocketRefusesNonRoot(t *testing.T) {
 	stOut, _, _ := ctl(t, cfg, "stats", "--json")
 	if !strings.Contains(stOut, `"control_refused": 1`) {
 		t.Errorf("refused request not counted:\n%s", stOut)
+	}
+}
+
+// scrapeMetrics reads tunfw's /metrics at addr from inside ns, one value
+// per series, keyed by name and labels ("name,label=value").
+func scrapeMetrics(t *testing.T, ns *netnstest.NS, addr string) map[string]float64 {
+	t.Helper()
+	resp, err := ns.HTTPClient().Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatalf("scrape: %v", err)
+	}
+	defer resp.Body.Close()
+	p := expfmt.NewTextParser(model.LegacyValidation)
+	fams, err := p.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatalf("metrics are not Prometheus text: %v", err)
+	}
+	out := make(map[string]float64)
+	for name, f := range fams {
+		for _, m := range f.GetMetric() {
+			key := name
+			for _, l := range m.GetLabel() {
+				key += fmt.Sprintf(",%s=%s", l.GetName(), l.GetValue())
+			}
+			switch {
+			case m.Counter != nil:
+				out[key] = m.Counter.GetValue()
+			case m.Gauge != nil:
+				out[key] = m.Gauge.GetValue()
+			}
+		}
+	}
+	return out
+}
+
+// TestIdleRelaysHoldNoGoroutines checks what keeps idle TCP flows cheap: a
+// relay quiet for a while gives up both its goroutines (go_goroutines
+// falls back to where it was before the flows), and data in either
+// direction afterwards still wakes it and crosses.
+func TestIdleRelaysHoldNoGoroutines(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	svc := topo.ServiceV4
+	startTCPEcho(t, topo.Server, netip.AddrPortFrom(svc, 9100))
+	cfg := writeConfig(t, observeConfig+"\n[metrics]\nlisten = \"127.0.0.1:9478\"\n")
+	startTunfw(t, topo.Host, cfg)
+	goroutines := func() float64 { return scrapeMetrics(t, topo.Host, "127.0.0.1:9478")["go_goroutines"] }
+	base := goroutines()
+
+	const n = 100
+	conns := make([]net.Conn, n)
+	buf := make([]byte, 1)
+	for i := range conns {
+		c, err := topo.Host.DialTimeout("tcp", hostPort(svc, 9100), 5*time.Second)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		defer c.Close()
+		conns[i] = c
+		if _, err := c.Write([]byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, buf); err != nil || buf[0] != byte(i) {
+			t.Fatalf("connection %d: echo %v %v", i, buf, err)
+		}
+	}
+	// 100 flows relayed by goroutines would be 200 more; idle ones hold
+	// none. Wait for that (it takes the relays' linger), polling.
+	deadline := time.Now().Add(10 * time.Second)
+	var g float64
+	for g = goroutines(); g > base+10; g = goroutines() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%v goroutines with %d idle flows, %v before them: idle relays keep goroutines", g, n, base)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("goroutines: %v before, %v with %d idle flows", base, g, n)
+	for i, c := range conns {
+		msg := []byte{byte(i), 'x'}
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, 2)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("connection %d after idling: echo %q, %v", i, got, err)
+		}
 	}
 }

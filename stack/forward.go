@@ -7,8 +7,6 @@ import (
 	"net"
 	"net/netip"
 	"runtime/debug"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -25,9 +23,6 @@ import (
 // flight; the configured [limits] max_pending_dials (at most this) is
 // enforced in handleTCP, so that a reload can change it.
 const maxInFlightDials = filter.MaxPendingDialsCap
-
-// relayBufSize is the size of each relay copy buffer.
-const relayBufSize = 32 << 10
 
 // Outbound says how tunfw's own sockets leave the host without being routed
 // back into the TUN.
@@ -142,183 +137,9 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	r.Complete(false)
 	release()
 	ep.SocketOptions().SetDelayOption(false)
-	client := gonet.NewTCPConn(&wq, ep)
-	upc := up.(*net.TCPConn)
-	var once sync.Once
-	abort := func() {
-		once.Do(func() {
-			upc.SetLinger(0)
-			upc.Close()
-			ep.Abort()
-		})
-	}
-	s.wg.Add(1)
-	s.track(key, abort)
-	// The relay gets a goroutine of its own: this one's stack grew while
-	// dialling, and a long idle flow would keep all of it.
-	go func() {
-		defer s.wg.Done()
-		defer s.endFlow(key, abort)
-		relayTCP(client, &wq, ep, upc, abort, func(r any) { s.flowPanicked(key, r) })
-	}()
-}
-
-// relayTCP copies both ways until both directions ended. EOF in one direction
-// is passed on as a half close (FIN); an error (a reset) aborts both sides
-// with a RST, so each peer sees the outcome the other one caused.
-//
-// An idle connection costs one parked goroutine and no buffers: the
-// destination-to-client direction runs in the caller's goroutine, parked in
-// the netpoller and taking a copy buffer only once data is there; the
-// client-to-destination direction has no goroutine until gVisor reports
-// data (see c2sPump).
-func relayTCP(client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn, abort func(), onPanic func(any)) {
-	upRaw, err := up.SyscallConn()
-	if err != nil {
-		abort()
-		return
-	}
-	p := &c2sPump{ep: ep, up: up, abort: abort, onPanic: onPanic, done: make(chan struct{})}
-	entry := waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) { p.kick() })
-	wq.EventRegister(&entry)
-	p.kick() // data or a FIN may have arrived before the entry was registered
-	relayToClient(client, upRaw, abort)
-	<-p.done
-	wq.EventUnregister(&entry)
-	up.Close()
-	client.Close()
-}
-
-// relayToClient copies what the destination sends to the client until EOF
-// (passed on as a FIN) or an error (both sides aborted). Each read is one
-// recv into a pooled buffer; a buffer is held only while data moves.
-func relayToClient(client *gonet.TCPConn, upRaw syscall.RawConn, abort func()) {
-	for {
-		var bp *[]byte
-		var n int
-		var rerr error
-		err := upRaw.Read(func(fd uintptr) bool {
-			bp = relayBufs.Get().(*[]byte)
-			for {
-				n, rerr = unix.Read(int(fd), *bp)
-				if rerr != unix.EINTR {
-					break
-				}
-			}
-			if rerr == unix.EAGAIN {
-				relayBufs.Put(bp)
-				bp = nil
-				return false // wait for the netpoller
-			}
-			return true
-		})
-		if err != nil || rerr != nil {
-			// err: the socket was closed by abort; rerr: a reset.
-			if bp != nil {
-				relayBufs.Put(bp)
-			}
-			abort()
-			return
-		}
-		if n == 0 {
-			relayBufs.Put(bp)
-			client.CloseWrite()
-			return
-		}
-		_, werr := client.Write((*bp)[:n])
-		relayBufs.Put(bp)
-		if werr != nil {
-			abort()
-			return
-		}
-	}
-}
-
-// c2sPump moves what the client sends into the destination's socket. It
-// has a goroutine only while data moves: gVisor's readable notification
-// (kick) starts one, and it ends when the endpoint has nothing more, so an
-// idle connection holds no goroutine stack for this direction.
-type c2sPump struct {
-	ep      tcpip.Endpoint
-	up      *net.TCPConn
-	abort   func()
-	onPanic func(any)
-
-	state atomic.Int32  // pumpIdle, pumpRunning or pumpDone
-	done  chan struct{} // closed once the direction ended (FIN or error)
-}
-
-const (
-	pumpIdle int32 = iota
-	pumpRunning
-	pumpDone
-)
-
-// kick starts the pump unless it runs or has ended. It is called from
-// gVisor's notification and must not block.
-func (p *c2sPump) kick() {
-	if p.state.CompareAndSwap(pumpIdle, pumpRunning) {
-		go p.run()
-	}
-}
-
-func (p *c2sPump) run() {
-	defer func() {
-		if r := recover(); r != nil {
-			p.abort()
-			p.finish()
-			p.onPanic(r)
-		}
-	}()
-	for {
-		if p.drain() {
-			p.finish()
-			return
-		}
-		p.state.Store(pumpIdle)
-		// Data that arrived after drain's last read and before the
-		// store found the pump running and did not start it: look again.
-		if p.ep.Readiness(waiter.ReadableEvents) == 0 || !p.state.CompareAndSwap(pumpIdle, pumpRunning) {
-			return
-		}
-	}
-}
-
-func (p *c2sPump) finish() {
-	if p.state.Swap(pumpDone) != pumpDone {
-		close(p.done)
-	}
-}
-
-// drain copies until the endpoint would block (false) or the direction
-// ended (true).
-func (p *c2sPump) drain() bool {
-	for {
-		bp := relayBufs.Get().(*[]byte)
-		w := tcpip.SliceWriter(*bp)
-		res, terr := p.ep.Read(&w, tcpip.ReadOptions{})
-		if res.Count > 0 {
-			p.ep.ModerateRecvBuf(res.Count)
-			_, werr := p.up.Write((*bp)[:res.Count])
-			relayBufs.Put(bp)
-			if werr != nil {
-				p.abort()
-				return true
-			}
-			continue
-		}
-		relayBufs.Put(bp)
-		switch terr.(type) {
-		case *tcpip.ErrWouldBlock:
-			return false
-		case *tcpip.ErrClosedForReceive:
-			p.up.CloseWrite()
-			return true
-		default:
-			p.abort()
-			return true
-		}
-	}
+	// The relay has no goroutine of its own while idle: this one, whose
+	// stack grew while dialling, ends here.
+	s.startRelay(key, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
 }
 
 // waitSocketReadable blocks until the kernel socket has data, EOF or an
@@ -336,11 +157,6 @@ func waitSocketReadable(rc syscall.RawConn) error {
 	}
 	return perr
 }
-
-var relayBufs = sync.Pool{New: func() any {
-	b := make([]byte, relayBufSize)
-	return &b
-}}
 
 // recoverFlow, deferred by a flow's handler before its relay exists, turns
 // a panic into the end of that flow alone: it is logged with its stack and

@@ -73,6 +73,10 @@ type Stack struct {
 	ping   *pinger
 	epoch  time.Time
 
+	// watcher waits for the sockets of idle TCP relays (relay.go).
+	watcher   *sockWatcher
+	watcherWG sync.WaitGroup
+
 	dialTimeout time.Duration // 0: the engine's limits
 
 	// pendingDials counts TCP connections between SYN and the client's
@@ -133,15 +137,27 @@ func New(o Options) (*Stack, error) {
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
 	})
+	w, err := newSockWatcher()
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	s.watcher = w
 	tcpCfg := o.TCP
 	if tcpCfg == (Config{}) {
 		tcpCfg = DefaultConfig()
 	}
 	if err := s.setup(tcpCfg); err != nil {
 		s.ns.Close()
+		w.close()
 		cancel()
 		return nil, err
 	}
+	s.watcherWG.Add(1)
+	go func() {
+		defer s.watcherWG.Done()
+		w.run()
+	}()
 	p, err := newPinger(s)
 	if err != nil {
 		// ICMP is the one protocol that needs CAP_NET_RAW; without it the
@@ -350,6 +366,9 @@ func (s *Stack) Close() {
 	}
 	s.udpMu.Unlock()
 	s.wg.Wait()
+	s.watcher.wake()
+	s.watcherWG.Wait()
+	s.watcher.close()
 }
 
 // TUNErrors returns how many reads and writes of the TUN failed.

@@ -1,0 +1,319 @@
+package stack
+
+import (
+	"errors"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/tunfw/tunfw/filter"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// A TCP relay copies both ways between the client's gVisor endpoint and the
+// destination's socket until both directions ended. EOF in one direction is
+// passed on as a half close (FIN); an error (a reset) aborts both sides with
+// a RST, so each peer sees the outcome the other one caused.
+//
+// An idle relay holds no goroutine and no buffer. Each direction is a pump
+// that has a goroutine only while its connection is active: the client's
+// direction is started by gVisor's readable notification, the destination's
+// by the Stack's sockWatcher, one epoll instance for all idle sockets. A
+// running pump copies, and between bursts waits for more in the usual way
+// (netpoller, gVisor notification) for up to relayLinger; only a direction
+// quiet that long goes back to the watcher and ends its goroutine, so a busy
+// connection pays no goroutine start or epoll call per burst.
+type tcpRelay struct {
+	s      *Stack
+	key    filter.FlowKey
+	client *gonet.TCPConn // for writes and FIN towards the client
+	ep     tcpip.Endpoint
+	wq     *waiter.Queue
+	up     *net.TCPConn
+	upRaw  syscall.RawConn
+	entry  waiter.Entry // gVisor readable notification -> toUp
+	token  uint64       // the socket's registration with the watcher
+
+	// upReady wakes a running toUp pump that waits for the client.
+	upReady chan struct{}
+
+	toUp, toClient pump
+	left           atomic.Int32 // directions not ended yet
+	abortOnce      sync.Once
+}
+
+// relayLinger is how long a direction may be quiet before its goroutine
+// ends and the watcher (or gVisor's notification) waits for it instead.
+const relayLinger = 100 * time.Millisecond
+
+// pump is one direction of a relay.
+type pump struct {
+	state atomic.Int32 // pumpIdle, pumpRunning or pumpDone
+	// drain copies, waiting between bursts, until the direction ended
+	// (true) or was quiet for relayLinger (false).
+	drain func() bool
+	// idle hands the direction to its waiter; false when data is
+	// already there.
+	idle  func() bool
+	end   func()
+	panic func(any)
+}
+
+const (
+	pumpIdle int32 = iota
+	pumpRunning
+	pumpDone
+)
+
+// startRelay relays between the client's endpoint and the destination's
+// socket. It returns at once; the relay ends itself.
+func (s *Stack) startRelay(key filter.FlowKey, client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
+	r := &tcpRelay{s: s, key: key, client: client, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
+	raw, err := up.SyscallConn()
+	if err != nil {
+		up.Close()
+		ep.Abort()
+		return
+	}
+	r.upRaw = raw
+	r.left.Store(2)
+	onPanic := func(v any) { r.abort(); s.flowPanicked(key, v) }
+	r.toUp = pump{drain: r.drainToUp, idle: r.toUpIdle, end: r.directionEnded, panic: onPanic}
+	r.toClient = pump{drain: r.drainToClient, idle: r.toClientIdle, end: r.directionEnded, panic: onPanic}
+	s.wg.Add(1)
+	s.track(key, r.abort)
+	r.entry = waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
+		select {
+		case r.upReady <- struct{}{}:
+		default:
+		}
+		r.toUp.kick()
+	})
+	wq.EventRegister(&r.entry)
+	// Data or a FIN may have come before the entry was registered, and
+	// the socket may hold the destination's first bytes: look at both.
+	r.toUp.kick()
+	r.toClient.kick()
+}
+
+// abort ends both sides with a RST. The pumps see the closed socket and
+// endpoint and end; the destination's pump is kicked because a closed
+// socket is no longer watched.
+func (r *tcpRelay) abort() {
+	r.abortOnce.Do(func() {
+		r.up.SetLinger(0)
+		r.up.Close()
+		r.ep.Abort()
+	})
+	r.toClient.kick()
+}
+
+func (r *tcpRelay) directionEnded() {
+	if r.left.Add(-1) != 0 {
+		return
+	}
+	r.wq.EventUnregister(&r.entry)
+	r.s.watcher.remove(r.upRaw, r.token)
+	r.up.Close()
+	r.client.Close()
+	r.s.untrack(r.key)
+	r.s.wg.Done()
+}
+
+// kick starts the pump unless it runs or has ended. It never blocks: gVisor
+// and the watcher call it.
+func (p *pump) kick() {
+	if p.state.CompareAndSwap(pumpIdle, pumpRunning) {
+		go p.run()
+	}
+}
+
+func (p *pump) run() {
+	defer func() {
+		if v := recover(); v != nil {
+			p.finish()
+			p.panic(v)
+		}
+	}()
+	for {
+		if p.drain() {
+			p.finish()
+			return
+		}
+		p.state.Store(pumpIdle)
+		if p.idle() {
+			return
+		}
+		// Data came while going idle; run again unless a kick did.
+		if !p.state.CompareAndSwap(pumpIdle, pumpRunning) {
+			return
+		}
+	}
+}
+
+func (p *pump) finish() {
+	if p.state.Swap(pumpDone) != pumpDone {
+		p.end()
+	}
+}
+
+// drainToUp copies what the client sent into the destination's socket.
+func (r *tcpRelay) drainToUp() bool {
+	var bufs relayBufs
+	var linger *time.Timer
+	defer func() {
+		if linger != nil {
+			linger.Stop()
+		}
+	}()
+	for {
+		bp := bufs.get()
+		w := tcpip.SliceWriter(*bp)
+		res, terr := r.ep.Read(&w, tcpip.ReadOptions{})
+		if res.Count > 0 {
+			r.ep.ModerateRecvBuf(res.Count)
+			_, werr := r.up.Write((*bp)[:res.Count])
+			bufs.put(bp, res.Count)
+			if werr != nil {
+				r.abort()
+				return true
+			}
+			continue
+		}
+		bufs.put(bp, 0)
+		switch terr.(type) {
+		case *tcpip.ErrWouldBlock:
+			if linger == nil {
+				linger = time.NewTimer(relayLinger)
+			} else {
+				linger.Reset(relayLinger)
+			}
+			select {
+			case <-r.upReady:
+				continue
+			case <-linger.C:
+				return false
+			}
+		case *tcpip.ErrClosedForReceive:
+			r.up.CloseWrite()
+			return true
+		default:
+			r.abort()
+			return true
+		}
+	}
+}
+
+// toUpIdle reports whether the endpoint is still without data: gVisor's
+// notification will kick the pump.
+func (r *tcpRelay) toUpIdle() bool { return r.ep.Readiness(waiter.ReadableEvents) == 0 }
+
+// drainToClient copies what the destination sent to the client. Between
+// bursts it waits in the netpoller, with relayLinger as read deadline.
+func (r *tcpRelay) drainToClient() bool {
+	var bufs relayBufs
+	for {
+		if err := r.up.SetReadDeadline(time.Now().Add(relayLinger)); err != nil {
+			r.abort()
+			return true
+		}
+		var bp *[]byte
+		n, rerr := 0, error(nil)
+		err := r.upRaw.Read(func(fd uintptr) bool {
+			bp = bufs.get()
+			for {
+				n, rerr = unix.Read(int(fd), *bp)
+				if rerr != unix.EINTR {
+					break
+				}
+			}
+			if rerr == unix.EAGAIN {
+				bufs.put(bp, 0)
+				bp = nil
+				return false // wait in the netpoller
+			}
+			return true
+		})
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			return false
+		case err != nil || rerr != nil:
+			// Closed by abort, or reset by the destination.
+			if bp != nil {
+				bufs.put(bp, 0)
+			}
+			r.abort()
+			return true
+		case n == 0:
+			bufs.put(bp, 0)
+			r.client.CloseWrite()
+			return true
+		}
+		_, werr := r.client.Write((*bp)[:n])
+		bufs.put(bp, n)
+		if werr != nil {
+			r.abort()
+			return true
+		}
+	}
+}
+
+// toClientIdle hands the socket (back) to the watcher. When it cannot, the
+// relay is aborted and the pump runs again to end.
+func (r *tcpRelay) toClientIdle() bool {
+	var err error
+	if r.token == 0 {
+		r.token, err = r.s.watcher.add(r.upRaw, &r.toClient)
+	} else {
+		err = r.s.watcher.rearm(r.upRaw, r.token)
+	}
+	if err != nil {
+		// Closed meanwhile, or epoll refused it: either way the relay
+		// cannot wait for this socket any more.
+		r.abort()
+		return false
+	}
+	return true
+}
+
+// Relay copy buffers: a direction starts each run with a small buffer and
+// takes large ones once a read filled a small one, so that connections
+// trading small messages neither hold large buffers nor make the pools
+// grow by them.
+const (
+	smallRelayBuf = 2 << 10
+	largeRelayBuf = 32 << 10
+)
+
+var (
+	smallRelayBufs = sync.Pool{New: func() any { b := make([]byte, smallRelayBuf); return &b }}
+	largeRelayBufs = sync.Pool{New: func() any { b := make([]byte, largeRelayBuf); return &b }}
+)
+
+// relayBufs hands out the copy buffers of one pump run.
+type relayBufs struct{ large bool }
+
+func (r *relayBufs) get() *[]byte {
+	if r.large {
+		return largeRelayBufs.Get().(*[]byte)
+	}
+	return smallRelayBufs.Get().(*[]byte)
+}
+
+// put returns bp, which a read filled with n bytes.
+func (r *relayBufs) put(bp *[]byte, n int) {
+	if len(*bp) == largeRelayBuf {
+		largeRelayBufs.Put(bp)
+		return
+	}
+	if n == len(*bp) {
+		r.large = true
+	}
+	smallRelayBufs.Put(bp)
+}
