@@ -142,22 +142,6 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	s.startRelay(key, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
 }
 
-// waitSocketReadable blocks until the kernel socket has data, EOF or an
-// error to read, without reading data: a one-byte MSG_PEEK tells. A pending
-// socket error is consumed by the peek, so it is returned here.
-func waitSocketReadable(rc syscall.RawConn) error {
-	var peek [1]byte
-	var perr error
-	err := rc.Read(func(fd uintptr) bool {
-		_, _, perr = unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		return perr != unix.EAGAIN && perr != unix.EINTR
-	})
-	if err != nil {
-		return err
-	}
-	return perr
-}
-
 // recoverFlow, deferred by a flow's handler before its relay exists, turns
 // a panic into the end of that flow alone: it is logged with its stack and
 // counted, and every other flow and the firewall go on.

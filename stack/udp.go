@@ -131,27 +131,42 @@ func (s *Stack) udpReplies(f *udpFlow) {
 			return
 		}
 		f.conn.SetReadDeadline(time.Now().Add(time.Duration(left)))
-		if err := waitSocketReadable(f.raw); err != nil {
-			switch {
-			case errors.Is(err, os.ErrDeadlineExceeded):
-				continue // idle so far; the loop checks the timeout
-			case errors.Is(err, unix.ECONNREFUSED):
+		// One recv per datagram, inside RawConn.Read: the buffer is
+		// taken only once a datagram is there.
+		var bp *[]byte
+		var n int
+		var rerr error
+		err := f.raw.Read(func(fd uintptr) bool {
+			bp = s.bufPool.Get().(*[]byte)
+			for {
+				n, rerr = unix.Read(int(fd), (*bp)[off:])
+				if rerr != unix.EINTR {
+					break
+				}
+			}
+			if rerr == unix.EAGAIN {
+				s.bufPool.Put(bp)
+				bp = nil
+				return false // wait in the netpoller
+			}
+			return true
+		})
+		if err == nil && rerr != nil {
+			s.bufPool.Put(bp)
+			if errors.Is(rerr, unix.ECONNREFUSED) {
 				// "Port unreachable" for an earlier datagram: keep
 				// the flow, a server may come up.
 				continue
 			}
 			return
 		}
-		bp := s.bufPool.Get().(*[]byte)
-		b := *bp
-		n, err := f.conn.Read(b[off:])
 		if err != nil {
-			s.bufPool.Put(bp)
-			if errors.Is(err, unix.ECONNREFUSED) || errors.Is(err, os.ErrDeadlineExceeded) {
-				continue
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				continue // idle so far; the loop checks the timeout
 			}
 			return
 		}
+		b := *bp
 		now := s.now()
 		f.last.Store(now)
 		total := ipLen + header.UDPMinimumSize + n
