@@ -16,9 +16,11 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"golang.org/x/sys/unix"
 	wgtun "golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -97,6 +99,14 @@ type Stack struct {
 	udpMu    sync.Mutex
 	udpFlows map[filter.FlowKey]*udpFlow
 
+	// Read loop only: flows with datagrams waiting to be sent, and how to
+	// ask the TUN whether more packets wait (udpbatch.go).
+	udpPending   []*udpFlow
+	tunRaw       syscall.RawConn
+	tunPollFds   [1]unix.PollFd
+	tunPollReady bool
+	pollTUN      func(fd uintptr)
+
 	// writeMu serialises writes to the device so batches are not interleaved
 	// and the scratch slices below can be reused.
 	writeMu   sync.Mutex
@@ -132,6 +142,12 @@ func New(o Options) (*Stack, error) {
 		b := make([]byte, tunOffset+maxIPPacket)
 		return &b
 	}
+	if f, ok := o.Device.(interface{ File() *os.File }); ok && f.File() != nil {
+		if rc, err := f.File().SyscallConn(); err == nil {
+			s.tunRaw = rc
+		}
+	}
+	s.pollTUN = s.pollTUNFd
 	s.ep = &linkEndpoint{mtu: uint32(o.MTU), write: s.writeStackPackets}
 	s.ns = stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
@@ -252,6 +268,11 @@ func (s *Stack) Run(ctx context.Context) error {
 		now := s.now()
 		for i := 0; i < n; i++ {
 			s.inbound(bufs[i][tunOffset:tunOffset+sizes[i]], &p, now, reject)
+		}
+		// Datagrams collected for batching leave before the next read
+		// could block.
+		if len(s.udpPending) > 0 && !s.tunHasMore() {
+			s.flushUDP()
 		}
 	}
 }

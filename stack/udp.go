@@ -32,18 +32,28 @@ type udpFlow struct {
 	raw  syscall.RawConn
 	last atomic.Int64 // engine clock of the last datagram either way
 
-	// send and its arguments are set up once, so forwarding a datagram
-	// from the read loop allocates nothing.
-	send    func(fd uintptr) bool
-	sendBuf []byte
-	sendErr error
+	// send, sendGSO and their arguments are set up once, so forwarding
+	// a datagram from the read loop allocates nothing.
+	send, sendGSO func(fd uintptr) bool
+	sendBuf       []byte
+	oob           []byte // UDP_SEGMENT control message
+	sendErr       error
+
+	// Read loop only: datagrams waiting to be sent (udpbatch.go), and
+	// whether the socket takes GSO sends.
+	out udpBatch
+	gso bool
 }
 
 func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udpFlow {
-	f := &udpFlow{key: key, conn: conn, raw: raw}
+	f := &udpFlow{key: key, conn: conn, raw: raw, oob: newGSOControl(), gso: true}
 	f.send = func(fd uintptr) bool {
 		_, f.sendErr = unix.Write(int(fd), f.sendBuf)
 		return true // never wait: a full buffer drops the datagram
+	}
+	f.sendGSO = func(fd uintptr) bool {
+		_, f.sendErr = unix.SendmsgN(int(fd), f.sendBuf, f.oob, nil, 0)
+		return true
 	}
 	return f
 }
@@ -51,7 +61,9 @@ func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udp
 // forwardUDP sends the payload of an allowed datagram read from the TUN to
 // its destination, opening the flow's socket with its first datagram. It
 // runs on the read loop and never blocks: a datagram that finds the
-// socket's buffer full is dropped and counted, as a router would.
+// socket's buffer full is dropped and counted, as a router would. The
+// send may wait in the flow's batch until the read loop has read what the
+// TUN holds (udpbatch.go).
 func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
 	key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(p.Src, p.SrcPort), Dst: netip.AddrPortFrom(p.Dst, p.DstPort)}
 	s.udpMu.Lock()
@@ -66,11 +78,7 @@ func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
 		}
 	}
 	f.last.Store(now)
-	f.sendBuf = pkt[p.IPHeaderLen+header.UDPMinimumSize : p.Len]
-	if err := f.raw.Write(f.send); err != nil || (f.sendErr != nil && !errors.Is(f.sendErr, unix.ECONNREFUSED)) {
-		s.udpWriteDrops.Add(1)
-	}
-	f.sendBuf = nil
+	s.queueUDP(f, pkt[p.IPHeaderLen+header.UDPMinimumSize:p.Len])
 }
 
 // openUDP connects a socket for flow key and starts relaying its replies.
@@ -110,11 +118,18 @@ func (s *Stack) openUDP(key filter.FlowKey, now int64) (*udpFlow, error) {
 	return f, nil
 }
 
+// udpReplyBatch is how many datagrams udpReplies reads before writing
+// them to the TUN in one call, which coalesces those of one size into a
+// single UDP GSO packet (wireguard's GRO on write).
+const udpReplyBatch = 32
+
 // udpReplies turns the datagrams the destination sends into packets for the
 // client until the flow has been idle for the engine's UDP timeout or is
 // closed. The socket is connected, so the kernel drops datagrams from any
 // other source: replies reach the client only from the address and port it
-// sent to. A buffer is taken only once a datagram is there.
+// sent to. Buffers are taken only while datagrams are there: after the
+// first one, what else the socket already holds (up to udpReplyBatch) is
+// read without waiting and written with it.
 func (s *Stack) udpReplies(f *udpFlow) {
 	defer s.wg.Done()
 	defer s.closeUDP(f)
@@ -123,7 +138,11 @@ func (s *Stack) udpReplies(f *udpFlow) {
 	if f.key.Dst.Addr().Is6() {
 		ipLen = header.IPv6MinimumSize
 	}
-	off := tunOffset + ipLen + header.UDPMinimumSize
+	r := udpReader{s: s, off: tunOffset + ipLen + header.UDPMinimumSize}
+	r.read = r.readFd
+	r.poll = func(fd uintptr) { r.readFd(fd) }
+	held := make([]*[]byte, 0, udpReplyBatch)
+	pkts := make([][]byte, 0, udpReplyBatch)
 	for {
 		idle := int64(s.eng.Timeouts().UDPIdle)
 		left := idle - (s.now() - f.last.Load())
@@ -131,55 +150,103 @@ func (s *Stack) udpReplies(f *udpFlow) {
 			return
 		}
 		f.conn.SetReadDeadline(time.Now().Add(time.Duration(left)))
-		// One recv per datagram, inside RawConn.Read: the buffer is
-		// taken only once a datagram is there.
-		var bp *[]byte
-		var n int
-		var rerr error
-		err := f.raw.Read(func(fd uintptr) bool {
-			bp = s.bufPool.Get().(*[]byte)
-			for {
-				n, rerr = unix.Read(int(fd), (*bp)[off:])
-				if rerr != unix.EINTR {
-					break
-				}
-			}
-			if rerr == unix.EAGAIN {
-				s.bufPool.Put(bp)
-				bp = nil
-				return false // wait in the netpoller
-			}
-			return true
-		})
-		if err == nil && rerr != nil {
-			s.bufPool.Put(bp)
-			if errors.Is(rerr, unix.ECONNREFUSED) {
-				// "Port unreachable" for an earlier datagram: keep
-				// the flow, a server may come up.
-				continue
-			}
-			return
-		}
+		// The first datagram: wait in the netpoller for it.
+		r.wait = true
+		err := f.raw.Read(r.read)
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				continue // idle so far; the loop checks the timeout
 			}
 			return
 		}
-		b := *bp
+		if r.err != nil {
+			if errors.Is(r.err, unix.ECONNREFUSED) {
+				// "Port unreachable" for an earlier datagram: keep
+				// the flow, a server may come up.
+				continue
+			}
+			return
+		}
 		now := s.now()
 		f.last.Store(now)
-		total := ipLen + header.UDPMinimumSize + n
-		if total > s.mtu {
-			s.udpWriteDrops.Add(1) // larger than the TUN takes
-			s.bufPool.Put(bp)
-			continue
+		for {
+			if pkt := s.udpReplyPacket(f, r.bp, r.n, ipLen, now); pkt != nil {
+				held = append(held, r.bp)
+				pkts = append(pkts, pkt)
+			} else {
+				s.bufPool.Put(r.bp)
+			}
+			r.bp = nil
+			if len(held) == udpReplyBatch {
+				break
+			}
+			// More already there? Read without waiting.
+			r.wait = false
+			if f.raw.Control(r.poll) != nil || r.bp == nil {
+				break
+			}
 		}
-		p := buildUDPReply(b[tunOffset:tunOffset+total], f.key)
-		s.eng.Outbound(&p, now)
-		s.writeRaw(b[:tunOffset+total])
-		s.bufPool.Put(bp)
+		if len(pkts) > 0 {
+			s.writeMu.Lock()
+			s.writeLocked(pkts)
+			s.writeMu.Unlock()
+		}
+		for i, bp := range held {
+			s.bufPool.Put(bp)
+			held[i], pkts[i] = nil, nil
+		}
+		held, pkts = held[:0], pkts[:0]
 	}
+}
+
+// udpReader reads one datagram into a pooled buffer, taken only once the
+// datagram is there. read and poll are made once per flow, so reading
+// allocates nothing.
+type udpReader struct {
+	s    *Stack
+	off  int
+	wait bool // in RawConn.Read: ask to wait when nothing is there
+	read func(fd uintptr) bool
+	poll func(fd uintptr) // read without waiting, for RawConn.Control
+
+	bp  *[]byte // the datagram's buffer, nil when none was read
+	n   int
+	err error
+}
+
+func (r *udpReader) readFd(fd uintptr) bool {
+	r.bp = r.s.bufPool.Get().(*[]byte)
+	for {
+		r.n, r.err = unix.Read(int(fd), (*r.bp)[r.off:])
+		if r.err != unix.EINTR {
+			break
+		}
+	}
+	if r.err == nil {
+		return true
+	}
+	r.s.bufPool.Put(r.bp)
+	r.bp = nil
+	if r.err == unix.EAGAIN {
+		r.err = nil
+		return !r.wait // only the first read waits in the netpoller
+	}
+	return true
+}
+
+// udpReplyPacket wraps the n-byte datagram in bp in IP and UDP headers for
+// the client and accounts it to the flow; nil when it is larger than the
+// TUN takes (dropped and counted).
+func (s *Stack) udpReplyPacket(f *udpFlow, bp *[]byte, n, ipLen int, now int64) []byte {
+	total := ipLen + header.UDPMinimumSize + n
+	if total > s.mtu {
+		s.udpWriteDrops.Add(1)
+		return nil
+	}
+	b := *bp
+	p := buildUDPReply(b[tunOffset:tunOffset+total], f.key)
+	s.eng.Outbound(&p, now)
+	return b[:tunOffset+total]
 }
 
 // closeUDP ends a flow: its socket, its table entries and its flow.

@@ -1,9 +1,11 @@
 package stack
 
 import (
+	"bytes"
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/tunfw/tunfw/filter"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
@@ -88,5 +90,64 @@ func TestForwardUDPSendDoesNotAllocate(t *testing.T) {
 	}
 	if f.sendErr != nil {
 		t.Errorf("send: %v", f.sendErr)
+	}
+}
+
+// TestUDPBatchKeepsDatagrams checks the read loop's batching: datagrams
+// queued for one flow and flushed together (one GSO send) reach the server
+// as the same datagrams, in order: equal sizes, a shorter last one, then a
+// larger one that starts a new batch. The queue and flush allocate nothing.
+func TestUDPBatchKeepsDatagrams(t *testing.T) {
+	srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	c, err := net.DialUDP("udp4", nil, srv.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	raw, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Stack{}
+	s.bufPool.New = func() any { b := make([]byte, tunOffset+maxIPPacket); return &b }
+	f := newUDPFlow(filter.FlowKey{}, c, raw)
+	var want [][]byte
+	for i, size := range []int{1200, 1200, 1200, 700, 1300, 1300} {
+		d := bytes.Repeat([]byte{byte('a' + i)}, size)
+		want = append(want, d)
+		s.queueUDP(f, d)
+	}
+	if f.out.segs != 2 || len(s.udpPending) != 2 {
+		t.Fatalf("batch holds %d datagrams, %d flows pending; want the last 2 (a new batch after the short one), 2", f.out.segs, len(s.udpPending))
+	}
+	s.flushUDP()
+	buf := make([]byte, 65536)
+	for i, w := range want {
+		srv.SetReadDeadline(time.Now().Add(2 * time.Second))
+		n, err := srv.Read(buf)
+		if err != nil {
+			t.Fatalf("datagram %d: %v", i, err)
+		}
+		if !bytes.Equal(buf[:n], w) {
+			t.Fatalf("datagram %d: got %d bytes of %q, want %d of %q", i, n, buf[0], len(w), w[0])
+		}
+	}
+	if !f.gso {
+		t.Log("this kernel refused UDP GSO; datagrams went one by one")
+	}
+	d := make([]byte, 1000)
+	if n := testing.AllocsPerRun(50, func() {
+		s.queueUDP(f, d)
+		s.queueUDP(f, d)
+		s.flushUDP()
+	}); n != 0 {
+		t.Errorf("queue and flush allocate %v times", n)
+	}
+	if drops := s.udpWriteDrops.Load(); drops != 0 {
+		t.Errorf("%d datagrams dropped", drops)
 	}
 }

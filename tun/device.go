@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -68,6 +69,15 @@ func Open(s Settings) (_ *Device, err error) {
 
 // InterfaceName returns the kernel's name of the device.
 func (d *Device) InterfaceName() string { return d.name }
+
+// File returns the TUN's character device, for polling it (never for
+// reading: the wireguard device reads it), or nil.
+func (d *Device) File() *os.File {
+	if f, ok := d.Device.(interface{ File() *os.File }); ok {
+		return f.File()
+	}
+	return nil
+}
 
 // AddRoutes routes include minus exclude into the device, in the main table.
 // On error the routes added so far stay recorded and Close removes them.
