@@ -22,8 +22,11 @@ import (
 // way per datagram and no copy through a stack endpoint.
 
 // udpRcvBuf is the receive buffer asked for on each flow's socket, so a
-// burst of replies waits there rather than being dropped by the kernel.
-const udpRcvBuf = 1 << 20
+// burst of replies waits there rather than being dropped by the kernel:
+// at 1 Gbit/s offered, 1 MiB lost about 1% of the datagrams, 4 MiB none
+// (make bench, udp-s2c). It is kernel memory, used only while replies
+// queue, and bounded overall by net.ipv4.udp_mem.
+const udpRcvBuf = 4 << 20
 
 // udpFlow is one relayed UDP flow.
 type udpFlow struct {
