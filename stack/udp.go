@@ -18,8 +18,9 @@ import (
 // UDP does not go through gVisor: a datagram needs no connection state the
 // engine does not already keep, so the read loop hands its payload straight
 // to the flow's connected socket, and one goroutine per flow wraps the
-// replies in IP and UDP headers for the client. That is one syscall each
-// way per datagram and no copy through a stack endpoint.
+// replies in IP and UDP headers for the client. Datagrams that come in a
+// burst travel in batches both ways (udpbatch.go, udpReplies): one GSO
+// sendmsg out, one coalesced TUN write back.
 
 // udpRcvBuf is the receive buffer asked for on each flow's socket, so a
 // burst of replies waits there rather than being dropped by the kernel:
