@@ -72,7 +72,8 @@ const (
 )
 
 // startRelay relays between the client's endpoint and the destination's
-// socket. It returns at once; the relay ends itself.
+// socket. It returns when the client's direction is first quiet; the relay
+// ends itself.
 func (s *Stack) startRelay(key filter.FlowKey, client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
 	r := &tcpRelay{s: s, key: key, client: client, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
 	raw, err := up.SyscallConn()
@@ -98,8 +99,13 @@ func (s *Stack) startRelay(key filter.FlowKey, client *gonet.TCPConn, wq *waiter
 	wq.EventRegister(&r.entry)
 	// Data or a FIN may have come before the entry was registered, and
 	// the socket may hold the destination's first bytes: look at both.
-	r.toUp.kick()
+	// The caller's goroutine, which exists anyway, pumps the client's
+	// first bytes itself (a client usually speaks first); it ends once
+	// that direction is quiet.
 	r.toClient.kick()
+	if r.toUp.state.CompareAndSwap(pumpIdle, pumpRunning) {
+		r.toUp.run()
+	}
 }
 
 // abort ends both sides with a RST. The pumps see the closed socket and
