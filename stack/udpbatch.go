@@ -22,6 +22,10 @@ const (
 	// udpMaxBatch is the largest payload of one GSO send (that of one
 	// IPv4 UDP datagram).
 	udpMaxBatch = 65507
+	// udpMaxPending bounds the flows with a batch at once (each holds a
+	// 64 KiB buffer): a burst over many flows, a flood of DNS queries
+	// say, is sent as it comes rather than held in buffers.
+	udpMaxPending = 32
 )
 
 // udpBatch is the datagrams of one flow waiting to be sent. Only the read
@@ -47,6 +51,9 @@ func (s *Stack) queueUDP(f *udpFlow, payload []byte) {
 		s.flushUDPFlow(f)
 	}
 	if b.segs == 0 {
+		if len(s.udpPending) >= udpMaxPending {
+			s.flushUDP()
+		}
 		b.buf = s.bufPool.Get().(*[]byte)
 		b.segSize = len(payload)
 		s.udpPending = append(s.udpPending, f)
