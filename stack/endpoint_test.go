@@ -2,9 +2,14 @@ package stack
 
 import (
 	"bytes"
+	"context"
 	"testing"
 
+	"github.com/tunfw/tunfw/filter"
+	wgtun "golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
@@ -28,5 +33,38 @@ func TestAppendPacket(t *testing.T) {
 	}
 	if n := testing.AllocsPerRun(100, func() { appendPacket(dst[:0], pb) }); n != 0 {
 		t.Errorf("appendPacket allocates %v times per packet", n)
+	}
+}
+
+// discardDevice is a TUN device that drops what is written to it.
+type discardDevice struct{ wgtun.Device }
+
+func (discardDevice) Write(bufs [][]byte, offset int) (int, error) { return len(bufs), nil }
+
+// TestWriteStackPacketsDoesNotAllocate checks the stack's whole outbound
+// path per packet (copy out, parse, engine accounting, device write, buffer
+// back to the pool) allocates nothing once the pool is warm.
+func TestWriteStackPacketsDoesNotAllocate(t *testing.T) {
+	rs, err := filter.Compile(filter.Options{}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Stack{dev: discardDevice{}, eng: filter.NewEngine(rs, filter.EngineOptions{}), ctx: context.Background()}
+	s.bufPool.New = func() any { b := make([]byte, tunOffset+maxIPPacket); return &b }
+	payload := bytes.Repeat([]byte("x"), 1000)
+	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{ReserveHeaderBytes: 60, Payload: buffer.MakeWithData(payload)})
+	defer pb.DecRef()
+	header.TCP(pb.TransportHeader().Push(header.TCPMinimumSize)).Encode(&header.TCPFields{
+		SrcPort: 80, DstPort: 40000, DataOffset: header.TCPMinimumSize, Flags: header.TCPFlagAck, WindowSize: 1000,
+	})
+	header.IPv4(pb.NetworkHeader().Push(header.IPv4MinimumSize)).Encode(&header.IPv4Fields{
+		TotalLength: uint16(header.IPv4MinimumSize + header.TCPMinimumSize + len(payload)),
+		TTL:         64, Protocol: uint8(header.TCPProtocolNumber),
+		SrcAddr: tcpip.AddrFrom4([4]byte{203, 0, 113, 10}), DstAddr: tcpip.AddrFrom4([4]byte{198, 18, 0, 1}),
+	})
+	pkts := []*stack.PacketBuffer{pb, pb, pb}
+	s.writeStackPackets(pkts) // warm the pool and the scratch slices
+	if n := testing.AllocsPerRun(100, func() { s.writeStackPackets(pkts) }); n != 0 {
+		t.Errorf("writing 3 packets allocates %v times", n)
 	}
 }

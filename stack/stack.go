@@ -111,6 +111,7 @@ type Stack struct {
 	// and the scratch slices below can be reused.
 	writeMu   sync.Mutex
 	writeBufs [][]byte
+	writeBps  []*[]byte // the pool buffers behind writeBufs
 	bufPool   sync.Pool
 
 	ctx    context.Context
@@ -333,28 +334,28 @@ func (s *Stack) expireLoop(ctx context.Context) {
 }
 
 // writeStackPackets sends the stack's outbound packets to the TUN, letting
-// the engine account them to their flows first.
+// the engine account them to their flows first. The pool's pointers are
+// kept beside the packets, so putting the buffers back allocates nothing.
 func (s *Stack) writeStackPackets(pkts []*stack.PacketBuffer) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	now := s.now()
 	var p filter.Packet
-	bufs := s.writeBufs[:0]
 	for _, pb := range pkts {
 		bp := s.bufPool.Get().(*[]byte)
 		b := appendPacket((*bp)[:tunOffset], pb)
 		if filter.ParsePacket(b[tunOffset:], &p) == nil {
 			s.eng.Outbound(&p, now)
 		}
-		bufs = append(bufs, b)
+		s.writeBufs = append(s.writeBufs, b)
+		s.writeBps = append(s.writeBps, bp)
 	}
-	s.writeLocked(bufs)
-	for i, b := range bufs {
-		b = b[:cap(b)]
-		s.bufPool.Put(&b)
-		bufs[i] = nil
+	s.writeLocked(s.writeBufs)
+	for i, bp := range s.writeBps {
+		s.bufPool.Put(bp)
+		s.writeBps[i], s.writeBufs[i] = nil, nil
 	}
-	s.writeBufs = bufs[:0]
+	s.writeBufs, s.writeBps = s.writeBufs[:0], s.writeBps[:0]
 }
 
 // writeRaw sends one packet built outside the stack (reject, echo reply);
