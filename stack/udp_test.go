@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"net"
 	"net/netip"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
@@ -66,20 +68,7 @@ func BenchmarkBuildUDPReply(b *testing.B) {
 // on a flow's socket (loopback here): the prepared send function keeps it
 // allocation-free.
 func TestForwardUDPSendDoesNotAllocate(t *testing.T) {
-	srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	c, err := net.DialUDP("udp4", nil, srv.LocalAddr().(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	raw, err := c.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, c, raw := loopbackUDP(t)
 	f := newUDPFlow(filter.FlowKey{}, c, raw)
 	payload := []byte("datagram")
 	if n := testing.AllocsPerRun(100, func() {
@@ -98,20 +87,7 @@ func TestForwardUDPSendDoesNotAllocate(t *testing.T) {
 // as the same datagrams, in order: equal sizes, a shorter last one, then a
 // larger one that starts a new batch. The queue and flush allocate nothing.
 func TestUDPBatchKeepsDatagrams(t *testing.T) {
-	srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	c, err := net.DialUDP("udp4", nil, srv.LocalAddr().(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	raw, err := c.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, c, raw := loopbackUDP(t)
 	s := &Stack{}
 	s.bufPool.New = func() any { b := make([]byte, tunOffset+maxIPPacket); return &b }
 	f := newUDPFlow(filter.FlowKey{}, c, raw)
@@ -150,4 +126,60 @@ func TestUDPBatchKeepsDatagrams(t *testing.T) {
 	if drops := s.udpWriteDrops.Load(); drops != 0 {
 		t.Errorf("%d datagrams dropped", drops)
 	}
+}
+
+// TestUDPBatchFallsBackWithoutGSO checks that a socket refusing UDP GSO
+// (here through SO_NO_CHECK, with which the kernel refuses segmentation)
+// still gets every datagram, one by one, and is not asked again.
+func TestUDPBatchFallsBackWithoutGSO(t *testing.T) {
+	srv, c, raw := loopbackUDP(t)
+	var serr error
+	raw.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_NO_CHECK, 1) })
+	if serr != nil {
+		t.Skipf("SO_NO_CHECK: %v", serr)
+	}
+	s := &Stack{}
+	s.bufPool.New = func() any { b := make([]byte, tunOffset+maxIPPacket); return &b }
+	f := newUDPFlow(filter.FlowKey{}, c, raw)
+	for i := range 3 {
+		s.queueUDP(f, bytes.Repeat([]byte{byte('a' + i)}, 500))
+	}
+	s.flushUDP()
+	if f.gso {
+		t.Error("GSO still on after the kernel refused it")
+	}
+	buf := make([]byte, 2048)
+	for i := range 3 {
+		srv.SetReadDeadline(time.Now().Add(2 * time.Second))
+		n, err := srv.Read(buf)
+		if err != nil {
+			t.Fatalf("datagram %d: %v", i, err)
+		}
+		if n != 500 || buf[0] != byte('a'+i) {
+			t.Fatalf("datagram %d: %d bytes of %q", i, n, buf[0])
+		}
+	}
+	if drops := s.udpWriteDrops.Load(); drops != 0 {
+		t.Errorf("%d datagrams dropped", drops)
+	}
+}
+
+// loopbackUDP returns a UDP server on loopback and a socket connected to
+// it, as a flow's socket is to its destination; both close with the test.
+func loopbackUDP(t *testing.T) (srv, c *net.UDPConn, raw syscall.RawConn) {
+	t.Helper()
+	srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	c, err = net.DialUDP("udp4", nil, srv.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if raw, err = c.SyscallConn(); err != nil {
+		t.Fatal(err)
+	}
+	return srv, c, raw
 }
