@@ -89,6 +89,10 @@ func startTunfw(t testing.TB, ns *netnstest.NS, cfg string, extra ...string) *tu
 	go p.readLog(stderr)
 	t.Cleanup(func() {
 		p.stop()
+		// Under GOFLAGS=-race the binary reports races on stderr.
+		if strings.Contains(p.log(), "DATA RACE") {
+			t.Errorf("tunfw reported a data race")
+		}
 		if t.Failed() {
 			t.Logf("tunfw log:\n%s", p.log())
 		}

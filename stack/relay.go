@@ -275,7 +275,7 @@ func (r *tcpRelay) drainToClient() bool {
 func (r *tcpRelay) toClientIdle() bool {
 	var err error
 	if r.token == 0 {
-		r.token, err = r.s.watcher.add(r.upRaw, &r.toClient)
+		err = r.s.watcher.add(r.upRaw, &r.toClient, &r.token)
 	} else {
 		err = r.s.watcher.rearm(r.upRaw, r.token)
 	}

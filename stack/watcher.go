@@ -55,24 +55,28 @@ func setToken(ev *unix.EpollEvent, t uint64) {
 	ev.Pad = int32(uint32(t >> 32))
 }
 
-func token(ev *unix.EpollEvent) uint64 { return uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32 }
+func eventToken(ev *unix.EpollEvent) uint64 { return uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32 }
 
 const watchEvents = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT
 
-// add watches rc for p and returns the registration's token.
-func (w *sockWatcher) add(rc syscall.RawConn, p *pump) (uint64, error) {
+// add watches rc for p. The registration's token is stored in *token
+// under the watcher's lock, before the socket is armed: the goroutine an
+// event starts sees it.
+func (w *sockWatcher) add(rc syscall.RawConn, p *pump, token *uint64) error {
 	w.mu.Lock()
 	w.next++
 	t := w.next
 	w.waiting[t] = p
+	*token = t
 	w.mu.Unlock()
 	if err := w.ctl(rc, unix.EPOLL_CTL_ADD, t); err != nil {
 		w.mu.Lock()
 		delete(w.waiting, t)
+		*token = 0
 		w.mu.Unlock()
-		return 0, err
+		return err
 	}
-	return t, nil
+	return nil
 }
 
 // rearm watches rc again after its event fired.
@@ -115,7 +119,7 @@ func (w *sockWatcher) run() {
 			return
 		}
 		for i := range events[:n] {
-			t := token(&events[i])
+			t := eventToken(&events[i])
 			if t == wakeToken {
 				return
 			}
