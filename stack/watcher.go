@@ -55,7 +55,9 @@ func setToken(ev *unix.EpollEvent, t uint64) {
 	ev.Pad = int32(uint32(t >> 32))
 }
 
-func eventToken(ev *unix.EpollEvent) uint64 { return uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32 }
+func eventToken(ev *unix.EpollEvent) uint64 {
+	return uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+}
 
 const watchEvents = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT
 
