@@ -652,3 +652,18 @@ func TestIdleRelaysHoldNoGoroutines(t *testing.T) {
 		}
 	}
 }
+
+// TestDeviceSettings checks that [tun] mtu and queue_length reach the
+// device the kernel shows.
+func TestDeviceSettings(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	cfg := writeConfig(t, strings.Replace(observeConfig, "[tun]\n", "[tun]\nmtu = 9000\nqueue_length = 1234\n", 1))
+	startTunfw(t, topo.Host, cfg)
+	out := topo.Host.Run(t, "ip", "-o", "link", "show", "tunfw0")
+	for _, want := range []string{" mtu 9000 ", " qlen 1234"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("tunfw0 shows %q, want %q in it", strings.TrimSpace(out), want)
+		}
+	}
+}

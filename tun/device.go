@@ -61,6 +61,11 @@ func Open(s Settings) (_ *Device, err error) {
 			return nil, fmt.Errorf("add address %s to %s: %w", p, d.name, err)
 		}
 	}
+	if s.QueueLength > 0 { // 0: settings not from Validate; the kernel's default
+		if err := netlink.LinkSetTxQLen(d.link, s.QueueLength); err != nil {
+			return nil, fmt.Errorf("set queue length of %s to %d: %w", d.name, s.QueueLength, err)
+		}
+	}
 	if err := netlink.LinkSetUp(d.link); err != nil {
 		return nil, fmt.Errorf("bring %s up: %w", d.name, err)
 	}

@@ -100,6 +100,7 @@ func TestConfigSyntaxAndTypeErrors(t *testing.T) {
 		{"syntax", "[tun]\nname = \"x\"\nmtu = = 3\n", "f.toml:3:"},
 		{"type", "[tun]\nname = \"x\"\nmtu = \"big\"\naddresses = [\"198.18.0.1/30\"]\n", "f.toml:3: tun.mtu:"},
 		{"rule type", "[tun]\naddresses = [\"198.18.0.1/30\"]\n[[rule]]\naction = 3\n", "f.toml:4: rule.action:"},
+		{"queue length", "[tun]\naddresses = [\"198.18.0.1/30\"]\nqueue_length = 0x10000\n", "f.toml:3: tun.queue_length: 65536 is out of range"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
