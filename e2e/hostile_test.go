@@ -933,6 +933,41 @@ func TestUpstreamFaults(t *testing.T) {
 			c.Close()
 			freed(t, at, 5*time.Second)
 		})
+		// After-idle cases: the destination stays quiet for longer than
+		// a relay direction's linger (100 ms), so its socket waits in the
+		// epoll watcher and what comes next must wake the relay.
+		t.Run(fam+"/client-half-close-then-idle", func(t *testing.T) {
+			at := serve(t, svc, func(c *net.TCPConn) {
+				io.ReadAll(c) // until the client's FIN
+				time.Sleep(300 * time.Millisecond)
+				c.Write(data(sent))
+				c.Close()
+			})
+			c := dial(t, at)
+			c.Write([]byte("go"))
+			c.CloseWrite()
+			b, err := io.ReadAll(c)
+			if err != nil || !bytes.Equal(b, data(sent)) {
+				t.Fatalf("read %d bytes then %v after the destination idled; want %d, then EOF", len(b), err, sent)
+			}
+			c.Close()
+			freed(t, at, 5*time.Second)
+		})
+		t.Run(fam+"/reset-after-idle", func(t *testing.T) {
+			at := serve(t, svc, func(c *net.TCPConn) {
+				io.ReadFull(c, make([]byte, 2))
+				time.Sleep(300 * time.Millisecond)
+				c.SetLinger(0)
+				c.Close()
+			})
+			c := dial(t, at)
+			c.Write([]byte("go"))
+			n, err := c.Read(make([]byte, 1))
+			if !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatalf("after the idle destination reset: read %d bytes, %v; want ECONNRESET", n, err)
+			}
+			freed(t, at, 3*time.Second)
+		})
 		t.Run(fam+"/stall", func(t *testing.T) {
 			// The server accepts and never reads or writes.
 			at := serve(t, svc, func(c *net.TCPConn) {})
