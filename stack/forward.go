@@ -137,28 +137,17 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	r.Complete(false)
 	release()
 	ep.SocketOptions().SetDelayOption(false)
-	// The relay has no goroutine of its own while idle: this one, whose
-	// stack grew while dialling, ends here.
+	// The relay has no goroutine of its own while idle: this one pumps the
+	// client's first bytes and ends when that direction is quiet.
 	s.startRelay(key, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
 }
 
 // recoverFlow, deferred by a flow's handler before its relay exists, turns
 // a panic into the end of that flow alone: it is logged with its stack and
-// counted, and every other flow and the firewall go on.
+// counted, and every other flow and the firewall go on. Once the relay
+// runs, its pumps recover the same way and also close the flow.
 func (s *Stack) recoverFlow(key filter.FlowKey) {
 	if r := recover(); r != nil {
-		s.flowPanicked(key, r)
-	}
-}
-
-// endFlow, deferred once a flow's relay is tracked, untracks it; after a
-// panic it also closes the flow's connections (closeFn), so the client sees
-// the flow end instead of hanging.
-func (s *Stack) endFlow(key filter.FlowKey, closeFn func()) {
-	r := recover()
-	s.untrack(key)
-	if r != nil {
-		closeFn()
 		s.flowPanicked(key, r)
 	}
 }

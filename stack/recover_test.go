@@ -11,7 +11,8 @@ import (
 	"github.com/tunfw/tunfw/filter"
 )
 
-// TestPanicClosesOnlyItsFlow checks the recovery a flow's handler defers: a
+// TestPanicClosesOnlyItsFlow checks the recovery of a relay pump and of a
+// flow's handler before its relay exists: a
 // panic closes that flow's connections, is logged and counted, and leaves
 // the other flows alone.
 func TestPanicClosesOnlyItsFlow(t *testing.T) {
@@ -30,16 +31,25 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 	var badClosed, goodClosed bool
 	s.track(good, func() { goodClosed = true })
 
+	// A relay direction whose copy panics, wired as startRelay wires it:
+	// its end untracks the flow, its panic hook closes it.
+	closeFn := func() { badClosed = true }
+	s.track(bad, closeFn)
+	p := pump{
+		drain: func() bool {
+			var m map[string]int
+			m["boom"]++ // a nil map write: a real runtime panic
+			return true
+		},
+		idle:    func() bool { return true },
+		end:     func() { s.untrack(bad) },
+		onPanic: func(v any) { closeFn(); s.flowPanicked(bad, v) },
+	}
 	var wg sync.WaitGroup
 	wg.Add(1)
-	go func() { // as handleTCP runs: in a goroutine of its own
+	go func() { // as a pump runs: in a goroutine of its own
 		defer wg.Done()
-		defer s.recoverFlow(bad)
-		closeFn := func() { badClosed = true }
-		s.track(bad, closeFn)
-		defer s.endFlow(bad, closeFn)
-		var m map[string]int
-		m["boom"]++ // a nil map write: a real runtime panic
+		p.run()
 	}()
 	wg.Wait()
 

@@ -60,9 +60,9 @@ type pump struct {
 	drain func() bool
 	// idle hands the direction to its waiter; false when data is
 	// already there.
-	idle  func() bool
-	end   func()
-	panic func(any)
+	idle    func() bool
+	end     func()    // the direction ended: called once
+	onPanic func(any) // after a panic in drain or idle
 }
 
 const (
@@ -85,8 +85,8 @@ func (s *Stack) startRelay(key filter.FlowKey, client *gonet.TCPConn, wq *waiter
 	r.upRaw = raw
 	r.left.Store(2)
 	onPanic := func(v any) { r.abort(); s.flowPanicked(key, v) }
-	r.toUp = pump{drain: r.drainToUp, idle: r.toUpIdle, end: r.directionEnded, panic: onPanic}
-	r.toClient = pump{drain: r.drainToClient, idle: r.toClientIdle, end: r.directionEnded, panic: onPanic}
+	r.toUp = pump{drain: r.drainToUp, idle: r.toUpIdle, end: r.directionEnded, onPanic: onPanic}
+	r.toClient = pump{drain: r.drainToClient, idle: r.toClientIdle, end: r.directionEnded, onPanic: onPanic}
 	s.wg.Add(1)
 	s.track(key, r.abort)
 	r.entry = waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
@@ -120,6 +120,9 @@ func (r *tcpRelay) abort() {
 	r.toClient.kick()
 }
 
+// directionEnded is each pump's end; the second one releases the relay:
+// the notification entry, the watcher's token, both sockets and the flow's
+// tracking.
 func (r *tcpRelay) directionEnded() {
 	if r.left.Add(-1) != 0 {
 		return
@@ -144,7 +147,7 @@ func (p *pump) run() {
 	defer func() {
 		if v := recover(); v != nil {
 			p.finish()
-			p.panic(v)
+			p.onPanic(v)
 		}
 	}()
 	for {
