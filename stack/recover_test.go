@@ -12,9 +12,8 @@ import (
 )
 
 // TestPanicClosesOnlyItsFlow checks the recovery of a relay pump and of a
-// flow's handler before its relay exists: a
-// panic closes that flow's connections, is logged and counted, and leaves
-// the other flows alone.
+// flow's handler before its relay exists: a panic closes that flow's
+// connections, is logged and counted, and leaves the other flows alone.
 func TestPanicClosesOnlyItsFlow(t *testing.T) {
 	var logs bytes.Buffer
 	rs, err := filter.Compile(filter.Options{}, nil, nil)
