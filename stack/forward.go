@@ -190,8 +190,6 @@ func (s *Stack) CloseFlows(keys []filter.FlowKey) int {
 	return len(fns)
 }
 
-func isRefused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }
-
 // tcpipAddr converts a netip.Addr for gVisor.
 // It does not allocate: the UDP relay and the pinger call it per packet.
 func tcpipAddr(a netip.Addr) tcpip.Address {
