@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
-	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/waiter"
@@ -42,6 +41,12 @@ type tcpRelay struct {
 
 	// upReady wakes a running toUp pump that waits for the client.
 	upReady chan struct{}
+
+	// The pumps' buffers and readers, kept here so that a read allocates
+	// nothing; each is used by its one running pump.
+	upW                 tcpip.SliceWriter
+	toUpBufs, toCliBufs relayBufs
+	fromUp              sockReader
 
 	toUp, toClient pump
 	left           atomic.Int32 // directions not ended yet
@@ -83,6 +88,8 @@ func (s *Stack) startRelay(key filter.FlowKey, client *gonet.TCPConn, wq *waiter
 		return
 	}
 	r.upRaw = raw
+	r.fromUp.init(r.toCliBufs.get, func(bp *[]byte) { r.toCliBufs.put(bp, 0) }, 0)
+	r.fromUp.wait = true
 	r.left.Store(2)
 	onPanic := func(v any) { r.abort(); s.flowPanicked(key, v) }
 	r.toUp = pump{drain: r.drainToUp, idle: r.toUpIdle, end: r.directionEnded, onPanic: onPanic}
@@ -128,7 +135,7 @@ func (r *tcpRelay) directionEnded() {
 		return
 	}
 	r.wq.EventUnregister(&r.entry)
-	r.s.watcher.remove(r.upRaw, r.token)
+	r.s.watcher.forget(r.token)
 	r.up.Close()
 	r.client.Close()
 	r.s.untrack(r.key)
@@ -174,7 +181,8 @@ func (p *pump) finish() {
 
 // drainToUp copies what the client sent into the destination's socket.
 func (r *tcpRelay) drainToUp() bool {
-	var bufs relayBufs
+	bufs := &r.toUpBufs
+	*bufs = relayBufs{} // each run starts with small buffers
 	var linger *time.Timer
 	defer func() {
 		if linger != nil {
@@ -183,8 +191,8 @@ func (r *tcpRelay) drainToUp() bool {
 	}()
 	for {
 		bp := bufs.get()
-		w := tcpip.SliceWriter(*bp)
-		res, terr := r.ep.Read(&w, tcpip.ReadOptions{})
+		r.upW = tcpip.SliceWriter(*bp)
+		res, terr := r.ep.Read(&r.upW, tcpip.ReadOptions{})
 		if res.Count > 0 {
 			r.ep.ModerateRecvBuf(res.Count)
 			_, werr := r.up.Write((*bp)[:res.Count])
@@ -226,46 +234,30 @@ func (r *tcpRelay) toUpIdle() bool { return r.ep.Readiness(waiter.ReadableEvents
 // drainToClient copies what the destination sent to the client. Between
 // bursts it waits in the netpoller, with relayLinger as read deadline.
 func (r *tcpRelay) drainToClient() bool {
-	var bufs relayBufs
+	r.toCliBufs = relayBufs{} // each run starts with small buffers
+	rd := &r.fromUp
 	for {
 		if err := r.up.SetReadDeadline(time.Now().Add(relayLinger)); err != nil {
 			r.abort()
 			return true
 		}
-		var bp *[]byte
-		n, rerr := 0, error(nil)
-		err := r.upRaw.Read(func(fd uintptr) bool {
-			bp = bufs.get()
-			for {
-				n, rerr = unix.Read(int(fd), *bp)
-				if rerr != unix.EINTR {
-					break
-				}
-			}
-			if rerr == unix.EAGAIN {
-				bufs.put(bp, 0)
-				bp = nil
-				return false // wait in the netpoller
-			}
-			return true
-		})
+		rd.bp = nil
+		err := r.upRaw.Read(rd.read)
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			return false
-		case err != nil || rerr != nil:
-			// Closed by abort, or reset by the destination.
-			if bp != nil {
-				bufs.put(bp, 0)
-			}
+		case err != nil || rd.err != nil:
+			// Closed by abort, or reset by the destination; no
+			// buffer is held.
 			r.abort()
 			return true
-		case n == 0:
-			bufs.put(bp, 0)
+		case rd.n == 0:
+			r.toCliBufs.put(rd.bp, 0)
 			r.client.CloseWrite()
 			return true
 		}
-		_, werr := r.client.Write((*bp)[:n])
-		bufs.put(bp, n)
+		_, werr := r.client.Write((*rd.bp)[:rd.n])
+		r.toCliBufs.put(rd.bp, rd.n)
 		if werr != nil {
 			r.abort()
 			return true
@@ -305,7 +297,7 @@ var (
 	largeRelayBufs = sync.Pool{New: func() any { b := make([]byte, largeRelayBuf); return &b }}
 )
 
-// relayBufs hands out the copy buffers of one pump run.
+// relayBufs hands out the copy buffers of a pump.
 type relayBufs struct{ large bool }
 
 func (r *relayBufs) get() *[]byte {

@@ -142,9 +142,9 @@ func (s *Stack) udpReplies(f *udpFlow) {
 	if f.key.Dst.Addr().Is6() {
 		ipLen = header.IPv6MinimumSize
 	}
-	r := udpReader{s: s, off: tunOffset + ipLen + header.UDPMinimumSize}
-	r.read = r.readFd
-	r.poll = func(fd uintptr) { r.readFd(fd) }
+	var r sockReader
+	r.init(func() *[]byte { return s.bufPool.Get().(*[]byte) }, func(bp *[]byte) { s.bufPool.Put(bp) },
+		tunOffset+ipLen+header.UDPMinimumSize)
 	held := make([]*[]byte, 0, udpReplyBatch)
 	pkts := make([][]byte, 0, udpReplyBatch)
 	for {
@@ -186,7 +186,7 @@ func (s *Stack) udpReplies(f *udpFlow) {
 			}
 			// More already there? Read without waiting.
 			r.wait = false
-			if f.raw.Control(r.poll) != nil || r.bp == nil {
+			if f.raw.Control(r.readNow) != nil || r.bp == nil {
 				break
 			}
 		}
@@ -201,41 +201,6 @@ func (s *Stack) udpReplies(f *udpFlow) {
 		}
 		held, pkts = held[:0], pkts[:0]
 	}
-}
-
-// udpReader reads one datagram into a pooled buffer, taken only once the
-// datagram is there. read and poll are made once per flow, so reading
-// allocates nothing.
-type udpReader struct {
-	s    *Stack
-	off  int
-	wait bool // in RawConn.Read: ask to wait when nothing is there
-	read func(fd uintptr) bool
-	poll func(fd uintptr) // read without waiting, for RawConn.Control
-
-	bp  *[]byte // the datagram's buffer, nil when none was read
-	n   int
-	err error
-}
-
-func (r *udpReader) readFd(fd uintptr) bool {
-	r.bp = r.s.bufPool.Get().(*[]byte)
-	for {
-		r.n, r.err = unix.Read(int(fd), (*r.bp)[r.off:])
-		if r.err != unix.EINTR {
-			break
-		}
-	}
-	if r.err == nil {
-		return true
-	}
-	r.s.bufPool.Put(r.bp)
-	r.bp = nil
-	if r.err == unix.EAGAIN {
-		r.err = nil
-		return !r.wait // only the first read waits in the netpoller
-	}
-	return true
 }
 
 // udpReplyPacket wraps the n-byte datagram in bp in IP and UDP headers for

@@ -86,13 +86,13 @@ func (w *sockWatcher) rearm(rc syscall.RawConn, t uint64) error {
 	return w.ctl(rc, unix.EPOLL_CTL_MOD, t)
 }
 
-// remove stops watching rc (token 0: never added). A closed socket left
-// the epoll set when it was closed; only the token is forgotten then.
-func (w *sockWatcher) remove(rc syscall.RawConn, t uint64) {
+// forget drops token t (0: never added). The socket itself leaves the
+// epoll set when it is closed, which its relay does next: no epoll_ctl.
+// An event already taken for it finds no pump and is ignored.
+func (w *sockWatcher) forget(t uint64) {
 	if t == 0 {
 		return
 	}
-	rc.Control(func(fd uintptr) { unix.EpollCtl(w.epfd, unix.EPOLL_CTL_DEL, int(fd), nil) })
 	w.mu.Lock()
 	delete(w.waiting, t)
 	w.mu.Unlock()
