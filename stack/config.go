@@ -80,7 +80,7 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// apply sets c on the stack's TCP protocol.
+// applyConfig sets c on the stack's TCP protocol.
 func (s *Stack) applyConfig(c Config) error {
 	set := func(what string, opt tcpip.SettableTransportProtocolOption) error {
 		if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {

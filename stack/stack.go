@@ -149,17 +149,17 @@ func New(o Options) (*Stack, error) {
 		}
 	}
 	s.pollTUN = s.pollTUNFd
-	s.ep = &linkEndpoint{mtu: uint32(o.MTU), write: s.writeStackPackets}
-	s.ns = stack.New(stack.Options{
-		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
-		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
-	})
 	w, err := newSockWatcher()
 	if err != nil {
 		cancel()
 		return nil, err
 	}
 	s.watcher = w
+	s.ep = &linkEndpoint{mtu: uint32(o.MTU), write: s.writeStackPackets}
+	s.ns = stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
+	})
 	tcpCfg := o.TCP
 	if tcpCfg == (Config{}) {
 		tcpCfg = DefaultConfig()
