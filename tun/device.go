@@ -145,6 +145,18 @@ func (d *Device) Close() error {
 	return errors.Join(errs...)
 }
 
+// CloseKeepKillSwitch closes the device but leaves tunfw's rules, table
+// and nftables table as they are: with fail = "closed", only a clean stop
+// lifts the kill switch, so an error exit keeps it. The routes into the
+// TUN vanish with the device; the unreachable routes stay and block.
+func (d *Device) CloseKeepKillSwitch() error {
+	if d.policy != nil {
+		d.policy.stopKeepAlive()
+	}
+	d.policy = nil
+	return d.Close()
+}
+
 // DefaultRouteInterface returns the interface of the main table's default
 // route for the family of v4 (true: IPv4), or "" if there is none.
 func DefaultRouteInterface(v4 bool) (string, error) {
