@@ -544,3 +544,19 @@ func testGatewaySourceCheck(t *testing.T, auto bool) {
 		}
 	}
 }
+
+// TestFailClosedNeedsCapture: fail = "closed" without auto or from has no
+// kill switch to keep; it is a config error with file:line, not ignored.
+func TestFailClosedNeedsCapture(t *testing.T) {
+	cfg := writeConfig(t, `
+[tun]
+addresses = ["198.18.0.1/30"]
+[route]
+include = ["203.0.113.0/24"]
+fail = "closed"
+`)
+	out, err := exec.Command(binary, "check", "-c", cfg).CombinedOutput()
+	if err == nil || !regexp.MustCompile(`config\.toml:6: route\.fail: .*needs auto = true or from`).Match(out) {
+		t.Errorf("tunfw check: %v\n%s", err, out)
+	}
+}

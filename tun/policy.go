@@ -21,8 +21,13 @@ import (
 //
 //	P    iif TUN lookup main         packets coming out of the TUN (replies
 //	                                 to gateway clients) never go back in
+//	P    iif lo to 169.254.0.0/16    from: the host's own link-local traffic
+//	     lookup main                 (gateway clients' is captured)
 //	P+1  not fwmark M lookup T       auto: everything but tunfw's own sockets
+//	                                 (and what nft.go gives the mark)
 //	P+1  iif IFACE lookup T          from: traffic forwarded from IFACE
+//
+// and, unless [route] nftables = false, an nftables table (nft.go).
 //
 // Table T holds, for each prefix of include minus exclude (include defaults
 // to 0.0.0.0/0 and ::/0), a route into the TUN, which vanishes with the
