@@ -350,6 +350,15 @@ func TestCaptureNftLifecycle(t *testing.T) {
 		if err := tcpEcho(host, hostPort(topo.ServiceV4, 8080), 2*time.Second); err == nil {
 			t.Errorf("fail = closed, tunfw killed: an unbound connection got through")
 		}
+		// A restart adopts the kill switch's routes and rules as they are
+		// (nothing removed before the new ones are in) and replaces the
+		// nftables table in one transaction.
+		fw = startTunfw(t, host, cfg)
+		fw.waitLog(t, 5*time.Second, "removed leftovers of an earlier run", "rules=0", "routes=0", "nftables=1")
+		if rc, out, _ := curlAs(host, url); rc != 0 {
+			t.Errorf("tunfw up after kill -9: curl rc %d\n%s", rc, out)
+		}
+		fw.kill9()
 		runDown(t, host, cfg)
 		if rc, out := bound(); rc != 0 {
 			t.Errorf("after tunfw down: bound curl rc %d\n%s", rc, out)
@@ -476,8 +485,16 @@ func testGatewaySourceCheck(t *testing.T, auto bool) {
 		startTCPEcho(t, topo.Server, netip.MustParseAddrPort(fmt.Sprintf("169.254.169.254:%d", port)))
 	}
 
+	startTCPEcho(t, host, netip.MustParseAddrPort("[::]:2222"))
 	cfg := writeConfig(t, fmt.Sprintf(gatewaySpoofConfig, auto, lanA, lanB))
 	fw := startTunfw(t, host, cfg)
+	// Clients reach the host's own services (with auto, the replies must
+	// not be captured).
+	for _, at := range []string{"10.98.0.1:2222", "[fd98::1]:2222"} {
+		if err := tcpEcho(a, at, 3*time.Second); err != nil {
+			t.Errorf("client A to the host's service %s: %v", at, err)
+		}
+	}
 
 	dialFrom := func(ns *netnstest.NS, src netip.Addr, dst string) error {
 		var c net.Conn

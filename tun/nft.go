@@ -39,6 +39,7 @@ import (
 //	  chain output { type filter hook output priority filter
 //	    oifname TUN accept; oifname lo accept; meta mark M accept
 //	    icmpv6 type nd-router-solicit-nd-redirect accept
+//	    udp sport . udp dport { 68 . 67, 546 . 547 } accept   # DHCP clients
 //	    1 @alive jump captured                      # fail = "closed": jump captured
 //	  }
 //	  chain captured {
@@ -239,6 +240,14 @@ func (g *guardBuilder) build(s Settings, failClosed bool) {
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
 		&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{133}, ToData: []byte{137}},
 	}, accept())
+	// DHCP clients renew their lease with a socket bound to the device;
+	// their ports are privileged, so no ordinary user can borrow them.
+	for _, ports := range [][2]uint16{{68, 67}, {546, 547}} {
+		g.rule(out, l4proto(unix.IPPROTO_UDP), []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 4},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ports[0] >> 8), byte(ports[0]), byte(ports[1] >> 8), byte(ports[1])}},
+		}, accept())
+	}
 	// What leaves outside the TUN to a captured destination without the
 	// mark bypassed capture (a socket bound to a device or to another
 	// interface's route). nftables cannot ask routing from the output
