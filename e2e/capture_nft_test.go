@@ -392,6 +392,22 @@ func TestCaptureNftLifecycle(t *testing.T) {
 		restored("after an error exit and tunfw down")
 	})
 
+	t.Run("nftables-off", func(t *testing.T) {
+		// The documented opt-out: no table, and bound sockets are not
+		// refused (README: what is then unprotected).
+		cfg := writeConfig(t, strings.Replace(fmt.Sprintf(captureConfig, "open"), "auto = true", "auto = true\nnftables = false", 1))
+		fw := startTunfw(t, host, cfg)
+		if table := nftTable(t, host, "tunfw"); table != "" {
+			t.Errorf("nftables = false, but a table is installed:\n%s", table)
+		}
+		if err := tcpEcho(host, hostPort(topo.ServiceV4, 9100), 3*time.Second); err != nil {
+			t.Errorf("capture with nftables = false: %v", err)
+		}
+		fw.waitLog(t, 5*time.Second, "verdict=allow", "dst="+hostPort(topo.ServiceV4, 9100))
+		fw.stop()
+		restored("after nftables = false")
+	})
+
 	t.Run("down-block", func(t *testing.T) {
 		cfg := captureCfg(t, "closed")
 		out, err := host.Cmd(binary, "down", "--block", "-c", cfg).CombinedOutput()

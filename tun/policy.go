@@ -74,7 +74,8 @@ type policy struct {
 	guard  bool // the nftables table is installed
 	// preexisting is how many connections open at start were marked to
 	// stay on the normal routes (preexisting.go).
-	preexisting int
+	preexisting    int
+	preexistingErr error
 	// stopAlive ends the goroutine that keeps a fail = "open" output
 	// filter alive (nft.go); aliveDone is closed when it has.
 	stopAlive, aliveDone chan struct{}
@@ -156,11 +157,13 @@ func (d *Device) Install(s Settings) (Leftovers, error) {
 
 // Preexisting returns how many connections that were open when capture
 // started were left on the normal routes, unjudged.
-func (d *Device) Preexisting() int {
+// The error says which of them could not be marked (they are captured,
+// and cut).
+func (d *Device) Preexisting() (int, error) {
 	if d.policy == nil {
-		return 0
+		return 0, nil
 	}
-	return d.policy.preexisting
+	return d.policy.preexisting, d.policy.preexistingErr
 }
 
 // InstallKillSwitch installs what a crashed tunfw with fail = "closed"
@@ -173,7 +176,7 @@ func InstallKillSwitch(s Settings) (Leftovers, error) {
 	}
 	p := &policy{s: s}
 	n, err := p.install(0, s.Name, readSysctl("net/ipv6/conf/default/disable_ipv6") == 1, true)
-	return n, err
+	return n, errors.Join(err, p.preexistingErr)
 }
 
 // install installs the policy for the device with index idx (0: none, the
@@ -209,11 +212,9 @@ func (p *policy) install(idx int, tunName string, noIPv6, failClosed bool) (Left
 		}
 		if s.Auto {
 			// Before the rules: from then on, what is not marked is captured.
-			n, err := markExisting(s)
-			p.preexisting = n
-			if err != nil {
-				return left, fmt.Errorf("mark the connections open at start: %w", err)
-			}
+			// A failure here (no socket diagnostics for UDP, say) costs
+			// only those connections: reported, not fatal.
+			p.preexisting, p.preexistingErr = markExisting(s)
 		}
 	}
 	for _, n := range neverCaptured {

@@ -89,8 +89,11 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	d.preexisting = dev.Preexisting()
 	if cfg.Net.Auto && cfg.Net.NFTables {
+		var err error
+		if d.preexisting, err = dev.Preexisting(); err != nil {
+			log.Warn("some connections open at start could not be kept on the normal routes; they are captured", "err", err)
+		}
 		log.Info("connections open at start stay on the normal routes, unjudged", "count", d.preexisting)
 	}
 	for _, w := range dev.Warnings(cfg.Net, out.IfaceV4, out.IfaceV6) {
