@@ -24,6 +24,12 @@ type Device struct {
 	routes []netlink.Route
 	policy *policy // policy routing, when used (policy.go)
 	noIPv6 bool    // IPv6 is disabled in this network namespace
+
+	// OnGuardError, when set before Install, hears when refreshing the
+	// nftables table's alive element starts failing (err) and when it
+	// works again (nil): with fail = "open", bound sockets are no longer
+	// refused a few seconds after it fails.
+	OnGuardError func(err error)
 }
 
 // Open creates the TUN device, gives it its addresses and MTU and brings it

@@ -79,6 +79,7 @@ type policy struct {
 	// stopAlive ends the goroutine that keeps a fail = "open" output
 	// filter alive (nft.go); aliveDone is closed when it has.
 	stopAlive, aliveDone chan struct{}
+	onAliveErr           func(error) // see Device.OnGuardError
 }
 
 // keepAlive refreshes the alive element of the nftables table until
@@ -90,12 +91,17 @@ func (p *policy) keepAlive() {
 		defer close(p.aliveDone)
 		t := time.NewTicker(aliveInterval)
 		defer t.Stop()
+		failing := false
 		for {
 			select {
 			case <-p.stopAlive:
 				return
 			case <-t.C:
-				refreshAlive(p.s)
+				err := refreshAlive(p.s)
+				if (err != nil) != failing && p.onAliveErr != nil {
+					p.onAliveErr(err)
+				}
+				failing = err != nil
 			}
 		}
 	}()

@@ -79,6 +79,13 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 			log.Error("teardown", "err", err)
 		}
 	}()
+	dev.OnGuardError = func(err error) {
+		if err != nil {
+			log.Error("cannot refresh the nftables table: sockets bound to a device will no longer be refused", "err", err)
+		} else {
+			log.Info("nftables table refreshed again")
+		}
+	}
 	// The device is ours now, so no other tunfw runs with it: what its
 	// table, rule priority and nftables table hold was left by a crashed
 	// run (or `tunfw down --block`). Install replaces it.
