@@ -150,8 +150,20 @@ func captureStatusOf(t *testing.T, ns *netnstest.NS, cfg string) (preexisting in
 // port, in both families.
 func TestCaptureInbound(t *testing.T) {
 	requireNft(t)
+	// In a fresh namespace conntrack tracks nothing before tunfw's table
+	// uses it; on a host with a stateful firewall (Docker, firewalld) it
+	// already tracks the sessions: both ways of finding them are tested.
+	for _, tracked := range []bool{false, true} {
+		t.Run(fmt.Sprintf("conntrack-before=%v", tracked), func(t *testing.T) { testCaptureInbound(t, tracked) })
+	}
+}
+
+func testCaptureInbound(t *testing.T, tracked bool) {
 	topo := newCaptureTopo(t)
 	host := topo.Host
+	if tracked {
+		host.Run(t, "nft", "add table inet other; add chain inet other in { type filter hook input priority 0; }; add rule inet other in ct state established counter")
+	}
 	for _, a := range []netip.Addr{topo.HostV4, topo.HostV6} {
 		startUDPEcho(t, host, netip.AddrPortFrom(a, 5353))
 	}

@@ -40,6 +40,18 @@ func markExisting(s Settings) (int, error) {
 		}
 		return a.IsLoopback()
 	}
+	// Only the host's own connections: marking a forwarded one would
+	// change nothing (the mark is restored on output only) but the count.
+	local := map[netip.Addr]bool{}
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return 0, fmt.Errorf("list the host's addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			local[ip.Unmap()] = true
+		}
+	}
 	seen := map[connKey]bool{}
 	n := 0
 	var errs []error
@@ -55,7 +67,8 @@ func markExisting(s Settings) (int, error) {
 			}
 			fw, rv := tupleKey(f.Forward), tupleKey(f.Reverse)
 			seen[fw], seen[rv] = true, true
-			if f.Mark != 0 || skip(fw.src.Addr()) || skip(fw.dst.Addr()) || skip(rv.src.Addr()) || skip(rv.dst.Addr()) {
+			mine := local[fw.src.Addr()] || local[fw.dst.Addr()] || local[rv.src.Addr()] || local[rv.dst.Addr()]
+			if f.Mark != 0 || !mine || skip(fw.src.Addr()) || skip(fw.dst.Addr()) || skip(rv.src.Addr()) || skip(rv.dst.Addr()) {
 				continue
 			}
 			f.Mark, f.ProtoInfo = s.FWMark, nil
