@@ -419,9 +419,11 @@ func TestCaptureTeardown(t *testing.T) {
 		fw := startTunfw(t, host, cfg)
 		fw.kill9()
 		// fail = open: the rules point into a table that lost its routes
-		// with the device, so traffic takes the main table again.
+		// with the device, so traffic takes the main table again, and
+		// the nftables output filter stops refusing once its alive
+		// element times out (5 s).
 		for _, at := range []string{echo, echo6, hostPort(topo.ServiceV4, 9001)} {
-			if err := tcpEcho(host, at, 3*time.Second); err != nil {
+			if err := eventually(8*time.Second, func() error { return tcpEcho(host, at, 3*time.Second) }); err != nil {
 				t.Errorf("after kill -9 with fail = open, %s: %v", at, err)
 			}
 		}
@@ -440,7 +442,7 @@ func TestCaptureTeardown(t *testing.T) {
 		if after := netState(t, host); after != before {
 			t.Errorf("namespace not restored after kill -9 and tunfw down.\nbefore:\n%s\nafter:\n%s", before, after)
 		}
-		if out := runDown(t, host, cfg); !strings.Contains(out, "removed 0 ip rules and 0 routes") {
+		if out := runDown(t, host, cfg); !strings.Contains(out, "removed 0 ip rules, 0 routes and 0 nftables tables") {
 			t.Errorf("a second tunfw down found something: %s", out)
 		}
 	})

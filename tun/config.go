@@ -51,6 +51,15 @@ type RouteConfig struct {
 	// From lists interfaces whose incoming (forwarded) traffic is routed
 	// into the TUN: gateway mode for other namespaces and containers.
 	From []string `toml:"from"`
+	// NFTables installs tunfw's nftables table with policy routing
+	// (nft.go): replies of inbound connections leave by the normal
+	// routes, nothing leaves outside the TUN unjudged, gateway sources
+	// are checked. Unset means true; false runs without it.
+	NFTables *bool `toml:"nftables"`
+	// VerifySource drops packets from a From interface whose source
+	// address does not route back through that interface. Unset means
+	// true.
+	VerifySource *bool `toml:"verify_source"`
 }
 
 // Defaults used for keys the file leaves out.
@@ -96,6 +105,10 @@ type Settings struct {
 	RulePriority int
 	FailClosed   bool
 	From         []string
+	// NFTables: install tunfw's nftables table (nft.go).
+	NFTables bool
+	// VerifySource: reverse-path check on the From interfaces.
+	VerifySource bool
 }
 
 // PolicyRouting reports whether the include list goes into tunfw's own
@@ -184,6 +197,17 @@ func validatePolicy(s *Settings, r RouteConfig) error {
 	}
 	if s.PolicyRouting() && s.FWMark == 0 {
 		s.FWMark = DefaultFWMark
+	}
+	if s.FailClosed && !s.PolicyRouting() {
+		errs = append(errs, config.Errorf("route.fail", "\"closed\" needs auto = true or from = [...]: without policy routing there is no kill switch to keep"))
+	}
+	s.NFTables = r.NFTables == nil || *r.NFTables
+	s.VerifySource = r.VerifySource == nil || *r.VerifySource
+	if !s.NFTables {
+		if r.VerifySource != nil && *r.VerifySource && len(s.From) > 0 {
+			errs = append(errs, config.Errorf("route.verify_source", "needs nftables = true (the check is an nftables rule)"))
+		}
+		s.VerifySource = false
 	}
 	return errors.Join(errs...)
 }

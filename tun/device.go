@@ -24,6 +24,12 @@ type Device struct {
 	routes []netlink.Route
 	policy *policy // policy routing, when used (policy.go)
 	noIPv6 bool    // IPv6 is disabled in this network namespace
+
+	// OnGuardError, when set before Install, hears when refreshing the
+	// nftables table's alive element starts failing (err) and when it
+	// works again (nil): with fail = "open", bound sockets are no longer
+	// refused a few seconds after it fails.
+	OnGuardError func(err error)
 }
 
 // Open creates the TUN device, gives it its addresses and MTU and brings it
@@ -143,6 +149,18 @@ func (d *Device) Close() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// CloseKeepKillSwitch closes the device but leaves tunfw's rules, table
+// and nftables table as they are: with fail = "closed", only a clean stop
+// lifts the kill switch, so an error exit keeps it. The routes into the
+// TUN vanish with the device; the unreachable routes stay and block.
+func (d *Device) CloseKeepKillSwitch() error {
+	if d.policy != nil {
+		d.policy.stopKeepAlive()
+	}
+	d.policy = nil
+	return d.Close()
 }
 
 // DefaultRouteInterface returns the interface of the main table's default

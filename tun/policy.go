@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -20,8 +21,13 @@ import (
 //
 //	P    iif TUN lookup main         packets coming out of the TUN (replies
 //	                                 to gateway clients) never go back in
+//	P    iif lo to 169.254.0.0/16    from: the host's own link-local traffic
+//	     lookup main                 (gateway clients' is captured)
 //	P+1  not fwmark M lookup T       auto: everything but tunfw's own sockets
+//	                                 (and what nft.go gives the mark)
 //	P+1  iif IFACE lookup T          from: traffic forwarded from IFACE
+//
+// and, unless [route] nftables = false, an nftables table (nft.go).
 //
 // Table T holds, for each prefix of include minus exclude (include defaults
 // to 0.0.0.0/0 and ::/0), a route into the TUN, which vanishes with the
@@ -62,9 +68,52 @@ var everything = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustPa
 
 // policy is what policy routing installed, for removal.
 type policy struct {
-	table  int
+	s      Settings
 	rules  []netlink.Rule
 	routes []netlink.Route
+	guard  bool // the nftables table is installed
+	// preexisting is how many connections open at start were marked to
+	// stay on the normal routes (preexisting.go).
+	preexisting    int
+	preexistingErr error
+	// stopAlive ends the goroutine that keeps a fail = "open" output
+	// filter alive (nft.go); aliveDone is closed when it has.
+	stopAlive, aliveDone chan struct{}
+	onAliveErr           func(error) // see Device.OnGuardError
+}
+
+// keepAlive refreshes the alive element of the nftables table until
+// stopAlive is closed. A failed refresh is retried at the next tick; the
+// element outlives several.
+func (p *policy) keepAlive() {
+	p.stopAlive, p.aliveDone = make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(p.aliveDone)
+		t := time.NewTicker(aliveInterval)
+		defer t.Stop()
+		failing := false
+		for {
+			select {
+			case <-p.stopAlive:
+				return
+			case <-t.C:
+				err := refreshAlive(p.s)
+				if (err != nil) != failing && p.onAliveErr != nil {
+					p.onAliveErr(err)
+				}
+				failing = err != nil
+			}
+		}
+	}()
+}
+
+// stopKeepAlive stops keepAlive, if it runs.
+func (p *policy) stopKeepAlive() {
+	if p.stopAlive != nil {
+		close(p.stopAlive)
+		<-p.aliveDone
+		p.stopAlive = nil
+	}
 }
 
 // CapturedPrefixes returns the destinations policy routing sends into the
@@ -91,65 +140,155 @@ func CapturedPrefixes(s Settings) []netip.Prefix {
 	return out
 }
 
+// linkLocal4 is where cloud metadata services live. The host's own
+// link-local traffic bypasses tunfw (an ip rule for iif lo sends it to the
+// main table); what gateway clients send there is captured like the rest.
+var linkLocal4 = netip.MustParsePrefix("169.254.0.0/16")
+
 // Install routes traffic into the device as s says: with policy routing
-// (auto or from) through tunfw's table and ip rules, otherwise include
-// minus exclude in the main table. Whatever it installed, also on error,
-// is removed by Close. Call Cleanup first to remove leftovers of a crashed
-// run.
-func (d *Device) Install(s Settings) error {
+// (auto or from) through tunfw's table, ip rules and nftables table,
+// otherwise include minus exclude in the main table. What an earlier run
+// left (a crash, the fail = "closed" kill switch, `tunfw down --block`) is
+// replaced, never removed first: the new table, routes and rules are in
+// place before the leftovers that differ go, so a restart leaves no
+// moment unfiltered. Whatever it installed, also on error, is removed by
+// Close (or kept by CloseKeepKillSwitch).
+func (d *Device) Install(s Settings) (Leftovers, error) {
 	if !s.PolicyRouting() {
-		return d.AddRoutes(s.Include, s.Exclude)
+		return Leftovers{}, d.AddRoutes(s.Include, s.Exclude)
 	}
-	d.policy = &policy{table: s.Table}
+	d.policy = &policy{s: s}
+	return d.policy.install(d.link.Attrs().Index, d.name, d.noIPv6, s.FailClosed)
+}
+
+// Preexisting returns how many connections that were open when capture
+// started were left on the normal routes, unjudged.
+// The error says which of them could not be marked (they are captured,
+// and cut).
+func (d *Device) Preexisting() (int, error) {
+	if d.policy == nil {
+		return 0, nil
+	}
+	return d.policy.preexisting, d.policy.preexistingErr
+}
+
+// InstallKillSwitch installs what a crashed tunfw with fail = "closed"
+// leaves: tunfw's table with unreachable routes for everything captured,
+// its ip rules and its nftables table, but no device. It is for boot
+// (`tunfw down --block`), before tunfw runs; `up` replaces it.
+func InstallKillSwitch(s Settings) (Leftovers, error) {
+	if !s.PolicyRouting() {
+		return Leftovers{}, errors.New("the kill switch needs policy routing: set route.auto = true or route.from")
+	}
+	p := &policy{s: s}
+	n, err := p.install(0, s.Name, readSysctl("net/ipv6/conf/default/disable_ipv6") == 1, true)
+	return n, errors.Join(err, p.preexistingErr)
+}
+
+// install installs the policy for the device with index idx (0: none, the
+// kill switch only). Blocking parts go first with fail = "closed": the
+// nftables table, unreachable routes and the rules; then the routes into
+// the TUN; with fail = "open" the rules come last, so that a rule never
+// points at a half-built table.
+func (p *policy) install(idx int, tunName string, noIPv6, failClosed bool) (Leftovers, error) {
+	s := p.s
+	var left Leftovers
 	captured := CapturedPrefixes(s)
+	captured = slices.DeleteFunc(captured, func(p netip.Prefix) bool { return p.Addr().Is6() && noIPv6 })
 	families := map[bool]bool{} // is4 -> has captured prefixes
-	captured = slices.DeleteFunc(captured, func(p netip.Prefix) bool { return p.Addr().Is6() && d.noIPv6 })
 	for _, p := range captured {
 		families[p.Addr().Is4()] = true
 	}
-	idx := d.link.Attrs().Index
-	// Table first, rules last: a rule never points at a half-built table.
+	gatewayLinkLocal := len(s.From) > 0 && families[true]
+	if gatewayLinkLocal {
+		captured = append(captured, linkLocal4)
+	}
+	if s.NFTables {
+		replaced, err := installGuard(s, tunName, failClosed)
+		if err != nil {
+			return left, fmt.Errorf("%w: host capture needs nftables (nf_tables with conntrack, fib and reject in the kernel); "+
+				"set route.nftables = false to run without it (see README: Host capture)", err)
+		}
+		p.guard = true
+		if s.Auto && !failClosed {
+			p.keepAlive()
+		}
+		if replaced {
+			left.NFTables++
+		}
+		if s.Auto {
+			// Before the rules: from then on, what is not marked is captured.
+			// A failure here (no socket diagnostics for UDP, say) costs
+			// only those connections: reported, not fatal.
+			p.preexisting, p.preexistingErr = markExisting(s)
+		}
+	}
 	for _, n := range neverCaptured {
-		if !families[n.Addr().Is4()] {
+		if !families[n.Addr().Is4()] || gatewayLinkLocal && n == linkLocal4 {
 			continue
 		}
-		if err := d.policy.addRoute(netlink.Route{Dst: prefixIPNet(n), Type: unix.RTN_THROW}, s.Table); err != nil {
-			return err
+		if err := p.addRoute(netlink.Route{Dst: prefixIPNet(n), Type: unix.RTN_THROW}); err != nil {
+			return left, err
 		}
 	}
-	for _, p := range captured {
-		if s.FailClosed {
-			r := netlink.Route{Dst: prefixIPNet(p), Type: unix.RTN_UNREACHABLE, Priority: killSwitchMetric}
-			if err := d.policy.addRoute(r, s.Table); err != nil {
-				return err
+	if failClosed {
+		for _, c := range captured {
+			r := netlink.Route{Dst: prefixIPNet(c), Type: unix.RTN_UNREACHABLE, Priority: killSwitchMetric}
+			if err := p.addRoute(r); err != nil {
+				return left, err
 			}
 		}
-		r := netlink.Route{Dst: prefixIPNet(p), LinkIndex: idx, Scope: netlink.SCOPE_LINK}
-		if err := d.policy.addRoute(r, s.Table); err != nil {
-			return fmt.Errorf("%w (dev %s)", err, d.name)
+		if err := p.addRules(tunName, families, gatewayLinkLocal); err != nil {
+			return left, err
 		}
 	}
+	if idx != 0 {
+		for _, c := range captured {
+			r := netlink.Route{Dst: prefixIPNet(c), LinkIndex: idx, Scope: netlink.SCOPE_LINK}
+			if err := p.addRoute(r); err != nil {
+				return left, fmt.Errorf("%w (dev %s)", err, tunName)
+			}
+		}
+	}
+	if !failClosed {
+		if err := p.addRules(tunName, families, gatewayLinkLocal); err != nil {
+			return left, err
+		}
+	}
+	stale, err := p.removeStale(idx)
+	left.Rules, left.Routes = stale.Rules, stale.Routes
+	return left, err
+}
+
+func (p *policy) addRules(tunName string, families map[bool]bool, gatewayLinkLocal bool) error {
+	s := p.s
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		if !families[fam == netlink.FAMILY_V4] {
 			continue
 		}
-		rules := []netlink.Rule{ruleOf(fam, s.RulePriority, unix.RT_TABLE_MAIN, func(r *netlink.Rule) { r.IifName = d.name })}
+		rules := []netlink.Rule{ruleOf(fam, s.RulePriority, unix.RT_TABLE_MAIN, func(r *netlink.Rule) { r.IifName = tunName })}
+		if gatewayLinkLocal && fam == netlink.FAMILY_V4 {
+			rules = append(rules, ruleOf(fam, s.RulePriority, unix.RT_TABLE_MAIN, func(r *netlink.Rule) {
+				r.IifName, r.Dst = "lo", prefixIPNet(linkLocal4)
+			}))
+		}
 		if s.Auto {
 			rules = append(rules, ruleOf(fam, s.RulePriority+1, s.Table, func(r *netlink.Rule) {
 				r.Mark, r.Invert = s.FWMark, true
 				mask := uint32(0xffffffff)
 				r.Mask = &mask
 			}))
-		} else {
-			for _, iface := range s.From {
-				rules = append(rules, ruleOf(fam, s.RulePriority+1, s.Table, func(r *netlink.Rule) { r.IifName = iface }))
-			}
+		}
+		for _, iface := range s.From {
+			rules = append(rules, ruleOf(fam, s.RulePriority+1, s.Table, func(r *netlink.Rule) { r.IifName = iface }))
 		}
 		for _, r := range rules {
-			if err := netlink.RuleAdd(&r); err != nil {
+			// The same rule of an earlier run is kept as it is: deleting
+			// and adding it again would open a gap.
+			if err := netlink.RuleAdd(&r); err != nil && !errors.Is(err, unix.EEXIST) {
 				return fmt.Errorf("add ip rule %s: %w", describeRule(r), err)
 			}
-			d.policy.rules = append(d.policy.rules, r)
+			p.rules = append(p.rules, r)
 		}
 	}
 	return nil
@@ -168,6 +307,9 @@ func describeRule(r netlink.Rule) string {
 	if r.IifName != "" {
 		fmt.Fprintf(&b, " iif %s", r.IifName)
 	}
+	if r.Dst != nil {
+		fmt.Fprintf(&b, " to %s", r.Dst)
+	}
 	if r.Mark != 0 {
 		if r.Invert {
 			b.WriteString(" not")
@@ -181,9 +323,49 @@ func describeRule(r netlink.Rule) string {
 	return b.String()
 }
 
-func (p *policy) addRoute(r netlink.Route, table int) error {
-	r.Table, r.Protocol = table, RTProto
-	if err := netlink.RouteAdd(&r); err != nil {
+// ruleKey identifies a rule by what it matches and does.
+func ruleKey(r netlink.Rule) string {
+	dst := ""
+	if r.Dst != nil {
+		dst = r.Dst.String()
+	}
+	return fmt.Sprintf("%d %d %d iif=%s oif=%s mark=%#x not=%v to=%s", r.Family, r.Priority, r.Table, r.IifName, r.OifName, r.Mark, r.Invert, dst)
+}
+
+// routeKey identifies a route of tunfw's table the way the kernel does
+// (destination, metric), plus its type and device.
+func routeKey(r netlink.Route, family int) string {
+	dst := "default"
+	if r.Dst != nil {
+		if ones, _ := r.Dst.Mask.Size(); ones > 0 {
+			dst = r.Dst.String()
+		}
+	}
+	typ, prio := r.Type, r.Priority
+	if typ == 0 {
+		typ = unix.RTN_UNICAST
+	}
+	if family == netlink.FAMILY_V6 && prio == 0 {
+		prio = 1024 // the kernel's default IPv6 metric
+	}
+	link := 0
+	if typ == unix.RTN_UNICAST {
+		link = r.LinkIndex
+	}
+	return fmt.Sprintf("%d %s type=%d metric=%d dev=%d", family, dst, typ, prio, link)
+}
+
+func routeFamily(r netlink.Route) int {
+	if r.Dst != nil && r.Dst.IP.To4() == nil {
+		return netlink.FAMILY_V6
+	}
+	return netlink.FAMILY_V4
+}
+
+func (p *policy) addRoute(r netlink.Route) error {
+	r.Table, r.Protocol = p.s.Table, RTProto
+	// Replace: the kill switch an earlier run left has the same routes.
+	if err := netlink.RouteReplace(&r); err != nil {
 		kind := "route"
 		switch r.Type {
 		case unix.RTN_THROW:
@@ -191,15 +373,33 @@ func (p *policy) addRoute(r netlink.Route, table int) error {
 		case unix.RTN_UNREACHABLE:
 			kind = "unreachable route"
 		}
-		return fmt.Errorf("add %s %s to table %d: %w", kind, r.Dst, table, err)
+		return fmt.Errorf("add %s %s to table %d: %w", kind, r.Dst, p.s.Table, err)
 	}
 	p.routes = append(p.routes, r)
 	return nil
 }
 
-// remove deletes the rules, then the routes of the table. Routes that are
-// already gone (those into the TUN vanish with it) are not errors.
+// removeStale removes the rules and table routes an earlier run left that
+// this one did not install (or adopt); routes into the device idx are
+// this run's.
+func (p *policy) removeStale(idx int) (Leftovers, error) {
+	keep := map[string]bool{}
+	for _, r := range p.rules {
+		keep[ruleKey(r)] = true
+	}
+	for _, r := range p.routes {
+		keep[routeKey(r, routeFamily(r))] = true
+	}
+	return cleanup(p.s, func(r netlink.Rule) bool { return keep[ruleKey(r)] },
+		func(r netlink.Route, fam int) bool { return (idx != 0 && r.LinkIndex == idx) || keep[routeKey(r, fam)] })
+}
+
+// remove deletes the rules, then the routes of the table, then the
+// nftables table (last: until the rules are gone, the replies of inbound
+// connections need it). Routes that are already gone (those into the TUN
+// vanish with it) are not errors.
 func (p *policy) remove() error {
+	p.stopKeepAlive()
 	var errs []error
 	for i := len(p.rules) - 1; i >= 0; i-- {
 		r := p.rules[i]
@@ -211,24 +411,44 @@ func (p *policy) remove() error {
 	for i := len(p.routes) - 1; i >= 0; i-- {
 		r := p.routes[i]
 		if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("delete route %s from table %d: %w", r.Dst, p.table, err))
+			errs = append(errs, fmt.Errorf("delete route %s from table %d: %w", r.Dst, p.s.Table, err))
 		}
 	}
 	p.routes = nil
+	if p.guard {
+		if _, err := removeGuard(p.s); err != nil {
+			errs = append(errs, err)
+		}
+		p.guard = false
+	}
 	return errors.Join(errs...)
 }
 
-// Leftovers is what Cleanup removed.
+// Leftovers is what Cleanup removed, or what Install replaced.
 type Leftovers struct {
-	Rules, Routes int
+	Rules, Routes, NFTables int
 }
+
+// Any reports whether anything was left.
+func (l Leftovers) Any() bool { return l.Rules+l.Routes+l.NFTables > 0 }
 
 // Cleanup removes what an earlier tunfw with the same table and rule
 // priority left behind, in both families: ip rules at RulePriority and
-// RulePriority+1 that look up tunfw's table or carry RTProto, and every
-// route of the table (the kill switch's unreachable routes among them).
-// It is what `tunfw down` does, and `up` does it before installing.
+// RulePriority+1 that look up tunfw's table or carry RTProto, every
+// route of the table (the kill switch's unreachable routes among them)
+// and tunfw's nftables table. It is what `tunfw down` does.
 func Cleanup(s Settings) (Leftovers, error) {
+	n, err := cleanup(s, nil, nil)
+	removed, gerr := removeGuard(s)
+	if removed {
+		n.NFTables++
+	}
+	return n, errors.Join(err, gerr)
+}
+
+// cleanup deletes tunfw's rules and table routes, except those keepRule
+// and keepRoute (when not nil) accept.
+func cleanup(s Settings, keepRule func(netlink.Rule) bool, keepRoute func(netlink.Route, int) bool) (Leftovers, error) {
 	var n Leftovers
 	var errs []error
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
@@ -244,6 +464,9 @@ func Cleanup(s Settings) (Leftovers, error) {
 				continue
 			}
 			r.Family = fam
+			if keepRule != nil && keepRule(r) {
+				continue
+			}
 			if err := netlink.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
 				errs = append(errs, fmt.Errorf("delete ip rule %s: %w", describeRule(r), err))
 				continue
@@ -255,6 +478,9 @@ func Cleanup(s Settings) (Leftovers, error) {
 			errs = append(errs, fmt.Errorf("list routes of table %d: %w", s.Table, err))
 		}
 		for _, r := range routes {
+			if keepRoute != nil && keepRoute(r, fam) {
+				continue
+			}
 			if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
 				errs = append(errs, fmt.Errorf("delete route %s from table %d: %w", r.Dst, s.Table, err))
 				continue

@@ -135,6 +135,13 @@ func printStatus(w io.Writer, data []byte) int {
 	fmt.Fprintf(w, "verdicts forwarded %v, denied %v, rejected %v, monitored %v, flows created %v\n",
 		s.Verdicts["forwarded"], s.Verdicts["denied"], s.Verdicts["rejected"], s.Verdicts["monitored"], s.Verdicts["flows_created"])
 	fmt.Fprintf(w, "reloads  %v ok, %v failed\n", s.Reloads["ok"], s.Reloads["failed"])
+	if c := s.Capture; c != nil {
+		fmt.Fprintf(w, "capture  %d connections open at start left unjudged, %d packets refused outside the TUN, %d spoofed packets dropped\n",
+			c.Preexisting, c.Refused, c.Spoofed)
+		if c.Error != "" {
+			fmt.Fprintf(w, "capture  counters: %s\n", c.Error)
+		}
+	}
 	return 0
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/metrics"
 	"github.com/tunfw/tunfw/stack"
+	"github.com/tunfw/tunfw/tun"
 )
 
 // daemon is a running `tunfw up`: what reloads and control requests act on.
@@ -34,6 +35,8 @@ type daemon struct {
 	reloadMu sync.Mutex // one reload at a time
 	cfgMu    sync.Mutex
 	cfg      *Config
+
+	preexisting int // connections open at start, left unjudged (host capture)
 
 	reloadsOK, reloadsFailed atomic.Uint64
 	ctrl                     *control.Server
@@ -147,6 +150,20 @@ type statusInfo struct {
 	FlowsByState map[string]int `json:"flows_by_state"`
 	Verdicts     map[string]any `json:"verdicts"`
 	Reloads      map[string]any `json:"reloads"`
+	Capture      *captureStatus `json:"capture,omitempty"`
+}
+
+// captureStatus is what host capture's nftables table did.
+type captureStatus struct {
+	// Preexisting connections were open at start and left unjudged.
+	Preexisting int `json:"preexisting_connections"`
+	// Refused packets tried to leave outside the TUN (a socket bound to
+	// a device) to a captured destination.
+	Refused uint64 `json:"refused_outside_tun"`
+	// Spoofed packets came from a from interface with a source that
+	// does not route back through it.
+	Spoofed uint64 `json:"spoofed_dropped"`
+	Error   string `json:"error,omitempty"`
 }
 
 // statsInfo is the answer to `tunfw stats`.
@@ -192,6 +209,7 @@ func (d *daemon) handle(_ context.Context, req control.Request) control.Response
 				"flows_created": c.FlowsCreated,
 			},
 			Reloads: map[string]any{"ok": d.reloadsOK.Load(), "failed": d.reloadsFailed.Load()},
+			Capture: d.captureStatus(cfg),
 		})
 	case "stats":
 		return control.OK(d.stats())
@@ -223,6 +241,19 @@ func (d *daemon) handle(_ context.Context, req control.Request) control.Response
 		return control.OK(res)
 	}
 	return control.Response{Error: fmt.Sprintf("unknown command %q (want status, flows, stats or reload)", req.Cmd)}
+}
+
+func (d *daemon) captureStatus(cfg *Config) *captureStatus {
+	if !cfg.Net.PolicyRouting() || !cfg.Net.NFTables {
+		return nil
+	}
+	cs := &captureStatus{Preexisting: d.preexisting}
+	gc, err := tun.ReadGuardCounters(cfg.Net)
+	if err != nil {
+		cs.Error = err.Error()
+	}
+	cs.Refused, cs.Spoofed = gc.Refused, gc.Spoofed
+	return cs
 }
 
 func (d *daemon) stats() statsInfo {

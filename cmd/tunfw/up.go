@@ -66,22 +66,42 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	cleanStop := false
 	defer func() {
-		if err := dev.Close(); err != nil {
+		closeDev := dev.Close
+		if cfg.Net.FailClosed && !cleanStop {
+			// Only a clean stop lifts the kill switch.
+			closeDev = dev.CloseKeepKillSwitch
+			log.Warn("fail = closed: captured traffic stays blocked until tunfw runs again or `tunfw down` lifts the kill switch",
+				"table", cfg.Net.Table, "nftables", tun.GuardTableName(cfg.Net))
+		}
+		if err := closeDev(); err != nil {
 			log.Error("teardown", "err", err)
 		}
 	}()
-	if cfg.Net.PolicyRouting() {
-		// The device is ours now, so no other tunfw runs with it: what its
-		// table and rule priority hold was left by a crashed run.
-		if n, err := tun.Cleanup(cfg.Net); err != nil {
-			return fmt.Errorf("remove leftovers: %w", err)
-		} else if n.Rules+n.Routes > 0 {
-			log.Warn("removed leftovers of an earlier run", "rules", n.Rules, "routes", n.Routes, "table", cfg.Net.Table)
+	dev.OnGuardError = func(err error) {
+		if err != nil {
+			log.Error("cannot refresh the nftables table: sockets bound to a device will no longer be refused", "err", err)
+		} else {
+			log.Info("nftables table refreshed again")
 		}
 	}
-	if err := dev.Install(cfg.Net); err != nil {
+	// The device is ours now, so no other tunfw runs with it: what its
+	// table, rule priority and nftables table hold was left by a crashed
+	// run (or `tunfw down --block`). Install replaces it.
+	left, err := dev.Install(cfg.Net)
+	if left.Any() {
+		log.Warn("removed leftovers of an earlier run", "rules", left.Rules, "routes", left.Routes, "nftables", left.NFTables, "table", cfg.Net.Table)
+	}
+	if err != nil {
 		return err
+	}
+	if cfg.Net.Auto && cfg.Net.NFTables {
+		var err error
+		if d.preexisting, err = dev.Preexisting(); err != nil {
+			log.Warn("some connections open at start could not be kept on the normal routes; they are captured", "err", err)
+		}
+		log.Info("connections open at start stay on the normal routes, unjudged", "count", d.preexisting)
 	}
 	for _, w := range dev.Warnings(cfg.Net, out.IfaceV4, out.IfaceV6) {
 		log.Warn(w)
@@ -114,9 +134,17 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		"auto", cfg.Net.Auto, "from", fmt.Sprint(cfg.Net.From), "table", cfg.Net.Table, "fail_closed", cfg.Net.FailClosed)
 	select {
 	case <-ctx.Done():
+		cleanStop = true
 		log.Info("shutting down: removing routes and device")
 		return nil
 	case err := <-runErr:
+		if err == nil && ctx.Err() == nil {
+			// The device was closed under us (deleted): not a clean stop.
+			err = fmt.Errorf("TUN device %s went away", dev.InterfaceName())
+		}
+		if ctx.Err() != nil && err == nil {
+			cleanStop = true
+		}
 		return err
 	}
 }
