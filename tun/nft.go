@@ -286,23 +286,23 @@ func aliveElement() nftables.SetElement {
 	return nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(1), Timeout: aliveTimeout}
 }
 
-// refreshAlive renews the alive element of a fail = "open" table.
+// refreshAlive renews the alive element of a fail = "open" table. The set
+// is flushed and the element added in one transaction: a live element is
+// never missing, and one that has already timed out (tunfw stalled for
+// longer than aliveTimeout) comes back; deleting it would fail the whole
+// transaction, and every one after it.
 func refreshAlive(s Settings) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("open nftables netlink socket: %w", err)
 	}
 	set := &nftables.Set{Table: guardTable(s), Name: aliveSet, KeyType: nftables.TypeMark, HasTimeout: true}
-	e := []nftables.SetElement{aliveElement()}
-	// Delete and add in one transaction: the element is never missing.
-	if err := c.SetDeleteElements(set, e); err != nil {
-		return err
-	}
-	if err := c.SetAddElements(set, e); err != nil {
-		return err
+	c.FlushSet(set)
+	if err := c.SetAddElements(set, []nftables.SetElement{aliveElement()}); err != nil {
+		return fmt.Errorf("refresh nftables set %s: %w", aliveSet, err)
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("refresh nftables set %s: %w", aliveSet, err)
+		return fmt.Errorf("refresh nftables set %s of inet %s: %w", aliveSet, set.Table.Name, err)
 	}
 	return nil
 }

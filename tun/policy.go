@@ -157,7 +157,7 @@ func (d *Device) Install(s Settings) (Leftovers, error) {
 	if !s.PolicyRouting() {
 		return Leftovers{}, d.AddRoutes(s.Include, s.Exclude)
 	}
-	d.policy = &policy{s: s}
+	d.policy = &policy{s: s, onAliveErr: d.OnGuardError}
 	return d.policy.install(d.link.Attrs().Index, d.name, d.noIPv6, s.FailClosed)
 }
 
