@@ -40,7 +40,7 @@ import (
 //	    oifname TUN accept; oifname lo accept; meta mark M accept
 //	    icmpv6 type nd-router-solicit-nd-redirect accept
 //	    udp sport . udp dport { 68 . 67, 546 . 547 } accept   # DHCP clients
-//	    1 @alive jump captured                      # fail = "closed": jump captured
+//	    1 @alive jump captured                      # once armed (see below)
 //	  }
 //	  chain captured {
 //	    ip daddr NEVERCAPTURED return               # loopback, link-local, multicast
@@ -57,18 +57,22 @@ import (
 // existing rule "not fwmark M lookup T" then sends them to the main table.
 // A packet that leaves outside the TUN, without the mark, to a destination
 // that policy routing captures has bypassed capture (a socket bound to a
-// device): it is refused at once. With fail = "open" that refusal lasts
-// only while tunfw lives: it depends on an element of the set alive that
-// times out unless tunfw refreshes it, so the table a crashed tunfw
-// leaves lets everything pass within seconds, as its routes do at once.
-// With fail = "closed" it holds until a clean stop or `tunfw down`, so the
-// kill switch also stops bound sockets (an unreachable route does not:
-// the kernel assumes a bound device's destination is on link). Packets
-// between the host and the TUN skip conntrack, so host capture does not
-// fill the conntrack table.
+// device): it is refused at once. The refusal depends on the element of
+// the set alive. With fail = "open" it times out unless tunfw refreshes
+// it, so the table a crashed tunfw leaves lets everything pass within
+// seconds, as its routes do at once. With fail = "closed" it has no
+// timeout and holds until a clean stop or `tunfw down`, so the kill switch
+// also stops bound sockets (an unreachable route does not: the kernel
+// assumes a bound device's destination is on link). Packets between the
+// host and the TUN skip conntrack, so host capture does not fill the
+// conntrack table.
 //
 // The table is replaced in one transaction (add, delete, add), so a
-// restart never leaves a moment without it.
+// restart never leaves a moment without it. A new table starts unarmed
+// (no element) unless it replaces one of a fail = "closed" run: until the
+// connections open at start are marked and the ip rules are in, their
+// packets leave by the uplink without the mark and must not be refused
+// (that reset a running upload); armGuard arms it then.
 
 // guardTable returns tunfw's nftables table for s: "tunfw", or
 // "tunfw-TABLE" for a non-default routing table, so that two configs with
@@ -89,7 +93,9 @@ const refuseChain = "refuse"
 
 // installGuard replaces tunfw's nftables table with the one s needs;
 // tunName is the TUN device's name. It reports whether a table of an
-// earlier run was there.
+// earlier run was there. The output filter is armed at once only if that
+// table was there and failClosed (a kill switch is replaced); otherwise
+// armGuard arms it.
 func installGuard(s Settings, tunName string, failClosed bool) (replaced bool, err error) {
 	c, err := nftables.New()
 	if err != nil {
@@ -103,7 +109,7 @@ func installGuard(s Settings, tunName string, failClosed bool) (replaced bool, e
 	c.DelTable(t)
 	c.AddTable(t)
 	g := guardBuilder{c: c, t: t, mark: s.FWMark, tun: tunName}
-	g.build(s, failClosed)
+	g.build(s, failClosed, failClosed && replaced)
 	if err := c.Flush(); err != nil {
 		return replaced, fmt.Errorf("install nftables table inet %s: %w", t.Name, err)
 	}
@@ -194,7 +200,7 @@ func (g *guardBuilder) rule(ch *nftables.Chain, exprs ...[]expr.Any) {
 	g.c.AddRule(&nftables.Rule{Table: g.t, Chain: ch, Exprs: all})
 }
 
-func (g *guardBuilder) build(s Settings, failClosed bool) {
+func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 	pre := g.chain("prerouting", nftables.ChainHookPrerouting, nftables.ChainPriorityRaw, nftables.ChainTypeFilter)
 	if s.Auto {
 		// The host's own flows through the TUN, from the TUN's address
@@ -260,16 +266,17 @@ func (g *guardBuilder) build(s Settings, failClosed bool) {
 	for _, p := range CapturedPrefixes(s) {
 		g.rule(captured, daddrIn(p), jump(refuseChain))
 	}
-	if failClosed {
-		g.rule(out, jump(capturedChain))
-		return
+	// Only while the alive set holds its element (see the top of this
+	// file): with fail = "open" only while tunfw lives, since the element
+	// times out unless tunfw refreshes it, so the table a crashed tunfw
+	// leaves stops refusing within aliveTimeout, as its routes stop
+	// capturing at once.
+	alive := aliveSetOf(g.t)
+	var elems []nftables.SetElement
+	if armed {
+		elems = append(elems, aliveElement(failClosed))
 	}
-	// fail = "open": only while tunfw lives. The element of the alive set
-	// times out unless tunfw refreshes it (Heartbeat), so the table a
-	// crashed tunfw leaves stops refusing within aliveTimeout, as its
-	// routes stop capturing at once.
-	alive := &nftables.Set{Table: g.t, Name: aliveSet, KeyType: nftables.TypeMark, HasTimeout: true}
-	g.c.AddSet(alive, []nftables.SetElement{aliveElement()})
+	g.c.AddSet(alive, elems)
 	g.rule(out, immediate(1), []expr.Any{&expr.Lookup{SourceRegister: 1, SetName: alive.Name, SetID: alive.ID}}, jump(capturedChain))
 }
 
@@ -282,27 +289,37 @@ const (
 	aliveInterval = time.Second
 )
 
-func aliveElement() nftables.SetElement {
-	return nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(1), Timeout: aliveTimeout}
+func aliveSetOf(t *nftables.Table) *nftables.Set {
+	return &nftables.Set{Table: t, Name: aliveSet, KeyType: nftables.TypeMark, HasTimeout: true}
 }
 
-// refreshAlive renews the alive element of a fail = "open" table. The set
-// is flushed and the element added in one transaction: a live element is
-// never missing, and one that has already timed out (tunfw stalled for
-// longer than aliveTimeout) comes back; deleting it would fail the whole
-// transaction, and every one after it.
-func refreshAlive(s Settings) error {
+// aliveElement is the element that arms the output filter: with fail =
+// "closed" for good, otherwise for aliveTimeout.
+func aliveElement(failClosed bool) nftables.SetElement {
+	e := nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(1)}
+	if !failClosed {
+		e.Timeout = aliveTimeout
+	}
+	return e
+}
+
+// armGuard arms the output filter of tunfw's table, or renews the timeout
+// of a fail = "open" one. The set is flushed and the element added in one
+// transaction: a live element is never missing, and one that has already
+// timed out (tunfw stalled for longer than aliveTimeout) comes back;
+// deleting it would fail the whole transaction.
+func armGuard(s Settings, failClosed bool) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("open nftables netlink socket: %w", err)
 	}
-	set := &nftables.Set{Table: guardTable(s), Name: aliveSet, KeyType: nftables.TypeMark, HasTimeout: true}
+	set := aliveSetOf(guardTable(s))
 	c.FlushSet(set)
-	if err := c.SetAddElements(set, []nftables.SetElement{aliveElement()}); err != nil {
-		return fmt.Errorf("refresh nftables set %s: %w", aliveSet, err)
+	if err := c.SetAddElements(set, []nftables.SetElement{aliveElement(failClosed)}); err != nil {
+		return fmt.Errorf("arm nftables set %s: %w", aliveSet, err)
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("refresh nftables set %s of inet %s: %w", aliveSet, set.Table.Name, err)
+		return fmt.Errorf("arm nftables set %s of inet %s: %w", aliveSet, set.Table.Name, err)
 	}
 	return nil
 }

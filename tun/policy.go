@@ -97,7 +97,7 @@ func (p *policy) keepAlive() {
 			case <-p.stopAlive:
 				return
 			case <-t.C:
-				err := refreshAlive(p.s)
+				err := armGuard(p.s, false)
 				if (err != nil) != failing && p.onAliveErr != nil {
 					p.onAliveErr(err)
 				}
@@ -189,7 +189,9 @@ func InstallKillSwitch(s Settings) (Leftovers, error) {
 // kill switch only). Blocking parts go first with fail = "closed": the
 // nftables table, unreachable routes and the rules; then the routes into
 // the TUN; with fail = "open" the rules come last, so that a rule never
-// points at a half-built table.
+// points at a half-built table. The nftables output filter is armed last
+// (unless it replaces a kill switch's), after the connections open at
+// start are marked.
 func (p *policy) install(idx int, tunName string, noIPv6, failClosed bool) (Leftovers, error) {
 	s := p.s
 	var left Leftovers
@@ -210,9 +212,6 @@ func (p *policy) install(idx int, tunName string, noIPv6, failClosed bool) (Left
 				"set route.nftables = false to run without it (see README: Host capture)", err)
 		}
 		p.guard = true
-		if s.Auto && !failClosed {
-			p.keepAlive()
-		}
 		if replaced {
 			left.NFTables++
 		}
@@ -253,6 +252,16 @@ func (p *policy) install(idx int, tunName string, noIPv6, failClosed bool) (Left
 	if !failClosed {
 		if err := p.addRules(tunName, families, gatewayLinkLocal); err != nil {
 			return left, err
+		}
+	}
+	if p.guard && s.Auto {
+		// Only now: the connections open at start are marked and the rules
+		// capture what is not, so nothing that has to pass is refused.
+		if err := armGuard(s, failClosed); err != nil {
+			return left, err
+		}
+		if !failClosed {
+			p.keepAlive()
 		}
 	}
 	stale, err := p.removeStale(idx)
