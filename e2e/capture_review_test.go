@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -238,4 +239,135 @@ func TestCaptureGuardRefresh(t *testing.T) {
 	}
 	host.Run(t, "nft", "delete", "table", "inet", "tunfw")
 	fw.waitLog(t, 5*time.Second, "cannot refresh the nftables table")
+}
+
+// TestCaptureKillSwitchKeepsHostReachable: with fail = "closed", the kill
+// switch that a killed tunfw leaves, and the one `tunfw down --block`
+// installs at boot, block what the host itself sends to captured
+// destinations, but the host stays reachable from outside (README: "The
+// host stays reachable"): an admin's session opened before keeps echoing
+// and new inbound TCP and UDP are answered, IPv4 and IPv6. Otherwise a
+// crash, or a boot where `up` fails, locks the admin out for good.
+func TestCaptureKillSwitchKeepsHostReachable(t *testing.T) {
+	requireNft(t)
+	topo := newCaptureTopo(t)
+	host := topo.Host
+	startTCPEcho(t, host, netip.MustParseAddrPort("[::]:2222"))
+	for _, a := range []netip.Addr{topo.HostV4, topo.HostV6} {
+		startUDPEcho(t, host, netip.AddrPortFrom(a, 5353))
+	}
+	in4 := openSession(t, topo.Server, hostPort(topo.HostV4, 2222))
+	in6 := openSession(t, topo.Server, hostPort(topo.HostV6, 2222))
+	reachable := func(when string) {
+		t.Helper()
+		for name, s := range map[string]*session{"v4": in4, "v6": in6} {
+			if err := s.echo(); err != nil {
+				t.Errorf("%s: inbound %s session opened before: %v", when, name, err)
+			}
+		}
+		for _, a := range []netip.Addr{topo.HostV4, topo.HostV6} {
+			if err := tcpEcho(topo.Server, hostPort(a, 2222), 3*time.Second); err != nil {
+				t.Errorf("%s: new inbound TCP to %s: %v", when, a, err)
+			}
+			if got, err := udpEcho(topo.Server, hostPort(a, 5353)); err != nil || string(got) != "ping" {
+				t.Errorf("%s: new inbound UDP to %s: %q, %v", when, a, got, err)
+			}
+		}
+	}
+	blocked := func(when string) {
+		t.Helper()
+		for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
+			if err := tcpEcho(host, hostPort(svc, 9100), 2*time.Second); err == nil {
+				t.Errorf("%s: the host's own connection to %s got through", when, svc)
+			}
+			if rc, out, _ := curlAs(host, "--interface", topo.HostIf, urlOf(svc, 9100)); rc != 7 {
+				t.Errorf("%s: bound curl to %s: rc %d, want 7\n%s", when, svc, rc, out)
+			}
+		}
+	}
+	cfg := captureCfg(t, "closed")
+	fw := startTunfw(t, host, cfg)
+	reachable("tunfw up")
+	fw.kill9()
+	blocked("tunfw killed")
+	reachable("tunfw killed")
+	runDown(t, host, cfg)
+	if out, err := host.Cmd(binary, "down", "--block", "-c", cfg).CombinedOutput(); err != nil {
+		t.Fatalf("tunfw down --block: %v\n%s", err, out)
+	}
+	blocked("after down --block")
+	reachable("after down --block")
+	runDown(t, host, cfg)
+}
+
+// killSwitchArmed reports whether tunfw's nftables table in ns refuses
+// for good (fail = "closed"): its alive set holds an element without a
+// timeout.
+func killSwitchArmed(t *testing.T, ns *netnstest.NS) bool {
+	t.Helper()
+	out, err := ns.Cmd("nft", "list", "set", "inet", "tunfw", "alive").CombinedOutput()
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, "elements = {") {
+			return !strings.Contains(l, "timeout") && !strings.Contains(l, "expires")
+		}
+	}
+	return false
+}
+
+// TestGatewayKillSwitch: in gateway mode with fail = "closed", a killed
+// tunfw leaves the namespaces it routed blocked (the nftables table's
+// forward chain refuses them, link-local destinations included), while the
+// host's own traffic, not captured without auto, still flows; `tunfw down`
+// lifts it.
+func TestGatewayKillSwitch(t *testing.T) {
+	requireNft(t)
+	topo := newCaptureTopo(t)
+	host := topo.Host
+	client := netnstest.New(t, "tfg-")
+	lanIf := "tfl-" + client.Name[4:]
+	netnstest.Link(t, host, lanIf, []string{"10.98.0.1/24", "fd98::1/64"}, client, "tfm-"+client.Name[4:], []string{"10.98.0.2/24", "fd98::2/64"})
+	client.Run(t, "ip", "route", "add", "default", "via", "10.98.0.1")
+	client.Run(t, "ip", "-6", "route", "add", "default", "via", "fd98::1")
+	host.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	// The server can answer the client directly: without a kill switch,
+	// forwarded traffic would get through unfiltered.
+	topo.Server.Run(t, "ip", "route", "add", "10.98.0.0/24", "via", topo.HostV4.String())
+	topo.Server.Run(t, "ip", "-6", "route", "add", "fd98::/64", "via", topo.HostV6.String())
+	topo.Server.Run(t, "ip", "addr", "add", "169.254.169.254/32", "dev", "lo")
+	host.Run(t, "ip", "route", "add", "169.254.169.254/32", "via", topo.ServerV4.String())
+	startTCPEcho(t, topo.Server, netip.MustParseAddrPort("169.254.169.254:9100"))
+	targets := []string{hostPort(topo.ServiceV4, 9100), hostPort(topo.ServiceV6, 9100), "169.254.169.254:9100"}
+
+	cfg := writeConfig(t, fmt.Sprintf(`
+[tun]
+name = "tunfw0"
+addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
+[route]
+from = [%q]
+fail = "closed"
+`, lanIf))
+	fw := startTunfw(t, host, cfg)
+	for _, at := range targets {
+		if err := tcpEcho(client, at, 3*time.Second); err != nil {
+			t.Errorf("client to %s through tunfw: %v", at, err)
+		}
+	}
+	fw.kill9()
+	for _, at := range targets {
+		if err := tcpEcho(client, at, 2*time.Second); err == nil {
+			t.Errorf("fail = closed, tunfw killed: the client reached %s", at)
+		}
+		if err := tcpEcho(host, at, 2*time.Second); err != nil {
+			t.Errorf("fail = closed, tunfw killed: the host's own (uncaptured) connection to %s: %v", at, err)
+		}
+	}
+	runDown(t, host, cfg)
+	for _, at := range targets {
+		if err := tcpEcho(client, at, 3*time.Second); err != nil {
+			t.Errorf("after tunfw down: client to %s: %v", at, err)
+		}
+	}
 }

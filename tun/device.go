@@ -154,7 +154,8 @@ func (d *Device) Close() error {
 // CloseKeepKillSwitch closes the device but leaves tunfw's rules, table
 // and nftables table as they are: with fail = "closed", only a clean stop
 // lifts the kill switch, so an error exit keeps it. The routes into the
-// TUN vanish with the device; the unreachable routes stay and block.
+// TUN vanish with the device; the nftables table (or, without it, the
+// unreachable routes) stays and blocks.
 func (d *Device) CloseKeepKillSwitch() error {
 	if d.policy != nil {
 		d.policy.stopKeepAlive()

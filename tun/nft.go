@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/google/nftables"
@@ -20,7 +21,7 @@ import (
 // Linux 5.7) skips the table and leaves unjudged. In gateway mode routing
 // also believes every source address. With M the fwmark and TUN the
 // device, the table is (auto: the ct and output chains; from: the source
-// check; fail = "closed": the captured-prefix rules):
+// check and the forward chain):
 //
 //	table inet tunfw {
 //	  chain prerouting { type filter hook prerouting priority raw
@@ -46,6 +47,10 @@ import (
 //	    ip daddr NEVERCAPTURED return               # loopback, link-local, multicast
 //	    ip daddr CAPTURED jump refuse               # each captured prefix
 //	  }
+//	  chain forward { type filter hook forward priority filter   # from only
+//	    iifname IFACE oifname != TUN 1 @alive jump captured-from
+//	  }
+//	  chain captured-from { ... }                   # captured, 169.254.0.0/16 too
 //	  chain refuse {
 //	    meta l4proto tcp counter reject with tcp reset
 //	    counter reject with icmpx admin-prohibited
@@ -61,11 +66,14 @@ import (
 // the set alive. With fail = "open" it times out unless tunfw refreshes
 // it, so the table a crashed tunfw leaves lets everything pass within
 // seconds, as its routes do at once. With fail = "closed" it has no
-// timeout and holds until a clean stop or `tunfw down`, so the kill switch
-// also stops bound sockets (an unreachable route does not: the kernel
-// assumes a bound device's destination is on link). Packets between the
-// host and the TUN skip conntrack, so host capture does not fill the
-// conntrack table.
+// timeout and holds until a clean stop or `tunfw down`: it is the kill
+// switch. (Unreachable routes would not do: the kernel assumes a bound
+// device's destination is on link, and the route lookup of a reply to an
+// inbound connection fails before this table can restore its mark, which
+// would cut the host off.) In gateway mode the forward chain refuses what
+// from interfaces send outside the TUN, which happens only while tunfw is
+// down. Packets between the host and the TUN skip conntrack, so host
+// capture does not fill the conntrack table.
 //
 // The table is replaced in one transaction (add, delete, add), so a
 // restart never leaves a moment without it. A new table starts unarmed
@@ -156,7 +164,7 @@ func ReadGuardCounters(s Settings) (GuardCounters, error) {
 		name string
 		n    *uint64
 		has  bool
-	}{{"prerouting", &gc.Spoofed, true}, {refuseChain, &gc.Refused, s.Auto}} {
+	}{{"prerouting", &gc.Spoofed, true}, {refuseChain, &gc.Refused, true}} {
 		if !ch.has {
 			continue
 		}
@@ -217,6 +225,42 @@ func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 			g.verifySource(pre, iface, s.Auto)
 		}
 	}
+	refuse := g.chain(refuseChain, nil, nil, "")
+	g.rule(refuse, l4proto(unix.IPPROTO_TCP), counter(), []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_TCP_RST}})
+	g.rule(refuse, counter(), []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED}})
+	// The refusals hold only while the alive set has its element (see
+	// the top of this file): with fail = "open" only while tunfw lives,
+	// since the element times out unless tunfw refreshes it, so the table
+	// a crashed tunfw leaves stops refusing within aliveTimeout, as its
+	// routes stop capturing at once.
+	alive := aliveSetOf(g.t)
+	var elems []nftables.SetElement
+	if armed {
+		elems = append(elems, aliveElement(failClosed))
+	}
+	g.c.AddSet(alive, elems)
+	whenArmed := func(chain string) []expr.Any {
+		return append(immediate(1), &expr.Lookup{SourceRegister: 1, SetName: alive.Name, SetID: alive.ID},
+			&expr.Verdict{Kind: expr.VerdictJump, Chain: chain})
+	}
+	captured := CapturedPrefixes(s)
+	if len(s.From) > 0 {
+		// Gateway clients' traffic leaves outside the TUN only where
+		// tunfw's table has no route into it for them: while tunfw is
+		// down, which is when the kill switch must block it. Their
+		// link-local destinations are captured too.
+		fromCaptured := captured
+		linkLocal := slices.ContainsFunc(captured, func(p netip.Prefix) bool { return p.Addr().Is4() })
+		if linkLocal {
+			fromCaptured = append(slices.Clone(captured), linkLocal4)
+		}
+		g.capturedChain(capturedFromChain, fromCaptured, linkLocal)
+		fwd := g.chain("forward", nftables.ChainHookForward, nftables.ChainPriorityFilter, nftables.ChainTypeFilter)
+		for _, iface := range s.From {
+			g.rule(fwd, ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, iface), ifname(expr.MetaKeyOIFNAME, expr.CmpOpNeq, g.tun),
+				whenArmed(capturedFromChain))
+		}
+	}
 	if !s.Auto {
 		return
 	}
@@ -232,10 +276,12 @@ func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 	route := g.chain("output-route", nftables.ChainHookOutput, nftables.ChainPriorityMangle, nftables.ChainTypeRoute)
 	g.rule(route, ctMarkIs(g.mark), setMetaMarkFromReg())
 
-	refuse := g.chain(refuseChain, nil, nil, "")
-	g.rule(refuse, l4proto(unix.IPPROTO_TCP), counter(), []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_TCP_RST}})
-	g.rule(refuse, counter(), []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED}})
-
+	// What leaves outside the TUN to a captured destination without the
+	// mark bypassed capture (a socket bound to a device or to another
+	// interface's route), or finds no route into the TUN because tunfw
+	// is down. nftables cannot ask routing from the output hook, so the
+	// captured prefixes are listed.
+	g.capturedChain(capturedChain, captured, false)
 	out := g.chain("output", nftables.ChainHookOutput, nftables.ChainPriorityFilter, nftables.ChainTypeFilter)
 	g.rule(out, ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, g.tun), accept())
 	g.rule(out, ifname(expr.MetaKeyOIFNAME, expr.CmpOpEq, "lo"), accept())
@@ -254,35 +300,30 @@ func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ports[0] >> 8), byte(ports[0]), byte(ports[1] >> 8), byte(ports[1])}},
 		}, accept())
 	}
-	// What leaves outside the TUN to a captured destination without the
-	// mark bypassed capture (a socket bound to a device or to another
-	// interface's route). nftables cannot ask routing from the output
-	// hook, so the captured prefixes are listed.
-	captured := g.chain(capturedChain, nil, nil, "")
-	// Throw routes let these through whatever include says.
+	g.rule(out, whenArmed(capturedChain))
+}
+
+// capturedChain adds a chain that refuses packets to the prefixes of
+// captured and lets the never-captured ranges return first (as throw
+// routes let them through whatever include says), 169.254.0.0/16 except
+// when linkLocal.
+func (g *guardBuilder) capturedChain(name string, captured []netip.Prefix, linkLocal bool) {
+	ch := g.chain(name, nil, nil, "")
 	for _, n := range neverCaptured {
-		g.rule(captured, daddrIn(n), []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})
+		if linkLocal && n == linkLocal4 {
+			continue
+		}
+		g.rule(ch, daddrIn(n), []expr.Any{&expr.Verdict{Kind: expr.VerdictReturn}})
 	}
-	for _, p := range CapturedPrefixes(s) {
-		g.rule(captured, daddrIn(p), jump(refuseChain))
+	for _, p := range captured {
+		g.rule(ch, daddrIn(p), jump(refuseChain))
 	}
-	// Only while the alive set holds its element (see the top of this
-	// file): with fail = "open" only while tunfw lives, since the element
-	// times out unless tunfw refreshes it, so the table a crashed tunfw
-	// leaves stops refusing within aliveTimeout, as its routes stop
-	// capturing at once.
-	alive := aliveSetOf(g.t)
-	var elems []nftables.SetElement
-	if armed {
-		elems = append(elems, aliveElement(failClosed))
-	}
-	g.c.AddSet(alive, elems)
-	g.rule(out, immediate(1), []expr.Any{&expr.Lookup{SourceRegister: 1, SetName: alive.Name, SetID: alive.ID}}, jump(capturedChain))
 }
 
 const (
-	capturedChain = "captured"
-	aliveSet      = "alive"
+	capturedChain     = "captured"
+	capturedFromChain = "captured-from"
+	aliveSet          = "alive"
 	// aliveTimeout is how long the output filter of a fail = "open"
 	// tunfw outlives it; AliveInterval is how often it is refreshed.
 	aliveTimeout  = 5 * time.Second

@@ -31,9 +31,10 @@ import (
 //
 // Table T holds, for each prefix of include minus exclude (include defaults
 // to 0.0.0.0/0 and ::/0), a route into the TUN, which vanishes with the
-// device; with fail = "closed" also an unreachable route of the same prefix
-// with the worst metric, which stays after a crash, so that a dead firewall
-// blocks instead of letting traffic bypass it. Loopback, link-local,
+// device; with fail = "closed" and nftables = false also an unreachable
+// route of the same prefix with the worst metric, which stays after a
+// crash, so that a dead firewall blocks instead of letting traffic bypass
+// it (with the nftables table, its refusals do that: nft.go). Loopback, link-local,
 // multicast and broadcast get throw routes: a lookup that ends in a throw
 // route, or finds no route at all, continues with the next rule (main), so
 // they are never captured, and with fail = "open" a crashed tunfw leaves
@@ -173,8 +174,9 @@ func (d *Device) Preexisting() (int, error) {
 }
 
 // InstallKillSwitch installs what a crashed tunfw with fail = "closed"
-// leaves: tunfw's table with unreachable routes for everything captured,
-// its ip rules and its nftables table, but no device. It is for boot
+// leaves: its nftables table, refusing everything captured (or, with
+// nftables = false, unreachable routes in tunfw's table), and its ip
+// rules, but no device. It is for boot
 // (`tunfw down --block`), before tunfw runs; `up` replaces it.
 func InstallKillSwitch(s Settings) (Leftovers, error) {
 	if !s.PolicyRouting() {
@@ -187,7 +189,7 @@ func InstallKillSwitch(s Settings) (Leftovers, error) {
 
 // install installs the policy for the device with index idx (0: none, the
 // kill switch only). Blocking parts go first with fail = "closed": the
-// nftables table, unreachable routes and the rules; then the routes into
+// nftables table (or unreachable routes) and the rules; then the routes into
 // the TUN; with fail = "open" the rules come last, so that a rule never
 // points at a half-built table. The nftables output filter is armed last
 // (unless it replaces a kill switch's), after the connections open at
@@ -231,10 +233,16 @@ func (p *policy) install(idx int, tunName string, noIPv6, failClosed bool) (Left
 		}
 	}
 	if failClosed {
-		for _, c := range captured {
-			r := netlink.Route{Dst: prefixIPNet(c), Type: unix.RTN_UNREACHABLE, Priority: killSwitchMetric}
-			if err := p.addRoute(r); err != nil {
-				return left, err
+		// Without the nftables table, unreachable routes are the kill
+		// switch. With it, its refusals are: an unreachable route would
+		// also fail the replies to inbound connections, whose mark the
+		// table restores only after the route lookup, and cut the host off.
+		if !s.NFTables {
+			for _, c := range captured {
+				r := netlink.Route{Dst: prefixIPNet(c), Type: unix.RTN_UNREACHABLE, Priority: killSwitchMetric}
+				if err := p.addRoute(r); err != nil {
+					return left, err
+				}
 			}
 		}
 		if err := p.addRules(tunName, families, gatewayLinkLocal); err != nil {
@@ -254,7 +262,7 @@ func (p *policy) install(idx int, tunName string, noIPv6, failClosed bool) (Left
 			return left, err
 		}
 	}
-	if p.guard && s.Auto {
+	if p.guard {
 		// Only now: the connections open at start are marked and the rules
 		// capture what is not, so nothing that has to pass is refused.
 		if err := armGuard(s, failClosed); err != nil {
