@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/internal/netnstest"
+	"golang.org/x/sys/unix"
 )
 
 // Review of host capture (issue 11): connections that are busy while
@@ -369,5 +370,47 @@ fail = "closed"
 		if err := tcpEcho(client, at, 3*time.Second); err != nil {
 			t.Errorf("after tunfw down: client to %s: %v", at, err)
 		}
+	}
+}
+
+// TestCaptureDirectedBroadcast: broadcast is never captured (README), and
+// that includes a subnet's directed broadcast, which the local table
+// routes straight to the link: the output filter must not refuse it as a
+// bypass (it did: sendto failed with EPERM, even for root).
+func TestCaptureDirectedBroadcast(t *testing.T) {
+	requireNft(t)
+	topo := newCaptureTopo(t)
+	host := topo.Host
+	rx, err := topo.Server.ListenPacket("udp4", "0.0.0.0:9977")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rx.Close()
+	fw := startTunfw(t, host, captureCfg(t, "open"))
+	defer fw.stop()
+	bcast := netip.MustParsePrefix(topo.HostV4.String() + "/24").Masked().Addr().As4()
+	bcast[3] = 255
+	var sendErr error
+	if err := host.Do(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_BROADCAST, 1); err != nil {
+			return err
+		}
+		sendErr = unix.Sendto(fd, []byte("bcast"), 0, &unix.SockaddrInet4{Port: 9977, Addr: bcast})
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if sendErr != nil {
+		t.Fatalf("send to the directed broadcast %v: %v", netip.AddrFrom4(bcast), sendErr)
+	}
+	rx.SetReadDeadline(time.Now().Add(2 * time.Second))
+	buf := make([]byte, 16)
+	if n, _, err := rx.ReadFrom(buf); err != nil || string(buf[:n]) != "bcast" {
+		t.Errorf("directed broadcast not received: %q, %v", buf[:n], err)
 	}
 }

@@ -41,6 +41,7 @@ import (
 //	    oifname TUN accept; oifname lo accept; meta mark M accept
 //	    icmpv6 type nd-router-solicit-nd-redirect accept
 //	    udp sport . udp dport { 68 . 67, 546 . 547 } accept   # DHCP clients
+//	    fib daddr type broadcast accept             # a subnet's broadcast
 //	    1 @alive jump captured                      # once armed (see below)
 //	  }
 //	  chain captured {
@@ -300,6 +301,12 @@ func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ports[0] >> 8), byte(ports[0]), byte(ports[1] >> 8), byte(ports[1])}},
 		}, accept())
 	}
+	// A subnet's directed broadcast, which the local table routes straight
+	// to its link: broadcast is never captured.
+	g.rule(out, nfproto(unix.NFPROTO_IPV4), []expr.Any{
+		&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_BROADCAST)},
+	}, accept())
 	g.rule(out, whenArmed(capturedChain))
 }
 
