@@ -100,15 +100,26 @@ func markExisting(s Settings) (int, error) {
 			}
 			for _, sk := range list {
 				k, ok := socketKey(proto, sk)
-				if !ok || seen[k] || skip(k.src.Addr()) || skip(k.dst.Addr()) {
+				if !ok || skip(k.src.Addr()) || skip(k.dst.Addr()) {
 					continue
 				}
-				if err := createMarked(k, s.FWMark); err != nil {
+				var err error
+				switch {
+				case proto == unix.IPPROTO_TCP:
+					// Also when conntrack has an entry: its window
+					// may be unknown or stale (ctliberal.go).
+					err = markTCPLiberal(k, s.FWMark)
+				case !seen[k]:
+					err = createMarkedUDP(k, s.FWMark)
+				}
+				if err != nil {
 					errs = append(errs, err)
 					continue
 				}
-				seen[k] = true
-				n++
+				if !seen[k] {
+					seen[k] = true
+					n++
+				}
 			}
 		}
 	}
@@ -146,9 +157,10 @@ func socketKey(proto uint8, sk *netlink.Socket) (connKey, bool) {
 	return connKey{proto, netip.AddrPortFrom(src, sk.ID.SourcePort), netip.AddrPortFrom(dst, sk.ID.DestinationPort)}, true
 }
 
-// createMarked adds a conntrack entry for k with the mark; if one appeared
-// meanwhile (its next packet), that one is marked instead.
-func createMarked(k connKey, mark uint32) error {
+// createMarkedUDP adds a conntrack entry for the UDP connection k with the
+// mark; if one appeared meanwhile (its next packet), that one is marked
+// instead.
+func createMarkedUDP(k connKey, mark uint32) error {
 	fam := netlink.InetFamily(unix.AF_INET)
 	if k.src.Addr().Is6() {
 		fam = unix.AF_INET6
@@ -160,16 +172,11 @@ func createMarked(k connKey, mark uint32) error {
 		Reverse: netlink.IPTuple{Protocol: k.proto, SrcIP: net.IP(k.dst.Addr().AsSlice()), SrcPort: k.dst.Port(),
 			DstIP: net.IP(k.src.Addr().AsSlice()), DstPort: k.src.Port()},
 		Mark: mark,
-		// The kernel's own timeouts for an idle established connection.
+		// The kernel's own timeout for an idle UDP stream.
 		TimeOut: 120,
-	}
-	if k.proto == unix.IPPROTO_TCP {
-		f.TimeOut = 5 * 24 * 3600
-		f.ProtoInfo = &netlink.ProtoInfoTCP{State: 3} // TCP_CONNTRACK_ESTABLISHED
 	}
 	err := netlink.ConntrackCreate(netlink.ConntrackTable, fam, f)
 	if errors.Is(err, unix.EEXIST) {
-		f.ProtoInfo = nil
 		err = netlink.ConntrackUpdate(netlink.ConntrackTable, fam, f)
 	}
 	if err != nil {
