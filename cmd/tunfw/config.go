@@ -6,6 +6,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"reflect"
 	"regexp"
 	"sort"
 	"strconv"
@@ -159,9 +160,16 @@ func parseConfig(source string, data []byte) (*Config, error) {
 		mc    metrics.Config
 		sc    = stack.DefaultConfig() // keys left out keep their default
 	)
+	// Decoding a table stops at its first error (in map order), so keys
+	// it had not reached stay undecoded: failed tells unknownKeys which
+	// struct they belong to.
+	failed := map[string]any{}
 	decode := func(key string, p toml.Primitive, v any) {
 		if md.IsDefined(key) {
-			add(md.PrimitiveDecode(p, v))
+			if err := md.PrimitiveDecode(p, v); err != nil {
+				add(err)
+				failed[key] = v
+			}
 		}
 	}
 	decode("tun", layout.Tun, &tc)
@@ -173,9 +181,15 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	decode("metrics", layout.Metrics, &mc)
 	decode("stack", layout.Stack, &sc)
 	for i, p := range layout.Rule {
-		add(md.PrimitiveDecode(p, &rules[i]))
+		if err := md.PrimitiveDecode(p, &rules[i]); err != nil {
+			add(err)
+			failed["rule"] = &rules[i]
+		}
 	}
 	for _, k := range unknownKeys(md) {
+		if len(k) == 2 && failed[k[0]] != nil && hasTOMLKey(failed[k[0]], k[1]) {
+			continue
+		}
 		ks := k.String()
 		places := lines.Places(ks)
 		if len(places) == 0 {
@@ -222,6 +236,29 @@ func unknownKeys(md toml.MetaData) []toml.Key {
 		}
 	}
 	return out
+}
+
+// hasTOMLKey reports whether the struct v points to has a field for the
+// TOML key key; anything else (a map) takes any key.
+func hasTOMLKey(v any, key string) bool {
+	t := reflect.TypeOf(v)
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return true
+	}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+		if name == "" {
+			name = f.Name
+		}
+		if strings.EqualFold(name, key) {
+			return true
+		}
+	}
+	return false
 }
 
 // tomlErrRe matches BurntSushi/toml's decode errors, which carry the line and
