@@ -509,3 +509,43 @@ func TestCapturePreexistingWindow(t *testing.T) {
 	bulk("after a restart")
 	fw.stop()
 }
+
+// TestCaptureHostToGatewayClient: with auto and from, the host's own
+// connections to the namespaces it routes (a container's port) are
+// captured and judged like the rest, and they reach them: tunfw's socket
+// must leave by the interface the main table says, not always by the
+// default route's (it was bound to that one, and timed out).
+func TestCaptureHostToGatewayClient(t *testing.T) {
+	requireNft(t)
+	topo := newCaptureTopo(t)
+	host := topo.Host
+	client := netnstest.New(t, "tfg-")
+	lanIf := "tfl-" + client.Name[4:]
+	netnstest.Link(t, host, lanIf, []string{"10.98.0.1/24", "fd98::1/64"}, client, "tfm-"+client.Name[4:], []string{"10.98.0.2/24", "fd98::2/64"})
+	client.Run(t, "ip", "route", "add", "default", "via", "10.98.0.1")
+	client.Run(t, "ip", "-6", "route", "add", "default", "via", "fd98::1")
+	host.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	for _, a := range []string{"10.98.0.2:2323", "[fd98::2]:2323"} {
+		startTCPEcho(t, client, netip.MustParseAddrPort(a))
+	}
+	fw := startTunfw(t, host, writeConfig(t, fmt.Sprintf(`
+[tun]
+name = "tunfw0"
+addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
+[route]
+auto = true
+from = [%q]
+[filter]
+log = "all"
+`, lanIf)))
+	for _, at := range []string{"10.98.0.2:2323", "[fd98::2]:2323"} {
+		if err := tcpEcho(host, at, 3*time.Second); err != nil {
+			t.Errorf("the host's own connection to its gateway client %s: %v", at, err)
+		}
+		fw.waitLog(t, 5*time.Second, "verdict=allow", "dst="+at)
+	}
+	// The uplink still works the same way.
+	if err := tcpEcho(host, hostPort(topo.ServiceV4, 9100), 3*time.Second); err != nil {
+		t.Errorf("the host's own connection to %s: %v", topo.ServiceV4, err)
+	}
+}

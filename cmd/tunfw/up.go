@@ -111,11 +111,19 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		engOpts.LocalAddrs = append(engOpts.LocalAddrs, a.Addr())
 	}
 	eng := filter.NewEngine(cfg.Rules, engOpts)
+	dial := out
+	if cfg.Net.PolicyRouting() && cfg.Net.Outbound == "" {
+		// The fwmark takes tunfw's sockets past its table to the main
+		// table, which picks the interface for each destination: bound
+		// to the default route's, they could not reach any other (a
+		// gateway client's namespace, a second network, a VPN).
+		dial.IfaceV4, dial.IfaceV6 = "", ""
+	}
 	st, err := stack.New(stack.Options{
 		Device:   dev,
 		MTU:      cfg.Net.MTU,
 		Engine:   eng,
-		Outbound: out,
+		Outbound: dial,
 		Logger:   log,
 		TCP:      cfg.Stack,
 	})
@@ -129,7 +137,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	go func() { runErr <- st.Run(ctx) }()
 	log.Info("tunfw is up",
 		"config", cfg.Source, "tun", dev.InterfaceName(), "mtu", cfg.Net.MTU,
-		"routes", fmt.Sprint(dev.Routes()), "outbound_v4", out.IfaceV4, "outbound_v6", out.IfaceV6,
+		"routes", fmt.Sprint(dev.Routes()), "outbound_v4", dial.IfaceV4, "outbound_v6", dial.IfaceV6,
 		"fwmark", out.Mark, "rules", cfg.Rules.Len(), "default", cfg.Rules.Default().String(), "monitor", cfg.Rules.Monitor(),
 		"auto", cfg.Net.Auto, "from", fmt.Sprint(cfg.Net.From), "table", cfg.Net.Table, "fail_closed", cfg.Net.FailClosed)
 	select {
@@ -151,9 +159,10 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 
 // resolveOutbound decides how tunfw's own sockets avoid the TUN. Without an
 // explicit interface they are bound to the default route's interface of
-// their family; with neither that nor a mark, routing the include list into
-// the TUN would send tunfw's own connections back into itself, so it
-// refuses to start.
+// their family (up binds none under policy routing, where the mark does
+// it); with neither that nor a mark, routing the include list into the
+// TUN would send tunfw's own connections back into itself, so it refuses
+// to start.
 func resolveOutbound(s tun.Settings) (stack.Outbound, error) {
 	o := stack.Outbound{Mark: s.FWMark}
 	if s.Outbound != "" {
