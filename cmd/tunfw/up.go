@@ -104,6 +104,8 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	defer st.Close()
 	d.serve(ctx, eng, st, dev.InterfaceName())
+	// Setup is done: keep only CAP_NET_ADMIN and CAP_NET_RAW (caps.go).
+	dropPrivileges(log)
 
 	runErr := make(chan error, 1)
 	go func() { runErr <- st.Run(ctx) }()

@@ -1,0 +1,438 @@
+package e2e
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tunfw/tunfw/internal/netnstest"
+)
+
+// The tests of issue 10's items 12 and 13: the systemd unit, the capability
+// drop, and the hardening of the config and the control socket.
+
+// unitPath is the shipped systemd unit.
+const unitPath = "../deploy/tunfw.service"
+
+// hardNoCgo builds tunfw as `make build` and the image do (CGO_ENABLED=0):
+// only such a binary can change the credentials of all its threads.
+var hardNoCgo = sync.OnceValues(func() (string, error) {
+	p := filepath.Join(filepath.Dir(binary), "tunfw-nocgo")
+	cmd := exec.Command("go", "build", "-o", p, "../cmd/tunfw")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build tunfw with CGO_ENABLED=0: %v\n%s", err, out)
+	}
+	return p, nil
+})
+
+func hardBinary(t *testing.T) string {
+	t.Helper()
+	p, err := hardNoCgo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// unitKeys reads a unit file's Key=Value lines; repeated keys keep every
+// value.
+func unitKeys(t *testing.T, path string) map[string][]string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	keys := map[string][]string{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		l := strings.TrimSpace(sc.Text())
+		if l == "" || l[0] == '#' || l[0] == ';' || l[0] == '[' {
+			continue
+		}
+		k, v, ok := strings.Cut(l, "=")
+		if ok {
+			keys[k] = append(keys[k], v)
+		}
+	}
+	return keys
+}
+
+// installedUnit writes the unit as `make install` would, pointing at bin.
+func installedUnit(t *testing.T, bin string) string {
+	t.Helper()
+	b, err := os.ReadFile(unitPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(t.TempDir(), "tunfw.service")
+	if err := os.WriteFile(p, []byte(strings.ReplaceAll(string(b), "/usr/local/bin/tunfw", bin)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestSystemdUnitVerify checks the shipped unit with systemd's own tools
+// (systemd need not run: both work on the file) and that it has what
+// tunfw needs under ProtectSystem=strict.
+func TestSystemdUnitVerify(t *testing.T) {
+	if _, err := exec.LookPath("systemd-analyze"); err != nil {
+		t.Skip("systemd-analyze not installed (Debian package systemd): cannot verify deploy/tunfw.service")
+	}
+	keys := unitKeys(t, unitPath)
+	for k, want := range map[string]string{
+		"RuntimeDirectory": "tunfw", "PrivateMounts": "yes", "ProtectSystem": "strict", "NoNewPrivileges": "yes",
+		"CapabilityBoundingSet": "CAP_NET_ADMIN CAP_NET_RAW",
+	} {
+		if got := keys[k]; len(got) != 1 || got[0] != want {
+			t.Errorf("%s=%q, want %q", k, got, want)
+		}
+	}
+	for _, k := range []string{"MemoryMax", "TasksMax"} {
+		if len(keys[k]) != 1 {
+			t.Errorf("%s= is not set once: %q", k, keys[k])
+		}
+	}
+	unit := installedUnit(t, binary)
+	out, err := exec.Command("systemd-analyze", "verify", unit).CombinedOutput()
+	if err != nil || len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
+	// The exposure score (0 best, 10 worst) quoted in the README.
+	out, err = exec.Command("systemd-analyze", "security", "--offline=yes", unit).CombinedOutput()
+	if err != nil {
+		t.Fatalf("systemd-analyze security --offline=yes: %v\n%s", err, out)
+	}
+	var score float64
+	for _, l := range strings.Split(string(out), "\n") {
+		if _, rest, ok := strings.Cut(l, "Overall exposure level for tunfw.service: "); ok {
+			score, _ = strconv.ParseFloat(strings.Fields(rest)[0], 64)
+		}
+	}
+	t.Logf("systemd-analyze security: exposure %.1f", score)
+	if score == 0 || score > 2.5 {
+		t.Errorf("exposure level %.1f, want at most 2.5 (the README's figure)\n%s", score, out)
+	}
+}
+
+// hardStart starts cmd (a `tunfw up` wrapped in something) and waits until
+// tunfw says it is up, as startTunfw does.
+func hardStart(t *testing.T, cmd *exec.Cmd) *tunfwProc {
+	t.Helper()
+	p := &tunfwProc{t: t, cmd: cmd, done: make(chan struct{})}
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout = cmd.Stderr
+	up := p.subscribe()
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start tunfw: %v", err)
+	}
+	go p.readLog(stderr)
+	t.Cleanup(func() {
+		p.stop()
+		if t.Failed() {
+			t.Logf("tunfw log:\n%s", p.log())
+		}
+	})
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case l, ok := <-up:
+			if !ok {
+				<-p.done
+				t.Fatalf("tunfw exited before it was up (%v):\n%s", p.err, p.log())
+			}
+			if strings.Contains(l, `msg="tunfw is up"`) {
+				return p
+			}
+		case <-deadline:
+			t.Fatalf("tunfw not up after 30s:\n%s", p.log())
+		}
+	}
+}
+
+// hardTunfwPID finds the tunfw process among pid and its descendants
+// (wrappers exec it, but unshare may stay its parent).
+func hardTunfwPID(t *testing.T, pid int) int {
+	t.Helper()
+	for range 50 {
+		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		if strings.HasPrefix(filepath.Base(exe), "tunfw") {
+			return pid
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+		f := strings.Fields(string(b))
+		if err != nil || len(f) == 0 {
+			break
+		}
+		pid, _ = strconv.Atoi(f[0])
+	}
+	t.Fatalf("no tunfw process under pid %d", pid)
+	return 0
+}
+
+// capSets returns the Cap* lines of every thread of pid.
+func capSets(t *testing.T, pid int) map[string]map[string]bool {
+	t.Helper()
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sets := map[string]map[string]bool{}
+	for _, task := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, task.Name()))
+		if err != nil {
+			continue // the thread ended
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok && strings.HasPrefix(k, "Cap") {
+				if sets[k] == nil {
+					sets[k] = map[string]bool{}
+				}
+				sets[k][strings.TrimSpace(v)] = true
+			}
+		}
+	}
+	if len(tasks) < 2 {
+		t.Errorf("tunfw has %d threads; the check is meant for several", len(tasks))
+	}
+	return sets
+}
+
+// checkCaps asserts that every thread of pid holds CAP_NET_ADMIN and
+// CAP_NET_RAW (bits 12 and 13) and nothing else, in every set that grants.
+func checkCaps(t *testing.T, pid int) {
+	t.Helper()
+	const want = "0000000000003000"
+	sets := capSets(t, pid)
+	for k, wantV := range map[string]string{"CapEff": want, "CapPrm": want, "CapBnd": want, "CapInh": "0000000000000000", "CapAmb": "0000000000000000"} {
+		if len(sets[k]) != 1 || !sets[k][wantV] {
+			t.Errorf("%s of tunfw's threads: %v, want only %s", k, sets[k], wantV)
+		}
+	}
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if !strings.Contains(string(b), "NoNewPrivs:\t1") {
+		t.Errorf("tunfw has no_new_privs unset")
+	}
+}
+
+// hardConfig routes the topology's service prefixes into the TUN; sock
+// is the control socket ("" leaves the default, /run/tunfw/tunfw.sock).
+func hardConfig(sock string) string {
+	c := `
+[tun]
+name = "tunfw0"
+mtu = 1500
+addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
+
+[route]
+include = ["203.0.113.0/24", "2001:db8:99::/48"]
+`
+	if sock != "" {
+		c += fmt.Sprintf("\n[control]\nsocket = %q\n", sock)
+	} else {
+		c += "\n[control]\n"
+	}
+	return c
+}
+
+// TestCapabilitiesDropped: a tunfw started by hand as root keeps only
+// CAP_NET_ADMIN and CAP_NET_RAW once it is up, in every thread, and still
+// forwards, answers on its control socket and removes its routes at exit.
+func TestCapabilitiesDropped(t *testing.T) {
+	netnstest.RequireRoot(t)
+	bin := hardBinary(t)
+	topo := netnstest.NewTopology(t)
+	at := netip.AddrPortFrom(topo.ServiceV4, 9300)
+	startTCPEcho(t, topo.Server, at)
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfg, []byte(hardConfig(filepath.Join(dir, "tunfw.sock"))), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fw := hardStart(t, topo.Host.Cmd(bin, "up", "-c", cfg))
+	checkCaps(t, fw.cmd.Process.Pid)
+	fw.waitLog(t, 5*time.Second, "capabilities dropped", "kept=CAP_NET_ADMIN,CAP_NET_RAW")
+	if err := tcpEcho(topo.Host, at.String(), 5*time.Second); err != nil {
+		t.Errorf("TCP through tunfw after the drop: %v", err)
+	}
+	if out, err := exec.Command(bin, "status", "-c", cfg).CombinedOutput(); err != nil {
+		t.Errorf("tunfw status: %v\n%s", err, out)
+	}
+	// The ICMP path opens its raw socket after the drop.
+	if err := hardPing(topo.Host, topo.ServiceV4, 3*time.Second); err != nil {
+		t.Errorf("ping through tunfw after the drop: %v", err)
+	}
+	if code := fw.stop(); code != 0 {
+		t.Errorf("tunfw exit code %d after SIGTERM, want 0", code)
+	}
+	if strings.Contains(fw.log(), "level=ERROR") {
+		t.Errorf("errors in the log of a tunfw without capabilities it does not need")
+	}
+	if out := topo.Host.Run(t, "ip", "route", "show", "203.0.113.0/24"); strings.TrimSpace(out) != "" {
+		t.Errorf("route into the TUN left after exit: %s", out)
+	}
+}
+
+// TestSystemdUnitSandbox runs tunfw inside the sandbox the unit describes,
+// as far as it can be built without systemd as PID 1: in a private mount
+// namespace the whole file system is read-only (ProtectSystem=strict,
+// ProtectKernelTunables=), /run is a fresh read-only tmpfs holding only
+// the writable RuntimeDirectory=, and setpriv applies
+// CapabilityBoundingSet=/AmbientCapabilities=, NoNewPrivileges= and UMask=.
+// tunfw must start with the default control socket /run/tunfw/tunfw.sock,
+// answer on it and forward. With the unit before RuntimeDirectory= this
+// failed: /run was read-only.
+func TestSystemdUnitSandbox(t *testing.T) {
+	netnstest.RequireRoot(t)
+	for _, tool := range []string{"unshare", "setpriv", "nsenter", "mount"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s (util-linux) not installed: cannot build the unit's sandbox", tool)
+		}
+	}
+	keys := unitKeys(t, unitPath)
+	if v := keys["ProtectSystem"]; len(v) != 1 || v[0] != "strict" {
+		t.Fatalf("the test builds ProtectSystem=strict; the unit has %q", v)
+	}
+	bin := hardBinary(t)
+	topo := netnstest.NewTopology(t)
+	at := netip.AddrPortFrom(topo.ServiceV4, 9301)
+	startTCPEcho(t, topo.Server, at)
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	cfg := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfg, []byte(hardConfig("")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	// The sandbox, built by a shell in the new mount namespace. It refuses
+	// to touch anything unless it really is in a namespace of its own.
+	hostNS, err := os.Readlink("/proc/self/ns/mnt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := `set -eu
+[ "$(readlink /proc/self/ns/mnt)" != "$HOST_MNT_NS" ] || { echo "not in a private mount namespace" >&2; exit 99; }
+mount --make-rprivate /
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+`
+	for _, d := range keys["RuntimeDirectory"] {
+		mode := "0755"
+		if m := keys["RuntimeDirectoryMode"]; len(m) == 1 {
+			mode = m[0]
+		}
+		for _, name := range strings.Fields(d) {
+			script += fmt.Sprintf("mkdir -m %s /run/%s\n", mode, name)
+			// systemd mounts each runtime directory writable inside an
+			// otherwise read-only hierarchy.
+			script += fmt.Sprintf("mount --bind /run/%s /run/%s\n", name, name)
+		}
+	}
+	// Every mount read-only (per mount point: bind remounts change only
+	// this namespace's view), except the runtime directories, /dev (the
+	// device policy's business) and /proc itself; /proc/sys is read-only
+	// as ProtectKernelTunables= makes it.
+	script += `mount --bind /proc/sys /proc/sys
+awk '{print $5}' /proc/self/mountinfo | while read -r mp; do
+	case "$mp" in
+	/dev|/dev/*|/proc) continue ;;
+	/run/*) continue ;; # hidden under the new /run, or a runtime directory
+	esac
+	mount -o remount,bind,ro "$mp" 2>/dev/null || mount -o remount,bind,ro,nosuid,nodev,noexec "$mp" 2>/dev/null || echo "could not make $mp read-only" >&2
+done
+touch /tmp/.tunfw-sandbox-probe 2>/dev/null && { echo "/tmp is writable: sandbox not built" >&2; exit 98; }
+`
+	var caps []string
+	for _, c := range keys["CapabilityBoundingSet"] {
+		for _, name := range strings.Fields(c) {
+			caps = append(caps, "+"+strings.ToLower(strings.TrimPrefix(name, "CAP_")))
+		}
+	}
+	capList := strings.Join(caps, ",")
+	umask := "0022"
+	if u := keys["UMask"]; len(u) == 1 {
+		umask = u[0]
+	}
+	script += fmt.Sprintf("umask %s\nexec setpriv --bounding-set=-all,%s --inh-caps=-all,%s --ambient-caps=-all,%s %s -- %s up -c %s\n",
+		umask, capList, capList, capList, map[bool]string{true: "--no-new-privs"}[len(keys["NoNewPrivileges"]) == 1 && keys["NoNewPrivileges"][0] == "yes"],
+		bin, cfg)
+	cmd := topo.Host.Cmd("unshare", "--mount", "--propagation", "private", "sh", "-c", script)
+	cmd.Env = append(os.Environ(), "HOST_MNT_NS="+hostNS)
+	fw := hardStart(t, cmd)
+	pid := hardTunfwPID(t, fw.cmd.Process.Pid)
+	checkCaps(t, pid)
+
+	// The control socket works, from inside tunfw's mount namespace.
+	nsenter := func(args ...string) *exec.Cmd {
+		return exec.Command("nsenter", append([]string{"-t", strconv.Itoa(pid), "-m", "-n", "--", bin}, args...)...)
+	}
+	if out, err := nsenter("status", "--socket", "/run/tunfw/tunfw.sock").CombinedOutput(); err != nil {
+		t.Errorf("tunfw status in the sandbox: %v\n%s", err, out)
+	}
+	if out, err := nsenter("reload", "-c", cfg).CombinedOutput(); err != nil {
+		t.Errorf("tunfw reload in the sandbox: %v\n%s", err, out)
+	}
+	if err := tcpEcho(topo.Host, at.String(), 5*time.Second); err != nil {
+		t.Errorf("TCP through the sandboxed tunfw: %v", err)
+	}
+	if code := fw.stop(); code != 0 {
+		t.Errorf("sandboxed tunfw exit code %d after SIGTERM, want 0", code)
+	}
+	if strings.Contains(fw.log(), "level=ERROR") || strings.Contains(fw.log(), "could not") {
+		t.Errorf("errors or warnings from the sandbox or tunfw:\n%s", fw.log())
+	}
+}
+
+// hardPing sends one ICMP echo request from ns to dst over a raw socket
+// (iputils ping need not be installed) and waits for its reply.
+func hardPing(ns *netnstest.NS, dst netip.Addr, timeout time.Duration) error {
+	return ns.Do(func() error {
+		c, err := net.ListenPacket("ip4:icmp", "0.0.0.0")
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		id := uint16(os.Getpid())
+		req := []byte{8, 0, 0, 0, byte(id >> 8), byte(id), 0, 1, 't', 'u', 'n', 'f', 'w', '!'}
+		ck := hardChecksum(req)
+		req[2], req[3] = byte(ck>>8), byte(ck)
+		if _, err := c.WriteTo(req, &net.IPAddr{IP: dst.AsSlice()}); err != nil {
+			return err
+		}
+		c.SetReadDeadline(time.Now().Add(timeout))
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return fmt.Errorf("no echo reply from %s: %w", dst, err)
+			}
+			if n >= 8 && buf[0] == 0 && buf[4] == byte(id>>8) && buf[5] == byte(id) && from.String() == dst.String() {
+				return nil
+			}
+		}
+	})
+}
+
+// hardChecksum is the Internet checksum of b (even length).
+func hardChecksum(b []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	for s > 0xffff {
+		s = s>>16 + s&0xffff
+	}
+	return ^uint16(s)
+}
