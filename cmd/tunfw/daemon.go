@@ -67,9 +67,9 @@ func (d *daemon) reload() (reloadResult, error) {
 	var err error
 	if old.Source == embeddedSource {
 		data = tunfw.DefaultConfig
-	} else if data, err = os.ReadFile(old.Source); err != nil {
+	} else if data, err = readConfigFile(old.Source); err != nil {
+		// The same owner, mode and size checks as at start.
 		d.reloadsFailed.Add(1)
-		err = fmt.Errorf("read config: %w", err)
 		d.log.Error("reload failed; still running on the previous rules", "err", err)
 		return reloadResult{}, err
 	}
