@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -435,4 +436,86 @@ func hardChecksum(b []byte) uint16 {
 		s = s>>16 + s&0xffff
 	}
 	return ^uint16(s)
+}
+
+// TestReloadChecksConfigOwner: a config made writable by others after start
+// is refused by `tunfw reload` and by SIGHUP, as it is at start, and the
+// rules stay.
+func TestReloadChecksConfigOwner(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	at := netip.AddrPortFrom(topo.ServiceV4, 9302)
+	startTCPEcho(t, topo.Server, at)
+	cfg := writeConfig(t, hardConfig(""))
+	fw := startTunfw(t, topo.Host, cfg)
+	// Someone else could now write a rule set that denies everything.
+	body, _ := os.ReadFile(cfg)
+	deny := string(body) + "\n[filter]\ndefault = \"deny\"\n"
+	if err := os.WriteFile(cfg, []byte(deny), 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(cfg, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, code := ctl(t, cfg, "reload")
+	if code != 1 || !strings.Contains(errOut+out, "writable by group or others") {
+		t.Errorf("tunfw reload of a 0666 config: exit %d, %s%s; want 1 and the mode named", code, out, errOut)
+	}
+	fw.cmd.Process.Signal(syscall.SIGHUP)
+	fw.waitLog(t, 5*time.Second, "reload failed", "writable by group or others")
+	if err := tcpEcho(topo.Host, at.String(), 5*time.Second); err != nil {
+		t.Errorf("the refused config's default deny was applied: %v", err)
+	}
+	// The same file made safe again is taken.
+	os.Chmod(cfg, 0o600)
+	if out, errOut, code := ctl(t, cfg, "reload"); code != 0 {
+		t.Errorf("tunfw reload of the 0600 config: exit %d, %s%s", code, out, errOut)
+	}
+}
+
+// TestControlSocketPathNotSocket: a regular file where the control socket
+// goes makes `tunfw up` fail before touching the network, and the file
+// stays as it was.
+func TestControlSocketPathNotSocket(t *testing.T) {
+	netnstest.RequireRoot(t)
+	ns := netnstest.NewTopology(t).Host
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "tunfw.sock")
+	if err := os.WriteFile(sock, []byte("keep me"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfg, []byte(hardConfig(sock)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Bounded: a tunfw that replaced the file would run until stopped.
+	cmd := ns.Cmd(binary, "up", "-c", cfg)
+	var buf strings.Builder
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	timer := time.AfterFunc(15*time.Second, func() { cmd.Process.Signal(syscall.SIGTERM) })
+	err := cmd.Wait()
+	timer.Stop()
+	out := buf.String()
+	if code := exitCode(err); code != 1 || !strings.Contains(out, "is not a socket") {
+		t.Errorf("tunfw up with a file at the socket path: exit %d:\n%s\nwant 1 and a refusal", code, out)
+	}
+	if b, err := os.ReadFile(sock); err != nil || string(b) != "keep me" {
+		t.Errorf("the file at the socket path was changed: %q, %v", b, err)
+	}
+	if links := ns.Run(t, "ip", "-o", "link", "show"); strings.Contains(links, "tunfw0") {
+		t.Errorf("the TUN device exists after the refusal: %s", links)
+	}
+}
+
+func exitCode(err error) int {
+	if ee, ok := err.(*exec.ExitError); ok {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		return -1
+	}
+	return 0
 }
