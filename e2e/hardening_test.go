@@ -519,3 +519,123 @@ func exitCode(err error) int {
 	}
 	return 0
 }
+
+// TestFlowCost measures what a UDP flow and a pending dial cost tunfw (RSS
+// and descriptors), for the README's figures (the idle TCP flow is in
+// `make bench`). Set TUNFW_FLOW_COST=1 to run it.
+func TestFlowCost(t *testing.T) {
+	if os.Getenv("TUNFW_FLOW_COST") == "" {
+		t.Skip("a measurement, not a check: set TUNFW_FLOW_COST=1")
+	}
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	echo := netip.AddrPortFrom(topo.ServiceV4, 7300)
+	startUDPEcho(t, topo.Server, echo)
+	cfg := writeConfig(t, hardConfig("")+"\n[limits]\nmax_pending_dials = 4096\n")
+	fw := startTunfw(t, topo.Host, cfg)
+	pid := fw.cmd.Process.Pid
+	fds := func() int { n, _ := tunfwFDs(pid); return n }
+	settle := func() (int64, int) {
+		time.Sleep(2 * time.Second)
+		return vmRSS(t, pid), fds()
+	}
+	rss0, fd0 := settle()
+	const n = 2000
+	var socks []int
+	t.Cleanup(func() {
+		for _, s := range socks {
+			syscall.Close(s)
+		}
+	})
+	err := topo.Host.Do(func() error {
+		to := &syscall.SockaddrInet4{Port: int(echo.Port()), Addr: echo.Addr().As4()}
+		for range n {
+			s, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, 0)
+			if err != nil {
+				return err
+			}
+			socks = append(socks, s)
+			if err := syscall.Sendto(s, []byte("x"), 0, to); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rss1, fd1 := settle()
+	t.Logf("UDP flows: %d: %.1f KiB RSS and %.2f descriptors each", n, float64(rss1-rss0)/1024/n, float64(fd1-fd0)/n)
+	// Pending dials: connects to an address that never answers (the
+	// server namespace does not forward).
+	err = topo.Host.Do(func() error {
+		to := &syscall.SockaddrInet4{Port: 9999, Addr: netip.MustParseAddr("203.0.113.99").As4()}
+		for range 1000 {
+			s, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK, 0)
+			if err != nil {
+				return err
+			}
+			socks = append(socks, s)
+			if err := syscall.Connect(s, to); err != nil && err != syscall.EINPROGRESS {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rss2, fd2 := settle()
+	t.Logf("pending dials: 1000: %.1f KiB RSS and %.2f descriptors each", float64(rss2-rss1)/1024/1000, float64(fd2-fd1)/1000)
+}
+
+// TestMemoryBudget: [limits] memory sets the Go runtime's soft memory limit
+// (seen in the metrics) and bounds the TCP buffers to memory / max_flows;
+// a GOMEMLIMIT in the environment wins.
+func TestMemoryBudget(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	at := netip.AddrPortFrom(topo.ServiceV4, 9303)
+	startTCPEcho(t, topo.Server, at)
+	cfg := writeConfig(t, hardConfig("")+`
+[limits]
+memory = "256MiB"
+max_flows = 1000
+
+[metrics]
+listen = "127.0.0.1:9477"
+`)
+	gomemlimit := func() string {
+		resp, err := topo.Host.HTTPClient().Get("http://127.0.0.1:9477/metrics")
+		if err != nil {
+			t.Fatalf("scrape: %v", err)
+		}
+		defer resp.Body.Close()
+		sc := bufio.NewScanner(resp.Body)
+		for sc.Scan() {
+			if v, ok := strings.CutPrefix(sc.Text(), "go_gc_gomemlimit_bytes "); ok {
+				return v
+			}
+		}
+		t.Fatalf("no go_gc_gomemlimit_bytes in the metrics")
+		return ""
+	}
+	fw := startTunfw(t, topo.Host, cfg)
+	// 256 MiB over 1000 flows: 268,435 bytes each, half each way.
+	fw.waitLog(t, 5*time.Second, `msg="memory budget"`, "budget_mib=256", "from=limits.memory", "gomemlimit=set", "tcp_buffer_max=134217")
+	if v := gomemlimit(); v != "2.68435456e+08" {
+		t.Errorf("go_gc_gomemlimit_bytes = %s, want 256 MiB", v)
+	}
+	if err := tcpEcho(topo.Host, at.String(), 5*time.Second); err != nil {
+		t.Errorf("TCP through tunfw: %v", err)
+	}
+	fw.stop()
+
+	cmd := topo.Host.Cmd(binary, "up", "-c", cfg)
+	cmd.Env = append(os.Environ(), "GOMEMLIMIT=300MiB")
+	fw = hardStart(t, cmd)
+	fw.waitLog(t, 5*time.Second, `msg="memory budget"`, "gomemlimit=\"left to the GOMEMLIMIT environment variable\"")
+	if v := gomemlimit(); v != "3.145728e+08" {
+		t.Errorf("go_gc_gomemlimit_bytes = %s with GOMEMLIMIT=300MiB, want 300 MiB", v)
+	}
+}

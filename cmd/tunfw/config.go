@@ -59,6 +59,9 @@ type Config struct {
 	Metrics metrics.Config
 	// Stack is the [stack] section.
 	Stack stack.Config
+	// Memory is [limits] memory in bytes; 0 sizes it from the machine
+	// at start (memory.go).
+	Memory int64
 }
 
 // ConfigError is one problem in a config file, located by line.
@@ -194,6 +197,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 		sets  map[string]any
 		rules = make([]filter.RuleConfig, len(layout.Rule))
 		lim   filter.Limits
+		mem   memoryConfig
 		cc    control.Config
 		mc    metrics.Config
 		sc    = stack.DefaultConfig() // keys left out keep their default
@@ -208,6 +212,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	decode("filter", layout.Filter, &fo)
 	decode("sets", layout.Sets, &sets)
 	decode("limits", layout.Limits, &lim)
+	decode("limits", layout.Limits, &mem) // limits.memory: this command's
 	decode("control", layout.Control, &cc)
 	decode("metrics", layout.Metrics, &mc)
 	decode("stack", layout.Stack, &sc)
@@ -230,6 +235,8 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	cfg.Rules, err = filter.Compile(fo, sets, rules)
 	add(err)
 	cfg.Limits, err = lim.Validate()
+	add(err)
+	cfg.Memory, err = mem.validate()
 	add(err)
 	cfg.ControlSocket, err = cc.Validate()
 	add(err)

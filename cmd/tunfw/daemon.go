@@ -120,6 +120,9 @@ func restartOnly(old, cfg *Config) []string {
 	if old.Stack != cfg.Stack {
 		w = append(w, "[stack] changed; it applies only at start: restart tunfw to apply it")
 	}
+	if old.Memory != cfg.Memory {
+		w = append(w, "limits.memory changed; it applies only at start: restart tunfw to apply it")
+	}
 	return w
 }
 

@@ -91,13 +91,14 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		engOpts.LocalAddrs = append(engOpts.LocalAddrs, a.Addr())
 	}
 	eng := filter.NewEngine(cfg.Rules, engOpts)
+	mem := applyMemoryBudget(cfg, log) // memory.go: GOMEMLIMIT, buffer bounds
 	st, err := stack.New(stack.Options{
 		Device:   dev,
 		MTU:      cfg.Net.MTU,
 		Engine:   eng,
 		Outbound: out,
 		Logger:   log,
-		TCP:      cfg.Stack,
+		TCP:      mem.Stack,
 	})
 	if err != nil {
 		return fmt.Errorf("build stack: %w", err)
