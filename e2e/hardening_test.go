@@ -639,3 +639,113 @@ listen = "127.0.0.1:9477"
 		t.Errorf("go_gc_gomemlimit_bytes = %s with GOMEMLIMIT=300MiB, want 300 MiB", v)
 	}
 }
+
+// syscallGroup expands a systemd system-call group (or name) into names.
+func syscallGroup(t *testing.T, name string, seen map[string]bool) []string {
+	t.Helper()
+	if !strings.HasPrefix(name, "@") {
+		return []string{name}
+	}
+	if seen[name] {
+		return nil
+	}
+	seen[name] = true
+	out, err := exec.Command("systemd-analyze", "syscall-filter", name).Output()
+	if err != nil {
+		t.Fatalf("systemd-analyze syscall-filter %s: %v", name, err)
+	}
+	var names []string
+	for _, l := range strings.Split(string(out), "\n")[1:] {
+		f := strings.Fields(l)
+		if len(f) == 0 || strings.HasPrefix(f[0], "#") {
+			continue
+		}
+		names = append(names, syscallGroup(t, f[0], seen)...)
+	}
+	return names
+}
+
+// TestSystemdSyscallFilter: every system call tunfw makes while it starts,
+// forwards TCP, UDP and ICMP, answers the control socket, reloads and stops
+// is allowed by the unit's SystemCallFilter= (traced with strace; the
+// filter itself needs systemd to apply).
+func TestSystemdSyscallFilter(t *testing.T) {
+	netnstest.RequireRoot(t)
+	for _, tool := range []string{"strace", "systemd-analyze"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed: cannot check the unit's system-call filter", tool)
+		}
+	}
+	allowed := map[string]bool{}
+	filters := unitKeys(t, unitPath)["SystemCallFilter"]
+	for i, f := range filters {
+		deny := strings.HasPrefix(f, "~")
+		if i == 0 && deny {
+			t.Skip("the unit's filter is a deny list; this test reads allow lists")
+		}
+		for _, g := range strings.Fields(strings.TrimPrefix(f, "~")) {
+			for _, n := range syscallGroup(t, g, map[string]bool{}) {
+				allowed[n] = !deny
+			}
+		}
+	}
+	bin := hardBinary(t)
+	topo := netnstest.NewTopology(t)
+	tcpAt, udpAt := netip.AddrPortFrom(topo.ServiceV4, 9304), netip.AddrPortFrom(topo.ServiceV4, 7304)
+	startTCPEcho(t, topo.Server, tcpAt)
+	startUDPEcho(t, topo.Server, udpAt)
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfg, []byte(hardConfig(filepath.Join(dir, "tunfw.sock"))+"\n[metrics]\nlisten = \"127.0.0.1:9478\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	trace := filepath.Join(dir, "strace.txt")
+	fw := hardStart(t, topo.Host.Cmd("strace", "-f", "-c", "-o", trace, bin, "up", "-c", cfg))
+	pid := hardTunfwPID(t, fw.cmd.Process.Pid)
+	if err := tcpEcho(topo.Host, tcpAt.String(), 5*time.Second); err != nil {
+		t.Errorf("TCP: %v", err)
+	}
+	if got, err := udpEcho(topo.Host, udpAt.String()); err != nil || string(got) != "ping" {
+		t.Errorf("UDP: %q %v", got, err)
+	}
+	if err := hardPing(topo.Host, topo.ServiceV4, 3*time.Second); err != nil {
+		t.Errorf("ping: %v", err)
+	}
+	for _, c := range []string{"status", "flows", "stats", "reload"} {
+		if out, err := exec.Command(bin, c, "-c", cfg).CombinedOutput(); err != nil {
+			t.Errorf("tunfw %s: %v\n%s", c, err, out)
+		}
+	}
+	if resp, err := topo.Host.HTTPClient().Get("http://127.0.0.1:9478/metrics"); err != nil {
+		t.Errorf("metrics: %v", err)
+	} else {
+		resp.Body.Close()
+	}
+	syscall.Kill(pid, syscall.SIGHUP)
+	fw.waitLog(t, 5*time.Second, "SIGHUP: reloading config")
+	syscall.Kill(pid, syscall.SIGTERM) // tunfw, not strace
+	<-fw.done
+	b, err := os.ReadFile(trace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var used, denied []string
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 4 || f[0] == "%" || strings.HasPrefix(f[0], "-") || f[len(f)-1] == "total" {
+			continue
+		}
+		name := f[len(f)-1]
+		used = append(used, name)
+		if !allowed[name] {
+			denied = append(denied, name)
+		}
+	}
+	t.Logf("%d system calls used", len(used))
+	if len(used) < 20 {
+		t.Fatalf("strace summary has only %d system calls:\n%s", len(used), b)
+	}
+	if len(denied) > 0 {
+		t.Errorf("system calls tunfw makes that the unit's SystemCallFilter= denies (the service would get EPERM): %v", denied)
+	}
+}
