@@ -134,13 +134,15 @@ type memoryPlan struct {
 }
 
 // planMemory sizes what the budget allows; budget 0 means the default: a
-// quarter of the machine's memory, or half of the cgroup's limit.
+// quarter of the machine's memory, or three quarters of the cgroup's limit
+// (the cgroup is charged for the kernel's socket memory too, the rest of a
+// machine is for other programs).
 func planMemory(budget int64, maxFlows, mtu int, sc stack.Config, machine int64, machineFrom string) memoryPlan {
 	p := memoryPlan{Budget: budget, From: "limits.memory"}
 	if budget == 0 {
 		switch {
 		case machineFrom == "cgroup":
-			p.Budget, p.From = machine/2, "half the cgroup memory limit"
+			p.Budget, p.From = machine/4*3, "3/4 of the cgroup memory limit"
 		case machine > 0:
 			p.Budget, p.From = machine/4, "a quarter of MemTotal"
 		default:

@@ -47,12 +47,12 @@ func TestMemoryConfigKey(t *testing.T) {
 
 func TestPlanMemory(t *testing.T) {
 	sc := stack.DefaultConfig()
-	// Sized from the machine: a quarter of MemTotal, half a cgroup limit.
+	// Sized from the machine: a quarter of MemTotal, 3/4 of a cgroup limit.
 	if p := planMemory(0, 100, 1500, sc, 16<<30, "MemTotal"); p.Budget != 4<<30 || p.Stack != sc {
 		t.Errorf("16 GiB machine, 100 flows: %+v; want 4 GiB and the [stack] buffers untouched", p)
 	}
-	if p := planMemory(0, 1000, 1500, sc, 2<<30, "cgroup"); p.Budget != 1<<30 {
-		t.Errorf("2 GiB cgroup: budget %d, want 1 GiB", p.Budget)
+	if p := planMemory(0, 1000, 1500, sc, 4<<30, "cgroup"); p.Budget != 3<<30 {
+		t.Errorf("4 GiB cgroup: budget %d, want 3 GiB", p.Budget)
 	}
 	// 512 MiB over 1024 flows: 512 KiB each, 256 KiB each way.
 	p := planMemory(512<<20, 1024, 1500, sc, 16<<30, "MemTotal")
