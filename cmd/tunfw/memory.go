@@ -129,7 +129,8 @@ type memoryPlan struct {
 	// WorstCase is max_flows connections with full buffers.
 	WorstCase int64
 	// UDPReceiveBuffer is the bound for a UDP flow's socket receive buffer
-	// (kernel memory): the flow's share, between 64 KiB and 4 MiB.
+	// (kernel memory): the flow's share, between 256 KiB (what a flow's
+	// socket starts with) and 4 MiB (what a 1 Gbit/s burst needed).
 	UDPReceiveBuffer int
 }
 
@@ -154,7 +155,7 @@ func planMemory(budget int64, maxFlows, mtu int, sc stack.Config, machine int64,
 	p.PerFlow = p.Budget / int64(maxFlows)
 	p.Stack = sc.Bounded(p.PerFlow, stack.FlowBufferFloor(mtu))
 	p.WorstCase = int64(maxFlows) * int64(p.Stack.ReceiveBufferMax+p.Stack.SendBufferMax)
-	p.UDPReceiveBuffer = int(min(max(p.PerFlow, 64<<10), 4<<20))
+	p.UDPReceiveBuffer = int(min(max(p.PerFlow, 256<<10), 4<<20))
 	return p
 }
 

@@ -64,7 +64,7 @@ func TestPlanMemory(t *testing.T) {
 	}
 	// Too many flows for the budget: the floor, and the worst case says so.
 	p = planMemory(512<<20, 262144, 1500, sc, 16<<30, "MemTotal")
-	if p.Stack.ReceiveBufferMax != stack.FlowBufferFloor(1500) || p.WorstCase <= p.Budget || p.UDPReceiveBuffer != 64<<10 {
+	if p.Stack.ReceiveBufferMax != stack.FlowBufferFloor(1500) || p.WorstCase <= p.Budget || p.UDPReceiveBuffer != 256<<10 {
 		t.Errorf("512 MiB, 262144 flows: %+v", p)
 	}
 }
