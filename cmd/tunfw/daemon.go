@@ -90,6 +90,7 @@ func (d *daemon) reload() (reloadResult, error) {
 	}
 	// Keep what only applies at start as it is running.
 	cfg.Net, cfg.ControlSocket, cfg.Metrics = old.Net, old.ControlSocket, old.Metrics
+	cfg.Stack, cfg.Memory = old.Stack, old.Memory
 	d.cfgMu.Lock()
 	d.cfg = cfg
 	d.cfgMu.Unlock()
