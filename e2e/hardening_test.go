@@ -69,14 +69,14 @@ func unitKeys(t *testing.T, path string) map[string][]string {
 	return keys
 }
 
-// installedUnit writes the unit as `make install` would, pointing at bin.
-func installedUnit(t *testing.T, bin string) string {
+// installedUnit writes a unit as `make install` would, pointing at bin.
+func installedUnit(t *testing.T, unit, bin string) string {
 	t.Helper()
-	b, err := os.ReadFile(unitPath)
+	b, err := os.ReadFile(unit)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := filepath.Join(t.TempDir(), "tunfw.service")
+	p := filepath.Join(t.TempDir(), filepath.Base(unit))
 	if err := os.WriteFile(p, []byte(strings.ReplaceAll(string(b), "/usr/local/bin/tunfw", bin)), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -104,13 +104,17 @@ func TestSystemdUnitVerify(t *testing.T) {
 			t.Errorf("%s= is not set once: %q", k, keys[k])
 		}
 	}
-	unit := installedUnit(t, binary)
-	out, err := exec.Command("systemd-analyze", "verify", unit).CombinedOutput()
-	if err != nil || len(strings.TrimSpace(string(out))) > 0 {
-		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	// Every unit shipped in deploy/ must verify.
+	units, _ := filepath.Glob("../deploy/*.service")
+	for _, u := range units {
+		out, err := exec.Command("systemd-analyze", "verify", installedUnit(t, u, binary)).CombinedOutput()
+		if err != nil || len(strings.TrimSpace(string(out))) > 0 {
+			t.Errorf("systemd-analyze verify %s: %v\n%s", filepath.Base(u), err, out)
+		}
 	}
+	unit := installedUnit(t, unitPath, binary)
 	// The exposure score (0 best, 10 worst) quoted in the README.
-	out, err = exec.Command("systemd-analyze", "security", "--offline=yes", unit).CombinedOutput()
+	out, err := exec.Command("systemd-analyze", "security", "--offline=yes", unit).CombinedOutput()
 	if err != nil {
 		t.Fatalf("systemd-analyze security --offline=yes: %v\n%s", err, out)
 	}
