@@ -355,9 +355,12 @@ awk '{print $5}' /proc/self/mountinfo | while read -r mp; do
 	/dev|/dev/*|/proc) continue ;;
 	/run/*) continue ;; # hidden under the new /run, or a runtime directory
 	esac
-	mount -o remount,bind,ro "$mp" 2>/dev/null || mount -o remount,bind,ro,nosuid,nodev,noexec "$mp" 2>/dev/null || echo "could not make $mp read-only" >&2
+	mount -o remount,bind,ro "$mp" 2>/dev/null || mount -o remount,bind,ro,nosuid,nodev,noexec "$mp" 2>/dev/null || echo "sandbox: could not make $mp read-only" >&2
 done
-touch /tmp/.tunfw-sandbox-probe 2>/dev/null && { echo "/tmp is writable: sandbox not built" >&2; exit 98; }
+for d in / /tmp /etc /run /var; do
+	touch "$d/.tunfw-sandbox-probe" 2>/dev/null && { rm -f "$d/.tunfw-sandbox-probe"; echo "$d is writable: sandbox not built" >&2; exit 98; }
+done
+[ ! -d /run/tunfw ] || { touch /run/tunfw/.probe && rm /run/tunfw/.probe; } || { echo "/run/tunfw is not writable" >&2; exit 97; }
 `
 	var caps []string
 	for _, c := range keys["CapabilityBoundingSet"] {
@@ -395,8 +398,13 @@ touch /tmp/.tunfw-sandbox-probe 2>/dev/null && { echo "/tmp is writable: sandbox
 	if code := fw.stop(); code != 0 {
 		t.Errorf("sandboxed tunfw exit code %d after SIGTERM, want 0", code)
 	}
-	if strings.Contains(fw.log(), "level=ERROR") || strings.Contains(fw.log(), "could not") {
-		t.Errorf("errors or warnings from the sandbox or tunfw:\n%s", fw.log())
+	if strings.Contains(fw.log(), "level=ERROR") || strings.Contains(fw.log(), "could not drop") {
+		t.Errorf("errors or warnings from tunfw in the sandbox:\n%s", fw.log())
+	}
+	if strings.Contains(fw.log(), "sandbox: could not") {
+		// Mounts the platform will not remount (the probes above found
+		// the file system read-only all the same).
+		t.Logf("sandbox notes:\n%s", fw.log())
 	}
 }
 
