@@ -130,3 +130,20 @@ func (c Config) Bounded(perFlow int64, floor int) Config {
 	c.SendBuffer = min(c.SendBuffer, c.SendBufferMax)
 	return c
 }
+
+// SetBufferSizes changes the receive and send buffer ranges of the running
+// stack to c's. New connections start with the new sizes, and every
+// connection's auto-tuning grows its buffers only up to the new maxima
+// (gVisor reads them when it grows a buffer); buffers already grown keep
+// their size.
+func (s *Stack) SetBufferSizes(c Config) error {
+	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: minBuffer, Default: c.ReceiveBuffer, Max: c.ReceiveBufferMax}
+	snd := tcpip.TCPSendBufferSizeRangeOption{Min: minBuffer, Default: c.SendBuffer, Max: c.SendBufferMax}
+	if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv); err != nil {
+		return fmt.Errorf("set receive buffer sizes: %s", err)
+	}
+	if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &snd); err != nil {
+		return fmt.Errorf("set send buffer sizes: %s", err)
+	}
+	return nil
+}

@@ -3,14 +3,17 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"runtime/metrics"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/tunfw/tunfw/internal/config"
 	"github.com/tunfw/tunfw/stack"
@@ -183,4 +186,72 @@ func applyMemoryBudget(cfg *Config, log *slog.Logger) memoryPlan {
 			"worst_case_mib", p.WorstCase>>20, "budget_mib", p.Budget>>20)
 	}
 	return p
+}
+
+// Memory pressure, like the kernel's tcp_mem: above pressureHigh of the
+// budget new and growing connections get the smallest buffers, until use
+// falls below pressureLow.
+const (
+	pressureHigh = 0.75
+	pressureLow  = 0.5
+)
+
+// underPressure decides the pressure state from the Go memory in use.
+func underPressure(was bool, used, budget int64) bool {
+	if was {
+		return float64(used) > pressureLow*float64(budget)
+	}
+	return float64(used) > pressureHigh*float64(budget)
+}
+
+// goMemoryInUse is the memory the Go runtime holds from the OS and has
+// not released: what GOMEMLIMIT bounds.
+func goMemoryInUse(s []metrics.Sample) int64 {
+	metrics.Read(s)
+	return int64(s[0].Value.Uint64()) - int64(s[1].Value.Uint64())
+}
+
+// bufferSetter is the part of the stack the pressure watcher changes.
+type bufferSetter interface {
+	SetBufferSizes(stack.Config) error
+}
+
+// watchMemory applies memory pressure to st once a second until ctx ends:
+// under pressure every connection's buffers are bounded to the floor (new
+// ones start there, and none grows past it), and the planned sizes come
+// back when the pressure is gone.
+func watchMemory(ctx context.Context, st bufferSetter, p memoryPlan, mtu int, log *slog.Logger) {
+	samples := []metrics.Sample{{Name: "/memory/classes/total:bytes"}, {Name: "/memory/classes/heap/released:bytes"}}
+	low := p.Stack.Bounded(0, stack.FlowBufferFloor(mtu))
+	if low == p.Stack {
+		return // nothing to lower
+	}
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	pressure := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		used := goMemoryInUse(samples)
+		now := underPressure(pressure, used, p.Budget)
+		if now == pressure {
+			continue
+		}
+		pressure = now
+		c := p.Stack
+		if pressure {
+			c = low
+			log.Warn("memory pressure: new and growing connections get the smallest buffers",
+				"in_use_mib", used>>20, "budget_mib", p.Budget>>20, "buffer", low.ReceiveBufferMax)
+		} else {
+			log.Info("memory pressure over: connection buffers back to their planned sizes",
+				"in_use_mib", used>>20, "budget_mib", p.Budget>>20)
+		}
+		if err := st.SetBufferSizes(c); err != nil {
+			log.Error("memory pressure: set stack buffer sizes", "err", err)
+		}
+	}
 }

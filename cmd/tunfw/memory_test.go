@@ -1,11 +1,13 @@
 package main
 
 import (
+	"context"
 	"io"
 	"log/slog"
 	"runtime/debug"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tunfw/tunfw/stack"
 )
@@ -88,5 +90,41 @@ func TestApplyMemoryBudget(t *testing.T) {
 	applyMemoryBudget(cfg, log)
 	if got := debug.SetMemoryLimit(-1); got != old {
 		t.Errorf("GOMEMLIMIT changed to %d although the environment sets it", got)
+	}
+}
+
+func TestUnderPressure(t *testing.T) {
+	for _, c := range []struct {
+		was        bool
+		used, want int64
+		now        bool
+	}{
+		{false, 70, 100, false}, {false, 80, 100, true}, {true, 60, 100, true}, {true, 40, 100, false},
+	} {
+		if got := underPressure(c.was, c.used, c.want); got != c.now {
+			t.Errorf("underPressure(%v, %d of %d) = %v, want %v", c.was, c.used, c.want, got, c.now)
+		}
+	}
+}
+
+type fakeStack struct{ set chan stack.Config }
+
+func (f fakeStack) SetBufferSizes(c stack.Config) error { f.set <- c; return nil }
+
+// TestWatchMemory: over the budget, the stack's buffers go to the floor.
+func TestWatchMemory(t *testing.T) {
+	p := planMemory(1<<40, 10, 1500, stack.DefaultConfig(), 0, "")
+	p.Budget = 1 << 20 // far below what this test process holds
+	f := fakeStack{set: make(chan stack.Config, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go watchMemory(ctx, f, p, 1500, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	select {
+	case c := <-f.set:
+		if c.ReceiveBufferMax != stack.FlowBufferFloor(1500) || c.SendBufferMax != stack.FlowBufferFloor(1500) {
+			t.Errorf("under pressure the stack got %+v, want the floor", c)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no pressure after 5s with a 1 MiB budget")
 	}
 }

@@ -104,6 +104,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		return fmt.Errorf("build stack: %w", err)
 	}
 	defer st.Close()
+	go watchMemory(ctx, st, mem, cfg.Net.MTU, log)
 	d.serve(ctx, eng, st, dev.InterfaceName())
 	// Setup is done: keep only CAP_NET_ADMIN and CAP_NET_RAW (caps.go).
 	dropPrivileges(log)
