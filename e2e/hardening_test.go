@@ -795,3 +795,71 @@ func TestCheckBigSharedSet(t *testing.T) {
 		t.Errorf("tunfw check: %v and %d MiB, want under 2s and 200 MiB", took, rss>>20)
 	}
 }
+
+// TestMemoryPressure: connections whose peers do not read pin their buffers;
+// past 3/4 of [limits] memory tunfw says so and bounds every connection's
+// buffers to the floor, and it keeps forwarding new connections.
+func TestMemoryPressure(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	stuck := netip.AddrPortFrom(topo.ServiceV4, 9305)
+	echo := netip.AddrPortFrom(topo.ServiceV4, 9306)
+	startTCPEcho(t, topo.Server, echo)
+	// A server that writes without end and never reads.
+	ln, err := topo.Server.Listen("tcp", stuck.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	flood := func(c net.Conn) {
+		mu.Lock()
+		conns = append(conns, c)
+		mu.Unlock()
+		buf := make([]byte, 64<<10)
+		for {
+			if _, err := c.Write(buf); err != nil {
+				return
+			}
+		}
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go flood(c)
+		}
+	}()
+	// 64 MiB over 64 flows: up to 512 KiB each way per connection.
+	cfg := writeConfig(t, hardConfig("")+"\n[limits]\nmemory = \"64MiB\"\nmax_flows = 64\n")
+	fw := startTunfw(t, topo.Host, cfg)
+	fw.waitLog(t, 5*time.Second, `msg="memory budget"`, "tcp_buffer_max=524288")
+	// Clients that write without end and never read either: each
+	// connection pins its receive and its send buffer in tunfw.
+	for range 60 {
+		c, err := topo.Host.DialTimeout("tcp", stuck.String(), 5*time.Second)
+		if err != nil {
+			t.Fatalf("connect: %v", err)
+		}
+		go flood(c)
+	}
+	fw.waitLog(t, 30*time.Second, "memory pressure: new and growing connections get the smallest buffers")
+	if err := tcpEcho(topo.Host, echo.String(), 5*time.Second); err != nil {
+		t.Errorf("a new connection under memory pressure: %v", err)
+	}
+	rss := vmRSS(t, fw.cmd.Process.Pid)
+	t.Logf("tunfw RSS under pressure: %d MiB", rss>>20)
+	if rss > 200<<20 {
+		t.Errorf("tunfw RSS %d MiB with a 64 MiB budget", rss>>20)
+	}
+}

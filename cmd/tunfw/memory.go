@@ -204,11 +204,12 @@ func underPressure(was bool, used, budget int64) bool {
 	return float64(used) > pressureHigh*float64(budget)
 }
 
-// goMemoryInUse is the memory the Go runtime holds from the OS and has
-// not released: what GOMEMLIMIT bounds.
+// goMemoryInUse is the Go heap held by objects (connection buffers among
+// them) and goroutine stacks: what flows make grow and give back, unlike
+// the free heap the runtime keeps.
 func goMemoryInUse(s []metrics.Sample) int64 {
 	metrics.Read(s)
-	return int64(s[0].Value.Uint64()) - int64(s[1].Value.Uint64())
+	return int64(s[0].Value.Uint64() + s[1].Value.Uint64())
 }
 
 // bufferSetter is the part of the stack the pressure watcher changes.
@@ -221,7 +222,7 @@ type bufferSetter interface {
 // ones start there, and none grows past it), and the planned sizes come
 // back when the pressure is gone.
 func watchMemory(ctx context.Context, st bufferSetter, p memoryPlan, mtu int, log *slog.Logger) {
-	samples := []metrics.Sample{{Name: "/memory/classes/total:bytes"}, {Name: "/memory/classes/heap/released:bytes"}}
+	samples := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/heap/stacks:bytes"}}
 	low := p.Stack.Bounded(0, stack.FlowBufferFloor(mtu))
 	if low == p.Stack {
 		return // nothing to lower

@@ -114,7 +114,7 @@ func (f fakeStack) SetBufferSizes(c stack.Config) error { f.set <- c; return nil
 // TestWatchMemory: over the budget, the stack's buffers go to the floor.
 func TestWatchMemory(t *testing.T) {
 	p := planMemory(1<<40, 10, 1500, stack.DefaultConfig(), 0, "")
-	p.Budget = 1 << 20 // far below what this test process holds
+	p.Budget = 1 << 10 // far below what this test process holds
 	f := fakeStack{set: make(chan stack.Config, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -125,6 +125,6 @@ func TestWatchMemory(t *testing.T) {
 			t.Errorf("under pressure the stack got %+v, want the floor", c)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatal("no pressure after 5s with a 1 MiB budget")
+		t.Fatal("no pressure after 5s with a 1 KiB budget")
 	}
 }
