@@ -3,11 +3,12 @@
 #
 #   make build && docker build -t tunfw .
 #
-# Police the egress of the container itself (it needs NET_ADMIN and the TUN
-# device, not --privileged):
+# Police the egress of the container itself (it needs NET_ADMIN, NET_RAW and
+# the TUN device, nothing else, not --privileged; once set up it drops every
+# other capability itself):
 #
-#   docker run --cap-add NET_ADMIN --device /dev/net/tun \
-#     -v ./config.toml:/etc/tunfw/config.toml:ro tunfw
+#   docker run --cap-drop ALL --cap-add NET_ADMIN --cap-add NET_RAW \
+#     --device /dev/net/tun -v ./config.toml:/etc/tunfw/config.toml:ro tunfw
 #
 # or as a sidecar whose network namespace other containers join with
 # --network container:NAME. See README.md, "Containers".

@@ -69,8 +69,9 @@ type Response struct {
 // Handler answers one request from an authorised peer.
 type Handler func(ctx context.Context, req Request) Response
 
-// maxRequest bounds a request line; anything longer is refused.
-const maxRequest = 64 << 10
+// maxRequest bounds a request line; anything longer is refused with an
+// error saying so.
+const maxRequest = 1 << 20
 
 // Server serves a control socket.
 type Server struct {
@@ -82,24 +83,41 @@ type Server struct {
 	// Refused counts requests refused before reaching the handler: bad
 	// JSON, oversize, or an unauthorised peer.
 	refused atomic.Uint64
-	wg      sync.WaitGroup
+	// acceptErrs counts failed accepts (EMFILE and the like).
+	acceptErrs atomic.Uint64
+	wg         sync.WaitGroup
 }
 
 // Listen creates the socket at path (and its directory), replacing a stale
-// socket left by a crash but refusing to take over one a live tunfw serves.
+// socket left by a crash but refusing to take over one a live tunfw serves,
+// to replace anything that is not a socket, or to work in a directory that
+// someone other than root (or tunfw's user) could change.
 func Listen(path string, h Handler, log *slog.Logger) (*Server, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create control socket directory: %w", err)
 	}
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("control socket %s is in use: is another tunfw running?", path)
+	if err := checkDir(dir); err != nil {
+		return nil, err
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("remove stale control socket: %w", err)
+	switch fi, err := os.Lstat(path); {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	case fi.Mode().Type() != os.ModeSocket:
+		return nil, fmt.Errorf("control socket %s exists and is not a socket (%s): refusing to replace it; remove it or set [control] socket", path, fi.Mode().Type())
+	default:
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("control socket %s is in use: is another tunfw running?", path)
+		}
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("remove stale control socket: %w", err)
+		}
 	}
 	// The umask makes the socket 0600 from the start: no window in which
-	// another user could connect.
+	// another user could connect, and no chmod by path afterwards (which
+	// would follow a symlink put in its place).
 	old := syscall.Umask(0o177)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	syscall.Umask(old)
@@ -107,11 +125,34 @@ func Listen(path string, h Handler, log *slog.Logger) (*Server, error) {
 		return nil, fmt.Errorf("listen on control socket: %w", err)
 	}
 	ln.SetUnlinkOnClose(true)
-	if err := os.Chmod(path, 0o600); err != nil {
+	if fi, err := os.Lstat(path); err != nil {
 		ln.Close()
-		return nil, fmt.Errorf("chmod control socket: %w", err)
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	} else if fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
+		ln.Close()
+		return nil, fmt.Errorf("control socket %s is not the 0600 socket just created (%v)", path, fi.Mode())
 	}
 	return &Server{ln: ln, path: path, handler: h, log: log}, nil
+}
+
+// checkDir refuses a socket directory that is not a directory, is owned by
+// someone other than root or us, or is writable by group or others: who
+// can write it can replace the socket with one of their own.
+func checkDir(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("control socket directory: %w", err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("control socket directory %s is not a directory", dir)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 && int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("control socket directory %s is owned by uid %d, not root: refusing it", dir, st.Uid)
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("control socket directory %s is writable by group or others (mode %#o): refusing it; use a directory only root can write, like /run/tunfw", dir, fi.Mode().Perm())
+	}
+	return nil
 }
 
 // Path returns the socket's path.
@@ -129,15 +170,30 @@ func (s *Server) Serve(ctx context.Context) {
 		<-ctx.Done()
 		s.ln.Close()
 	}()
+	var backoff time.Duration
 	for {
 		c, err := s.ln.AcceptUnix()
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				break
 			}
-			s.log.Warn("control socket accept", "err", err)
+			// Out of descriptors (EMFILE, ENFILE) or memory: the pending
+			// connection stays queued and accept fails again at once, so
+			// wait, longer each time, instead of spinning.
+			s.acceptErrs.Add(1)
+			if backoff == 0 {
+				backoff = 5 * time.Millisecond
+				s.log.Warn("control socket accept failed; retrying with backoff", "err", err)
+			} else {
+				backoff = min(2*backoff, time.Second)
+			}
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+			}
 			continue
 		}
+		backoff = 0
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
@@ -158,10 +214,15 @@ func (s *Server) serveConn(ctx context.Context, c *net.UnixConn) {
 		reply(Response{Error: "permission denied: only root may use the tunfw control socket"})
 		return
 	}
-	line, err := bufio.NewReaderSize(io.LimitReader(c, maxRequest+1), 4096).ReadSlice('\n')
+	line, err := bufio.NewReader(io.LimitReader(c, maxRequest+1)).ReadBytes('\n')
+	if len(line) > maxRequest {
+		s.refused.Add(1)
+		reply(Response{Error: fmt.Sprintf("bad request: longer than %d KiB", maxRequest>>10)})
+		return
+	}
 	if err != nil && !(errors.Is(err, io.EOF) && len(line) > 0) {
 		s.refused.Add(1)
-		reply(Response{Error: "bad request: want one JSON object on one line, at most 64 KiB"})
+		reply(Response{Error: "bad request: want one JSON object on one line"})
 		return
 	}
 	var req Request

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -159,7 +160,7 @@ func TestDockerImage(t *testing.T) {
 		dk("network", "rm", "tfnet")
 	})
 	if _, err := dk("run", "-d", "--name", "tfw", "--network", "tfnet",
-		"--cap-add", "NET_ADMIN", "--device", "/dev/net/tun",
+		"--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW", "--device", "/dev/net/tun",
 		"-v", cfg+":/etc/tunfw/config.toml:ro",
 		"tunfw-e2e:test", "up", "--log-level", "debug"); err != nil {
 		t.Fatal(err)
@@ -182,6 +183,9 @@ func TestDockerImage(t *testing.T) {
 		t.Fatalf("ip netns attach: %v: %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", cnt.Name).Run() })
+	if n, err := strconv.Atoi(pid); err == nil {
+		checkCaps(t, n) // hardening_test.go: NET_ADMIN and NET_RAW only
+	}
 
 	svc := topo.ServiceV4
 	if err := tcpEcho(cnt, hostPort(svc, 9100), 5*time.Second); err != nil {

@@ -32,7 +32,12 @@ func TestMain(m *testing.M) {
 	// Others than root run the binary in some tests.
 	os.Chmod(dir, 0o755)
 	binary = filepath.Join(dir, "tunfw")
-	out, err := exec.Command("go", "build", "-o", binary, "../cmd/tunfw").CombinedOutput()
+	// CGO_ENABLED=0 as `make build` and the image: only such a binary
+	// drops its capabilities once up (cmd/tunfw/caps.go), so every test
+	// runs tunfw as it ships.
+	bc := exec.Command("go", "build", "-o", binary, "../cmd/tunfw")
+	bc.Env = append(os.Environ(), "CGO_ENABLED=0")
+	out, err := bc.CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build tunfw: %v\n%s", err, out)
 		os.RemoveAll(dir)

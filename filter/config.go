@@ -67,6 +67,25 @@ type compiledSet struct {
 type compiler struct {
 	errs []error
 	sets map[string]*compiledSet
+	// Compiled address and port keys by their entries: rules that name the
+	// same entries (typically one "@set") share one compiled set, so a
+	// large set used by many rules is held, and indexed, once.
+	addrMemo map[string]*addrSet
+	portMemo map[string]*portSet
+}
+
+// memoKey identifies a key's list of entries.
+func memoKey(entries []any) string {
+	var b strings.Builder
+	for _, e := range entries {
+		if s, ok := e.(string); ok {
+			b.WriteString(s)
+		} else {
+			fmt.Fprintf(&b, "%T:%v", e, e)
+		}
+		b.WriteByte(0)
+	}
+	return b.String()
 }
 
 func (c *compiler) errorf(key, format string, args ...any) {
@@ -78,7 +97,7 @@ func (c *compiler) errorf(key, format string, args ...any) {
 // returns an errors.Join of one *config.FieldError per problem found, keyed
 // "filter.default", "sets.NAME", "rule[N].KEY" (N 1-based), ...
 func Compile(opts Options, sets map[string]any, rules []RuleConfig) (*Ruleset, error) {
-	c := &compiler{sets: make(map[string]*compiledSet, len(sets))}
+	c := &compiler{sets: make(map[string]*compiledSet, len(sets)), addrMemo: map[string]*addrSet{}, portMemo: map[string]*portSet{}}
 	rs := &Ruleset{}
 
 	switch strings.ToLower(opts.Default) {
@@ -313,15 +332,32 @@ func (c *compiler) setRef(key, ref string, want setKind) (s *compiledSet, ok boo
 	return s, true
 }
 
-// compileAddrs compiles an address key; absent means any.
-func (c *compiler) compileAddrs(key string, v any) (addrSet, bool) {
-	if v == nil {
-		return addrSet{any: true}, true
+// compileAddrs compiles an address key; absent means any. Keys with the
+// same entries share one compiled set.
+func (c *compiler) compileAddrs(key string, v any) (*addrSet, bool) {
+	mk := "\x01any" // absent: no list has this key
+	var entries []any
+	if v != nil {
+		entries = list(v)
+		mk = memoKey(entries)
 	}
-	entries := list(v)
+	if s, ok := c.addrMemo[mk]; ok {
+		return s, true
+	}
+	s, ok := &addrSet{any: true}, true
+	if v != nil {
+		s, ok = c.compileAddrList(key, entries)
+	}
+	if ok {
+		c.addrMemo[mk] = s
+	}
+	return s, ok
+}
+
+func (c *compiler) compileAddrList(key string, entries []any) (*addrSet, bool) {
 	if len(entries) == 0 {
 		c.errorf(key, "empty list (omit the key to match any address)")
-		return addrSet{}, false
+		return &addrSet{}, false
 	}
 	var pfx []netip.Prefix
 	ok := true
@@ -358,18 +394,35 @@ func (c *compiler) compileAddrs(key string, v any) (addrSet, bool) {
 			v6 = append(v6, prefixRange6(p))
 		}
 	}
-	return addrSet{v4: mergeRanges4(v4), v6: mergeRanges6(v6)}, ok
+	return &addrSet{v4: mergeRanges4(v4), v6: mergeRanges6(v6)}, ok
 }
 
-// compilePorts compiles a port key; absent means any.
-func (c *compiler) compilePorts(key string, v any) (portSet, bool) {
-	if v == nil {
-		return portSet{any: true}, true
+// compilePorts compiles a port key; absent means any. Keys with the same
+// entries share one compiled set.
+func (c *compiler) compilePorts(key string, v any) (*portSet, bool) {
+	mk := "\x01any"
+	var entries []any
+	if v != nil {
+		entries = list(v)
+		mk = memoKey(entries)
 	}
-	entries := list(v)
+	if s, ok := c.portMemo[mk]; ok {
+		return s, true
+	}
+	s, ok := &portSet{any: true}, true
+	if v != nil {
+		s, ok = c.compilePortList(key, entries)
+	}
+	if ok {
+		c.portMemo[mk] = s
+	}
+	return s, ok
+}
+
+func (c *compiler) compilePortList(key string, entries []any) (*portSet, bool) {
 	if len(entries) == 0 {
 		c.errorf(key, "empty list (omit the key to match any port)")
-		return portSet{}, false
+		return &portSet{}, false
 	}
 	var rs []portRange
 	ok := true
@@ -391,7 +444,7 @@ func (c *compiler) compilePorts(key string, v any) (portSet, bool) {
 		}
 		rs = append(rs, r)
 	}
-	return portSet{ranges: mergePorts(rs)}, ok
+	return &portSet{ranges: mergePorts(rs)}, ok
 }
 
 func (c *compiler) compileProto(key string, v any) (uint8, bool) {

@@ -85,9 +85,17 @@ type dim struct {
 	b128  []u128
 	wild  []int32  // rules that are "any" here, ascending
 	size  int      // leaves rounded up to a power of two; node 1 is the root
-	start []uint32 // node n's rules are ids[start[n]:start[n+1]], ascending
+	start []uint32 // node n's entries are ids[start[n]:start[n+1]], ascending
 	ids   []int32
 	count []uint32 // per leaf: len(wild) + the rules on its root path
+
+	// Rules sharing one compiled set (a "@set" used by many rules) are
+	// indexed once, as a group: then ids holds group numbers and group g's
+	// rules are members[mstart[g]:mstart[g+1]], ascending, groups numbered
+	// in the order of their first rule. nil mstart: no two rules share a
+	// set here, and ids holds rule indexes.
+	mstart  []uint32
+	members []int32
 
 	// Accelerators for dimensions with many bounds, so that a lookup is a
 	// few dependent loads rather than ~log2(bounds) of them.
@@ -280,8 +288,20 @@ func (rs *Ruleset) Match(p *Packet) (a Action, rule int) {
 		x := &t.dims[best]
 		found = rs.firstIn(x.wild, p, class, found)
 		for n := x.size + bestLeaf; n > 0; n >>= 1 {
-			if s, e := x.start[n], x.start[n+1]; s < e {
+			s, e := x.start[n], x.start[n+1]
+			if s == e {
+				continue
+			}
+			if x.mstart == nil {
 				found = rs.firstIn(x.ids[s:e], p, class, found)
+				continue
+			}
+			for _, g := range x.ids[s:e] {
+				m := x.members[x.mstart[g]:x.mstart[g+1]]
+				if int(m[0]) >= found {
+					break // later groups start later still
+				}
+				found = rs.firstIn(m, p, class, found)
 			}
 		}
 	}
@@ -341,45 +361,78 @@ func (s *addrSet) hasFamily(fam int) bool {
 // buildDim indexes dimension d over the rules in all.
 func (rs *Ruleset) buildDim(all []int32, d, fam int) dim {
 	var x dim
-	// Each rule's ranges in this dimension, as [from, to] with the "+1"
+	// Each set's ranges in this dimension, as [from, to] with the "+1"
 	// boundary; keys widened to u128 during the build.
 	type span struct{ from, to u128 }
 	var buf []span
-	spans := func(r *rule) (sp []span, wild bool) {
-		sp = buf[:0]
-		defer func() { buf = sp }()
+	// setOf returns rule r's set in this dimension (shared by the rules
+	// that list the same entries); nil when r is "any" here.
+	setOf := func(r *rule) any {
 		switch d {
-		case dimDstPort, dimSrcPort:
-			ps := &r.dstPort
-			if d == dimSrcPort {
-				ps = &r.srcPort
+		case dimDstPort:
+			if !r.dstPort.any {
+				return r.dstPort
 			}
-			if ps.any {
-				return nil, true
+		case dimSrcPort:
+			if !r.srcPort.any {
+				return r.srcPort
 			}
-			for _, pr := range ps.ranges {
+		case dimDst:
+			if !r.dst.any {
+				return r.dst
+			}
+		default:
+			if !r.src.any {
+				return r.src
+			}
+		}
+		return nil
+	}
+	spans := func(set any) []span {
+		sp := buf[:0]
+		switch set := set.(type) {
+		case *portSet:
+			for _, pr := range set.ranges {
 				sp = append(sp, span{u128{0, uint64(pr.from)}, u128{0, uint64(pr.to)}})
 			}
-			return sp, false
-		}
-		as := &r.dst
-		if d == dimSrc {
-			as = &r.src
-		}
-		if as.any {
-			return nil, true
-		}
-		if fam == 0 {
-			for _, ar := range as.v4 {
-				sp = append(sp, span{u128{0, uint64(ar.from)}, u128{0, uint64(ar.to)}})
-			}
-		} else {
-			for _, ar := range as.v6 {
-				sp = append(sp, span{ar.from, ar.to})
+		case *addrSet:
+			if fam == 0 {
+				for _, ar := range set.v4 {
+					sp = append(sp, span{u128{0, uint64(ar.from)}, u128{0, uint64(ar.to)}})
+				}
+			} else {
+				for _, ar := range set.v6 {
+					sp = append(sp, span{ar.from, ar.to})
+				}
 			}
 		}
-		return sp, false
+		buf = sp
+		return sp
 	}
+
+	// Group the rules by set: a set is indexed once however many rules
+	// use it.
+	groupOf := map[any]int32{}
+	var groups []any      // group -> set
+	var members [][]int32 // group -> its rules, ascending
+	restricted := 0
+	for _, i := range all {
+		set := setOf(&rs.rules[i])
+		if set == nil {
+			x.wild = append(x.wild, i)
+			continue
+		}
+		restricted++
+		g, ok := groupOf[set]
+		if !ok {
+			g = int32(len(groups))
+			groupOf[set] = g
+			groups = append(groups, set)
+			members = append(members, nil)
+		}
+		members[g] = append(members[g], i)
+	}
+	x.used = restricted > 0
 	top := u128{0, 0xffff}
 	switch {
 	case d == dimDst || d == dimSrc:
@@ -392,14 +445,8 @@ func (rs *Ruleset) buildDim(all []int32, d, fam int) dim {
 
 	// Boundaries: 0, every range start and every range end + 1.
 	bounds := []u128{{}}
-	for _, i := range all {
-		sp, wild := spans(&rs.rules[i])
-		if wild {
-			x.wild = append(x.wild, i)
-			continue
-		}
-		x.used = true
-		for _, s := range sp {
+	for _, set := range groups {
+		for _, s := range spans(set) {
 			bounds = append(bounds, s.from)
 			if s.to != top {
 				n, _ := s.to.next()
@@ -428,16 +475,21 @@ func (rs *Ruleset) buildDim(all []int32, d, fam int) dim {
 		x.size <<= 1
 	}
 
-	// Canonical nodes of every rule range: counted, then filled (CSR), in
-	// rule order so each node's list is ascending.
+	// Canonical nodes of every set's ranges: counted, then filled (CSR),
+	// in group order so each node's list is ascending (in rule order when
+	// every group is one rule).
+	grouped := len(groups) < restricted
+	entry := func(g int) int32 {
+		if grouped {
+			return int32(g)
+		}
+		return members[g][0]
+	}
 	x.start = make([]uint32, 2*x.size+1)
-	visit := func(fn func(node int, id int32)) {
-		for _, i := range all {
-			sp, wild := spans(&rs.rules[i])
-			if wild {
-				continue
-			}
-			for _, s := range sp {
+	weight := make([]uint32, 2*x.size) // rules per node
+	visit := func(fn func(node int, g int)) {
+		for g, set := range groups {
+			for _, s := range spans(set) {
 				l := find(s.from)
 				r := leaves // exclusive
 				if s.to != top {
@@ -446,30 +498,38 @@ func (rs *Ruleset) buildDim(all []int32, d, fam int) dim {
 				}
 				for l, r = l+x.size, r+x.size; l < r; l, r = l>>1, r>>1 {
 					if l&1 == 1 {
-						fn(l, i)
+						fn(l, g)
 						l++
 					}
 					if r&1 == 1 {
 						r--
-						fn(r, i)
+						fn(r, g)
 					}
 				}
 			}
 		}
 	}
-	visit(func(n int, _ int32) { x.start[n+1]++ })
+	visit(func(n int, g int) { x.start[n+1]++; weight[n] += uint32(len(members[g])) })
 	for n := 1; n < len(x.start); n++ {
 		x.start[n] += x.start[n-1]
 	}
 	x.ids = make([]int32, x.start[len(x.start)-1])
 	fill := slices.Clone(x.start)
-	visit(func(n int, id int32) { x.ids[fill[n]] = id; fill[n]++ })
+	visit(func(n int, g int) { x.ids[fill[n]] = entry(g); fill[n]++ })
+	if grouped {
+		x.mstart = make([]uint32, len(groups)+1)
+		x.members = make([]int32, 0, restricted)
+		for g, m := range members {
+			x.members = append(x.members, m...)
+			x.mstart[g+1] = uint32(len(x.members))
+		}
+	}
 
-	// Candidate count per leaf: wild plus the lists on its root path.
+	// Candidate count per leaf: wild plus the rules on its root path.
 	acc := make([]uint32, 2*x.size)
-	acc[1] = uint32(len(x.wild)) + x.start[2] - x.start[1]
+	acc[1] = uint32(len(x.wild)) + weight[1]
 	for n := 2; n < 2*x.size; n++ {
-		acc[n] = acc[n>>1] + x.start[n+1] - x.start[n]
+		acc[n] = acc[n>>1] + weight[n]
 	}
 	x.count = slices.Clone(acc[x.size : x.size+leaves])
 
@@ -509,7 +569,7 @@ func (rs *Ruleset) indexBytes() int {
 			for d := range t.dims {
 				x := &t.dims[d]
 				n += 2*cap(x.b16) + 4*cap(x.b32) + 16*cap(x.b128) +
-					4*(cap(x.wild)+cap(x.start)+cap(x.ids)+cap(x.count)) + 2*cap(x.port)
+					4*(cap(x.wild)+cap(x.start)+cap(x.ids)+cap(x.count)+cap(x.mstart)+cap(x.members)) + 2*cap(x.port)
 				if x.j4 != nil {
 					n += int(unsafe.Sizeof(*x.j4)) + 4*cap(x.j4.mid)
 				}

@@ -80,13 +80,15 @@ type Ruleset struct {
 	idx   ruleIndex // built by buildIndex; Match uses it (index.go)
 }
 
-// rule is one compiled [[rule]]. Absent keys are "any" sets.
+// rule is one compiled [[rule]]. Absent keys are "any" sets. The sets are
+// shared between rules whose keys list the same entries (and never
+// modified): the index groups rules by them.
 type rule struct {
 	name             string
 	action           Action
 	protos           uint8
-	src, dst         addrSet
-	srcPort, dstPort portSet
+	src, dst         *addrSet
+	srcPort, dstPort *portSet
 }
 
 // u128 is an IPv6 address as a number, for cheap comparisons.

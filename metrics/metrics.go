@@ -137,13 +137,39 @@ func Listen(addr string) (net.Listener, error) {
 	return ln, nil
 }
 
-// Serve serves /metrics on ln until ctx ends.
+// timeouts bound what one scraper can hold: a connection that sends its
+// request slowly, reads the answer slowly or idles between scrapes.
+type timeouts struct {
+	readHeader, read, write, idle time.Duration
+}
+
+func defaultTimeouts() timeouts {
+	return timeouts{readHeader: 5 * time.Second, read: 10 * time.Second, write: 30 * time.Second, idle: 60 * time.Second}
+}
+
+// Serve serves /metrics on ln until ctx ends. It warns when ln is reachable
+// from other hosts: the metrics name rules and count flows.
 func Serve(ctx context.Context, ln net.Listener, src Source, log *slog.Logger) {
+	serve(ctx, ln, src, log, defaultTimeouts())
+}
+
+func serve(ctx context.Context, ln net.Listener, src Source, log *slog.Logger, to timeouts) {
+	if exposed(ln.Addr()) {
+		log.Warn("metrics endpoint listens on a non-loopback address: anyone who can reach it reads tunfw's rules and counters; prefer 127.0.0.1 or firewall it", "listen", ln.Addr().String())
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(newCollector(src), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: to.readHeader,
+		ReadTimeout:       to.read,
+		WriteTimeout:      to.write,
+		IdleTimeout:       to.idle,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
 	go func() {
 		<-ctx.Done()
 		srv.Close()
@@ -153,4 +179,15 @@ func Serve(ctx context.Context, ln net.Listener, src Source, log *slog.Logger) {
 			log.Error("metrics server", "err", err)
 		}
 	}()
+}
+
+// exposed reports whether a listener's address is reachable from other
+// hosts: anything but a loopback address (the unspecified address
+// included).
+func exposed(a net.Addr) bool {
+	ta, ok := a.(*net.TCPAddr)
+	if !ok {
+		return false
+	}
+	return !ta.IP.IsLoopback()
 }

@@ -76,3 +76,30 @@ func newTestStack(t *testing.T, c Config) *Stack {
 	t.Cleanup(s.Close)
 	return s
 }
+
+func TestBounded(t *testing.T) {
+	def := DefaultConfig()
+	floor := FlowBufferFloor(1500)
+	if floor != 64<<10 || FlowBufferFloor(65520) != 16*65520 || FlowBufferFloor(9000) != 144000 {
+		t.Errorf("floors: %d %d %d", floor, FlowBufferFloor(65520), FlowBufferFloor(9000))
+	}
+	if got := def.Bounded(1<<40, floor); got != def {
+		t.Errorf("a large budget changed the config: %+v", got)
+	}
+	got := def.Bounded(512<<10, floor)
+	if got.ReceiveBufferMax != 256<<10 || got.SendBufferMax != 256<<10 || got.ReceiveBuffer != 256<<10 || got.SendBuffer != 256<<10 {
+		t.Errorf("512 KiB per flow: %+v, want 256 KiB each way", got)
+	}
+	got = def.Bounded(1000, floor)
+	if got.ReceiveBufferMax != floor || got.SendBufferMax != floor {
+		t.Errorf("1000 bytes per flow: %+v, want the %d-byte floor", got, floor)
+	}
+	if err := got.Validate(); err != nil {
+		t.Errorf("bounded config invalid: %v", err)
+	}
+	small := def
+	small.ReceiveBuffer, small.ReceiveBufferMax = 8192, 16384
+	if got := small.Bounded(1000, floor); got.ReceiveBufferMax != 16384 || got.ReceiveBuffer != 8192 {
+		t.Errorf("Bounded raised configured buffers: %+v", got)
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"unicode/utf8"
 
 	"github.com/BurntSushi/toml"
 	"github.com/tunfw/tunfw"
@@ -59,6 +60,9 @@ type Config struct {
 	Metrics metrics.Config
 	// Stack is the [stack] section.
 	Stack stack.Config
+	// Memory is [limits] memory in bytes; 0 sizes it from the machine
+	// at start (memory.go).
+	Memory int64
 }
 
 // ConfigError is one problem in a config file, located by line.
@@ -77,10 +81,31 @@ func (e ConfigError) Error() string {
 	}
 	b.WriteString(": ")
 	if e.Key != "" {
-		b.WriteString(e.Key + ": ")
+		b.WriteString(truncate(e.Key, maxErrorKey) + ": ")
 	}
-	b.WriteString(e.Msg)
+	b.WriteString(truncate(e.Msg, maxErrorMsg))
 	return b.String()
+}
+
+// Bounds on what an error echoes of the config: a mistake on a 400 KB line
+// is reported in a line, not with the whole line.
+const (
+	maxErrorKey    = 120
+	maxErrorMsg    = 300
+	maxErrorsShown = 100
+)
+
+// truncate shortens s to about max bytes (on a rune boundary), saying how
+// much was left out.
+func truncate(s string, max int) string {
+	if len(s) <= max {
+		return s
+	}
+	cut := max
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s... (%d more bytes)", s[:cut], len(s)-cut)
 }
 
 // ConfigErrors is every problem found in one config file.
@@ -94,25 +119,42 @@ func (es ConfigErrors) Error() string {
 	return strings.Join(s, "\n")
 }
 
+// maxConfigSize bounds a config file: it is read whole, and decoding costs
+// several times its size.
+const maxConfigSize = 16 << 20
+
 // readConfig reads path; when path is the default and absent, it falls back to
 // the embedded config and says so through fellBack.
 func readConfig(path string, explicit bool) (data []byte, source string, fellBack bool, err error) {
-	f, err := os.Open(path)
+	data, err = readConfigFile(path)
 	if err != nil {
 		if !explicit && errors.Is(err, fs.ErrNotExist) {
 			return tunfw.DefaultConfig, embeddedSource, true, nil
 		}
-		return nil, path, false, fmt.Errorf("read config: %w", err)
+		return nil, path, false, err
+	}
+	return data, path, false, nil
+}
+
+// readConfigFile reads a config file for start and for every reload alike:
+// it must pass checkConfigOwner and be at most maxConfigSize bytes.
+func readConfigFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
 	}
 	defer f.Close()
 	if err := checkConfigOwner(f); err != nil {
-		return nil, path, false, err
+		return nil, err
 	}
-	data, err = io.ReadAll(f)
+	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
 	if err != nil {
-		return nil, path, false, fmt.Errorf("read config: %w", err)
+		return nil, fmt.Errorf("read config: %w", err)
 	}
-	return data, path, false, nil
+	if len(data) > maxConfigSize {
+		return nil, fmt.Errorf("config %s is larger than %d MiB: refusing it (put large address lists in fewer, larger sets)", path, maxConfigSize>>20)
+	}
+	return data, nil
 }
 
 // checkConfigOwner refuses, as sshd does, a config file that someone other
@@ -156,6 +198,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 		sets  map[string]any
 		rules = make([]filter.RuleConfig, len(layout.Rule))
 		lim   filter.Limits
+		mem   memoryConfig
 		cc    control.Config
 		mc    metrics.Config
 		sc    = stack.DefaultConfig() // keys left out keep their default
@@ -177,6 +220,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	decode("filter", layout.Filter, &fo)
 	decode("sets", layout.Sets, &sets)
 	decode("limits", layout.Limits, &lim)
+	decode("limits", layout.Limits, &mem) // limits.memory: this command's
 	decode("control", layout.Control, &cc)
 	decode("metrics", layout.Metrics, &mc)
 	decode("stack", layout.Stack, &sc)
@@ -206,12 +250,17 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	add(err)
 	cfg.Limits, err = lim.Validate()
 	add(err)
+	cfg.Memory, err = mem.validate()
+	add(err)
 	cfg.ControlSocket, err = cc.Validate()
 	add(err)
 	add(mc.Validate())
 	add(sc.Validate())
 	if len(errs) > 0 {
 		sort.SliceStable(errs, func(i, j int) bool { return errs[i].Line < errs[j].Line })
+		if n := len(errs); n > maxErrorsShown {
+			errs = append(errs[:maxErrorsShown:maxErrorsShown], ConfigError{File: source, Msg: fmt.Sprintf("%d more errors not shown", n-maxErrorsShown)})
+		}
 		return nil, errs
 	}
 	return cfg, nil

@@ -70,9 +70,9 @@ func (d *daemon) reload() (reloadResult, error) {
 	var err error
 	if old.Source == embeddedSource {
 		data = tunfw.DefaultConfig
-	} else if data, err = os.ReadFile(old.Source); err != nil {
+	} else if data, err = readConfigFile(old.Source); err != nil {
+		// The same owner, mode and size checks as at start.
 		d.reloadsFailed.Add(1)
-		err = fmt.Errorf("read config: %w", err)
 		d.log.Error("reload failed; still running on the previous rules", "err", err)
 		return reloadResult{}, err
 	}
@@ -93,6 +93,7 @@ func (d *daemon) reload() (reloadResult, error) {
 	}
 	// Keep what only applies at start as it is running.
 	cfg.Net, cfg.ControlSocket, cfg.Metrics = old.Net, old.ControlSocket, old.Metrics
+	cfg.Stack, cfg.Memory = old.Stack, old.Memory
 	d.cfgMu.Lock()
 	d.cfg = cfg
 	d.cfgMu.Unlock()
@@ -122,6 +123,9 @@ func restartOnly(old, cfg *Config) []string {
 	}
 	if old.Stack != cfg.Stack {
 		w = append(w, "[stack] changed; it applies only at start: restart tunfw to apply it")
+	}
+	if old.Memory != cfg.Memory {
+		w = append(w, "limits.memory changed; it applies only at start: restart tunfw to apply it")
 	}
 	return w
 }

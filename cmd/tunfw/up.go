@@ -119,19 +119,23 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		// gateway client's namespace, a second network, a VPN).
 		dial.IfaceV4, dial.IfaceV6 = "", ""
 	}
+	mem := applyMemoryBudget(cfg, log) // memory.go: GOMEMLIMIT, buffer bounds
 	st, err := stack.New(stack.Options{
 		Device:   dev,
 		MTU:      cfg.Net.MTU,
 		Engine:   eng,
 		Outbound: dial,
 		Logger:   log,
-		TCP:      cfg.Stack,
+		TCP:      mem.Stack,
 	})
 	if err != nil {
 		return fmt.Errorf("build stack: %w", err)
 	}
 	defer st.Close()
+	go watchMemory(ctx, st, mem, cfg.Net.MTU, log)
 	d.serve(ctx, eng, st, dev.InterfaceName())
+	// Setup is done: keep only CAP_NET_ADMIN and CAP_NET_RAW (caps.go).
+	dropPrivileges(log)
 
 	runErr := make(chan error, 1)
 	go func() { runErr <- st.Run(ctx) }()

@@ -1,0 +1,258 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"runtime/metrics"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/tunfw/tunfw/internal/config"
+	"github.com/tunfw/tunfw/stack"
+)
+
+// memoryConfig is the [limits] key this file owns: the memory budget. The
+// rest of [limits] is decoded by the filter package.
+type memoryConfig struct {
+	// Memory is the budget of tunfw's own memory ("512MiB"); "" sizes it
+	// from the machine.
+	Memory string `toml:"memory"`
+}
+
+// minMemory is the smallest budget accepted.
+const minMemory = 64 << 20
+
+// validate parses the budget; 0 means "size it from the machine".
+func (m memoryConfig) validate() (int64, error) {
+	if m.Memory == "" || m.Memory == "auto" {
+		return 0, nil
+	}
+	n, err := parseSize(m.Memory)
+	if err != nil {
+		return 0, config.Errorf("limits.memory", "%v", err)
+	}
+	if n < minMemory {
+		return 0, config.Errorf("limits.memory", "%q is less than the 64MiB tunfw needs", m.Memory)
+	}
+	return n, nil
+}
+
+// parseSize reads a byte count: a number with an optional unit, binary
+// (KiB, MiB, GiB, TiB) or decimal (kB, MB, GB, TB), or B.
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	i := len(t)
+	for i > 0 && (t[i-1] < '0' || t[i-1] > '9') && t[i-1] != '.' {
+		i--
+	}
+	num, unit := t[:i], strings.TrimSpace(t[i:])
+	mult := map[string]float64{
+		"": 1, "B": 1,
+		"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+		"kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+	}[unit]
+	v, err := strconv.ParseFloat(num, 64)
+	if mult == 0 || err != nil || v < 0 || math.IsInf(v, 0) || v*mult > 1<<62 {
+		return 0, fmt.Errorf("%q is not a size (like \"512MiB\", \"2GiB\" or a number of bytes)", s)
+	}
+	return int64(v * mult), nil
+}
+
+// machineMemory returns the memory tunfw may use: MemTotal, or its memory
+// cgroup's limit when that is lower (a systemd MemoryMax=, a container's
+// --memory), and says which.
+func machineMemory() (int64, string) {
+	total := int64(0)
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		sc := bufio.NewScanner(bytes.NewReader(b))
+		for sc.Scan() {
+			if f := strings.Fields(sc.Text()); len(f) >= 2 && f[0] == "MemTotal:" {
+				kb, _ := strconv.ParseInt(f[1], 10, 64)
+				total = kb << 10
+			}
+		}
+	}
+	if lim := cgroupMemoryLimit(); lim > 0 && (total == 0 || lim < total) {
+		return lim, "cgroup"
+	}
+	return total, "MemTotal"
+}
+
+// cgroupMemoryLimit reads the memory limit of tunfw's cgroup (v2
+// memory.max, or v1 memory.limit_in_bytes); 0 when there is none.
+func cgroupMemoryLimit() int64 {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.SplitN(l, ":", 3)
+		if len(f) != 3 {
+			continue
+		}
+		var file string
+		switch {
+		case f[0] == "0" && f[1] == "":
+			file = filepath.Join("/sys/fs/cgroup", f[2], "memory.max")
+		case f[1] == "memory":
+			file = filepath.Join("/sys/fs/cgroup/memory", f[2], "memory.limit_in_bytes")
+		default:
+			continue
+		}
+		v, err := os.ReadFile(file)
+		if err != nil {
+			continue
+		}
+		n, err := strconv.ParseInt(strings.TrimSpace(string(v)), 10, 64)
+		if err == nil && n > 0 && n < 1<<60 { // "max" or v1's huge "unlimited"
+			return n
+		}
+	}
+	return 0
+}
+
+// memoryPlan is what the budget decides at start.
+type memoryPlan struct {
+	Budget int64
+	From   string // "limits.memory", or how the default was sized
+	// Stack is [stack] with each connection's buffers bounded so that
+	// max_flows connections with full buffers fit in the budget (but not
+	// below stack.FlowBufferFloor).
+	Stack stack.Config
+	// PerFlow is the budget's share of one flow: budget / max_flows.
+	PerFlow int64
+	// WorstCase is max_flows connections with full buffers.
+	WorstCase int64
+	// UDPReceiveBuffer is the bound for a UDP flow's socket receive buffer
+	// (kernel memory): the flow's share, between 256 KiB (what a flow's
+	// socket starts with) and 4 MiB (what a 1 Gbit/s burst needed).
+	UDPReceiveBuffer int
+}
+
+// planMemory sizes what the budget allows; budget 0 means the default: a
+// quarter of the machine's memory, or three quarters of the cgroup's limit
+// (the cgroup is charged for the kernel's socket memory too, the rest of a
+// machine is for other programs).
+func planMemory(budget int64, maxFlows, mtu int, sc stack.Config, machine int64, machineFrom string) memoryPlan {
+	p := memoryPlan{Budget: budget, From: "limits.memory"}
+	if budget == 0 {
+		switch {
+		case machineFrom == "cgroup":
+			p.Budget, p.From = machine/4*3, "3/4 of the cgroup memory limit"
+		case machine > 0:
+			p.Budget, p.From = machine/4, "a quarter of MemTotal"
+		default:
+			p.Budget, p.From = 1<<30, "unknown machine memory: 1GiB"
+		}
+		p.Budget = max(p.Budget, minMemory)
+	}
+	maxFlows = max(maxFlows, 1)
+	p.PerFlow = p.Budget / int64(maxFlows)
+	p.Stack = sc.Bounded(p.PerFlow, stack.FlowBufferFloor(mtu))
+	p.WorstCase = int64(maxFlows) * int64(p.Stack.ReceiveBufferMax+p.Stack.SendBufferMax)
+	p.UDPReceiveBuffer = int(min(max(p.PerFlow, 256<<10), 4<<20))
+	return p
+}
+
+// applyMemoryBudget plans the budget of cfg, sets the Go runtime's soft
+// memory limit (GOMEMLIMIT) to it unless the environment sets GOMEMLIMIT,
+// and returns the [stack] config to build the stack with.
+func applyMemoryBudget(cfg *Config, log *slog.Logger) memoryPlan {
+	machine, from := machineMemory()
+	p := planMemory(cfg.Memory, cfg.Limits.MaxFlows, cfg.Net.MTU, cfg.Stack, machine, from)
+	gomem := "set"
+	if os.Getenv("GOMEMLIMIT") != "" {
+		gomem = "left to the GOMEMLIMIT environment variable"
+	} else {
+		debug.SetMemoryLimit(p.Budget)
+	}
+	log.Info("memory budget", "budget_mib", p.Budget>>20, "from", p.From, "gomemlimit", gomem,
+		"tcp_buffer_max", p.Stack.ReceiveBufferMax, "max_flows", cfg.Limits.MaxFlows, "udp_receive_buffer", p.UDPReceiveBuffer)
+	if p.Stack != cfg.Stack {
+		log.Info("[stack] buffers lowered so that max_flows connections fit in the memory budget",
+			"receive_buffer_max", p.Stack.ReceiveBufferMax, "send_buffer_max", p.Stack.SendBufferMax)
+	}
+	if p.WorstCase > p.Budget {
+		log.Info("max_flows connections with full buffers would exceed the memory budget even at the smallest buffers; "+
+			"past the budget the Go runtime collects harder; lower limits.max_flows to make the bound hard",
+			"worst_case_mib", p.WorstCase>>20, "budget_mib", p.Budget>>20)
+	}
+	return p
+}
+
+// Memory pressure, like the kernel's tcp_mem: above pressureHigh of the
+// budget new and growing connections get the smallest buffers, until use
+// falls below pressureLow.
+const (
+	pressureHigh = 0.75
+	pressureLow  = 0.5
+)
+
+// underPressure decides the pressure state from the Go memory in use.
+func underPressure(was bool, used, budget int64) bool {
+	if was {
+		return float64(used) > pressureLow*float64(budget)
+	}
+	return float64(used) > pressureHigh*float64(budget)
+}
+
+// goMemoryInUse is the Go heap held by objects (connection buffers among
+// them) and goroutine stacks: what flows make grow and give back, unlike
+// the free heap the runtime keeps.
+func goMemoryInUse(s []metrics.Sample) int64 {
+	metrics.Read(s)
+	return int64(s[0].Value.Uint64() + s[1].Value.Uint64())
+}
+
+// bufferSetter is the part of the stack the pressure watcher changes.
+type bufferSetter interface {
+	SetBufferSizes(stack.Config) error
+}
+
+// watchMemory applies memory pressure to st once a second until ctx ends:
+// under pressure every connection's buffers are bounded to the floor (new
+// ones start there, and none grows past it), and the planned sizes come
+// back when the pressure is gone.
+func watchMemory(ctx context.Context, st bufferSetter, p memoryPlan, mtu int, log *slog.Logger) {
+	samples := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/heap/stacks:bytes"}}
+	low := p.Stack.Bounded(0, stack.FlowBufferFloor(mtu))
+	if low == p.Stack {
+		return // nothing to lower
+	}
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	pressure := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		used := goMemoryInUse(samples)
+		now := underPressure(pressure, used, p.Budget)
+		if now == pressure {
+			continue
+		}
+		pressure = now
+		c := p.Stack
+		if pressure {
+			c = low
+			log.Warn("memory pressure: new and growing connections get the smallest buffers",
+				"in_use_mib", used>>20, "budget_mib", p.Budget>>20, "buffer", low.ReceiveBufferMax)
+		} else {
+			log.Info("memory pressure over: connection buffers back to their planned sizes",
+				"in_use_mib", used>>20, "budget_mib", p.Budget>>20)
+		}
+		if err := st.SetBufferSizes(c); err != nil {
+			log.Error("memory pressure: set stack buffer sizes", "err", err)
+		}
+	}
+}

@@ -1,0 +1,130 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"runtime/debug"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tunfw/tunfw/stack"
+)
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{
+		"512MiB": 512 << 20, "2GiB": 2 << 30, "1.5GiB": 3 << 29, "100MB": 100e6, "67108864": 64 << 20, "64 MiB": 64 << 20, "1TiB": 1 << 40,
+	} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "MiB", "12 parsecs", "-1GiB", "1e400", "9999999TiB", "1..2GiB"} {
+		if got, err := parseSize(in); err == nil {
+			t.Errorf("parseSize(%q) = %d, want an error", in, got)
+		}
+	}
+}
+
+func TestMemoryConfigKey(t *testing.T) {
+	base := "[tun]\naddresses = [\"198.18.0.1/30\"]\n[limits]\nmax_flows = 1000\n"
+	cfg, err := parseConfig("m.toml", []byte(base+"memory = \"256MiB\"\n"))
+	if err != nil || cfg.Memory != 256<<20 || cfg.Limits.MaxFlows != 1000 {
+		t.Fatalf("memory = 256MiB: %+v, %v", cfg, err)
+	}
+	if cfg, err := parseConfig("m.toml", []byte(base)); err != nil || cfg.Memory != 0 {
+		t.Fatalf("no memory key: %v, %v", cfg.Memory, err)
+	}
+	_, err = parseConfig("m.toml", []byte(base+"memory = \"lots\"\nmemroy = 1\n"))
+	for _, want := range []string{`m.toml:5: limits.memory: "lots" is not a size`, "m.toml:6: limits.memroy: unknown key"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("bad memory key: %v; want %q", err, want)
+		}
+	}
+	if _, err = parseConfig("m.toml", []byte(base+"memory = \"1MiB\"\n")); err == nil || !strings.Contains(err.Error(), "less than the 64MiB") {
+		t.Errorf("1MiB: %v, want a lower bound error", err)
+	}
+}
+
+func TestPlanMemory(t *testing.T) {
+	sc := stack.DefaultConfig()
+	// Sized from the machine: a quarter of MemTotal, 3/4 of a cgroup limit.
+	if p := planMemory(0, 100, 1500, sc, 16<<30, "MemTotal"); p.Budget != 4<<30 || p.Stack != sc {
+		t.Errorf("16 GiB machine, 100 flows: %+v; want 4 GiB and the [stack] buffers untouched", p)
+	}
+	if p := planMemory(0, 1000, 1500, sc, 4<<30, "cgroup"); p.Budget != 3<<30 {
+		t.Errorf("4 GiB cgroup: budget %d, want 3 GiB", p.Budget)
+	}
+	// 512 MiB over 1024 flows: 512 KiB each, 256 KiB each way.
+	p := planMemory(512<<20, 1024, 1500, sc, 16<<30, "MemTotal")
+	if p.Stack.ReceiveBufferMax != 256<<10 || p.Stack.SendBufferMax != 256<<10 || p.WorstCase > p.Budget {
+		t.Errorf("512 MiB, 1024 flows: %+v", p)
+	}
+	if p.UDPReceiveBuffer != 512<<10 {
+		t.Errorf("UDP receive buffer %d, want 512 KiB", p.UDPReceiveBuffer)
+	}
+	// Too many flows for the budget: the floor, and the worst case says so.
+	p = planMemory(512<<20, 262144, 1500, sc, 16<<30, "MemTotal")
+	if p.Stack.ReceiveBufferMax != stack.FlowBufferFloor(1500) || p.WorstCase <= p.Budget || p.UDPReceiveBuffer != 256<<10 {
+		t.Errorf("512 MiB, 262144 flows: %+v", p)
+	}
+}
+
+// TestApplyMemoryBudget: GOMEMLIMIT is set from the budget, unless the
+// environment sets it.
+func TestApplyMemoryBudget(t *testing.T) {
+	old := debug.SetMemoryLimit(-1)
+	t.Cleanup(func() { debug.SetMemoryLimit(old) })
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	cfg := &Config{Memory: 300 << 20, Stack: stack.DefaultConfig()}
+	cfg.Net.MTU = 1500
+	cfg.Limits.MaxFlows = 1000
+	t.Setenv("GOMEMLIMIT", "")
+	applyMemoryBudget(cfg, log)
+	if got := debug.SetMemoryLimit(-1); got != 300<<20 {
+		t.Errorf("GOMEMLIMIT %d after a 300 MiB budget", got)
+	}
+	debug.SetMemoryLimit(old)
+	t.Setenv("GOMEMLIMIT", "1GiB")
+	applyMemoryBudget(cfg, log)
+	if got := debug.SetMemoryLimit(-1); got != old {
+		t.Errorf("GOMEMLIMIT changed to %d although the environment sets it", got)
+	}
+}
+
+func TestUnderPressure(t *testing.T) {
+	for _, c := range []struct {
+		was        bool
+		used, want int64
+		now        bool
+	}{
+		{false, 70, 100, false}, {false, 80, 100, true}, {true, 60, 100, true}, {true, 40, 100, false},
+	} {
+		if got := underPressure(c.was, c.used, c.want); got != c.now {
+			t.Errorf("underPressure(%v, %d of %d) = %v, want %v", c.was, c.used, c.want, got, c.now)
+		}
+	}
+}
+
+type fakeStack struct{ set chan stack.Config }
+
+func (f fakeStack) SetBufferSizes(c stack.Config) error { f.set <- c; return nil }
+
+// TestWatchMemory: over the budget, the stack's buffers go to the floor.
+func TestWatchMemory(t *testing.T) {
+	p := planMemory(1<<40, 10, 1500, stack.DefaultConfig(), 0, "")
+	p.Budget = 1 << 10 // far below what this test process holds
+	f := fakeStack{set: make(chan stack.Config, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go watchMemory(ctx, f, p, 1500, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	select {
+	case c := <-f.set:
+		if c.ReceiveBufferMax != stack.FlowBufferFloor(1500) || c.SendBufferMax != stack.FlowBufferFloor(1500) {
+			t.Errorf("under pressure the stack got %+v, want the floor", c)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no pressure after 5s with a 1 KiB budget")
+	}
+}
