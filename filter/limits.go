@@ -11,12 +11,12 @@ import (
 // Limits is the [limits] section: flow table bounds and idle timeouts.
 // Durations are Go duration strings ("30s", "2h").
 type Limits struct {
-	TCPHandshake      string `toml:"tcp_handshake"`
-	TCPIdle           string `toml:"tcp_idle"`
-	TCPClosing        string `toml:"tcp_closing"`
-	UDPIdle           string `toml:"udp_idle"`
-	ICMPIdle          string `toml:"icmp_idle"`
-	MaxFlows          int    `toml:"max_flows"`
+	TCPHandshake string `toml:"tcp_handshake"`
+	TCPIdle      string `toml:"tcp_idle"`
+	TCPClosing   string `toml:"tcp_closing"`
+	UDPIdle      string `toml:"udp_idle"`
+	ICMPIdle     string `toml:"icmp_idle"`
+	MaxFlows     int    `toml:"max_flows"`
 	// MaxFlowsPerSource bounds the flows of one client address; nil
 	// (the key left out) means DefaultMaxFlowsPerSource, 0 no bound.
 	MaxFlowsPerSource *int `toml:"max_flows_per_source"`
