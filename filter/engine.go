@@ -150,7 +150,8 @@ type Counters struct {
 // establishes it, the stack's FIN (the destination closed its side) makes
 // it closing, and the relay's end removes it (Release). A flow a reload's
 // recheck cut is closed: it stays until the tcp_closing timeout to answer
-// the client with resets.
+// the client with resets. The relay also marks a flow closing when the
+// client's FIN was accepted by the stack (Closing).
 const (
 	stateNew uint8 = iota
 	stateEstablished
@@ -694,6 +695,19 @@ func (e *Engine) Release(r FlowRef, now int64) {
 	if r.Key.Proto == ProtoTCP {
 		e.tombs.add(r.Key, f.id, f.dec.Rule, now+tombTTL)
 	}
+}
+
+// Closing marks flow r closing when the stack has seen one direction of
+// its connection end: the client's FIN was accepted (in window) or the
+// destination closed. The flow then has the tcp_closing timeout, so a
+// half-closed connection whose other side never closes does not stay for
+// tcp_idle.
+func (e *Engine) Closing(r FlowRef) {
+	e.mu.Lock()
+	if f := e.flows[r.Key]; f != nil && f.id == r.ID && f.state < stateClosing {
+		e.setStateLocked(f, stateClosing)
+	}
+	e.mu.Unlock()
 }
 
 // Forget removes the flow k whatever its identity, e.g. when the stack

@@ -206,3 +206,23 @@ func TestEngineWalkUnderChurn(t *testing.T) {
 	<-done
 	checkStateCounts(t, e)
 }
+
+func TestEngineClosingByIdentity(t *testing.T) {
+	e, _ := newTestEngine(t, "", EngineOptions{TCPClosing: 2 * time.Second})
+	in(e, tcp("10.0.0.2", 1, "192.0.2.1", 80, TCPSyn), 0)
+	k := tcpKey("10.0.0.2", 1, "192.0.2.1", 80)
+	id := e.Claim(k)
+	out(e, tcp("192.0.2.1", 80, "10.0.0.2", 1, TCPSyn|TCPAck), 0)
+	e.Closing(FlowRef{k, id - 1}) // an older connection's relay
+	if s, _ := flowState(e, k); s != stateEstablished {
+		t.Fatalf("state %d after Closing with an old identity", s)
+	}
+	e.Closing(FlowRef{k, id})
+	if s, _ := flowState(e, k); s != stateClosing {
+		t.Fatalf("state %d after Closing", s)
+	}
+	if e.Expire(3*sec) != 1 {
+		t.Fatal("half-closed flow not expired after tcp_closing")
+	}
+	checkStateCounts(t, e)
+}

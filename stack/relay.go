@@ -138,6 +138,9 @@ func (r *tcpRelay) abort() {
 // connection that reuses the tuple keeps its own.
 func (r *tcpRelay) directionEnded() {
 	if r.left.Add(-1) != 0 {
+		// Half closed (the stack accepted the client's FIN, or the
+		// destination closed): the flow has tcp_closing from now on.
+		r.s.eng.Closing(r.flow)
 		return
 	}
 	r.wq.EventUnregister(&r.entry)
