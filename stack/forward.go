@@ -78,8 +78,10 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	key := filter.FlowKey{Proto: uint8(header.TCPProtocolNumber), Src: src, Dst: dst}
 	defer s.recoverFlow(key)
 	// This connection's identity in the flow table: the relay releases
-	// the flow by it, and so does every way out below, so a refused or
-	// abandoned connection leaves the table at once.
+	// the flow by it, and so does every way out below that resets the
+	// client, so a refused connection leaves the table at once. Where the
+	// client is told nothing (dial timeout, too many pending dials) the
+	// flow stays for its retransmitted SYN until tcp_handshake.
 	flow := filter.FlowRef{Key: key, ID: s.eng.Claim(key)}
 	if flow.ID == 0 {
 		// The flow left the table (expired, released) before gVisor
@@ -87,12 +89,6 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		r.Complete(true)
 		return
 	}
-	relayed := false
-	defer func() {
-		if !relayed {
-			s.eng.Release(flow, s.now())
-		}
-	}()
 	// A connection is pending from its SYN until the client completed its
 	// handshake: past max_pending_dials the SYN is dropped and counted
 	// as a limit drop (the client retries), so a SYN flood holds a
@@ -125,6 +121,9 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		// its next SYN retransmission tries again.
 		refused := errors.Is(err, syscall.ECONNREFUSED)
 		r.Complete(refused)
+		if refused {
+			s.eng.Release(flow, s.now())
+		}
 		s.log.Debug("dial failed", "proto", "tcp", "src", src, "dst", dst, "refused", refused, "err", err)
 		return
 	}
@@ -139,6 +138,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		holdUp.Stop()
 		r.Complete(true)
 		up.Close()
+		s.eng.Release(flow, s.now())
 		s.log.Debug("create endpoint", "src", src, "dst", dst, "err", terr)
 		return
 	}
@@ -147,13 +147,13 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		// connection was given up: it gets a RST.
 		r.Complete(false)
 		ep.Abort()
+		s.eng.Release(flow, s.now())
 		s.log.Debug("client handshake too slow", "src", src, "dst", dst, "timeout", timeout)
 		return
 	}
 	r.Complete(false)
 	release()
 	ep.SocketOptions().SetDelayOption(false)
-	relayed = true
 	// The relay has no goroutine of its own while idle: this one pumps the
 	// client's first bytes and ends when that direction is quiet.
 	s.startRelay(flow, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
