@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -67,11 +68,16 @@ func cmdClient(name string, args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if f.json {
-		var v any
-		json.Unmarshal(resp.Data, &v)
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(v)
+		// Indent the bytes as they came: decoding a listing of
+		// 250,000 flows into generic values first cost seconds of CPU,
+		// which a busy host's packet path shares.
+		var buf bytes.Buffer
+		if err := json.Indent(&buf, resp.Data, "", "  "); err != nil {
+			fmt.Fprintf(stderr, "tunfw %s: bad response: %v\n", name, err)
+			return 1
+		}
+		buf.WriteByte('\n')
+		stdout.Write(buf.Bytes())
 		return 0
 	}
 	switch name {
