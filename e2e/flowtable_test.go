@@ -97,6 +97,11 @@ func TestClosedConnectionsFreeTheirSlot(t *testing.T) {
 		}
 	}
 	t.Logf("1000 sequential connect/echo/close cycles with max_flows_per_source = 10 in %v", time.Since(start).Round(time.Millisecond))
+	// The stack's endpoints of those connections got the client's last
+	// ACK after their flows left the table: none retransmits its FIN.
+	if n := countFINs(t, topo.Host, "tunfw0", netip.AddrPortFrom(svc, 9100), 1500*time.Millisecond); n != 0 {
+		t.Errorf("%d FINs from the stack after the connections closed: endpoints left retransmitting", n)
+	}
 
 	// Hold 10, close them, open 5 more and a UDP flow.
 	var held []net.Conn
@@ -144,6 +149,46 @@ func TestClosedConnectionsFreeTheirSlot(t *testing.T) {
 	if n := statusFlows(t, cfg); n != 6 {
 		t.Errorf("%d flows in the table, want the 5 open connections and the UDP flow", n)
 	}
+}
+
+// countFINs counts the IPv4 TCP segments with FIN from from that the
+// interface ifName in ns carries during d.
+func countFINs(t *testing.T, ns *netnstest.NS, ifName string, from netip.AddrPort, d time.Duration) int {
+	t.Helper()
+	var fd int
+	if err := ns.Do(func() error {
+		ifi, err := net.InterfaceByName(ifName)
+		if err != nil {
+			return err
+		}
+		proto := int(endian.NativeEndian.Uint16([]byte{byte(unix.ETH_P_ALL >> 8), byte(unix.ETH_P_ALL)})) // htons
+		if fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM, proto); err != nil {
+			return err
+		}
+		return unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: uint16(proto), Ifindex: ifi.Index})
+	}); err != nil {
+		t.Fatalf("packet socket on %s: %v", ifName, err)
+	}
+	defer unix.Close(fd)
+	tv := unix.NsecToTimeval(int64(100 * time.Millisecond))
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	buf := make([]byte, 65536)
+	n := 0
+	for end := time.Now().Add(d); time.Now().Before(end); {
+		m, _, err := unix.Recvfrom(fd, buf, 0)
+		if err != nil || m < 40 || buf[0]>>4 != 4 || buf[9] != unix.IPPROTO_TCP {
+			continue
+		}
+		ihl := int(buf[0]&15) * 4
+		src, _ := netip.AddrFromSlice(buf[12:16])
+		if m < ihl+20 || src != from.Addr() || endian.BigEndian.Uint16(buf[ihl:]) != from.Port() {
+			continue
+		}
+		if buf[ihl+13]&0x01 != 0 {
+			n++
+		}
+	}
+	return n
 }
 
 // tcpSegment builds a TCP header with flags, sequence and acknowledgement.
