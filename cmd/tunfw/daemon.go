@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bytes"
-	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -12,8 +10,6 @@ import (
 	"os"
 	"os/signal"
 	"reflect"
-	"runtime"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -24,7 +20,6 @@ import (
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/metrics"
 	"github.com/tunfw/tunfw/stack"
-	"golang.org/x/sys/unix"
 )
 
 // daemon is a running `tunfw up`: what reloads and control requests act on.
@@ -210,7 +205,7 @@ func (d *daemon) handle(_ context.Context, req control.Request) control.Response
 		if err != nil {
 			return control.Response{Error: err.Error()}
 		}
-		return lowPriority(func() control.Response { return d.flows(match) })
+		return d.flows(match)
 	case "reload":
 		res, err := d.reload()
 		if err != nil {
@@ -234,66 +229,6 @@ func (d *daemon) stats() statsInfo {
 		FlowsCreated: c.FlowsCreated, TUNReadErrs: r, TUNWriteErrs: w, ControlRefuse: d.ctrl.Refused(),
 		UDPQueueDrops: d.st.UDPWriteDrops(), FlowPanics: d.st.Panics(),
 	}
-}
-
-// flows lists the flows match accepts, the oldest first. The engine copies
-// the table a batch at a time without holding up the packet path for
-// longer; what follows runs on the copy, encoding a chunk at a time.
-func (d *daemon) flows(match func(filter.FlowInfo) bool) control.Response {
-	all := d.eng.Flows(d.now())
-	out := all[:0]
-	for _, f := range all {
-		if match(f) {
-			out = append(out, f)
-		}
-	}
-	slices.SortFunc(out, func(a, b filter.FlowInfo) int { return cmp.Compare(b.Age, a.Age) })
-	data, err := marshalFlows(out)
-	if err != nil {
-		return control.Response{Error: "encode flows: " + err.Error()}
-	}
-	return control.Response{OK: true, Data: data}
-}
-
-// lowPriority runs fn on an OS thread of its own at the lowest CPU priority
-// (nice 19) and returns its result. A listing of the whole table costs
-// hundreds of milliseconds of CPU; on a small machine it would otherwise
-// compete on equal terms with the threads that carry packets. The thread
-// ends with fn (the goroutine exits locked to it), so its priority never
-// reaches another goroutine.
-func lowPriority(fn func() control.Response) control.Response {
-	res := make(chan control.Response, 1)
-	go func() {
-		runtime.LockOSThread()
-		// Best effort: without the right to lower it, fn runs as is.
-		unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), 19)
-		res <- fn()
-	}()
-	return <-res
-}
-
-// flowsChunk is how many flows marshalFlows encodes between yields.
-const flowsChunk = 512
-
-// marshalFlows encodes flows as a JSON array, yielding the processor
-// between chunks so a listing of the whole table shares the CPU with the
-// packet path rather than holding it for the whole encoding.
-func marshalFlows(flows []filter.FlowInfo) ([]byte, error) {
-	buf := bytes.NewBuffer(make([]byte, 0, 200*len(flows)+2))
-	buf.WriteByte('[')
-	for i := 0; i < len(flows); i += flowsChunk {
-		b, err := json.Marshal(flows[i:min(i+flowsChunk, len(flows))])
-		if err != nil {
-			return nil, err
-		}
-		if i > 0 {
-			buf.WriteByte(',')
-		}
-		buf.Write(b[1 : len(b)-1])
-		runtime.Gosched()
-	}
-	buf.WriteByte(']')
-	return buf.Bytes(), nil
 }
 
 // matcher compiles the filters of a flows request.
