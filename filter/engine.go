@@ -759,12 +759,16 @@ func (e *Engine) ExpireFlows(now int64, refs []FlowRef) []FlowRef {
 			}
 		}
 		more := i < len(e.slots)
-		e.tombs.expire(now, walkBatch)
 		e.mu.Unlock()
 		yieldBatch(more)
 		if !more {
 			break
 		}
+	}
+	for more := true; more; yieldBatch(more) {
+		e.mu.Lock()
+		more = e.tombs.expire(now, walkBatch)
+		e.mu.Unlock()
 	}
 	if s := e.logLim.flush(); s > 0 {
 		e.logSuppressed(s)

@@ -107,11 +107,16 @@ func (t *tombstones) pop() {
 	}
 }
 
-// expire drops up to max tombstones that expired at now.
-func (t *tombstones) expire(now int64, max int) {
-	for ; max > 0 && t.head < len(t.q) && t.q[t.head].until <= now; max-- {
+// expire drops up to max tombstones that expired at now and reports
+// whether more may have.
+func (t *tombstones) expire(now int64, max int) bool {
+	for ; t.head < len(t.q) && t.q[t.head].until <= now; max-- {
+		if max == 0 {
+			return true
+		}
 		t.pop()
 	}
+	return false
 }
 
 // yieldBatch lets a goroutine waiting for Engine.mu run between two

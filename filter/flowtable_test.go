@@ -103,6 +103,11 @@ func TestEngineTombstonesBounded(t *testing.T) {
 		t.Fatalf("oldest tombstone kept: %+v", d)
 	}
 	checkStateCounts(t, e)
+	// One expiry pass drops all that expired, however many.
+	e.Expire(tombTTL + maxTombs + 100)
+	if n, q := len(e.tombs.byKey), len(e.tombs.q)-e.tombs.head; n != 0 || q != 0 {
+		t.Fatalf("%d tombstones, %d queued after they all expired", n, q)
+	}
 }
 
 // A cut TCP flow answers every segment with a RST the client accepts
