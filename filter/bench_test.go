@@ -162,7 +162,7 @@ func TestZeroAllocs(t *testing.T) {
 	// A released flow's tombstone forwards the client's last segments.
 	in(e, tcp("10.0.0.3", 40000, "1.1.1.1", 443, TCPSyn), 0)
 	k := FlowKey{ProtoTCP, netip.MustParseAddrPort("10.0.0.3:40000"), netip.MustParseAddrPort("1.1.1.1:443")}
-	e.Release(FlowRef{k, e.FlowID(k)}, 0)
+	e.Release(FlowRef{k, e.flowID(k)}, 0)
 	late := mk(tcp("10.0.0.3", 40000, "1.1.1.1", 443, TCPAck))
 	var p Packet
 	for name, f := range map[string]func(){

@@ -662,8 +662,8 @@ func (e *Engine) Claim(key FlowKey) FlowID {
 	return f.id
 }
 
-// FlowID returns the identity of the flow of key, 0 if there is none.
-func (e *Engine) FlowID(key FlowKey) FlowID {
+// flowID returns the identity of the flow of key, 0 if there is none.
+func (e *Engine) flowID(key FlowKey) FlowID {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if f := e.flows[key]; f != nil {

@@ -41,13 +41,13 @@ func TestEngineReleaseTombstone(t *testing.T) {
 			t.Fatalf("cycle %d: %+v", i, d)
 		}
 		k := tcpKey(cl, port, sv, 80)
-		old := e.FlowID(k)
+		old := e.flowID(k)
 		id := e.Claim(k)
 		if id == 0 || id == old {
 			t.Fatalf("claim: %d after %d", id, old)
 		}
 		e.Release(FlowRef{k, old}, now) // an earlier connection's relay ending
-		if e.FlowID(k) != id {
+		if e.flowID(k) != id {
 			t.Fatalf("release with an old identity removed the flow")
 		}
 		out(e, tcp(sv, 80, cl, port, TCPSyn|TCPAck), now)
@@ -76,13 +76,13 @@ func TestEngineReleaseTombstone(t *testing.T) {
 	// A tombstone is never judged: a SYN on its tuple is a new flow.
 	in(e, tcp(cl, 1, sv, 80, TCPSyn), 20*sec)
 	k := tcpKey(cl, 1, sv, 80)
-	id := e.FlowID(k)
+	id := e.flowID(k)
 	e.Release(FlowRef{k, id}, 20*sec)
 	e.Swap(mustCompile(t, "[filter]\ndefault = \"reject\"\n"))
 	if d := in(e, tcp(cl, 1, sv, 80, TCPSyn), 20*sec); d.Verdict != VerdictReject {
 		t.Fatalf("SYN on a tombstone: %+v", d)
 	}
-	if nid := e.FlowID(k); nid == 0 || nid == id {
+	if nid := e.flowID(k); nid == 0 || nid == id {
 		t.Fatalf("new flow's identity %d, old %d", nid, id)
 	}
 }
@@ -93,7 +93,7 @@ func TestEngineTombstonesBounded(t *testing.T) {
 		src := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
 		in(e, tcp(src.String(), 1, "192.0.2.1", 80, TCPSyn), 0)
 		k := FlowKey{ProtoTCP, netip.AddrPortFrom(src, 1), netip.MustParseAddrPort("192.0.2.1:80")}
-		e.Release(FlowRef{k, e.FlowID(k)}, int64(i))
+		e.Release(FlowRef{k, e.flowID(k)}, int64(i))
 	}
 	if n, q := len(e.tombs.byKey), len(e.tombs.q)-e.tombs.head; n != maxTombs || q != maxTombs {
 		t.Fatalf("%d tombstones, %d queued; want %d", n, q, maxTombs)
