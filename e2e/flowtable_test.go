@@ -103,6 +103,19 @@ func TestClosedConnectionsFreeTheirSlot(t *testing.T) {
 		t.Errorf("%d FINs from the stack after the connections closed: endpoints left retransmitting", n)
 	}
 
+	// Reset connections leave at once too.
+	for i := range 30 {
+		c, err := dial()
+		if err != nil {
+			t.Fatalf("connection %d closed with a reset: %v", i+1, err)
+		}
+		if err := echoOnce(c); err != nil {
+			t.Fatalf("connection %d: echo: %v", i+1, err)
+		}
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	}
+
 	// Hold 10, close them, open 5 more and a UDP flow.
 	var held []net.Conn
 	for i := range 10 {
@@ -189,6 +202,31 @@ func countFINs(t *testing.T, ns *netnstest.NS, ifName string, from netip.AddrPor
 		}
 	}
 	return n
+}
+
+// A packet whose source is its destination ("land") is dropped and counted
+// as malformed: tunfw does not connect a host to itself for a forger.
+func TestLandPacketDropped(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	cfg := writeConfig(t, strings.Replace(flowTableConfig, `default = "deny"`, `default = "allow"`, 1))
+	startTunfw(t, topo.Host, cfg)
+	before := statsOf(t, cfg).Drops["malformed"]
+	land := sibling(topo.ServiceV4, 50)
+	raw := newRawSender(t, topo.Host)
+	if err := raw.send(land, land, unix.IPPROTO_TCP, tcpSYN(80, 80, 1)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for statsOf(t, cfg).Drops["malformed"] == before {
+		if time.Now().After(deadline) {
+			t.Fatal("land SYN not counted as malformed")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := statusFlows(t, cfg); n != 0 {
+		t.Errorf("%d flows after a land SYN, want none", n)
+	}
 }
 
 // tcpSegment builds a TCP header with flags, sequence and acknowledgement.
