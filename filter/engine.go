@@ -91,7 +91,7 @@ type FlowRef struct {
 type Timeouts struct {
 	TCPHandshake time.Duration // SYN seen, no SYN-ACK yet
 	TCPIdle      time.Duration // established
-	TCPClosing   time.Duration // a FIN seen
+	TCPClosing   time.Duration // one side closed (as the stack saw it), or cut by a recheck
 	UDPIdle      time.Duration
 	ICMPIdle     time.Duration
 }
