@@ -114,14 +114,22 @@ func protoName(p uint8) string {
 	return "icmp"
 }
 
-// Flows returns a snapshot of the flow table at monotonic time now. It
-// copies walkBatch flows per hold of the table's lock, so the packet path
-// waits for one batch at most; flows that come or go meanwhile may or may
-// not be listed.
+// Flows returns a snapshot of the flow table at monotonic time now (see
+// EachFlow).
 func (e *Engine) Flows(now int64) []FlowInfo {
 	e.mu.Lock()
 	out := make([]FlowInfo, 0, len(e.flows)+len(e.flows)/8)
 	e.mu.Unlock()
+	e.EachFlow(now, func(fi *FlowInfo) { out = append(out, *fi) })
+	return out
+}
+
+// EachFlow calls fn with a snapshot of every flow at monotonic time now. It
+// copies walkBatch flows per hold of the table's lock and calls fn for them
+// after releasing it, so the packet path waits for one batch at most and
+// fn may take its time; flows that come or go meanwhile may or may not be
+// seen. fn must not keep fi.
+func (e *Engine) EachFlow(now int64, fn func(fi *FlowInfo)) {
 	batch := make([]FlowInfo, 0, walkBatch)
 	for i := 0; ; {
 		batch = batch[:0]
@@ -143,11 +151,13 @@ func (e *Engine) Flows(now int64) []FlowInfo {
 		}
 		more := i < len(e.slots)
 		e.mu.Unlock()
-		yieldBatch(more)
-		out = append(out, batch...)
-		if !more {
-			return out
+		for j := range batch {
+			fn(&batch[j])
 		}
+		if !more {
+			return
+		}
+		yieldBatch(more)
 	}
 }
 

@@ -34,6 +34,12 @@ type daemon struct {
 	cfgMu    sync.Mutex
 	cfg      *Config
 
+	// listMu serialises `tunfw flows`; list keeps its buffers, listGen
+	// counts listings (listing.go).
+	listMu  sync.Mutex
+	list    listing
+	listGen uint64
+
 	reloadsOK, reloadsFailed atomic.Uint64
 	ctrl                     *control.Server
 	metricsLn                net.Listener
