@@ -159,10 +159,16 @@ func TestZeroAllocs(t *testing.T) {
 	reply := mk(tcp("1.1.1.1", 443, "10.0.0.2", 40000, TCPAck))
 	rej, rejPkt := parsed(udp("fd00::2", 1, "2001:db8::1", 2))
 	out := make([]byte, 1500)
+	// A released flow's tombstone forwards the client's last segments.
+	in(e, tcp("10.0.0.3", 40000, "1.1.1.1", 443, TCPSyn), 0)
+	k := FlowKey{ProtoTCP, netip.MustParseAddrPort("10.0.0.3:40000"), netip.MustParseAddrPort("1.1.1.1:443")}
+	e.Release(FlowRef{k, e.flowID(k)}, 0)
+	late := mk(tcp("10.0.0.3", 40000, "1.1.1.1", 443, TCPAck))
 	var p Packet
 	for name, f := range map[string]func(){
 		"established": func() { _ = ParsePacket(pkt, &p); e.Inbound(&p, 1) },
 		"outbound":    func() { _ = ParsePacket(reply, &p); e.Outbound(&p, 1) },
+		"tombstone":   func() { _ = ParsePacket(late, &p); e.Inbound(&p, 1) },
 		"match":       func() { e.Rules().Match(rej) },
 		"reject":      func() { BuildReject(rej, rejPkt, out) },
 		"parse error": func() { _ = ParsePacket(pkt[:30], &p) },

@@ -75,11 +75,23 @@ type FlowKey struct {
 	Src, Dst netip.AddrPort
 }
 
+// FlowID is the identity of one flow table entry. IDs are never reused, so
+// whoever acts on a flow after a delay (a relay ending, a reload closing
+// what it cut) names the flow by key and ID and cannot touch a newer flow
+// that reuses the key.
+type FlowID uint64
+
+// FlowRef names one flow: its key and identity.
+type FlowRef struct {
+	Key FlowKey
+	ID  FlowID
+}
+
 // Timeouts are the idle timeouts of flows by protocol and TCP state.
 type Timeouts struct {
 	TCPHandshake time.Duration // SYN seen, no SYN-ACK yet
 	TCPIdle      time.Duration // established
-	TCPClosing   time.Duration // a FIN seen
+	TCPClosing   time.Duration // one side closed (as the stack saw it), or cut by a recheck
 	UDPIdle      time.Duration
 	ICMPIdle     time.Duration
 }
@@ -132,16 +144,27 @@ type Counters struct {
 	BytesIn, BytesOut uint64
 }
 
-// TCP states of a flow. UDP and ICMP flows stay in stateNew.
+// States of a flow. A UDP or ICMP flow is new until its first reply. A TCP
+// flow's state follows only what the stack did, never a client's flags
+// (which anyone on the client's side can forge): the stack's SYN-ACK
+// establishes it, the stack's FIN (the destination closed its side) makes
+// it closing, and the relay's end removes it (Release). A flow a reload's
+// recheck cut is closed: it stays until the tcp_closing timeout to answer
+// the client with resets. The relay also marks a flow closing when the
+// client's FIN was accepted by the stack (Closing).
 const (
 	stateNew uint8 = iota
 	stateEstablished
 	stateClosing
 	stateClosed
+	numStates
 )
 
 // flow is one flow table entry, guarded by Engine.mu.
 type flow struct {
+	key       FlowKey
+	id        FlowID
+	slot      int32 // index in Engine.slots
 	dec       Decision
 	act       Action // what the rule said (dec may differ in monitor mode)
 	monitored bool
@@ -154,6 +177,11 @@ type flow struct {
 	pktsOut   uint64
 	bytesIn   uint64
 	bytesOut  uint64
+	// cliAck is the acknowledgement number of the client's latest TCP
+	// segment (hasAck: one was seen): the sequence number a reset must
+	// carry for the client to accept it when its window is closed.
+	cliAck uint32
+	hasAck bool
 }
 
 // Counter slots: drop reasons count at their own index, ReasonNone's slot
@@ -183,10 +211,23 @@ type Engine struct {
 	ctr    [numCtrs]atomic.Uint64
 	logLim logLimiter
 
-	mu     sync.Mutex
-	flows  map[FlowKey]*flow
-	perSrc map[netip.Addr]int // flows per client address, for MaxFlowsPerSource
+	// mu guards the flow table. Inbound takes it for every packet, so
+	// nothing holds it for work that grows with the table: counts are
+	// kept as flows change, and walks (expiry, listings, recheck) go
+	// through slots a bounded batch per hold.
+	mu      sync.Mutex
+	flows   map[FlowKey]*flow
+	slots   []*flow            // every flow at a fixed index, nil for free slots
+	free    []int32            // free indexes of slots
+	perSrc  map[netip.Addr]int // flows per client address, for MaxFlowsPerSource
+	byState [numStates]int     // flows by state
+	lastID  FlowID
+	tombs   tombstones
 }
+
+// walkBatch is how many slots a walk of the table looks at per hold of
+// Engine.mu; at about 20-50 ns each, a hold stays well under 100 us.
+const walkBatch = 1024
 
 // NewEngine returns an Engine judging new flows with rs.
 func NewEngine(rs *Ruleset, opts EngineOptions) *Engine {
@@ -195,6 +236,7 @@ func NewEngine(rs *Ruleset, opts EngineOptions) *Engine {
 		local:  append([]netip.Addr(nil), opts.LocalAddrs...),
 		flows:  make(map[FlowKey]*flow),
 		perSrc: make(map[netip.Addr]int),
+		tombs:  tombstones{byKey: make(map[FlowKey]tomb)},
 	}
 	if e.log == nil {
 		e.log = slog.Default()
@@ -258,6 +300,10 @@ func (e *Engine) count(d Decision) Decision {
 // Inbound judges a packet read from the TUN (sent by a client). p must have
 // been filled by ParsePacket; now is a monotonic time in nanoseconds. For a
 // packet of a known flow it does not allocate.
+//
+// A client's packets never change a flow's TCP state: a forged RST or FIN
+// is handed to the stack, which ignores it unless it is in window, and
+// only what the stack then does moves the flow on (Outbound, Release).
 func (e *Engine) Inbound(p *Packet, now int64) Decision {
 	var key FlowKey
 	syn := false
@@ -278,16 +324,17 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 
 	e.mu.Lock()
 	f := e.flows[key]
-	// A SYN on a closing/closed flow is a new connection reusing the tuple:
-	// judge it afresh.
-	if f != nil && !(syn && f.state >= stateClosing) {
+	// A SYN on a flow a recheck cut is a new connection reusing the
+	// tuple: judge it afresh. On a live flow it goes to the stack, which
+	// answers it within that connection.
+	if f != nil && !(syn && f.state == stateClosed) {
 		f.last = now
 		f.pktsIn++
 		f.bytesIn += uint64(p.Len)
 		f.st.packets.Add(1)
 		f.st.bytes.Add(uint64(p.Len))
-		if p.Proto == ProtoTCP {
-			f.state = tcpStep(f.state, p.TCPFlags, false)
+		if p.TCPFlags&(TCPAck|TCPRst) == TCPAck && p.Proto == ProtoTCP {
+			f.cliAck, f.hasAck = p.TCPAck, true
 		}
 		d := f.dec
 		e.mu.Unlock()
@@ -295,6 +342,16 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 			e.ctr[ctrBytesIn].Add(uint64(p.Len))
 		}
 		return e.count(d)
+	}
+	if f == nil && p.Proto == ProtoTCP && !syn {
+		// The last segments of a connection whose relay ended (the
+		// client's ACK of the stack's FIN) still reach the stack, so
+		// its endpoint closes rather than retransmitting its FIN.
+		if t, ok := e.tombs.byKey[key]; ok {
+			e.mu.Unlock()
+			e.ctr[ctrBytesIn].Add(uint64(p.Len))
+			return e.count(Decision{VerdictForward, t.rule, ReasonNone})
+		}
 	}
 	lim := e.limits.Load()
 	full := f == nil && (len(e.flows) >= lim.MaxFlows ||
@@ -331,14 +388,15 @@ func (e *Engine) newFlow(key FlowKey, p *Packet, now int64) Decision {
 		d.Verdict, d.Reason = VerdictForward, ReasonNone
 	}
 	st := rs.counters(ri)
-	f := &flow{dec: d, act: act, monitored: monitored, rs: rs, st: st,
+	f := &flow{key: key, dec: d, act: act, monitored: monitored, rs: rs, st: st,
 		first: now, last: now, pktsIn: 1, bytesIn: uint64(p.Len)}
 
 	e.mu.Lock()
-	// A new connection reusing a closed tuple replaces its flow.
-	e.removeLocked(key)
-	e.flows[key] = f
-	e.perSrc[key.Src.Addr()]++
+	// A new connection reusing a cut flow's tuple replaces it.
+	if old := e.flows[key]; old != nil {
+		e.removeLocked(old)
+	}
+	e.insertLocked(f)
 	e.mu.Unlock()
 
 	st.flows.Add(1)
@@ -357,25 +415,15 @@ func (e *Engine) newFlow(key FlowKey, p *Packet, now int64) Decision {
 	return e.count(d)
 }
 
-// removeLocked deletes flow k; e.mu must be held.
-func (e *Engine) removeLocked(k FlowKey) {
-	if _, ok := e.flows[k]; !ok {
-		return
-	}
-	delete(e.flows, k)
-	a := k.Src.Addr()
-	if e.perSrc[a]--; e.perSrc[a] <= 0 {
-		delete(e.perSrc, a)
-	}
-}
-
 // badAddresses checks the addresses of a new flow's first packet: a source
 // no host sends from is malformed, and so is a packet to one of the TUN's
 // own addresses (it travels the wrong way: the kernel delivers those
-// locally); multicast and broadcast cannot be relayed through a connected
-// socket and are unsupported.
+// locally) or to its own source (a "land" packet, which would make tunfw
+// connect a host to itself on the sender's behalf); multicast and
+// broadcast cannot be relayed through a connected socket and are
+// unsupported.
 func (e *Engine) badAddresses(p *Packet) DropReason {
-	if p.Src.IsMulticast() || p.Src.IsUnspecified() || p.Src.IsLoopback() || isBroadcast4(p.Src) {
+	if p.Src.IsMulticast() || p.Src.IsUnspecified() || p.Src.IsLoopback() || isBroadcast4(p.Src) || p.Src == p.Dst {
 		return ReasonMalformed
 	}
 	for _, a := range e.local {
@@ -438,22 +486,6 @@ func (e *Engine) logSuppressed(n uint64) {
 	e.log.Warn("flow log lines suppressed by the rate limit", "suppressed", n, "log_rate", e.limits.Load().LogRate)
 }
 
-// tcpStep advances a flow's TCP state for a segment with flags; outbound is
-// true for segments from the stack to the client.
-func tcpStep(state, flags uint8, outbound bool) uint8 {
-	switch {
-	case flags&TCPRst != 0:
-		return stateClosed
-	case state == stateClosed:
-		return state
-	case flags&TCPFin != 0:
-		return stateClosing
-	case outbound && state == stateNew && flags&(TCPSyn|TCPAck) == TCPSyn|TCPAck:
-		return stateEstablished
-	}
-	return state
-}
-
 // Outbound accounts a packet the stack writes to the TUN (a reply to a
 // client): it finds the flow by the reversed tuple and updates its TCP
 // state, counters and last-seen time. It returns false if the packet
@@ -483,10 +515,21 @@ func (e *Engine) Outbound(p *Packet, now int64) bool {
 	f.bytesOut += uint64(p.Len)
 	f.st.packets.Add(1)
 	f.st.bytes.Add(uint64(p.Len))
-	if p.Proto == ProtoTCP {
-		f.state = tcpStep(f.state, p.TCPFlags, true)
-	} else if f.state == stateNew {
-		f.state = stateEstablished // a reply establishes UDP and ICMP flows
+	switch {
+	case p.Proto != ProtoTCP:
+		if f.state == stateNew {
+			e.setStateLocked(f, stateEstablished) // a reply establishes UDP and ICMP flows
+		}
+	case f.state == stateNew && p.TCPFlags&(TCPSyn|TCPAck) == TCPSyn|TCPAck:
+		// The destination answered and the stack completes the
+		// client's handshake.
+		e.setStateLocked(f, stateEstablished)
+	case f.state == stateEstablished && p.TCPFlags&TCPFin != 0:
+		// The destination closed its side. A RST from the stack
+		// changes nothing here: the stack also sends one to answer
+		// stray segments, and when it aborts a connection the relay
+		// ends and releases the flow.
+		e.setStateLocked(f, stateClosing)
 	}
 	e.mu.Unlock()
 	e.ctr[ctrReplies].Add(1)
@@ -499,29 +542,88 @@ func (e *Engine) Outbound(p *Packet, now int64) bool {
 // monitor mode would not let pass) take the new verdict, so their further
 // packets are dropped, and are returned: the caller closes their
 // connections. Flows still allowed keep their original verdict and rule.
-func (e *Engine) Recheck() []FlowKey {
+//
+// A cut TCP flow is closed and answers every later segment of its client
+// with a RST taking its sequence number from the segment's acknowledgement
+// (RFC 9293 3.10.7.3), so a client whose window is closed still accepts
+// it; it leaves the table after tcp_closing.
+//
+// The rules run outside the table's lock, a batch of flows at a time.
+func (e *Engine) Recheck() []FlowRef {
 	rs := e.rules.Load()
-	var cut []FlowKey
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	for k, f := range e.flows {
-		if f.dec.Verdict != VerdictForward {
-			continue
+	if rs.monitor {
+		return nil // monitor mode lets every flow pass
+	}
+	var cut []FlowRef
+	batch := make([]FlowRef, 0, walkBatch)
+	type verdict struct {
+		act Action
+		ri  int
+	}
+	acts := make([]verdict, 0, walkBatch)
+	for i := 0; ; {
+		batch, acts = batch[:0], acts[:0]
+		e.mu.Lock()
+		for ; i < len(e.slots) && len(batch) < walkBatch; i++ {
+			if f := e.slots[i]; f != nil && f.dec.Verdict == VerdictForward {
+				batch = append(batch, FlowRef{f.key, f.id})
+			}
 		}
-		p := k.firstPacket()
-		act, ri := rs.Match(&p)
-		if act == Allow || rs.monitor {
-			continue
+		more := i < len(e.slots)
+		e.mu.Unlock()
+		yieldBatch(more)
+		for _, r := range batch {
+			p := r.Key.firstPacket()
+			act, ri := rs.Match(&p)
+			acts = append(acts, verdict{act, ri})
 		}
-		f.act, f.rs, f.st = act, rs, rs.counters(ri)
-		f.dec = Decision{Verdict: VerdictDrop, Rule: ri, Reason: ReasonDenied}
-		if act == Reject {
-			f.dec.Verdict, f.dec.Reason = VerdictReject, ReasonRejected
+		e.mu.Lock()
+		for j, r := range batch {
+			v := acts[j]
+			f := e.flows[r.Key]
+			if v.act == Allow || f == nil || f.id != r.ID || f.dec.Verdict != VerdictForward {
+				continue
+			}
+			f.act, f.rs, f.st = v.act, rs, rs.counters(v.ri)
+			f.dec = Decision{Verdict: VerdictDrop, Rule: v.ri, Reason: ReasonDenied}
+			if v.act == Reject {
+				f.dec.Verdict, f.dec.Reason = VerdictReject, ReasonRejected
+			}
+			if r.Key.Proto == ProtoTCP {
+				// Answer with resets whatever the rule says, so the
+				// client learns its connection is gone.
+				f.dec.Verdict = VerdictReject
+				e.setStateLocked(f, stateClosed)
+			}
+			f.st.flows.Add(1)
+			cut = append(cut, r)
 		}
-		f.st.flows.Add(1)
-		cut = append(cut, k)
+		e.mu.Unlock()
+		if !more {
+			break
+		}
 	}
 	return cut
+}
+
+// BuildCutReset writes into out a RST for the client of a TCP flow that
+// Recheck cut, with the sequence number the client acknowledged last, and
+// returns its length; 0 if r is no such flow or no acknowledgement was
+// seen. The stack's own reset carries its send sequence, which a client
+// whose receive window is closed does not accept.
+func (e *Engine) BuildCutReset(r FlowRef, out []byte) int {
+	e.mu.Lock()
+	f := e.flows[r.Key]
+	ok := f != nil && f.id == r.ID && f.state == stateClosed && f.hasAck && r.Key.Proto == ProtoTCP
+	var seq uint32
+	if ok {
+		seq = f.cliAck
+	}
+	e.mu.Unlock()
+	if !ok {
+		return 0
+	}
+	return buildReset(r.Key.Dst, r.Key.Src, seq, out)
 }
 
 // firstPacket rebuilds the header fields rules look at from a flow key.
@@ -541,16 +643,85 @@ func (k FlowKey) firstPacket() Packet {
 	return p
 }
 
-// Forget removes the flow k, e.g. when the stack closed it (dial failed,
-// relay ended).
-func (e *Engine) Forget(k FlowKey) {
+// Claim gives the flow of key a new identity for the connection the stack
+// sets up for it now, and returns it; 0 if there is no such flow. A
+// connection is set up only when the stack holds none for the tuple, so
+// whatever held the old identity (the relay of an earlier connection on
+// the tuple, still ending) can no longer release the flow. The flow is
+// in its handshake again until the stack answers.
+func (e *Engine) Claim(key FlowKey) FlowID {
 	e.mu.Lock()
-	e.removeLocked(k)
+	defer e.mu.Unlock()
+	f := e.flows[key]
+	if f == nil || f.dec.Verdict != VerdictForward {
+		return 0
+	}
+	e.lastID++
+	f.id = e.lastID
+	e.setStateLocked(f, stateNew)
+	return f.id
+}
+
+// flowID returns the identity of the flow of key, 0 if there is none.
+func (e *Engine) flowID(key FlowKey) FlowID {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if f := e.flows[key]; f != nil {
+		return f.id
+	}
+	return 0
+}
+
+// Release removes flow r when the stack has ended its connection (the
+// relay ended both ways, or was reset, or the connection could not be set
+// up), at monotonic time now, so a closed connection stops counting
+// against max_flows and max_flows_per_source at once. It does nothing if
+// the key now names another flow. A flow a recheck cut stays until
+// tcp_closing, to answer its client with resets.
+//
+// A released TCP flow leaves a tombstone for tombTTL: the client's
+// segments for it still reach the stack, which may be waiting for the ACK
+// of its FIN. Tombstones count against no limit, are bounded in number
+// (maxTombs, oldest dropped first) and are never judged again; a SYN on
+// the tuple is a new flow.
+func (e *Engine) Release(r FlowRef, now int64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	f := e.flows[r.Key]
+	if f == nil || f.id != r.ID || f.dec.Verdict != VerdictForward {
+		return
+	}
+	e.removeLocked(f)
+	if r.Key.Proto == ProtoTCP {
+		e.tombs.add(r.Key, f.id, f.dec.Rule, now+tombTTL)
+	}
+}
+
+// Closing marks flow r closing when the stack has seen one direction of
+// its connection end: the client's FIN was accepted (in window) or the
+// destination closed. The flow then has the tcp_closing timeout, so a
+// half-closed connection whose other side never closes does not stay for
+// tcp_idle.
+func (e *Engine) Closing(r FlowRef) {
+	e.mu.Lock()
+	if f := e.flows[r.Key]; f != nil && f.id == r.ID && f.state < stateClosing {
+		e.setStateLocked(f, stateClosing)
+	}
 	e.mu.Unlock()
 }
 
-// timeout returns how long f may stay idle; closed TCP flows go on the
-// next Expire.
+// Forget removes the flow k whatever its identity, e.g. when the stack
+// closed it (dial failed, relay ended). Prefer Release, which cannot
+// remove a newer flow reusing the key.
+func (e *Engine) Forget(k FlowKey) {
+	e.mu.Lock()
+	if f := e.flows[k]; f != nil {
+		e.removeLocked(f)
+	}
+	e.mu.Unlock()
+}
+
+// timeout returns how long a flow in state may stay idle.
 func (e *Engine) timeout(to *Timeouts, proto uint8, state uint8) int64 {
 	switch proto {
 	case ProtoTCP:
@@ -559,10 +730,8 @@ func (e *Engine) timeout(to *Timeouts, proto uint8, state uint8) int64 {
 			return int64(to.TCPHandshake)
 		case stateEstablished:
 			return int64(to.TCPIdle)
-		case stateClosing:
-			return int64(to.TCPClosing)
 		}
-		return -1
+		return int64(to.TCPClosing) // closing, or cut by a recheck
 	case ProtoUDP:
 		return int64(to.UDPIdle)
 	}
@@ -571,41 +740,55 @@ func (e *Engine) timeout(to *Timeouts, proto uint8, state uint8) int64 {
 
 // Expire removes the flows idle for longer than their state's timeout at
 // monotonic time now (ns) and returns how many it removed.
-func (e *Engine) Expire(now int64) int { return len(e.ExpireKeys(now, nil)) }
+func (e *Engine) Expire(now int64) int { return len(e.ExpireFlows(now, nil)) }
 
-// ExpireKeys is Expire returning the removed flows' keys appended to keys,
-// so the caller can close what it still holds for them (a relay whose
-// peer went silent).
-func (e *Engine) ExpireKeys(now int64, keys []FlowKey) []FlowKey {
+// ExpireFlows is Expire returning the removed flows appended to refs, so
+// the caller can close what it still holds for them (a relay whose peer
+// went silent). It walks the table walkBatch flows per hold of the lock,
+// so the packet path never waits for a whole pass.
+func (e *Engine) ExpireFlows(now int64, refs []FlowRef) []FlowRef {
 	to := &e.limits.Load().Timeouts
-	e.mu.Lock()
-	for k, f := range e.flows {
-		if now-f.last > e.timeout(to, k.Proto, f.state) {
-			e.removeLocked(k)
-			keys = append(keys, k)
+	for i := 0; ; {
+		e.mu.Lock()
+		end := min(i+walkBatch, len(e.slots))
+		for ; i < end; i++ {
+			f := e.slots[i]
+			if f != nil && now-f.last > e.timeout(to, f.key.Proto, f.state) {
+				refs = append(refs, FlowRef{f.key, f.id})
+				e.removeLocked(f)
+			}
+		}
+		more := i < len(e.slots)
+		e.mu.Unlock()
+		yieldBatch(more)
+		if !more {
+			break
 		}
 	}
-	e.mu.Unlock()
+	for more := true; more; yieldBatch(more) {
+		e.mu.Lock()
+		more = e.tombs.expire(now, walkBatch)
+		e.mu.Unlock()
+	}
 	if s := e.logLim.flush(); s > 0 {
 		e.logSuppressed(s)
 	}
-	return keys
+	return refs
 }
 
-// Counters returns a snapshot of the counters.
+// Counters returns a snapshot of the counters. The flow counts are kept as
+// flows change, so it holds the table's lock only for a copy.
 func (e *Engine) Counters() Counters {
-	byState := make(map[string]int, len(stateNames))
-	for _, n := range stateNames {
-		byState[n] = 0
-	}
 	e.mu.Lock()
 	active := len(e.flows)
-	for _, f := range e.flows {
-		byState[stateNames[f.state]]++
-	}
+	byState := e.byState
 	e.mu.Unlock()
+	m := make(map[string]int, len(stateNames))
+	for i, n := range stateNames {
+		m[n] = byState[i]
+	}
 	return Counters{
-		FlowsByState: byState,
+		FlowsByState: m,
 		BytesIn:      e.ctr[ctrBytesIn].Load(),
 		BytesOut:     e.ctr[ctrBytesOut].Load(),
 		Forwarded:    e.ctr[ctrForwarded].Load(),

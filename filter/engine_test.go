@@ -178,19 +178,24 @@ func TestEngineTCPStatesAndExpire(t *testing.T) {
 	if e.Expire(109*sec) != 0 || e.Expire(111*sec) != 1 {
 		t.Fatal("handshake timeout")
 	}
-	// RST closes; closed flows go on the next Expire. A SYN reusing the
-	// tuple of a closing/closed flow is judged as a new flow.
+	// A client's RST or FIN changes nothing: only the stack's segments
+	// and the relay's end move a TCP flow on.
 	in(e, tcp(cl, 1000, sv, 80, TCPSyn), 200*sec)
-	step("rst", in(e, tcp(cl, 1000, sv, 80, TCPRst), 201*sec).Verdict == VerdictForward, stateClosed)
+	out(e, tcp(sv, 80, cl, 1000, TCPSyn|TCPAck), 200*sec)
+	step("client rst", in(e, tcp(cl, 1000, sv, 80, TCPRst), 201*sec).Verdict == VerdictForward, stateEstablished)
+	step("client fin", in(e, tcp(cl, 1000, sv, 80, TCPFin|TCPAck), 201*sec).Verdict == VerdictForward, stateEstablished)
+	step("stack rst", out(e, tcp(sv, 80, cl, 1000, TCPRst|TCPAck), 201*sec), stateEstablished)
+	if n := e.Expire(202 * sec); n != 0 {
+		t.Fatalf("flow expired after forged flags: %d", n)
+	}
+	// A SYN on the live flow goes to the stack within the flow, even
+	// after the rules changed.
 	e.Swap(mustCompile(t, "[filter]\ndefault = \"reject\"\n"))
-	if d := in(e, tcp(cl, 1000, sv, 80, TCPSyn), 202*sec); d.Verdict != VerdictReject {
-		t.Fatalf("SYN on closed flow not re-judged: %+v", d)
+	if d := in(e, tcp(cl, 1000, sv, 80, TCPSyn), 202*sec); d.Verdict != VerdictForward {
+		t.Fatalf("SYN on a live flow: %+v", d)
 	}
-	step("rejudged", true, stateNew)
-	out(e, tcp(sv, 80, cl, 1000, TCPRst|TCPAck), 202*sec) // our own RST passing by
-	if n := e.Expire(202 * sec); n != 1 {
-		t.Fatalf("closed flow not expired: %d", n)
-	}
+	step("syn on live flow", true, stateEstablished)
+	e.Forget(key)
 	// UDP and ICMP idle, Forget.
 	e.Swap(mustCompile(t, ""))
 	in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 300*sec)

@@ -11,13 +11,15 @@ import (
 // Limits is the [limits] section: flow table bounds and idle timeouts.
 // Durations are Go duration strings ("30s", "2h").
 type Limits struct {
-	TCPHandshake      string `toml:"tcp_handshake"`
-	TCPIdle           string `toml:"tcp_idle"`
-	TCPClosing        string `toml:"tcp_closing"`
-	UDPIdle           string `toml:"udp_idle"`
-	ICMPIdle          string `toml:"icmp_idle"`
-	MaxFlows          int    `toml:"max_flows"`
-	MaxFlowsPerSource int    `toml:"max_flows_per_source"`
+	TCPHandshake string `toml:"tcp_handshake"`
+	TCPIdle      string `toml:"tcp_idle"`
+	TCPClosing   string `toml:"tcp_closing"`
+	UDPIdle      string `toml:"udp_idle"`
+	ICMPIdle     string `toml:"icmp_idle"`
+	MaxFlows     int    `toml:"max_flows"`
+	// MaxFlowsPerSource bounds the flows of one client address; nil
+	// (the key left out) means DefaultMaxFlowsPerSource, 0 no bound.
+	MaxFlowsPerSource *int `toml:"max_flows_per_source"`
 	// LogRate bounds decision log lines per second; past it lines are
 	// counted and summarised instead of written.
 	LogRate int `toml:"log_rate"`
@@ -38,6 +40,17 @@ const (
 	// fixed bound on connection requests in flight.
 	MaxPendingDialsCap = 65536
 )
+
+// DefaultMaxFlowsPerSource is max_flows_per_source when the key is left
+// out: a sixteenth of max_flows (16,384 of the default 262,144), but at
+// least min(max_flows, 256) so that small tables stay usable. In host mode
+// all of the host's own connections share one source address per family,
+// so the bound must leave it far more than any ordinary host opens; in
+// gateway mode it keeps one client from taking more than a sixteenth of
+// the table from the others.
+func DefaultMaxFlowsPerSource(maxFlows int) int {
+	return max(maxFlows/16, min(maxFlows, 256))
+}
 
 // DefaultTimeouts returns the idle timeouts used for keys [limits] leaves
 // out.
@@ -65,7 +78,7 @@ type EngineLimits struct {
 // problem, each naming its key.
 func (l Limits) Validate() (EngineLimits, error) {
 	var errs []error
-	out := EngineLimits{Timeouts: DefaultTimeouts(), MaxFlows: l.MaxFlows, MaxFlowsPerSource: l.MaxFlowsPerSource, LogRate: l.LogRate,
+	out := EngineLimits{Timeouts: DefaultTimeouts(), MaxFlows: l.MaxFlows, LogRate: l.LogRate,
 		DialTimeout: DefaultDialTimeout, MaxPendingDials: l.MaxPendingDials}
 	dur := func(key, s string, d *time.Duration) {
 		if s == "" {
@@ -90,8 +103,13 @@ func (l Limits) Validate() (EngineLimits, error) {
 	if out.MaxFlows < 0 {
 		errs = append(errs, config.Errorf("limits.max_flows", "%d is negative", l.MaxFlows))
 	}
-	if out.MaxFlowsPerSource < 0 {
-		errs = append(errs, config.Errorf("limits.max_flows_per_source", "%d is negative (0 means no bound)", l.MaxFlowsPerSource))
+	switch {
+	case l.MaxFlowsPerSource == nil:
+		out.MaxFlowsPerSource = DefaultMaxFlowsPerSource(out.MaxFlows)
+	case *l.MaxFlowsPerSource < 0:
+		errs = append(errs, config.Errorf("limits.max_flows_per_source", "%d is negative (0 means no bound)", *l.MaxFlowsPerSource))
+	default:
+		out.MaxFlowsPerSource = *l.MaxFlowsPerSource
 	}
 	if out.LogRate == 0 {
 		out.LogRate = DefaultLogRate

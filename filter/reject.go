@@ -200,3 +200,33 @@ func pseudoSum(src, dst netip.Addr, proto uint8, length int) uint32 {
 	}
 	return s + uint32(proto) + uint32(length)
 }
+
+// buildReset writes into out a bare RST from src to dst with sequence
+// number seq (no ACK: RFC 9293 3.10.7.3 for a reset that answers an
+// acknowledgement) and returns its length, or 0 when out is too small or
+// the addresses cannot carry one.
+func buildReset(src, dst netip.AddrPort, seq uint32, out []byte) int {
+	if !unicast(src.Addr()) || !unicast(dst.Addr()) || src.Addr().Is4() != dst.Addr().Is4() {
+		return 0
+	}
+	version := uint8(4)
+	if src.Addr().Is6() {
+		version = 6
+	}
+	hl := ipHeaderLen(version)
+	n := hl + 20
+	if len(out) < n {
+		return 0
+	}
+	putIPHeader(out, version, src.Addr(), dst.Addr(), ProtoTCP, 20)
+	t := out[hl:n]
+	binary.BigEndian.PutUint16(t[0:2], src.Port())
+	binary.BigEndian.PutUint16(t[2:4], dst.Port())
+	binary.BigEndian.PutUint32(t[4:8], seq)
+	clear(t[8:12])
+	t[12] = 5 << 4
+	t[13] = TCPRst
+	clear(t[14:20])
+	binary.BigEndian.PutUint16(t[16:18], checksum(t, pseudoSum(src.Addr(), dst.Addr(), ProtoTCP, len(t))))
+	return n
+}

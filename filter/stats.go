@@ -102,7 +102,7 @@ type FlowInfo struct {
 	BytesOut   uint64         `json:"bytes_out"`
 }
 
-var stateNames = [...]string{"new", "established", "closing", "closed"}
+var stateNames = [numStates]string{"new", "established", "closing", "closed"}
 
 func protoName(p uint8) string {
 	switch p {
@@ -114,21 +114,51 @@ func protoName(p uint8) string {
 	return "icmp"
 }
 
-// Flows returns a snapshot of the flow table at monotonic time now.
+// Flows returns a snapshot of the flow table at monotonic time now (see
+// EachFlow).
 func (e *Engine) Flows(now int64) []FlowInfo {
 	e.mu.Lock()
-	defer e.mu.Unlock()
-	out := make([]FlowInfo, 0, len(e.flows))
-	for k, f := range e.flows {
-		out = append(out, FlowInfo{
-			Proto: protoName(k.Proto), Src: k.Src, Dst: k.Dst,
-			State: stateNames[f.state], Rule: f.rs.RuleName(f.dec.Rule), Verdict: f.act.String(),
-			Monitor: f.monitored,
-			Age:     time.Duration(now - f.first), Idle: time.Duration(now - f.last),
-			PacketsIn: f.pktsIn, BytesIn: f.bytesIn, PacketsOut: f.pktsOut, BytesOut: f.bytesOut,
-		})
-	}
+	out := make([]FlowInfo, 0, len(e.flows)+len(e.flows)/8)
+	e.mu.Unlock()
+	e.EachFlow(now, func(fi *FlowInfo) { out = append(out, *fi) })
 	return out
+}
+
+// EachFlow calls fn with a snapshot of every flow at monotonic time now. It
+// copies walkBatch flows per hold of the table's lock and calls fn for them
+// after releasing it, so the packet path waits for one batch at most and
+// fn may take its time; flows that come or go meanwhile may or may not be
+// seen. fn must not keep fi.
+func (e *Engine) EachFlow(now int64, fn func(fi *FlowInfo)) {
+	batch := make([]FlowInfo, 0, walkBatch)
+	for i := 0; ; {
+		batch = batch[:0]
+		e.mu.Lock()
+		end := min(i+walkBatch, len(e.slots))
+		for ; i < end; i++ {
+			f := e.slots[i]
+			if f == nil {
+				continue
+			}
+			k := &f.key
+			batch = append(batch, FlowInfo{
+				Proto: protoName(k.Proto), Src: k.Src, Dst: k.Dst,
+				State: stateNames[f.state], Rule: f.rs.RuleName(f.dec.Rule), Verdict: f.act.String(),
+				Monitor: f.monitored,
+				Age:     time.Duration(now - f.first), Idle: time.Duration(now - f.last),
+				PacketsIn: f.pktsIn, BytesIn: f.bytesIn, PacketsOut: f.pktsOut, BytesOut: f.bytesOut,
+			})
+		}
+		more := i < len(e.slots)
+		e.mu.Unlock()
+		for j := range batch {
+			fn(&batch[j])
+		}
+		if !more {
+			return
+		}
+		yieldBatch(more)
+	}
 }
 
 // logLimiter is a token bucket bounding decision log lines per second.

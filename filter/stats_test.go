@@ -49,7 +49,7 @@ dst_port = 22
 	}
 	e.Swap(rs)
 	cut := e.Recheck()
-	if len(cut) != 1 || cut[0].Dst.Port() != 22 {
+	if len(cut) != 1 || cut[0].Key.Dst.Port() != 22 {
 		t.Fatalf("Recheck cut %v, want only the port 22 flow", cut)
 	}
 	if d := in(e, ssh, 1); d.Verdict != VerdictReject || d.Reason != ReasonRejected {
@@ -134,7 +134,7 @@ func TestLimitsValidate(t *testing.T) {
 	if l, err := (Limits{DialTimeout: "5s", MaxPendingDials: 64}).Validate(); err != nil || l.DialTimeout != 5*time.Second || l.MaxPendingDials != 64 {
 		t.Errorf("dial limits: %+v, %v", l, err)
 	}
-	_, err = Limits{TCPIdle: "forever", ICMPIdle: "-1s", MaxFlows: -1, MaxFlowsPerSource: -2, DialTimeout: "0s", MaxPendingDials: MaxPendingDialsCap + 1}.Validate()
+	_, err = Limits{TCPIdle: "forever", ICMPIdle: "-1s", MaxFlows: -1, MaxFlowsPerSource: ptr(-2), DialTimeout: "0s", MaxPendingDials: MaxPendingDialsCap + 1}.Validate()
 	for _, key := range []string{"limits.tcp_idle", "limits.icmp_idle", "limits.max_flows", "limits.max_flows_per_source", "limits.dial_timeout", "limits.max_pending_dials"} {
 		if err == nil || !strings.Contains(err.Error(), key+":") {
 			t.Errorf("missing error for %s in %v", key, err)
@@ -170,4 +170,25 @@ func TestFlowTableMemory(t *testing.T) {
 		t.Errorf("flow table uses %.0f bytes per flow, want <= 400", per)
 	}
 	runtime.KeepAlive(e)
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func TestLimitsDefaultPerSource(t *testing.T) {
+	for _, c := range []struct {
+		l    Limits
+		want int
+	}{
+		{Limits{}, 16384},
+		{Limits{MaxFlows: 4096}, 256},
+		{Limits{MaxFlows: 100}, 100},
+		{Limits{MaxFlows: 1 << 20}, 65536},
+		{Limits{MaxFlowsPerSource: ptr(0)}, 0},
+		{Limits{MaxFlowsPerSource: ptr(10)}, 10},
+	} {
+		got, err := c.l.Validate()
+		if err != nil || got.MaxFlowsPerSource != c.want {
+			t.Errorf("max_flows %d: max_flows_per_source %d (%v), want %d", c.l.MaxFlows, got.MaxFlowsPerSource, err, c.want)
+		}
+	}
 }

@@ -77,6 +77,18 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	src := netip.AddrPortFrom(addrFromTCPIP(id.RemoteAddress), id.RemotePort)
 	key := filter.FlowKey{Proto: uint8(header.TCPProtocolNumber), Src: src, Dst: dst}
 	defer s.recoverFlow(key)
+	// This connection's identity in the flow table: the relay releases
+	// the flow by it, and so does every way out below that resets the
+	// client, so a refused connection leaves the table at once. Where the
+	// client is told nothing (dial timeout, too many pending dials) the
+	// flow stays for its retransmitted SYN until tcp_handshake.
+	flow := filter.FlowRef{Key: key, ID: s.eng.Claim(key)}
+	if flow.ID == 0 {
+		// The flow left the table (expired, released) before gVisor
+		// handed its SYN over: no flow, no connection.
+		r.Complete(true)
+		return
+	}
 	// A connection is pending from its SYN until the client completed its
 	// handshake: past max_pending_dials the SYN is dropped and counted
 	// as a limit drop (the client retries), so a SYN flood holds a
@@ -109,6 +121,9 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		// its next SYN retransmission tries again.
 		refused := errors.Is(err, syscall.ECONNREFUSED)
 		r.Complete(refused)
+		if refused {
+			s.eng.Release(flow, s.now())
+		}
 		s.log.Debug("dial failed", "proto", "tcp", "src", src, "dst", dst, "refused", refused, "err", err)
 		return
 	}
@@ -123,6 +138,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		holdUp.Stop()
 		r.Complete(true)
 		up.Close()
+		s.eng.Release(flow, s.now())
 		s.log.Debug("create endpoint", "src", src, "dst", dst, "err", terr)
 		return
 	}
@@ -131,6 +147,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		// connection was given up: it gets a RST.
 		r.Complete(false)
 		ep.Abort()
+		s.eng.Release(flow, s.now())
 		s.log.Debug("client handshake too slow", "src", src, "dst", dst, "timeout", timeout)
 		return
 	}
@@ -139,7 +156,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	ep.SocketOptions().SetDelayOption(false)
 	// The relay has no goroutine of its own while idle: this one pumps the
 	// client's first bytes and ends when that direction is quiet.
-	s.startRelay(key, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
+	s.startRelay(flow, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
 }
 
 // recoverFlow, deferred by a flow's handler before its relay exists, turns
@@ -159,28 +176,65 @@ func (s *Stack) flowPanicked(key filter.FlowKey, r any) {
 	s.eng.Forget(key)
 }
 
+// tracked is how to close the relay of one flow.
+type tracked struct {
+	id    filter.FlowID // 0: whichever flow has the key
+	close func()
+}
+
 // track records how to close the relay of flow key, for CloseFlows.
 func (s *Stack) track(key filter.FlowKey, closeFn func()) {
+	s.trackFlow(filter.FlowRef{Key: key}, closeFn)
+}
+
+// untrack forgets the relay of key whatever its flow's identity; prefer
+// untrackFlow.
+func (s *Stack) untrack(key filter.FlowKey) { s.untrackFlow(filter.FlowRef{Key: key}) }
+
+// trackFlow records how to close the relay of flow r, for CloseFlows. A
+// relay for the same key, ending, is replaced: it untracks only itself.
+func (s *Stack) trackFlow(r filter.FlowRef, closeFn func()) {
 	s.connMu.Lock()
-	s.conns[key] = closeFn
+	s.conns[r.Key] = tracked{r.ID, closeFn}
 	s.connMu.Unlock()
 }
 
-func (s *Stack) untrack(key filter.FlowKey) {
+// untrackFlow forgets the relay of flow r, unless a relay of a newer flow
+// with the same key replaced it.
+func (s *Stack) untrackFlow(r filter.FlowRef) {
 	s.connMu.Lock()
-	delete(s.conns, key)
+	if t, ok := s.conns[r.Key]; ok && (r.ID == 0 || t.id == 0 || t.id == r.ID) {
+		delete(s.conns, r.Key)
+	}
 	s.connMu.Unlock()
 }
 
 // CloseFlows ends the relays of the given flows, as when a reload's recheck
-// denies them: a TCP client gets a RST, a UDP flow's socket is closed. It
-// returns how many relays it ended.
-func (s *Stack) CloseFlows(keys []filter.FlowKey) int {
+// cut them or they expired: a TCP client gets a RST, a UDP flow's socket is
+// closed. A flow whose key now names a newer flow is left alone. For a TCP
+// flow the recheck cut, the client first gets a RST with the sequence
+// number it acknowledged last (the engine's BuildCutReset), which it
+// accepts even when its receive window is closed; the stack's own RST, sent
+// when the relay aborts, carries the stack's send sequence and would be
+// ignored then. It returns how many relays it ended.
+func (s *Stack) CloseFlows(refs []filter.FlowRef) int {
 	var fns []func()
+	var rst []byte
+	for _, r := range refs {
+		if r.Key.Proto != uint8(header.TCPProtocolNumber) {
+			continue
+		}
+		if rst == nil {
+			rst = make([]byte, tunOffset+header.IPv6MinimumSize+header.TCPMinimumSize)
+		}
+		if n := s.eng.BuildCutReset(r, rst[tunOffset:]); n > 0 {
+			s.writeRaw(rst[:tunOffset+n])
+		}
+	}
 	s.connMu.Lock()
-	for _, k := range keys {
-		if fn, ok := s.conns[k]; ok {
-			fns = append(fns, fn)
+	for _, r := range refs {
+		if t, ok := s.conns[r.Key]; ok && (t.id == 0 || r.ID == 0 || t.id == r.ID) {
+			fns = append(fns, t.close)
 		}
 	}
 	s.connMu.Unlock()

@@ -23,7 +23,7 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 	s := &Stack{
 		log:   slog.New(slog.NewTextHandler(&logs, nil)),
 		eng:   filter.NewEngine(rs, filter.EngineOptions{}),
-		conns: make(map[filter.FlowKey]func()),
+		conns: make(map[filter.FlowKey]tracked),
 	}
 	bad := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1000"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
 	good := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1001"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
@@ -61,7 +61,7 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 	if s.Panics() != 1 {
 		t.Errorf("panics counted: %d, want 1", s.Panics())
 	}
-	if n := s.CloseFlows([]filter.FlowKey{bad}); n != 0 {
+	if n := s.CloseFlows([]filter.FlowRef{{Key: bad}}); n != 0 {
 		t.Error("the panicked flow is still tracked")
 	}
 	if !strings.Contains(logs.String(), "flow handler panicked") || !strings.Contains(logs.String(), "assignment to entry in nil map") {

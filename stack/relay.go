@@ -31,6 +31,7 @@ import (
 type tcpRelay struct {
 	s      *Stack
 	key    filter.FlowKey
+	flow   filter.FlowRef // released when the relay ends
 	client *gonet.TCPConn // for writes and FIN towards the client
 	ep     tcpip.Endpoint
 	wq     *waiter.Queue
@@ -79,12 +80,14 @@ const (
 // startRelay relays between the client's endpoint and the destination's
 // socket. It returns when the client's direction is first quiet; the relay
 // ends itself.
-func (s *Stack) startRelay(key filter.FlowKey, client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
-	r := &tcpRelay{s: s, key: key, client: client, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
+func (s *Stack) startRelay(flow filter.FlowRef, client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
+	key := flow.Key
+	r := &tcpRelay{s: s, key: key, flow: flow, client: client, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
 	raw, err := up.SyscallConn()
 	if err != nil {
 		up.Close()
 		ep.Abort()
+		s.eng.Release(flow, s.now())
 		return
 	}
 	r.upRaw = raw
@@ -95,7 +98,7 @@ func (s *Stack) startRelay(key filter.FlowKey, client *gonet.TCPConn, wq *waiter
 	r.toUp = pump{drain: r.drainToUp, idle: r.toUpIdle, end: r.directionEnded, onPanic: onPanic}
 	r.toClient = pump{drain: r.drainToClient, idle: r.toClientIdle, end: r.directionEnded, onPanic: onPanic}
 	s.wg.Add(1)
-	s.track(key, r.abort)
+	s.trackFlow(flow, r.abort)
 	r.entry = waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
 		select {
 		case r.upReady <- struct{}{}:
@@ -128,17 +131,24 @@ func (r *tcpRelay) abort() {
 }
 
 // directionEnded is each pump's end; the second one releases the relay:
-// the notification entry, the watcher's token, both sockets and the flow's
-// tracking.
+// the notification entry, the watcher's token, both sockets, the flow's
+// tracking and the flow itself, which leaves the table at once (closed
+// connections count against no limit; see filter.Engine.Release for the
+// client's last segments). Both name the flow by identity, so a new
+// connection that reuses the tuple keeps its own.
 func (r *tcpRelay) directionEnded() {
 	if r.left.Add(-1) != 0 {
+		// Half closed (the stack accepted the client's FIN, or the
+		// destination closed): the flow has tcp_closing from now on.
+		r.s.eng.Closing(r.flow)
 		return
 	}
 	r.wq.EventUnregister(&r.entry)
 	r.s.watcher.forget(r.token)
 	r.up.Close()
 	r.client.Close()
-	r.s.untrack(r.key)
+	r.s.untrackFlow(r.flow)
+	r.s.eng.Release(r.flow, r.s.now())
 	r.s.wg.Done()
 }
 

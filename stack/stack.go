@@ -93,7 +93,7 @@ type Stack struct {
 
 	// conns holds how to close each relayed flow (CloseFlows).
 	connMu sync.Mutex
-	conns  map[filter.FlowKey]func()
+	conns  map[filter.FlowKey]tracked
 
 	// udpFlows are the UDP flows being relayed (udp.go).
 	udpMu    sync.Mutex
@@ -131,7 +131,7 @@ func New(o Options) (*Stack, error) {
 		dialer:      newDialer(o.Outbound),
 		epoch:       time.Now(),
 		dialTimeout: o.DialTimeout,
-		conns:       make(map[filter.FlowKey]func()),
+		conns:       make(map[filter.FlowKey]tracked),
 		udpFlows:    make(map[filter.FlowKey]*udpFlow),
 		ctx:         ctx,
 		cancel:      cancel,
@@ -310,7 +310,7 @@ func (s *Stack) expireLoop(ctx context.Context) {
 	defer s.wg.Done()
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
-	var expired []filter.FlowKey
+	var expired []filter.FlowRef
 	for {
 		select {
 		case <-ctx.Done():
@@ -323,7 +323,7 @@ func (s *Stack) expireLoop(ctx context.Context) {
 			// silent, e.g. a destination that never answers a
 			// FIN) has its relay closed too, so its sockets and
 			// goroutines do not outlive it.
-			if expired = s.eng.ExpireKeys(now, expired[:0]); len(expired) > 0 {
+			if expired = s.eng.ExpireFlows(now, expired[:0]); len(expired) > 0 {
 				s.CloseFlows(expired)
 			}
 			if s.ping != nil {

@@ -1,10 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -12,6 +15,7 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/tunfw/tunfw/control"
 	"github.com/tunfw/tunfw/filter"
+	"golang.org/x/sys/unix"
 )
 
 // clientFlags are the flags of the commands that talk to a running tunfw.
@@ -54,6 +58,9 @@ func cmdClient(name string, args []string, stdout, stderr io.Writer) int {
 	if name == "flows" {
 		req.Args, _ = json.Marshal(flowsArgs{Proto: f.proto, Src: f.src, Dst: f.dst, State: f.state})
 	}
+	if name == "flows" {
+		lowerPriority()
+	}
 	resp, err := control.Call(path, req, 30*time.Second)
 	if err != nil {
 		fmt.Fprintf(stderr, "tunfw %s: %v\n", name, err)
@@ -67,11 +74,16 @@ func cmdClient(name string, args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if f.json {
-		var v any
-		json.Unmarshal(resp.Data, &v)
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		enc.Encode(v)
+		// Indent the bytes as they came: decoding a listing of
+		// 250,000 flows into generic values first cost seconds of CPU,
+		// which a busy host's packet path shares.
+		var buf bytes.Buffer
+		if err := json.Indent(&buf, resp.Data, "", "  "); err != nil {
+			fmt.Fprintf(stderr, "tunfw %s: bad response: %v\n", name, err)
+			return 1
+		}
+		buf.WriteByte('\n')
+		stdout.Write(buf.Bytes())
 		return 0
 	}
 	switch name {
@@ -201,4 +213,22 @@ func printStats(w io.Writer, data []byte) int {
 	fmt.Fprintf(w, "\ntun errors: read %d, write %d; control requests refused %d\n", s.TUNReadErrs, s.TUNWriteErrs, s.ControlRefuse)
 	fmt.Fprintf(w, "relayed UDP datagrams dropped on a full queue %d; flow handlers recovered from a panic %d\n", s.UDPQueueDrops, s.FlowPanics)
 	return 0
+}
+
+// lowerPriority makes this process run at nice 10. A listing of a full
+// flow table is tens of megabytes of JSON to read, check and print: on a
+// small machine that CPU would otherwise be taken from the firewall's
+// packet path it is inspecting. Linux keeps the nice value per thread and
+// a new thread inherits its creator's, so every thread of the process is
+// lowered. Best effort: it changes only how fast the listing prints.
+func lowerPriority() {
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		return
+	}
+	for _, t := range tasks {
+		if tid, err := strconv.Atoi(t.Name()); err == nil {
+			unix.Setpriority(unix.PRIO_PROCESS, tid, 10)
+		}
+	}
 }

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/signal"
 	"reflect"
-	"sort"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -37,6 +36,12 @@ type daemon struct {
 	cfg      *Config
 
 	preexisting int // connections open at start, left unjudged (host capture)
+
+	// listMu serialises `tunfw flows`; list keeps its buffers, listGen
+	// counts listings (listing.go).
+	listMu  sync.Mutex
+	list    listing
+	listGen uint64
 
 	reloadsOK, reloadsFailed atomic.Uint64
 	ctrl                     *control.Server
@@ -228,15 +233,7 @@ func (d *daemon) handle(_ context.Context, req control.Request) control.Response
 		if err != nil {
 			return control.Response{Error: err.Error()}
 		}
-		all := d.eng.Flows(d.now())
-		out := all[:0]
-		for _, f := range all {
-			if match(f) {
-				out = append(out, f)
-			}
-		}
-		sort.Slice(out, func(i, j int) bool { return out[i].Age > out[j].Age })
-		return control.OK(out)
+		return d.flows(match)
 	case "reload":
 		res, err := d.reload()
 		if err != nil {

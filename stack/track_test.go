@@ -1,0 +1,34 @@
+package stack
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/tunfw/tunfw/filter"
+)
+
+// A relay that ends after a new connection reused its tuple untracks only
+// itself, and closing an old flow does not close the new one.
+func TestTrackByIdentity(t *testing.T) {
+	rs, err := filter.Compile(filter.Options{}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Stack{eng: filter.NewEngine(rs, filter.EngineOptions{}), conns: make(map[filter.FlowKey]tracked)}
+	k := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1000"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
+	oldRef, newRef := filter.FlowRef{Key: k, ID: 1}, filter.FlowRef{Key: k, ID: 2}
+	var oldClosed, newClosed int
+	s.trackFlow(oldRef, func() { oldClosed++ })
+	s.trackFlow(newRef, func() { newClosed++ }) // the tuple reused
+	s.untrackFlow(oldRef)                       // the old relay ends
+	if n := s.CloseFlows([]filter.FlowRef{oldRef}); n != 0 || oldClosed+newClosed != 0 {
+		t.Fatalf("closing the old flow closed %d relays", n)
+	}
+	if n := s.CloseFlows([]filter.FlowRef{newRef}); n != 1 || newClosed != 1 {
+		t.Fatalf("closing the new flow: %d relays, new closed %d times", n, newClosed)
+	}
+	s.untrackFlow(newRef)
+	if len(s.conns) != 0 {
+		t.Fatalf("left tracked: %v", s.conns)
+	}
+}
