@@ -70,62 +70,73 @@ func (d *dialer) control(network, _ string, c syscall.RawConn) error {
 
 // handleTCP is called by gVisor's forwarder, in a goroutine of its own, for
 // each SYN of a flow the filter allowed. The real destination is dialled
-// first; the client's handshake completes only if it answers.
+// first; the client's handshake completes only if it answers. From the SYN
+// until the client's handshake completed the connection is pending, in the
+// pool of dials (dials.go), which bounds what a SYN flood holds and lets a
+// new SYN evict a dial nobody answered.
 func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	dst := netip.AddrPortFrom(addrFromTCPIP(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(addrFromTCPIP(id.RemoteAddress), id.RemotePort)
 	key := filter.FlowKey{Proto: uint8(header.TCPProtocolNumber), Src: src, Dst: dst}
 	defer s.recoverFlow(key)
-	// A connection is pending from its SYN until the client completed its
-	// handshake: past max_pending_dials the SYN is dropped and counted
-	// as a limit drop (the client retries), so a SYN flood holds a
-	// bounded number of goroutines and real sockets.
 	lim := s.eng.Limits()
-	if s.pendingDials.Add(1) > int64(lim.MaxPendingDials) {
-		s.pendingDials.Add(-1)
-		s.eng.Count(filter.ReasonLimit)
-		r.Complete(false)
-		return
-	}
-	pending := true
-	release := func() {
-		if pending {
-			pending = false
-			s.pendingDials.Add(-1)
-		}
-	}
-	defer release()
 	timeout := s.dialTimeout
 	if timeout == 0 {
 		timeout = lim.DialTimeout
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, timeout)
+	defer cancel()
+	d := &pendingDial{key: key, cancel: cancel}
+	if v := s.dials.admit(d, lim.MaxPendingDials, lim.MaxPendingDialsPerSource); v != nil {
+		stopDial(v)
+	}
+	// Also after a panic, the slot is not kept.
+	defer s.dials.done(d)
 	up, err := s.dialer.net.DialContext(ctx, "tcp", dst.String())
-	cancel()
 	if err != nil {
+		if why := s.dials.done(d); why != dialDone {
+			s.dialStopped(r, key, why)
+			return
+		}
 		// Refused: the client sees a RST. Anything else (timeout,
 		// unreachable): it sees nothing, as it would on a real path, and
 		// its next SYN retransmission tries again.
-		refused := errors.Is(err, syscall.ECONNREFUSED)
-		r.Complete(refused)
-		s.log.Debug("dial failed", "proto", "tcp", "src", src, "dst", dst, "refused", refused, "err", err)
+		reason := classifyDial(err)
+		s.dials.fails[reason].Add(1)
+		r.Complete(reason == dialFailRefused)
+		s.log.Debug("dial failed", "proto", "tcp", "src", src, "dst", dst, "reason", dialFailNames[reason], "err", err)
+		return
+	}
+	var wq waiter.Queue
+	if !s.dials.answered(d, &wq) {
+		up.Close()
+		s.dialStopped(r, key, s.dials.done(d))
 		return
 	}
 	// gVisor waits for the client's handshake for up to about two minutes
-	// of SYN-ACK retransmissions (a spoofed SYN never completes): the
-	// real connection is not held open that long.
-	holdUp := time.AfterFunc(timeout, func() { up.Close() })
-	var wq waiter.Queue
-	ep, terr := r.CreateEndpoint(&wq)
-	if terr != nil {
-		// The client gave up meanwhile, or its SYN was bad.
-		holdUp.Stop()
-		r.Complete(true)
+	// of SYN-ACK retransmissions (a spoofed SYN never completes): neither
+	// the real connection nor that wait is held that long.
+	holdUp := time.AfterFunc(timeout, func() {
 		up.Close()
+		wq.Notify(waiter.WritableEvents)
+	})
+	ep, terr := r.CreateEndpoint(&wq)
+	why := s.dials.done(d)
+	if terr != nil {
+		holdUp.Stop()
+		up.Close()
+		if why != dialDone {
+			s.dialStopped(r, key, why)
+			return
+		}
+		// The client gave up meanwhile, or its SYN was bad.
+		r.Complete(true)
 		s.log.Debug("create endpoint", "src", src, "dst", dst, "err", terr)
 		return
 	}
+	// A dial evicted or cancelled just as the handshake completed goes
+	// on: the connection is up.
 	if !holdUp.Stop() {
 		// The client completed its handshake after the real
 		// connection was given up: it gets a RST.
@@ -135,11 +146,25 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	r.Complete(false)
-	release()
 	ep.SocketOptions().SetDelayOption(false)
 	// The relay has no goroutine of its own while idle: this one pumps the
 	// client's first bytes and ends when that direction is quiet.
 	s.startRelay(key, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
+}
+
+// dialStopped ends the request of a pending dial that left the pool before
+// it connected. The client is told nothing: its SYN retransmission starts
+// over. An evicted dial's flow leaves the table with it, so a SYN flood
+// holds no more flows than dials; a cancelled one's flow has left already.
+func (s *Stack) dialStopped(r *tcp.ForwarderRequest, key filter.FlowKey, why dialEnd) {
+	r.Complete(false)
+	if why == dialEvicted {
+		s.dials.fails[dialFailEvicted].Add(1)
+		s.eng.Count(filter.ReasonLimit)
+		s.eng.Forget(key)
+		return
+	}
+	s.dials.fails[dialFailCancelled].Add(1)
 }
 
 // recoverFlow, deferred by a flow's handler before its relay exists, turns
@@ -173,9 +198,11 @@ func (s *Stack) untrack(key filter.FlowKey) {
 }
 
 // CloseFlows ends the relays of the given flows, as when a reload's recheck
-// denies them: a TCP client gets a RST, a UDP flow's socket is closed. It
-// returns how many relays it ended.
+// denies them: a TCP client gets a RST, a UDP flow's socket is closed. A
+// TCP connection still being set up is abandoned silently. It returns how
+// many relays it ended.
 func (s *Stack) CloseFlows(keys []filter.FlowKey) int {
+	s.dials.cancelKeys(keys)
 	var fns []func()
 	s.connMu.Lock()
 	for _, k := range keys {

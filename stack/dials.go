@@ -1,0 +1,281 @@
+package stack
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/tunfw/tunfw/filter"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// A TCP connection is pending from the client's SYN until its handshake
+// with the stack completed: first the destination is dialled, then the
+// client is answered and its ACK awaited. Each pending connection holds a
+// goroutine and a real socket, so a SYN flood would hold max_pending_dials
+// of them and every new SYN, a legitimate one included, would wait for one
+// to time out.
+//
+// The pool therefore makes room the way kernels prune a full SYN queue: a
+// new SYN always gets a slot, and the pending dial that gives way is the
+// oldest one of its own source when that source holds its share
+// (max_pending_dials_per_source), else, when the pool is full, the oldest one
+// of a source holding more than an even share of the pool. A destination
+// that answers within the time a slot lives under the flood (pool size /
+// SYN rate: 25 ms for 256 slots at 10,000 SYN/s) always connects; what
+// gives way is a dial nobody answered. Its socket is released at once
+// (the dial's context is cancelled, or the client's half-done handshake is
+// woken and fails) and its flow leaves the table, so the flood holds
+// neither sockets nor flows beyond the pool; the client's next SYN
+// retransmission starts over.
+//
+// A pending dial also ends when its flow leaves the table (expiry, a
+// reload's recheck): nothing is held for a flow that no longer exists.
+
+// pendingDial is one TCP connection being set up.
+type pendingDial struct {
+	key    filter.FlowKey
+	cancel context.CancelFunc // ends the dial to the destination
+	// wq is the queue the client's handshake waits on, once the
+	// destination answered; waking it makes the handshake fail.
+	wq *waiter.Queue
+	// end says why the dial left the pool; dialPending while in it.
+	end       dialEnd
+	age, srcQ dialLink // places in the pool's and the source's queues
+}
+
+// dialEnd is why a pending dial left the pool.
+type dialEnd uint8
+
+const (
+	dialPending   dialEnd = iota
+	dialDone              // its handler finished with it
+	dialEvicted           // it gave way to a newer SYN
+	dialCancelled         // its flow left the table
+)
+
+type dialLink struct{ prev, next *pendingDial }
+
+func byAge(d *pendingDial) *dialLink    { return &d.age }
+func bySource(d *pendingDial) *dialLink { return &d.srcQ }
+
+// dialQueue is a queue of pending dials, oldest first, linked through the
+// dialLink link returns.
+type dialQueue struct {
+	head, tail *pendingDial
+	n          int
+}
+
+func (q *dialQueue) push(d *pendingDial, link func(*pendingDial) *dialLink) {
+	l := link(d)
+	l.prev, l.next = q.tail, nil
+	if q.tail != nil {
+		link(q.tail).next = d
+	} else {
+		q.head = d
+	}
+	q.tail = d
+	q.n++
+}
+
+func (q *dialQueue) remove(d *pendingDial, link func(*pendingDial) *dialLink) {
+	l := link(d)
+	if l.prev != nil {
+		link(l.prev).next = l.next
+	} else {
+		q.head = l.next
+	}
+	if l.next != nil {
+		link(l.next).prev = l.prev
+	} else {
+		q.tail = l.prev
+	}
+	l.prev, l.next = nil, nil
+	q.n--
+}
+
+// maxVictimScan bounds how many of the oldest dials a full pool looks at
+// to find one of a source over its share: under a flood nearly all are.
+const maxVictimScan = 64
+
+// dialPool holds the pending dials.
+type dialPool struct {
+	mu    sync.Mutex
+	all   dialQueue
+	bySrc map[netip.Addr]*dialQueue
+	byKey map[filter.FlowKey]*pendingDial
+
+	// fails counts dials that did not connect, by dialFailReason.
+	fails [numDialFails]atomic.Uint64
+}
+
+func newDialPool() *dialPool {
+	return &dialPool{bySrc: make(map[netip.Addr]*dialQueue), byKey: make(map[filter.FlowKey]*pendingDial)}
+}
+
+// admit adds d to the pool. When d's source holds perSrc dials or the pool
+// holds total, it removes the dial that gives way and returns it; the
+// caller stops it (stopDial) outside the pool's lock.
+func (p *dialPool) admit(d *pendingDial, total, perSrc int) (victim *pendingDial) {
+	src := d.key.Src.Addr()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	q := p.bySrc[src]
+	if q == nil {
+		q = &dialQueue{}
+		p.bySrc[src] = q
+	}
+	switch {
+	case q.n >= perSrc:
+		victim = q.head
+	case p.all.n >= total:
+		share := total / len(p.bySrc)
+		victim = p.all.head
+		v := p.all.head
+		for i := 0; v != nil && i < maxVictimScan; i, v = i+1, v.age.next {
+			if p.bySrc[v.key.Src.Addr()].n > share {
+				victim = v
+				break
+			}
+		}
+	}
+	if victim != nil {
+		p.removeLocked(victim, dialEvicted)
+	}
+	// The source's queue may have been dropped with the victim.
+	if q = p.bySrc[src]; q == nil {
+		q = &dialQueue{}
+		p.bySrc[src] = q
+	}
+	p.all.push(d, byAge)
+	q.push(d, bySource)
+	p.byKey[d.key] = d
+	return victim
+}
+
+// removeLocked takes d out of the pool for reason why.
+func (p *dialPool) removeLocked(d *pendingDial, why dialEnd) {
+	d.end = why
+	p.all.remove(d, byAge)
+	src := d.key.Src.Addr()
+	q := p.bySrc[src]
+	q.remove(d, bySource)
+	if q.n == 0 {
+		delete(p.bySrc, src)
+	}
+	if p.byKey[d.key] == d {
+		delete(p.byKey, d.key)
+	}
+}
+
+// answered records that the destination answered d and the client's
+// handshake will wait on wq. It is false if d left the pool meanwhile:
+// the caller gives up.
+func (p *dialPool) answered(d *pendingDial, wq *waiter.Queue) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if d.end != dialPending {
+		return false
+	}
+	d.wq = wq
+	return true
+}
+
+// done takes d out of the pool if it is still there and returns why it
+// left: dialDone if only now. It may be called more than once.
+func (p *dialPool) done(d *pendingDial) dialEnd {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if d.end == dialPending {
+		p.removeLocked(d, dialDone)
+	}
+	return d.end
+}
+
+// cancelKeys ends the pending dials of the flows keys, which left the
+// table.
+func (p *dialPool) cancelKeys(keys []filter.FlowKey) {
+	var stop []*pendingDial
+	p.mu.Lock()
+	for _, k := range keys {
+		if d := p.byKey[k]; d != nil {
+			p.removeLocked(d, dialCancelled)
+			stop = append(stop, d)
+		}
+	}
+	p.mu.Unlock()
+	for _, d := range stop {
+		stopDial(d)
+	}
+}
+
+// len returns how many dials are pending.
+func (p *dialPool) len() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.all.n
+}
+
+// stopDial makes the handler of d, which left the pool, give up: a dial in
+// progress returns, a client handshake in progress fails. d.wq is no longer
+// written once d left the pool.
+func stopDial(d *pendingDial) {
+	d.cancel()
+	if d.wq != nil {
+		// gVisor's CreateEndpoint waits for this event and then finds
+		// the handshake incomplete. Were it sent just before gVisor
+		// registered its waiter, the dial's holdUp timer sends it again.
+		d.wq.Notify(waiter.WritableEvents)
+	}
+}
+
+// dialFailReason classifies why a dial did not connect.
+type dialFailReason uint8
+
+const (
+	dialFailRefused dialFailReason = iota
+	dialFailTimeout
+	dialFailUnreachable
+	dialFailDescriptors // EMFILE, ENFILE, ENOBUFS: out of sockets
+	dialFailEvicted
+	dialFailCancelled
+	dialFailOther
+	numDialFails
+)
+
+var dialFailNames = [numDialFails]string{"refused", "timeout", "unreachable", "descriptors", "evicted", "cancelled", "other"}
+
+// classify names the reason of a failed dial, err.
+func classifyDial(err error) dialFailReason {
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return dialFailRefused
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, syscall.ETIMEDOUT):
+		return dialFailTimeout
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH), errors.Is(err, syscall.EHOSTDOWN),
+		errors.Is(err, syscall.ENETDOWN):
+		return dialFailUnreachable
+	case errors.Is(err, syscall.EMFILE), errors.Is(err, syscall.ENFILE), errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.ENOMEM):
+		return dialFailDescriptors
+	}
+	return dialFailOther
+}
+
+// DialFailures returns how many TCP dials did not connect, by reason:
+// refused, timeout, unreachable, descriptors (tunfw was out of sockets),
+// evicted (gave way to newer SYNs in a full pool), cancelled (the flow left
+// the table first), other.
+func (s *Stack) DialFailures() map[string]uint64 {
+	m := make(map[string]uint64, numDialFails)
+	for i := range s.dials.fails {
+		m[dialFailNames[i]] = s.dials.fails[i].Load()
+	}
+	return m
+}
+
+// PendingDials returns how many TCP connections are being set up.
+func (s *Stack) PendingDials() int { return s.dials.len() }
