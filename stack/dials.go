@@ -3,11 +3,13 @@ package stack
 import (
 	"context"
 	"errors"
+	"hash/maphash"
 	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/tunfw/tunfw/filter"
 	"gvisor.dev/gvisor/pkg/waiter"
@@ -20,18 +22,29 @@ import (
 // of them and every new SYN, a legitimate one included, would wait for one
 // to time out.
 //
-// The pool therefore makes room the way kernels prune a full SYN queue: a
-// new SYN always gets a slot, and the pending dial that gives way is the
-// oldest one of its own source when that source holds its share
-// (max_pending_dials_per_source), else, when the pool is full, the oldest one
-// of a source holding more than an even share of the pool. A destination
-// that answers within the time a slot lives under the flood (pool size /
-// SYN rate: 25 ms for 256 slots at 10,000 SYN/s) always connects; what
-// gives way is a dial nobody answered. Its socket is released at once
-// (the dial's context is cancelled, or the client's half-done handshake is
-// woken and fails) and its flow leaves the table, so the flood holds
-// neither sockets nor flows beyond the pool; the client's next SYN
-// retransmission starts over.
+// The pool therefore bounds what a source holds (max_pending_dials_per_source)
+// and, under pressure, asks clients to prove themselves the way SYN cookies
+// do, but without answering for the destination. A source is under
+// pressure when it holds its bound of dials, or an even share of a full
+// pool. Its SYN is then dialled at once only if its destination answered a
+// dial in the last answerMemory (a server it uses; a flood to addresses
+// that never answer cannot make a destination answering) or if it is the
+// retransmission of a SYN deferred before. Any other SYN is deferred: not
+// dialled, remembered (deferred), and its flow leaves the table; a real
+// client retransmits it after its initial RTO (1 s on Linux) and that one
+// is dialled. A flood of SYNs to silent addresses thus costs a table
+// lookup each, not a socket, and connections to servers in use are not
+// delayed at all.
+//
+// An admitted SYN always gets a slot, made the way kernels prune a full SYN
+// queue: the oldest dial of its own source gives way when that source
+// holds its bound, else the oldest one of a source holding more than an
+// even share of the full pool. A dial lives as long as the pool holds it
+// (pool size / SYN rate), so a destination that answers within that time
+// connects even under a flood that retransmits. What gives way is released
+// at once (the dial's context is cancelled, or the client's half-done
+// handshake woken so that it fails) and its flow leaves the table: the
+// flood holds neither sockets nor flows beyond the pool.
 //
 // A pending dial also ends when its flow leaves the table (expiry, a
 // reload's recheck): nothing is held for a flow that no longer exists.
@@ -56,6 +69,7 @@ const (
 	dialDone              // its handler finished with it
 	dialEvicted           // it gave way to a newer SYN
 	dialCancelled         // its flow left the table
+	dialDeferred          // never admitted: see admit
 )
 
 type dialLink struct{ prev, next *pendingDial }
@@ -108,23 +122,47 @@ type dialPool struct {
 	all   dialQueue
 	bySrc map[netip.Addr]*dialQueue
 	byKey map[filter.FlowKey]*pendingDial
+	// deferred remembers the SYNs dropped under pressure; answering the
+	// destinations that answered a dial lately.
+	deferred  recentTable[filter.FlowKey]
+	answering recentTable[netip.Addr]
 
 	// fails counts dials that did not connect, by dialFailReason.
 	fails [numDialFails]atomic.Uint64
 }
 
 func newDialPool() *dialPool {
-	return &dialPool{bySrc: make(map[netip.Addr]*dialQueue), byKey: make(map[filter.FlowKey]*pendingDial)}
+	return &dialPool{
+		bySrc: make(map[netip.Addr]*dialQueue), byKey: make(map[filter.FlowKey]*pendingDial),
+		deferred:  newRecentTable[filter.FlowKey](deferredSlots),
+		answering: newRecentTable[netip.Addr](answeredSlots),
+	}
 }
 
-// admit adds d to the pool. When d's source holds perSrc dials or the pool
-// holds total, it removes the dial that gives way and returns it; the
+// admit adds d, whose SYN came at now, to the pool unless its source is
+// under pressure, its destination has not answered lately and the SYN is
+// not a retransmission of one deferred before: then it returns false. When d's source holds perSrc dials or the
+// pool holds total, it removes the dial that gives way and returns it; the
 // caller stops it (stopDial) outside the pool's lock.
-func (p *dialPool) admit(d *pendingDial, total, perSrc int) (victim *pendingDial) {
+func (p *dialPool) admit(d *pendingDial, total, perSrc int, now int64) (victim *pendingDial, ok bool) {
 	src := d.key.Src.Addr()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	q := p.bySrc[src]
+	n := 0
+	if q != nil {
+		n = q.n
+	}
+	full := p.all.n >= total
+	sources := len(p.bySrc)
+	if q == nil {
+		sources++
+	}
+	if (n >= perSrc || full && n+1 > total/sources) && !p.answering.recall(d.key.Dst.Addr(), now, answerMemory, false) &&
+		!p.deferred.recall(d.key, now, deferMemory, true) {
+		p.deferred.remember(d.key, now)
+		return nil, false
+	}
 	if q == nil {
 		q = &dialQueue{}
 		p.bySrc[src] = q
@@ -132,7 +170,7 @@ func (p *dialPool) admit(d *pendingDial, total, perSrc int) (victim *pendingDial
 	switch {
 	case q.n >= perSrc:
 		victim = q.head
-	case p.all.n >= total:
+	case full:
 		share := total / len(p.bySrc)
 		victim = p.all.head
 		v := p.all.head
@@ -154,8 +192,91 @@ func (p *dialPool) admit(d *pendingDial, total, perSrc int) (victim *pendingDial
 	p.all.push(d, byAge)
 	q.push(d, bySource)
 	p.byKey[d.key] = d
-	return victim
+	return victim, true
 }
+
+// recentTable remembers keys for a while, in a fixed table (allocated at
+// first use) of recentWays-way sets in which a new key replaces the oldest
+// of its set. Memory and time per operation are constant whatever is
+// thrown at it; a key is pushed out early only when recentWays newer keys
+// land in its set, which for the SYNs deferred by a flood of S new
+// connections a second happens within a second with a probability of
+// P(Poisson(S*recentWays/slots) >= recentWays): 0.4% for 10,000 a second
+// and 65,536 slots.
+type recentTable[K comparable] struct {
+	seed  maphash.Seed
+	size  int // slots, a multiple of recentWays
+	slots []recentSlot
+}
+
+type recentSlot struct {
+	hash uint64 // of the key; 0: empty
+	at   int64  // when it was remembered (Stack.now)
+}
+
+const recentWays = 4
+
+func newRecentTable[K comparable](size int) recentTable[K] {
+	return recentTable[K]{seed: maphash.MakeSeed(), size: size}
+}
+
+func (t *recentTable[K]) set(k K) (uint64, []recentSlot) {
+	h := maphash.Comparable(t.seed, k) | 1
+	i := int(h>>1%uint64(t.size/recentWays)) * recentWays
+	return h, t.slots[i : i+recentWays]
+}
+
+// recall reports whether k was remembered less than within ago; forget
+// also forgets it.
+func (t *recentTable[K]) recall(k K, now, within int64, forget bool) bool {
+	if t.slots == nil {
+		return false
+	}
+	h, set := t.set(k)
+	for i := range set {
+		if set[i].hash == h {
+			at := set[i].at
+			if forget {
+				set[i] = recentSlot{}
+			}
+			return now-at < within
+		}
+	}
+	return false
+}
+
+// remember records k at now.
+func (t *recentTable[K]) remember(k K, now int64) {
+	if t.slots == nil {
+		t.slots = make([]recentSlot, t.size)
+	}
+	h, set := t.set(k)
+	oldest := 0
+	for i := range set {
+		if set[i].hash == h || set[i].hash == 0 {
+			oldest = i
+			break
+		}
+		if set[i].at < set[oldest].at {
+			oldest = i
+		}
+	}
+	set[oldest] = recentSlot{hash: h, at: now}
+}
+
+const (
+	// deferredSlots bounds the SYNs remembered as deferred (1 MiB).
+	deferredSlots = 1 << 16
+	// deferMemory is how long a deferred SYN is remembered: a client's
+	// third SYN retransmission comes 7 s after its first SYN.
+	deferMemory = int64(10 * time.Second)
+	// answeredSlots bounds the destinations remembered as answering
+	// (64 KiB).
+	answeredSlots = 1 << 12
+	// answerMemory is how long a destination counts as answering after
+	// its last answer.
+	answerMemory = int64(5 * time.Minute)
+)
 
 // removeLocked takes d out of the pool for reason why.
 func (p *dialPool) removeLocked(d *pendingDial, why dialEnd) {
@@ -170,6 +291,14 @@ func (p *dialPool) removeLocked(d *pendingDial, why dialEnd) {
 	if p.byKey[d.key] == d {
 		delete(p.byKey, d.key)
 	}
+}
+
+// destinationAnswered records that dst answered a dial (connected or
+// refused) at now.
+func (p *dialPool) destinationAnswered(dst netip.Addr, now int64) {
+	p.mu.Lock()
+	p.answering.remember(dst, now)
+	p.mu.Unlock()
 }
 
 // answered records that the destination answered d and the client's
@@ -242,12 +371,13 @@ const (
 	dialFailUnreachable
 	dialFailDescriptors // EMFILE, ENFILE, ENOBUFS: out of sockets
 	dialFailEvicted
+	dialFailDeferred
 	dialFailCancelled
 	dialFailOther
 	numDialFails
 )
 
-var dialFailNames = [numDialFails]string{"refused", "timeout", "unreachable", "descriptors", "evicted", "cancelled", "other"}
+var dialFailNames = [numDialFails]string{"refused", "timeout", "unreachable", "descriptors", "evicted", "deferred", "cancelled", "other"}
 
 // classify names the reason of a failed dial, err.
 func classifyDial(err error) dialFailReason {
@@ -267,7 +397,8 @@ func classifyDial(err error) dialFailReason {
 
 // DialFailures returns how many TCP dials did not connect, by reason:
 // refused, timeout, unreachable, descriptors (tunfw was out of sockets),
-// evicted (gave way to newer SYNs in a full pool), cancelled (the flow left
+// evicted (gave way to newer SYNs in a full pool), deferred (not dialled:
+// the SYN came under pressure and was no retransmission), cancelled (the flow left
 // the table first), other.
 func (s *Stack) DialFailures() map[string]uint64 {
 	m := make(map[string]uint64, numDialFails)

@@ -3,6 +3,7 @@ package stack
 import (
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/tunfw/tunfw/filter"
 )
@@ -14,40 +15,62 @@ func testDial(src string, port uint16) *pendingDial {
 	}
 }
 
-// TestDialPoolEviction checks who gives way: the source's own oldest dial
-// at its share, else in a full pool the oldest dial of a source over an
-// even share; and that every slot is given back.
+// TestDialPoolEviction checks which SYNs are deferred and which dial gives
+// way: under its source's pressure a new connection is deferred and its
+// retransmission admitted, evicting the source's own oldest dial; in a full
+// pool the oldest dial of a source over an even share gives way to a light
+// source; and every slot is given back.
 func TestDialPoolEviction(t *testing.T) {
 	p := newDialPool()
 	const total, perSrc = 8, 4
+	now := int64(time.Hour)
+	admit := func(d *pendingDial) (*pendingDial, bool) { return p.admit(d, total, perSrc, now) }
 	var flood []*pendingDial
 	for i := range 4 {
 		d := testDial("10.0.0.2", uint16(1000+i))
-		if v := p.admit(d, total, perSrc); v != nil {
-			t.Fatalf("dial %d evicted %v below the limits", i, v.key)
+		if v, ok := admit(d); v != nil || !ok {
+			t.Fatalf("dial %d: evicted %v, admitted %v below the limits", i, v, ok)
 		}
 		flood = append(flood, d)
 	}
-	// The flooding source is at its share: its own oldest gives way.
+	// The flooding source is at its share: a new connection is deferred,
+	// its retransmission evicts the source's own oldest dial.
 	d := testDial("10.0.0.2", 2000)
-	if v := p.admit(d, total, perSrc); v != flood[0] || v.end != dialEvicted {
-		t.Fatalf("at the source's share, evicted %v, want its oldest", v)
+	if v, ok := admit(d); v != nil || ok {
+		t.Fatalf("under pressure, a first SYN was admitted (%v) or evicted %v", ok, v)
+	}
+	now += int64(time.Second)
+	if v, ok := admit(d); !ok || v != flood[0] || v.end != dialEvicted {
+		t.Fatalf("a retransmission under pressure: admitted %v, evicted %v, want its source's oldest", ok, v)
 	}
 	if p.done(flood[0]) != dialEvicted {
 		t.Error("done of an evicted dial does not say so")
 	}
+	// A deferred SYN is remembered for deferMemory only.
+	late := testDial("10.0.0.2", 2001)
+	if _, ok := admit(late); ok {
+		t.Fatal("a first SYN under pressure was admitted")
+	}
+	now += deferMemory
+	if _, ok := admit(late); ok {
+		t.Fatal("a SYN deferred longer than deferMemory ago was admitted as its retransmission")
+	}
 	// Others fill the pool: 4 flood + 4 from three sources.
 	other := []*pendingDial{testDial("10.0.0.3", 1), testDial("10.0.0.4", 1), testDial("10.0.0.4", 2), testDial("10.0.0.5", 1)}
 	for _, o := range other {
-		if v := p.admit(o, total, perSrc); v != nil {
-			t.Fatalf("admitting %v evicted %v below the limits", o.key, v.key)
+		if v, ok := admit(o); v != nil || !ok {
+			t.Fatalf("admitting %v: evicted %v, admitted %v below the limits", o.key, v, ok)
 		}
 	}
-	// Full: a new source's SYN evicts the oldest dial of the source over
-	// an even share (8/5), not the older-than-it dials of others.
+	// Full: a source over an even share (8/4) is under pressure...
+	if _, ok := admit(testDial("10.0.0.4", 3)); ok {
+		t.Error("in a full pool, a source over its even share was admitted at once")
+	}
+	// ... a new source is not, and the oldest dial of a source over an
+	// even share (8/5) gives way, not the older-than-it dials of others.
 	n := testDial("10.0.0.6", 1)
-	if v := p.admit(n, total, perSrc); v != flood[1] {
-		t.Fatalf("full pool evicted %v, want the flooding source's oldest", v.key)
+	if v, ok := admit(n); !ok || v != flood[1] {
+		t.Fatalf("full pool: admitted %v, evicted %v, want the flooding source's oldest", ok, v)
 	}
 	if p.len() != total {
 		t.Errorf("%d pending, want %d", p.len(), total)
@@ -64,5 +87,32 @@ func TestDialPoolEviction(t *testing.T) {
 	}
 	if p.len() != 0 || len(p.bySrc) != 0 || len(p.byKey) != 0 {
 		t.Errorf("pool not empty after all dials are done: %d, %v, %v", p.len(), p.bySrc, p.byKey)
+	}
+}
+
+// TestDeferredSYNsSurviveFlood checks the figure the deferredSYNs comment
+// gives: after a SYN is deferred, 10,000 other deferred SYNs (a second of
+// flood) push it out in well under 1% of cases.
+func TestDeferredSYNsSurviveFlood(t *testing.T) {
+	p := newDialPool()
+	lost := 0
+	const tries = 200
+	now := int64(0)
+	for i := range tries {
+		k := testDial("10.0.0.9", uint16(i)).key
+		p.deferred.remember(k, now)
+		for j := range 10000 {
+			f := testDial("10.0.0.2", uint16(j)).key
+			f.Dst = netip.AddrPortFrom(f.Dst.Addr(), uint16(i))
+			now += int64(100 * time.Microsecond)
+			p.deferred.remember(f, now)
+		}
+		if !p.deferred.recall(k, now, deferMemory, true) {
+			lost++
+		}
+	}
+	t.Logf("%d of %d deferred SYNs forgotten after 10,000 others", lost, tries)
+	if lost > tries/50 {
+		t.Errorf("%d of %d deferred SYNs forgotten after 10,000 others", lost, tries)
 	}
 }

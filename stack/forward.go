@@ -88,7 +88,13 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	ctx, cancel := context.WithTimeout(s.ctx, timeout)
 	defer cancel()
 	d := &pendingDial{key: key, cancel: cancel}
-	if v := s.dials.admit(d, lim.MaxPendingDials, lim.MaxPendingDialsPerSource); v != nil {
+	v, ok := s.dials.admit(d, lim.MaxPendingDials, lim.MaxPendingDialsPerSource, s.now())
+	if !ok {
+		// Under pressure, and no retransmission: not dialled (dials.go).
+		s.dialStopped(r, key, dialDeferred)
+		return
+	}
+	if v != nil {
 		stopDial(v)
 	}
 	// Also after a panic, the slot is not kept.
@@ -104,10 +110,14 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		// its next SYN retransmission tries again.
 		reason := classifyDial(err)
 		s.dials.fails[reason].Add(1)
+		if reason == dialFailRefused {
+			s.dials.destinationAnswered(dst.Addr(), s.now())
+		}
 		r.Complete(reason == dialFailRefused)
 		s.log.Debug("dial failed", "proto", "tcp", "src", src, "dst", dst, "reason", dialFailNames[reason], "err", err)
 		return
 	}
+	s.dials.destinationAnswered(dst.Addr(), s.now())
 	var wq waiter.Queue
 	if !s.dials.answered(d, &wq) {
 		up.Close()
@@ -152,19 +162,25 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	s.startRelay(key, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
 }
 
-// dialStopped ends the request of a pending dial that left the pool before
-// it connected. The client is told nothing: its SYN retransmission starts
-// over. An evicted dial's flow leaves the table with it, so a SYN flood
-// holds no more flows than dials; a cancelled one's flow has left already.
+// dialStopped ends the request of a dial that was deferred, or left the
+// pool before it connected. The client is told nothing: its SYN
+// retransmission starts over. The flow of a deferred or evicted dial
+// leaves the table with it, so a SYN flood holds no more flows than dials;
+// a cancelled one's flow has left already.
 func (s *Stack) dialStopped(r *tcp.ForwarderRequest, key filter.FlowKey, why dialEnd) {
 	r.Complete(false)
-	if why == dialEvicted {
-		s.dials.fails[dialFailEvicted].Add(1)
+	switch why {
+	case dialEvicted, dialDeferred:
+		reason := dialFailEvicted
+		if why == dialDeferred {
+			reason = dialFailDeferred
+		}
+		s.dials.fails[reason].Add(1)
 		s.eng.Count(filter.ReasonLimit)
 		s.eng.Forget(key)
-		return
+	default:
+		s.dials.fails[dialFailCancelled].Add(1)
 	}
-	s.dials.fails[dialFailCancelled].Add(1)
 }
 
 // recoverFlow, deferred by a flow's handler before its relay exists, turns
