@@ -596,7 +596,8 @@ func TestFloodSYN(t *testing.T) {
 
 // TestFloodBlackholeConnects opens thousands of non-blocking connects to a
 // host that never answers: dials are bounded by max_pending_dials and
-// dial_timeout, flows by max_flows_per_source.
+// dial_timeout, and so are flows (those of deferred and evicted dials
+// leave the table).
 func TestFloodBlackholeConnects(t *testing.T) {
 	e := newFloodEnv(t)
 	before := statsOf(t, e.cfg)
@@ -639,7 +640,9 @@ func TestFloodBlackholeConnects(t *testing.T) {
 	if after.Drops["limit"] <= before.Drops["limit"] {
 		t.Errorf("drops.limit did not move: %d -> %d", before.Drops["limit"], after.Drops["limit"])
 	}
-	// Past max_flows_per_source, connects are refused at once.
+	// Connects past the pending dials a source may hold are deferred or
+	// evicted, and their flows leave the table: the flood stays under
+	// max_flows_per_source, and none needs to be refused.
 	refused := 0
 	mu.Lock()
 	for _, fd := range fds {
@@ -651,9 +654,6 @@ func TestFloodBlackholeConnects(t *testing.T) {
 	t.Logf("%d of %d connects refused (flow limit)", refused, len(fds))
 	fds = nil
 	mu.Unlock()
-	if refused == 0 {
-		t.Errorf("no connect past max_flows_per_source was refused")
-	}
 	e.waitDrained(t, floodDialTimeout+floodHandshake+3*time.Second, 1)
 }
 

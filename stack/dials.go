@@ -32,9 +32,10 @@ import (
 // retransmission of a SYN deferred before. Any other SYN is deferred: not
 // dialled, remembered (deferred), and its flow leaves the table; a real
 // client retransmits it after its initial RTO (1 s on Linux) and that one
-// is dialled. A flood of SYNs to silent addresses thus costs a table
-// lookup each, not a socket, and connections to servers in use are not
-// delayed at all.
+// is dialled. The decision is taken on the read loop, before gVisor's
+// forwarder starts a goroutine for the SYN (Stack.screenSYNs): a flood of
+// SYNs to silent addresses thus costs a table lookup each, not a goroutine
+// and a socket, and connections to servers in use are not delayed at all.
 //
 // An admitted SYN always gets a slot, made the way kernels prune a full SYN
 // queue: the oldest dial of its own source gives way when that source
@@ -57,8 +58,39 @@ type pendingDial struct {
 	// destination answered; waking it makes the handshake fail.
 	wq *waiter.Queue
 	// end says why the dial left the pool; dialPending while in it.
-	end       dialEnd
+	end dialEnd
+	// released is closed once its handler holds no socket for it any
+	// more (release), so that a newer dial that evicted it can wait for
+	// that and the pool bounds sockets, not just dials.
+	released chan struct{}
+	closed   bool // released is closed; the handler's own
+
 	age, srcQ dialLink // places in the pool's and the source's queues
+}
+
+// release says the handler holds no socket for d any more (or that the
+// relay owns it). Only d's handler calls it.
+func (d *pendingDial) release() {
+	if !d.closed {
+		d.closed = true
+		close(d.released)
+	}
+}
+
+// releaseWait bounds how long a dial waits for the socket of the dial it
+// evicted to be closed; that takes a goroutine switch, unless a wake-up was
+// missed (see stopDial).
+const releaseWait = time.Second
+
+// waitReleased waits until the handler of d, which was stopped, released
+// its socket, or releaseWait passed.
+func waitReleased(d *pendingDial) {
+	t := time.NewTimer(releaseWait)
+	defer t.Stop()
+	select {
+	case <-d.released:
+	case <-t.C:
+	}
 }
 
 // dialEnd is why a pending dial left the pool.
@@ -69,7 +101,6 @@ const (
 	dialDone              // its handler finished with it
 	dialEvicted           // it gave way to a newer SYN
 	dialCancelled         // its flow left the table
-	dialDeferred          // never admitted: see admit
 )
 
 type dialLink struct{ prev, next *pendingDial }
@@ -139,30 +170,44 @@ func newDialPool() *dialPool {
 	}
 }
 
-// admit adds d, whose SYN came at now, to the pool unless its source is
-// under pressure, its destination has not answered lately and the SYN is
-// not a retransmission of one deferred before: then it returns false. When d's source holds perSrc dials or the
-// pool holds total, it removes the dial that gives way and returns it; the
+// deferSYN reports whether the SYN of key, seen at now, is deferred: its
+// source is under pressure, its destination has not answered lately and it
+// is not the retransmission of a SYN deferred before. A deferred SYN is
+// remembered. It allocates nothing (but the table, once): the read loop
+// calls it.
+func (p *dialPool) deferSYN(key filter.FlowKey, total, perSrc int, now int64) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.byKey[key] != nil {
+		// A retransmission while its dial is pending: the forwarder
+		// ignores it.
+		return false
+	}
+	n, sources := 0, len(p.bySrc)
+	if q := p.bySrc[key.Src.Addr()]; q != nil {
+		n = q.n
+	} else {
+		sources++
+	}
+	if n < perSrc && (p.all.n < total || n+1 <= total/sources) {
+		return false
+	}
+	if p.answering.recall(key.Dst.Addr(), now, answerMemory, false) || p.deferred.recall(key, now, deferMemory, true) {
+		return false
+	}
+	p.deferred.remember(key, now)
+	return true
+}
+
+// admit adds d to the pool. When d's source holds perSrc dials or the pool
+// holds total, it removes the dial that gives way and returns it; the
 // caller stops it (stopDial) outside the pool's lock.
-func (p *dialPool) admit(d *pendingDial, total, perSrc int, now int64) (victim *pendingDial, ok bool) {
+func (p *dialPool) admit(d *pendingDial, total, perSrc int) (victim *pendingDial) {
 	src := d.key.Src.Addr()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	q := p.bySrc[src]
-	n := 0
-	if q != nil {
-		n = q.n
-	}
 	full := p.all.n >= total
-	sources := len(p.bySrc)
-	if q == nil {
-		sources++
-	}
-	if (n >= perSrc || full && n+1 > total/sources) && !p.answering.recall(d.key.Dst.Addr(), now, answerMemory, false) &&
-		!p.deferred.recall(d.key, now, deferMemory, true) {
-		p.deferred.remember(d.key, now)
-		return nil, false
-	}
 	if q == nil {
 		q = &dialQueue{}
 		p.bySrc[src] = q
@@ -192,7 +237,7 @@ func (p *dialPool) admit(d *pendingDial, total, perSrc int, now int64) (victim *
 	p.all.push(d, byAge)
 	q.push(d, bySource)
 	p.byKey[d.key] = d
-	return victim, true
+	return victim
 }
 
 // recentTable remembers keys for a while, in a fixed table (allocated at

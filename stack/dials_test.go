@@ -24,7 +24,13 @@ func TestDialPoolEviction(t *testing.T) {
 	p := newDialPool()
 	const total, perSrc = 8, 4
 	now := int64(time.Hour)
-	admit := func(d *pendingDial) (*pendingDial, bool) { return p.admit(d, total, perSrc, now) }
+	// As the read loop and handleTCP do: a SYN not deferred is admitted.
+	admit := func(d *pendingDial) (*pendingDial, bool) {
+		if p.deferSYN(d.key, total, perSrc, now) {
+			return nil, false
+		}
+		return p.admit(d, total, perSrc), true
+	}
 	var flood []*pendingDial
 	for i := range 4 {
 		d := testDial("10.0.0.2", uint16(1000+i))
@@ -114,5 +120,27 @@ func TestDeferredSYNsSurviveFlood(t *testing.T) {
 	t.Logf("%d of %d deferred SYNs forgotten after 10,000 others", lost, tries)
 	if lost > tries/50 {
 		t.Errorf("%d of %d deferred SYNs forgotten after 10,000 others", lost, tries)
+	}
+}
+
+// TestDeferSYNAllocs: deciding on a SYN allocates nothing once the tables
+// exist, as the read loop requires.
+func TestDeferSYNAllocs(t *testing.T) {
+	p := newDialPool()
+	for i := range 4 {
+		p.admit(testDial("10.0.0.2", uint16(i)), 8, 4)
+	}
+	key := testDial("10.0.0.2", 100).key
+	p.deferSYN(key, 8, 4, 0)
+	port := uint16(1000)
+	allocs := testing.AllocsPerRun(1000, func() {
+		port++
+		key.Src = netip.AddrPortFrom(key.Src.Addr(), port)
+		if !p.deferSYN(key, 8, 4, int64(port)) {
+			t.Fatal("SYN under pressure not deferred")
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("deferSYN allocates %.1f times per SYN", allocs)
 	}
 }

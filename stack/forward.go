@@ -15,6 +15,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 )
@@ -87,18 +88,17 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, timeout)
 	defer cancel()
-	d := &pendingDial{key: key, cancel: cancel}
-	v, ok := s.dials.admit(d, lim.MaxPendingDials, lim.MaxPendingDialsPerSource, s.now())
-	if !ok {
-		// Under pressure, and no retransmission: not dialled (dials.go).
-		s.dialStopped(r, key, dialDeferred)
-		return
-	}
-	if v != nil {
-		stopDial(v)
-	}
-	// Also after a panic, the slot is not kept.
+	d := &pendingDial{key: key, cancel: cancel, released: make(chan struct{})}
+	v := s.dials.admit(d, lim.MaxPendingDials, lim.MaxPendingDialsPerSource)
+	// Also after a panic, neither the slot nor the socket's release is
+	// kept; deferred calls run last first.
+	defer d.release()
 	defer s.dials.done(d)
+	if v != nil {
+		// The new socket is opened once the evicted one is closed.
+		stopDial(v)
+		waitReleased(v)
+	}
 	up, err := s.dialer.net.DialContext(ctx, "tcp", dst.String())
 	if err != nil {
 		if why := s.dials.done(d); why != dialDone {
@@ -156,31 +156,62 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	r.Complete(false)
+	d.release() // the relay owns the socket now
 	ep.SocketOptions().SetDelayOption(false)
 	// The relay has no goroutine of its own while idle: this one pumps the
 	// client's first bytes and ends when that direction is quiet.
 	s.startRelay(key, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
 }
 
-// dialStopped ends the request of a dial that was deferred, or left the
-// pool before it connected. The client is told nothing: its SYN
-// retransmission starts over. The flow of a deferred or evicted dial
-// leaves the table with it, so a SYN flood holds no more flows than dials;
-// a cancelled one's flow has left already.
+// dialStopped ends the request of a dial that left the pool before it
+// connected. The client is told nothing: its SYN retransmission starts
+// over. An evicted dial's flow leaves the table with it, so a SYN flood
+// holds no more flows than dials; a cancelled one's flow has left already.
 func (s *Stack) dialStopped(r *tcp.ForwarderRequest, key filter.FlowKey, why dialEnd) {
 	r.Complete(false)
-	switch why {
-	case dialEvicted, dialDeferred:
-		reason := dialFailEvicted
-		if why == dialDeferred {
-			reason = dialFailDeferred
-		}
-		s.dials.fails[reason].Add(1)
+	if why == dialEvicted {
+		s.dials.fails[dialFailEvicted].Add(1)
 		s.eng.Count(filter.ReasonLimit)
 		s.eng.Forget(key)
-	default:
-		s.dials.fails[dialFailCancelled].Add(1)
+		return
 	}
+	s.dials.fails[dialFailCancelled].Add(1)
+}
+
+// screenSYNs wraps the TCP forwarder's packet handler, which gVisor calls on
+// the read loop for each TCP segment no endpoint takes: a SYN the pool
+// defers (dials.go) is dropped there, counted as a limit drop, and its flow
+// leaves the table, before the forwarder starts a goroutine and a request
+// for it. Under a SYN flood that is most of them. It allocates nothing.
+func (s *Stack) screenSYNs(fwd func(stack.TransportEndpointID, *stack.PacketBuffer) bool) func(stack.TransportEndpointID, *stack.PacketBuffer) bool {
+	return func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+		h := header.TCP(pkt.TransportHeader().Slice())
+		if len(h) < header.TCPMinimumSize || h.Flags()&(header.TCPFlagSyn|header.TCPFlagAck) != header.TCPFlagSyn {
+			return fwd(id, pkt)
+		}
+		key := filter.FlowKey{
+			Proto: uint8(header.TCPProtocolNumber),
+			Src:   netip.AddrPortFrom(addrOf(id.RemoteAddress), id.RemotePort),
+			Dst:   netip.AddrPortFrom(addrOf(id.LocalAddress), id.LocalPort),
+		}
+		lim := s.eng.Limits()
+		if !s.dials.deferSYN(key, lim.MaxPendingDials, lim.MaxPendingDialsPerSource, s.now()) {
+			return fwd(id, pkt)
+		}
+		s.dials.fails[dialFailDeferred].Add(1)
+		s.eng.Count(filter.ReasonLimit)
+		s.eng.Forget(key)
+		return true
+	}
+}
+
+// addrOf converts a gVisor address without allocating (addrFromTCPIP's
+// AsSlice does).
+func addrOf(a tcpip.Address) netip.Addr {
+	if a.Len() == 4 {
+		return netip.AddrFrom4(a.As4())
+	}
+	return netip.AddrFrom16(a.As16())
 }
 
 // recoverFlow, deferred by a flow's handler before its relay exists, turns

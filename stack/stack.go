@@ -224,7 +224,7 @@ func (s *Stack) setup(c Config) error {
 		return fmt.Errorf("set TIME_WAIT timeout: %s", err)
 	}
 	tcpFwd := tcp.NewForwarder(s.ns, c.ReceiveBuffer, maxInFlightDials, s.handleTCP)
-	s.ns.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
+	s.ns.SetTransportProtocolHandler(tcp.ProtocolNumber, s.screenSYNs(tcpFwd.HandlePacket))
 	return nil
 }
 
