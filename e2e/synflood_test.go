@@ -11,6 +11,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -164,6 +165,22 @@ func cpuSeconds(t *testing.T, pid int) float64 {
 	return (utime + stime) / 100 // USER_HZ
 }
 
+// dialFailures returns tunfw's count of failed TCP dials by reason.
+func dialFailures(t *testing.T, cfg string) map[string]uint64 {
+	t.Helper()
+	out, errOut, code := ctl(t, cfg, "stats", "--json")
+	if code != 0 {
+		t.Fatalf("tunfw stats: exit %d: %s", code, errOut)
+	}
+	var st struct {
+		DialFailures map[string]uint64 `json:"dial_failures"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("stats --json: %v\n%s", err, out)
+	}
+	return st.DialFailures
+}
+
 var hpingSent = regexp.MustCompile(`(\d+) packets transmitted`)
 
 // TestSYNFloodFairness floods SYNs at about 10,000 a second from a client
@@ -192,7 +209,8 @@ func TestSYNFloodFairness(t *testing.T) {
 	netnstest.Link(t, host, lanIf, []string{"10.98.0.1/24"}, client, cliIf, []string{flooder.String() + "/24", other.String() + "/24"})
 	client.Run(t, "ip", "route", "add", "default", "via", "10.98.0.1")
 	host.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-	fw := startTunfw(t, host, writeConfig(t, fmt.Sprintf(synFloodConfig, lanIf)), "--log-level", "info")
+	cfg := writeConfig(t, fmt.Sprintf(synFloodConfig, lanIf))
+	fw := startTunfw(t, host, cfg, "--log-level", "info")
 	pid := fw.cmd.Process.Pid
 	url := "http://" + hostPort(svc, 8080) + "/bulk"
 	echo, freshEcho := hostPort(svc, 9300), hostPort(fresh, 9300)
@@ -298,6 +316,11 @@ func TestSYNFloodFairness(t *testing.T) {
 		"slowest new connection %v to the server in use, %v to a new one; tunfw sockets %d before, peak %d during the flood; CPU (cores) of the flood alone: tunfw %.2f, hping3 %.2f; tunfw during the downloads %.2f",
 		sent, floodFor.Round(time.Millisecond), rate, unloaded/1e6, loaded/1e6, ratio, dlConnect.Round(time.Millisecond),
 		worst.Round(time.Millisecond), worstFresh.Round(time.Millisecond), baseSockets, peakFlood, floodCPU, hpingCPU, cpu)
+	fails := dialFailures(t, cfg)
+	t.Logf("dial failures: %v", fails)
+	if fails["deferred"] == 0 {
+		t.Errorf("no SYN of the flood was deferred: %v", fails)
+	}
 	if rate < 4000 {
 		t.Errorf("hping3 sent only %.0f SYN/s, the test wants about 10,000:\n%s", rate, hout.String())
 	}
@@ -389,5 +412,8 @@ dial_timeout = "30s"
 		base, peak(), n, time.Since(gone).Round(time.Millisecond))
 	if n > base+slack {
 		t.Errorf("tunfw holds %d sockets 2s after the flows left the table, %d before them", n, base)
+	}
+	if fails := dialFailures(t, cfg); fails["cancelled"] == 0 {
+		t.Errorf("no pending dial was cancelled with its flow: %v", fails)
 	}
 }
