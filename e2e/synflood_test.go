@@ -321,7 +321,11 @@ func TestSYNFloodFairness(t *testing.T) {
 	if fails["deferred"] == 0 {
 		t.Errorf("no SYN of the flood was deferred: %v", fails)
 	}
-	if rate < 4000 {
+	// hping3 -i u50 sends about 10,000 a second on an idle machine, less
+	// when other tests take the CPU. Pressure does not depend on the rate
+	// (no dial of the flood is ever answered), the download's share of
+	// the CPU does: below 3,000 a second the test proves too little.
+	if rate < 3000 {
 		t.Errorf("hping3 sent only %.0f SYN/s, the test wants about 10,000:\n%s", rate, hout.String())
 	}
 	for _, e := range connectErrs {
