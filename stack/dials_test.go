@@ -6,6 +6,9 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
 func testDial(src string, port uint16) *pendingDial {
@@ -142,5 +145,44 @@ func TestDeferSYNAllocs(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Errorf("deferSYN allocates %.1f times per SYN", allocs)
+	}
+}
+
+// TestScreenSYNsAllocs: the read loop's screening of a SYN nobody takes
+// allocates nothing, whether it defers the SYN (a flood) or passes it on.
+func TestScreenSYNsAllocs(t *testing.T) {
+	rs, err := filter.Compile(filter.Options{}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &Stack{eng: filter.NewEngine(rs, filter.EngineOptions{MaxPendingDials: 8, MaxPendingDialsPerSource: 4}), dials: newDialPool()}
+	passed := 0
+	screen := s.screenSYNs(func(stack.TransportEndpointID, *stack.PacketBuffer) bool { passed++; return true })
+	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{ReserveHeaderBytes: header.TCPMinimumSize})
+	defer pb.DecRef()
+	header.TCP(pb.TransportHeader().Push(header.TCPMinimumSize)).Encode(&header.TCPFields{
+		SrcPort: 40000, DstPort: 80, DataOffset: header.TCPMinimumSize, Flags: header.TCPFlagSyn, WindowSize: 1000,
+	})
+	id := stack.TransportEndpointID{
+		LocalAddress: tcpip.AddrFrom4([4]byte{203, 0, 113, 99}), LocalPort: 80,
+		RemoteAddress: tcpip.AddrFrom4([4]byte{10, 0, 0, 2}), RemotePort: 40000,
+	}
+	screen(id, pb) // below the share: passed on
+	if passed != 1 {
+		t.Fatalf("a SYN without pressure was not passed on")
+	}
+	for i := range 4 {
+		s.dials.admit(testDial("10.0.0.2", uint16(i)), 8, 4)
+	}
+	screen(id, pb) // allocates the table of deferred SYNs, once
+	allocs := testing.AllocsPerRun(1000, func() {
+		id.RemotePort++
+		screen(id, pb)
+	})
+	if passed != 1 {
+		t.Errorf("%d SYNs under pressure were passed on, want none", passed-1)
+	}
+	if allocs != 0 {
+		t.Errorf("screening a SYN allocates %.1f times", allocs)
 	}
 }
