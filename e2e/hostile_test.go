@@ -583,9 +583,8 @@ func TestFloodSYN(t *testing.T) {
 	if len(socks) != 0 {
 		t.Errorf("tunfw still holds connections to the open port the flood hit, by state: %v", socks)
 	}
-	// Not asserted: whether a new connection gets through right after
-	// the flood (pending slots of spoofed handshakes are held while
-	// gVisor retransmits its SYN-ACK).
+	// A new connection right after the flood (during a flood it is
+	// asserted by TestSYNFloodFairness).
 	t0 := time.Now()
 	c, err := e.topo.Host.DialTimeout("tcp", hostPort(e.svc, 9300), 5*time.Second)
 	if err == nil {
@@ -596,7 +595,8 @@ func TestFloodSYN(t *testing.T) {
 
 // TestFloodBlackholeConnects opens thousands of non-blocking connects to a
 // host that never answers: dials are bounded by max_pending_dials and
-// dial_timeout, flows by max_flows_per_source.
+// dial_timeout, and so are flows (those of deferred and evicted dials
+// leave the table).
 func TestFloodBlackholeConnects(t *testing.T) {
 	e := newFloodEnv(t)
 	before := statsOf(t, e.cfg)
@@ -639,7 +639,9 @@ func TestFloodBlackholeConnects(t *testing.T) {
 	if after.Drops["limit"] <= before.Drops["limit"] {
 		t.Errorf("drops.limit did not move: %d -> %d", before.Drops["limit"], after.Drops["limit"])
 	}
-	// Past max_flows_per_source, connects are refused at once.
+	// Connects past the pending dials a source may hold are deferred or
+	// evicted, and their flows leave the table: the flood stays under
+	// max_flows_per_source, and none needs to be refused.
 	refused := 0
 	mu.Lock()
 	for _, fd := range fds {
@@ -651,9 +653,6 @@ func TestFloodBlackholeConnects(t *testing.T) {
 	t.Logf("%d of %d connects refused (flow limit)", refused, len(fds))
 	fds = nil
 	mu.Unlock()
-	if refused == 0 {
-		t.Errorf("no connect past max_flows_per_source was refused")
-	}
 	e.waitDrained(t, floodDialTimeout+floodHandshake+3*time.Second, 1)
 }
 

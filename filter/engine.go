@@ -113,6 +113,8 @@ type EngineOptions struct {
 	// them with Limits; defaults 30s and 1024.
 	DialTimeout     time.Duration
 	MaxPendingDials int
+	// MaxPendingDialsPerSource is kept for the stack too; default 256.
+	MaxPendingDialsPerSource int
 	// LocalAddrs are the TUN's own addresses: a packet read from the TUN
 	// that is addressed to one of them is dropped as malformed.
 	LocalAddrs []netip.Addr
@@ -125,6 +127,7 @@ func (l EngineLimits) Options(log *slog.Logger) EngineOptions {
 		TCPHandshake: l.TCPHandshake, TCPIdle: l.TCPIdle, TCPClosing: l.TCPClosing,
 		UDPIdle: l.UDPIdle, ICMPIdle: l.ICMPIdle,
 		DialTimeout: l.DialTimeout, MaxPendingDials: l.MaxPendingDials,
+		MaxPendingDialsPerSource: l.MaxPendingDialsPerSource,
 	}
 }
 
@@ -248,6 +251,7 @@ func NewEngine(rs *Ruleset, opts EngineOptions) *Engine {
 		},
 		MaxFlows: opts.MaxFlows, MaxFlowsPerSource: opts.MaxFlowsPerSource, LogRate: opts.LogRate,
 		DialTimeout: opts.DialTimeout, MaxPendingDials: opts.MaxPendingDials,
+		MaxPendingDialsPerSource: opts.MaxPendingDialsPerSource,
 	})
 	e.rules.Store(rs)
 	return e

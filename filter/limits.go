@@ -28,6 +28,9 @@ type Limits struct {
 	// MaxPendingDials bounds the TCP connections being set up (destination
 	// dialled, client handshake not complete).
 	MaxPendingDials int `toml:"max_pending_dials"`
+	// MaxPendingDialsPerSource bounds the TCP connections one client
+	// address is setting up; past it the source's oldest one gives way.
+	MaxPendingDialsPerSource int `toml:"max_pending_dials_per_source"`
 }
 
 // Default limits.
@@ -35,7 +38,11 @@ const (
 	DefaultMaxFlows        = 262144
 	DefaultLogRate         = 100
 	DefaultMaxPendingDials = 1024
-	DefaultDialTimeout     = 30 * time.Second
+	// DefaultMaxPendingDialsPerSource lets one client hold a quarter of
+	// the default pool: far more than a browser opens at once, and a SYN
+	// flood from one address leaves the rest to the others.
+	DefaultMaxPendingDialsPerSource = 256
+	DefaultDialTimeout              = 30 * time.Second
 	// MaxPendingDialsCap is the largest max_pending_dials: the stack's
 	// fixed bound on connection requests in flight.
 	MaxPendingDialsCap = 65536
@@ -72,6 +79,9 @@ type EngineLimits struct {
 	LogRate           int
 	DialTimeout       time.Duration // one attempt to reach a TCP destination
 	MaxPendingDials   int           // TCP connections being set up
+	// MaxPendingDialsPerSource bounds those of one client address; at
+	// most MaxPendingDials.
+	MaxPendingDialsPerSource int
 }
 
 // Validate checks the section and fills in defaults. It reports every
@@ -79,7 +89,8 @@ type EngineLimits struct {
 func (l Limits) Validate() (EngineLimits, error) {
 	var errs []error
 	out := EngineLimits{Timeouts: DefaultTimeouts(), MaxFlows: l.MaxFlows, LogRate: l.LogRate,
-		DialTimeout: DefaultDialTimeout, MaxPendingDials: l.MaxPendingDials}
+		DialTimeout: DefaultDialTimeout, MaxPendingDials: l.MaxPendingDials,
+		MaxPendingDialsPerSource: l.MaxPendingDialsPerSource}
 	dur := func(key, s string, d *time.Duration) {
 		if s == "" {
 			return
@@ -123,6 +134,13 @@ func (l Limits) Validate() (EngineLimits, error) {
 	if out.MaxPendingDials < 0 || out.MaxPendingDials > MaxPendingDialsCap {
 		errs = append(errs, config.Errorf("limits.max_pending_dials", "%d is not in 1-%d", l.MaxPendingDials, MaxPendingDialsCap))
 	}
+	if out.MaxPendingDialsPerSource == 0 {
+		out.MaxPendingDialsPerSource = DefaultMaxPendingDialsPerSource
+	}
+	if out.MaxPendingDialsPerSource < 0 || out.MaxPendingDialsPerSource > MaxPendingDialsCap {
+		errs = append(errs, config.Errorf("limits.max_pending_dials_per_source", "%d is not in 1-%d", l.MaxPendingDialsPerSource, MaxPendingDialsCap))
+	}
+	out.MaxPendingDialsPerSource = min(out.MaxPendingDialsPerSource, out.MaxPendingDials)
 	return out, errors.Join(errs...)
 }
 
@@ -155,11 +173,15 @@ func (l EngineLimits) withDefaults() EngineLimits {
 		l.MaxPendingDials = DefaultMaxPendingDials
 	}
 	l.MaxPendingDials = min(l.MaxPendingDials, MaxPendingDialsCap)
+	if l.MaxPendingDialsPerSource <= 0 {
+		l.MaxPendingDialsPerSource = DefaultMaxPendingDialsPerSource
+	}
+	l.MaxPendingDialsPerSource = min(l.MaxPendingDialsPerSource, l.MaxPendingDials)
 	return l
 }
 
 // String summarises the limits for logs.
 func (l EngineLimits) String() string {
-	return fmt.Sprintf("max_flows=%d max_flows_per_source=%d tcp_handshake=%v tcp_idle=%v tcp_closing=%v udp_idle=%v icmp_idle=%v log_rate=%d/s dial_timeout=%v max_pending_dials=%d",
-		l.MaxFlows, l.MaxFlowsPerSource, l.TCPHandshake, l.TCPIdle, l.TCPClosing, l.UDPIdle, l.ICMPIdle, l.LogRate, l.DialTimeout, l.MaxPendingDials)
+	return fmt.Sprintf("max_flows=%d max_flows_per_source=%d tcp_handshake=%v tcp_idle=%v tcp_closing=%v udp_idle=%v icmp_idle=%v log_rate=%d/s dial_timeout=%v max_pending_dials=%d max_pending_dials_per_source=%d",
+		l.MaxFlows, l.MaxFlowsPerSource, l.TCPHandshake, l.TCPIdle, l.TCPClosing, l.UDPIdle, l.ICMPIdle, l.LogRate, l.DialTimeout, l.MaxPendingDials, l.MaxPendingDialsPerSource)
 }

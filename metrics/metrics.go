@@ -48,6 +48,10 @@ type Source struct {
 	TUNErrors func() (read, write uint64)
 	// ControlRefused returns control requests refused so far.
 	ControlRefused func() uint64
+	// DialFailures returns TCP dials that did not connect, by reason;
+	// PendingDials the TCP connections being set up.
+	DialFailures func() map[string]uint64
+	PendingDials func() int
 }
 
 type collector struct {
@@ -56,6 +60,7 @@ type collector struct {
 	flows, flowsCreated, packets, drops, bytes         *prometheus.Desc
 	ruleFlows, rulePackets, ruleBytes, reloads, tunErr *prometheus.Desc
 	controlRefused                                     *prometheus.Desc
+	dialFailures, pendingDials                         *prometheus.Desc
 }
 
 func newCollector(src Source) *collector {
@@ -75,6 +80,8 @@ func newCollector(src Source) *collector {
 		reloads:        d("reloads_total", "Config reloads by result.", "result"),
 		tunErr:         d("tun_errors_total", "Failed TUN device operations.", "op"),
 		controlRefused: d("control_refused_total", "Control socket requests refused (bad request or not root)."),
+		dialFailures:   d("dial_failures_total", "TCP dials that did not connect, by reason (refused, timeout, unreachable, descriptors, evicted, deferred, cancelled, other).", "reason"),
+		pendingDials:   d("pending_dials", "TCP connections being set up (destination dialled, client handshake not complete)."),
 	}
 }
 
@@ -124,6 +131,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.src.ControlRefused != nil {
 		counter(c.controlRefused, c.src.ControlRefused())
+	}
+	if c.src.DialFailures != nil {
+		for r, n := range c.src.DialFailures() {
+			counter(c.dialFailures, n, r)
+		}
+	}
+	if c.src.PendingDials != nil {
+		gauge(c.pendingDials, float64(c.src.PendingDials()))
 	}
 }
 

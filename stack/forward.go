@@ -15,6 +15,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 )
@@ -70,7 +71,10 @@ func (d *dialer) control(network, _ string, c syscall.RawConn) error {
 
 // handleTCP is called by gVisor's forwarder, in a goroutine of its own, for
 // each SYN of a flow the filter allowed. The real destination is dialled
-// first; the client's handshake completes only if it answers.
+// first; the client's handshake completes only if it answers. From the SYN
+// until the client's handshake completed the connection is pending, in the
+// pool of dials (dials.go), which bounds what a SYN flood holds and lets a
+// new SYN evict a dial nobody answered.
 func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	dst := netip.AddrPortFrom(addrFromTCPIP(id.LocalAddress), id.LocalPort)
@@ -80,8 +84,8 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	// This connection's identity in the flow table: the relay releases
 	// the flow by it, and so does every way out below that resets the
 	// client, so a refused connection leaves the table at once. Where the
-	// client is told nothing (dial timeout, too many pending dials) the
-	// flow stays for its retransmitted SYN until tcp_handshake.
+	// client is told nothing (dial timeout) the flow stays for its
+	// retransmitted SYN until tcp_handshake.
 	flow := filter.FlowRef{Key: key, ID: s.eng.Claim(key)}
 	if flow.ID == 0 {
 		// The flow left the table (expired, released) before gVisor
@@ -89,59 +93,76 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		r.Complete(true)
 		return
 	}
-	// A connection is pending from its SYN until the client completed its
-	// handshake: past max_pending_dials the SYN is dropped and counted
-	// as a limit drop (the client retries), so a SYN flood holds a
-	// bounded number of goroutines and real sockets.
 	lim := s.eng.Limits()
-	if s.pendingDials.Add(1) > int64(lim.MaxPendingDials) {
-		s.pendingDials.Add(-1)
-		s.eng.Count(filter.ReasonLimit)
-		r.Complete(false)
-		return
-	}
-	pending := true
-	release := func() {
-		if pending {
-			pending = false
-			s.pendingDials.Add(-1)
-		}
-	}
-	defer release()
 	timeout := s.dialTimeout
 	if timeout == 0 {
 		timeout = lim.DialTimeout
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, timeout)
+	defer cancel()
+	d := &pendingDial{key: key, id: flow.ID, cancel: cancel, released: make(chan struct{})}
+	v := s.dials.admit(d, lim.MaxPendingDials, lim.MaxPendingDialsPerSource)
+	// Also after a panic, neither the slot nor the socket's release is
+	// kept; deferred calls run last first.
+	defer d.release()
+	defer s.dials.done(d)
+	if v != nil {
+		// The new socket is opened once the evicted one is closed.
+		stopDial(v)
+		waitReleased(v)
+	}
 	up, err := s.dialer.net.DialContext(ctx, "tcp", dst.String())
-	cancel()
 	if err != nil {
+		if why := s.dials.done(d); why != dialDone {
+			s.dialStopped(r, flow, why)
+			return
+		}
 		// Refused: the client sees a RST. Anything else (timeout,
 		// unreachable): it sees nothing, as it would on a real path, and
 		// its next SYN retransmission tries again.
-		refused := errors.Is(err, syscall.ECONNREFUSED)
-		r.Complete(refused)
-		if refused {
+		reason := classifyDial(err)
+		s.dials.fails[reason].Add(1)
+		if reason == dialFailRefused {
+			s.dials.destinationAnswered(dst.Addr(), s.now())
+		}
+		r.Complete(reason == dialFailRefused)
+		if reason == dialFailRefused {
 			s.eng.Release(flow, s.now())
 		}
-		s.log.Debug("dial failed", "proto", "tcp", "src", src, "dst", dst, "refused", refused, "err", err)
+		s.log.Debug("dial failed", "proto", "tcp", "src", src, "dst", dst, "reason", dialFailNames[reason], "err", err)
+		return
+	}
+	s.dials.destinationAnswered(dst.Addr(), s.now())
+	var wq waiter.Queue
+	if !s.dials.answered(d, &wq) {
+		up.Close()
+		s.dialStopped(r, flow, s.dials.done(d))
 		return
 	}
 	// gVisor waits for the client's handshake for up to about two minutes
-	// of SYN-ACK retransmissions (a spoofed SYN never completes): the
-	// real connection is not held open that long.
-	holdUp := time.AfterFunc(timeout, func() { up.Close() })
-	var wq waiter.Queue
-	ep, terr := r.CreateEndpoint(&wq)
-	if terr != nil {
-		// The client gave up meanwhile, or its SYN was bad.
-		holdUp.Stop()
-		r.Complete(true)
+	// of SYN-ACK retransmissions (a spoofed SYN never completes): neither
+	// the real connection nor that wait is held that long.
+	holdUp := time.AfterFunc(timeout, func() {
 		up.Close()
+		wq.Notify(waiter.WritableEvents)
+	})
+	ep, terr := r.CreateEndpoint(&wq)
+	why := s.dials.done(d)
+	if terr != nil {
+		holdUp.Stop()
+		up.Close()
+		if why != dialDone {
+			s.dialStopped(r, flow, why)
+			return
+		}
+		// The client gave up meanwhile, or its SYN was bad.
+		r.Complete(true)
 		s.eng.Release(flow, s.now())
 		s.log.Debug("create endpoint", "src", src, "dst", dst, "err", terr)
 		return
 	}
+	// A dial evicted or cancelled just as the handshake completed goes
+	// on: the connection is up.
 	if !holdUp.Stop() {
 		// The client completed its handshake after the real
 		// connection was given up: it gets a RST.
@@ -152,11 +173,62 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	r.Complete(false)
-	release()
+	d.release() // the relay owns the socket now
 	ep.SocketOptions().SetDelayOption(false)
 	// The relay has no goroutine of its own while idle: this one pumps the
 	// client's first bytes and ends when that direction is quiet.
 	s.startRelay(flow, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
+}
+
+// dialStopped ends the request of a dial that left the pool before it
+// connected. The client is told nothing: its SYN retransmission starts
+// over. An evicted dial's flow leaves the table with it, so a SYN flood
+// holds no more flows than dials; a cancelled one's flow has left already.
+func (s *Stack) dialStopped(r *tcp.ForwarderRequest, flow filter.FlowRef, why dialEnd) {
+	r.Complete(false)
+	if why == dialEvicted {
+		s.dials.fails[dialFailEvicted].Add(1)
+		s.eng.Count(filter.ReasonLimit)
+		s.eng.Release(flow, s.now())
+		return
+	}
+	s.dials.fails[dialFailCancelled].Add(1)
+}
+
+// screenSYNs wraps the TCP forwarder's packet handler, which gVisor calls on
+// the read loop for each TCP segment no endpoint takes: a SYN the pool
+// defers (dials.go) is dropped there, counted as a limit drop, and its flow
+// leaves the table, before the forwarder starts a goroutine and a request
+// for it. Under a SYN flood that is most of them. It allocates nothing.
+func (s *Stack) screenSYNs(fwd func(stack.TransportEndpointID, *stack.PacketBuffer) bool) func(stack.TransportEndpointID, *stack.PacketBuffer) bool {
+	return func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+		h := header.TCP(pkt.TransportHeader().Slice())
+		if len(h) < header.TCPMinimumSize || h.Flags()&(header.TCPFlagSyn|header.TCPFlagAck) != header.TCPFlagSyn {
+			return fwd(id, pkt)
+		}
+		key := filter.FlowKey{
+			Proto: uint8(header.TCPProtocolNumber),
+			Src:   netip.AddrPortFrom(addrOf(id.RemoteAddress), id.RemotePort),
+			Dst:   netip.AddrPortFrom(addrOf(id.LocalAddress), id.LocalPort),
+		}
+		lim := s.eng.Limits()
+		if !s.dials.deferSYN(key, lim.MaxPendingDials, lim.MaxPendingDialsPerSource, s.now()) {
+			return fwd(id, pkt)
+		}
+		s.dials.fails[dialFailDeferred].Add(1)
+		s.eng.Count(filter.ReasonLimit)
+		s.eng.Forget(key)
+		return true
+	}
+}
+
+// addrOf converts a gVisor address without allocating (addrFromTCPIP's
+// AsSlice does).
+func addrOf(a tcpip.Address) netip.Addr {
+	if a.Len() == 4 {
+		return netip.AddrFrom4(a.As4())
+	}
+	return netip.AddrFrom16(a.As16())
 }
 
 // recoverFlow, deferred by a flow's handler before its relay exists, turns
@@ -211,13 +283,14 @@ func (s *Stack) untrackFlow(r filter.FlowRef) {
 
 // CloseFlows ends the relays of the given flows, as when a reload's recheck
 // cut them or they expired: a TCP client gets a RST, a UDP flow's socket is
-// closed. A flow whose key now names a newer flow is left alone. For a TCP
+// closed, a TCP connection still being set up is abandoned silently. A flow whose key now names a newer flow is left alone. For a TCP
 // flow the recheck cut, the client first gets a RST with the sequence
 // number it acknowledged last (the engine's BuildCutReset), which it
 // accepts even when its receive window is closed; the stack's own RST, sent
 // when the relay aborts, carries the stack's send sequence and would be
 // ignored then. It returns how many relays it ended.
 func (s *Stack) CloseFlows(refs []filter.FlowRef) int {
+	s.dials.cancelFlows(refs)
 	var fns []func()
 	var rst []byte
 	for _, r := range refs {

@@ -24,6 +24,7 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 		log:   slog.New(slog.NewTextHandler(&logs, nil)),
 		eng:   filter.NewEngine(rs, filter.EngineOptions{}),
 		conns: make(map[filter.FlowKey]tracked),
+		dials: newDialPool(),
 	}
 	bad := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1000"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
 	good := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1001"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}

@@ -81,9 +81,9 @@ type Stack struct {
 
 	dialTimeout time.Duration // 0: the engine's limits
 
-	// pendingDials counts TCP connections between SYN and the client's
-	// completed handshake (max_pending_dials).
-	pendingDials atomic.Int64
+	// dials are the TCP connections between SYN and the client's
+	// completed handshake (dials.go).
+	dials *dialPool
 
 	// writeErrors and readErrors count failed TUN operations; panics counts
 	// flow handlers that panicked (see recoverFlow).
@@ -131,6 +131,7 @@ func New(o Options) (*Stack, error) {
 		dialer:      newDialer(o.Outbound),
 		epoch:       time.Now(),
 		dialTimeout: o.DialTimeout,
+		dials:       newDialPool(),
 		conns:       make(map[filter.FlowKey]tracked),
 		udpFlows:    make(map[filter.FlowKey]*udpFlow),
 		ctx:         ctx,
@@ -223,7 +224,7 @@ func (s *Stack) setup(c Config) error {
 		return fmt.Errorf("set TIME_WAIT timeout: %s", err)
 	}
 	tcpFwd := tcp.NewForwarder(s.ns, c.ReceiveBuffer, maxInFlightDials, s.handleTCP)
-	s.ns.SetTransportProtocolHandler(tcp.ProtocolNumber, tcpFwd.HandlePacket)
+	s.ns.SetTransportProtocolHandler(tcp.ProtocolNumber, s.screenSYNs(tcpFwd.HandlePacket))
 	return nil
 }
 

@@ -212,6 +212,20 @@ func printStats(w io.Writer, data []byte) int {
 	}
 	fmt.Fprintf(w, "\ntun errors: read %d, write %d; control requests refused %d\n", s.TUNReadErrs, s.TUNWriteErrs, s.ControlRefuse)
 	fmt.Fprintf(w, "relayed UDP datagrams dropped on a full queue %d; flow handlers recovered from a panic %d\n", s.UDPQueueDrops, s.FlowPanics)
+	fmt.Fprintf(w, "TCP dials pending %d; failed", s.PendingDials)
+	failures := make([]string, 0, len(s.DialFailures))
+	for r := range s.DialFailures {
+		failures = append(failures, r)
+	}
+	sort.Strings(failures)
+	for i, r := range failures {
+		sep := ","
+		if i == 0 {
+			sep = ""
+		}
+		fmt.Fprintf(w, "%s %s %d", sep, r, s.DialFailures[r])
+	}
+	fmt.Fprintln(w)
 	return 0
 }
 

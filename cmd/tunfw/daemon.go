@@ -189,6 +189,10 @@ type statsInfo struct {
 	ControlRefuse uint64            `json:"control_refused"`
 	UDPQueueDrops uint64            `json:"udp_queue_drops"`
 	FlowPanics    uint64            `json:"flow_panics"`
+	// PendingDials are the TCP connections being set up; DialFailures
+	// counts the dials that did not connect, by reason.
+	PendingDials int               `json:"pending_dials"`
+	DialFailures map[string]uint64 `json:"dial_failures"`
 }
 
 // flowsArgs filters `tunfw flows`.
@@ -269,6 +273,7 @@ func (d *daemon) stats() statsInfo {
 		Forwarded: c.Forwarded, Replies: c.Replies, BytesIn: c.BytesIn, BytesOut: c.BytesOut,
 		FlowsCreated: c.FlowsCreated, TUNReadErrs: r, TUNWriteErrs: w, ControlRefuse: d.ctrl.Refused(),
 		UDPQueueDrops: d.st.UDPWriteDrops(), FlowPanics: d.st.Panics(),
+		PendingDials: d.st.PendingDials(), DialFailures: d.st.DialFailures(),
 	}
 }
 
@@ -341,6 +346,8 @@ func (d *daemon) serve(ctx context.Context, eng *filter.Engine, st *stack.Stack,
 			Reloads:        func() (uint64, uint64) { return d.reloadsOK.Load(), d.reloadsFailed.Load() },
 			TUNErrors:      st.TUNErrors,
 			ControlRefused: d.ctrl.Refused,
+			DialFailures:   st.DialFailures,
+			PendingDials:   st.PendingDials,
 		}, d.log)
 	}
 	hup := make(chan os.Signal, 1)
