@@ -48,6 +48,9 @@ type Source struct {
 	TUNErrors func() (read, write uint64)
 	// ControlRefused returns control requests refused so far.
 	ControlRefused func() uint64
+	// StackDrops returns the packets the stack dropped after the engine
+	// let them through, by reason.
+	StackDrops func() map[string]uint64
 }
 
 type collector struct {
@@ -55,7 +58,7 @@ type collector struct {
 
 	flows, flowsCreated, packets, drops, bytes         *prometheus.Desc
 	ruleFlows, rulePackets, ruleBytes, reloads, tunErr *prometheus.Desc
-	controlRefused                                     *prometheus.Desc
+	controlRefused, stackDrops                         *prometheus.Desc
 }
 
 func newCollector(src Source) *collector {
@@ -75,6 +78,7 @@ func newCollector(src Source) *collector {
 		reloads:        d("reloads_total", "Config reloads by result.", "result"),
 		tunErr:         d("tun_errors_total", "Failed TUN device operations.", "op"),
 		controlRefused: d("control_refused_total", "Control socket requests refused (bad request or not root)."),
+		stackDrops:     d("stack_drops_total", "Packets the stack dropped after the filter let them through, by reason (no echo identifier, a client's share of flows used up, full socket buffer...).", "reason"),
 	}
 }
 
@@ -124,6 +128,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.src.ControlRefused != nil {
 		counter(c.controlRefused, c.src.ControlRefused())
+	}
+	if c.src.StackDrops != nil {
+		for r, v := range c.src.StackDrops() {
+			counter(c.stackDrops, v, r)
+		}
 	}
 }
 

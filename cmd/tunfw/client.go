@@ -193,5 +193,19 @@ func printStats(w io.Writer, data []byte) int {
 	}
 	fmt.Fprintf(w, "\ntun errors: read %d, write %d; control requests refused %d\n", s.TUNReadErrs, s.TUNWriteErrs, s.ControlRefuse)
 	fmt.Fprintf(w, "relayed UDP datagrams dropped on a full queue %d; flow handlers recovered from a panic %d\n", s.UDPQueueDrops, s.FlowPanics)
+	stackReasons := make([]string, 0, len(s.StackDrops))
+	for r := range s.StackDrops {
+		stackReasons = append(stackReasons, r)
+	}
+	sort.Strings(stackReasons)
+	fmt.Fprint(w, "dropped by the stack")
+	for i, r := range stackReasons {
+		sep := ","
+		if i == 0 {
+			sep = ""
+		}
+		fmt.Fprintf(w, "%s %s %d", sep, r, s.StackDrops[r])
+	}
+	fmt.Fprintln(w)
 	return 0
 }

@@ -163,6 +163,9 @@ type statsInfo struct {
 	ControlRefuse uint64            `json:"control_refused"`
 	UDPQueueDrops uint64            `json:"udp_queue_drops"`
 	FlowPanics    uint64            `json:"flow_panics"`
+	// StackDrops counts packets the stack dropped after the engine let
+	// them through, by reason (stack.Stack.Drops).
+	StackDrops map[string]uint64 `json:"stack_drops"`
 }
 
 // flowsArgs filters `tunfw flows`.
@@ -237,6 +240,7 @@ func (d *daemon) stats() statsInfo {
 		Forwarded: c.Forwarded, Replies: c.Replies, BytesIn: c.BytesIn, BytesOut: c.BytesOut,
 		FlowsCreated: c.FlowsCreated, TUNReadErrs: r, TUNWriteErrs: w, ControlRefuse: d.ctrl.Refused(),
 		UDPQueueDrops: d.st.UDPWriteDrops(), FlowPanics: d.st.Panics(),
+		StackDrops: d.st.Drops(),
 	}
 }
 
@@ -309,6 +313,7 @@ func (d *daemon) serve(ctx context.Context, eng *filter.Engine, st *stack.Stack,
 			Reloads:        func() (uint64, uint64) { return d.reloadsOK.Load(), d.reloadsFailed.Load() },
 			TUNErrors:      st.TUNErrors,
 			ControlRefused: d.ctrl.Refused,
+			StackDrops:     st.Drops,
 		}, d.log)
 	}
 	hup := make(chan os.Signal, 1)
