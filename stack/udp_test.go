@@ -2,6 +2,8 @@ package stack
 
 import (
 	"bytes"
+	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"syscall"
@@ -182,4 +184,109 @@ func loopbackUDP(t *testing.T) (srv, c *net.UDPConn, raw syscall.RawConn) {
 		t.Fatal(err)
 	}
 	return srv, c, raw
+}
+
+// udpPacket builds an IPv4 UDP packet and its description.
+func udpPacket(t *testing.T, src, dst netip.AddrPort, payload []byte) ([]byte, filter.Packet) {
+	t.Helper()
+	pkt := make([]byte, header.IPv4MinimumSize+header.UDPMinimumSize+len(payload))
+	copy(pkt[header.IPv4MinimumSize+header.UDPMinimumSize:], payload)
+	// A reply from dst to src, reversed, is the same packet shape.
+	buildUDPReply(pkt, filter.FlowKey{Proto: filter.ProtoUDP, Src: dst, Dst: src})
+	var p filter.Packet
+	if err := filter.ParsePacket(pkt, &p); err != nil {
+		t.Fatal(err)
+	}
+	return pkt, p
+}
+
+// TestUDPFlowOpensOffTheReadLoop runs UDP flows to a loopback server as
+// the read loop does: a new flow's datagrams wait while an opener makes its
+// socket, then reach the server in order; later datagrams go straight out
+// without allocating; a client past its share of UDP flows is refused and
+// counted; a flow that leaves the table has its socket closed at once.
+func TestUDPFlowOpensOffTheReadLoop(t *testing.T) {
+	srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	rs, err := filter.Compile(filter.Options{}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eng := filter.NewEngine(rs, filter.EngineOptions{})
+	s, err := New(Options{MTU: 1500, Engine: eng, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), MaxUDPFlowsPerSource: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	dst := srv.LocalAddr().(*net.UDPAddr).AddrPort()
+	client := netip.MustParseAddr("10.1.1.1")
+	// The engine would not forward to loopback: the datagrams go to the
+	// stack directly.
+	send := func(port uint16, payload string) {
+		pkt, p := udpPacket(t, netip.AddrPortFrom(client, port), dst, []byte(payload))
+		s.forwardUDP(&p, pkt, s.now())
+		s.flushUDP()
+	}
+	recv := func(want string) {
+		t.Helper()
+		buf := make([]byte, 100)
+		srv.SetReadDeadline(time.Now().Add(2 * time.Second))
+		n, err := srv.Read(buf)
+		if err != nil || string(buf[:n]) != want {
+			t.Fatalf("server got %q, %v; want %q", buf[:n], err, want)
+		}
+	}
+	for _, m := range []string{"one", "two", "three"} {
+		send(1000, m)
+	}
+	for _, m := range []string{"one", "two", "three"} {
+		recv(m)
+	}
+	key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(client, 1000), Dst: dst}
+	s.udpMu.Lock()
+	f := s.udpFlows[key]
+	s.udpMu.Unlock()
+	if f == nil || !f.ready.Load() {
+		t.Fatal("the flow's socket is not open")
+	}
+	pkt, p := udpPacket(t, key.Src, dst, []byte("steady"))
+	if n := testing.AllocsPerRun(50, func() {
+		s.forwardUDP(&p, pkt, s.now())
+		s.flushUDP()
+	}); n != 0 {
+		t.Errorf("a datagram of an open flow allocates %v times", n)
+	}
+	for range 51 { // AllocsPerRun's runs and its warm-up
+		recv("steady")
+	}
+
+	send(1001, "second flow")
+	recv("second flow")
+	send(1002, "third flow")
+	if n := s.Drops()["udp-source-limit"]; n != 1 {
+		t.Errorf("udp-source-limit drops: %d, want 1", n)
+	}
+	s.udpMu.Lock()
+	n := len(s.udpFlows)
+	s.udpMu.Unlock()
+	if n != 2 {
+		t.Errorf("%d UDP flows relayed, want the 2 of the client's share", n)
+	}
+
+	// The flow leaves the table: its socket goes at once.
+	if n := s.CloseFlows([]filter.FlowKey{key}); n != 1 {
+		t.Fatalf("CloseFlows closed %d relays, want 1", n)
+	}
+	s.udpMu.Lock()
+	_, still := s.udpFlows[key]
+	s.udpMu.Unlock()
+	if still {
+		t.Error("the closed flow is still relayed")
+	}
+	if _, err := f.conn.Write([]byte("x")); err == nil {
+		t.Error("the closed flow's socket still writes")
+	}
 }
