@@ -217,9 +217,15 @@ func TestEchoIDFlood(t *testing.T) {
 			t.Fatalf("round %d: the TCP echo did not come back within 1s: %v", rounds, err)
 		}
 		worstEcho = max(worstEcho, time.Since(t0))
+		// As ping does: a request lost on the way (the TUN's queue is
+		// the kernel's, shared with the flood) is followed by another.
 		t0 = time.Now()
-		if err := pinger.ping(svc, time.Second); err != nil {
-			t.Fatalf("round %d: ping during the flood: %v", rounds, err)
+		err := pinger.ping(svc, 700*time.Millisecond)
+		for try := 1; err != nil && try < 3; try++ {
+			err = pinger.ping(svc, 700*time.Millisecond)
+		}
+		if err != nil {
+			t.Fatalf("round %d: 3 pings during the flood: %v", rounds, err)
 		}
 		worstPing = max(worstPing, time.Since(t0))
 		if rounds%5 == 0 {
