@@ -2,6 +2,7 @@ package stack
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"log/slog"
 	"net"
@@ -288,5 +289,73 @@ func TestUDPFlowOpensOffTheReadLoop(t *testing.T) {
 	}
 	if _, err := f.conn.Write([]byte("x")); err == nil {
 		t.Error("the closed flow's socket still writes")
+	}
+}
+
+// TestUDPOpenQueueBounded checks the bounds on flows waiting for their
+// socket, with no opener running: one client may have udpOpenPerSource
+// waiting, all clients udpOpenQueue; each waits with at most udpHeld
+// datagrams; past that datagrams are dropped and counted, and a refused
+// flow is relayed by nothing. UDP sockets stop at maxSockets.
+func TestUDPOpenQueueBounded(t *testing.T) {
+	s := testEngineStack(t, filter.EngineLimits{MaxFlows: 1 << 20})
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	t.Cleanup(s.cancel)
+	s.udpFlows = make(map[filter.FlowKey]*udpFlow)
+	s.initUDP(Options{})
+	dst := netip.MustParseAddrPort("192.0.2.1:53")
+	flows := func() int {
+		s.udpMu.Lock()
+		defer s.udpMu.Unlock()
+		return len(s.udpFlows)
+	}
+	for i := range udpOpenPerSource + 10 {
+		s.startUDP(filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(1000+i)), Dst: dst}, 1)
+	}
+	if n, busy := flows(), s.udp.openBusy.Load(); n != udpOpenPerSource || busy != 10 {
+		t.Fatalf("one client: %d flows waiting, %d refused; want %d, 10", n, busy, udpOpenPerSource)
+	}
+	for i := 0; flows() < udpOpenQueue; i++ {
+		src := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
+		if s.startUDP(filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(src, 1000), Dst: dst}, 1) == nil {
+			t.Fatalf("flow %d refused before the queue was full", flows())
+		}
+	}
+	if s.startUDP(filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.MustParseAddrPort("10.2.0.1:1000"), Dst: dst}, 1) != nil {
+		t.Fatal("a flow was queued past udpOpenQueue")
+	}
+	if n := flows(); n != udpOpenQueue {
+		t.Fatalf("%d flows waiting, want %d", n, udpOpenQueue)
+	}
+
+	// A waiting flow holds udpHeld datagrams, no more.
+	s.udpMu.Lock()
+	var f *udpFlow
+	for _, f = range s.udpFlows {
+		break
+	}
+	s.udpMu.Unlock()
+	for range udpHeld + 3 {
+		s.holdUDP(f, []byte("datagram"))
+	}
+	if len(f.held) != udpHeld || s.udpWriteDrops.Load() != 3 {
+		t.Errorf("a waiting flow holds %d datagrams, %d dropped; want %d, 3", len(f.held), s.udpWriteDrops.Load(), udpHeld)
+	}
+
+	// The bound on sockets.
+	s.udp.maxSockets = udpOpenQueue
+	for len(s.udpOpen) > 0 { // as if opened
+		<-s.udpOpen
+	}
+	s.udpOpening = map[netip.Addr]int32{}
+	if s.startUDP(filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.MustParseAddrPort("10.3.0.1:1000"), Dst: dst}, 1) != nil ||
+		s.udp.socketLimit.Load() != 1 {
+		t.Errorf("a flow past maxSockets was not refused (%d socket-limit drops)", s.udp.socketLimit.Load())
+	}
+	s.connMu.Lock()
+	tracked := len(s.conns)
+	s.connMu.Unlock()
+	if tracked != udpOpenQueue {
+		t.Errorf("%d flows tracked, want the %d relayed: refused flows must not stay tracked", tracked, udpOpenQueue)
 	}
 }
