@@ -405,7 +405,32 @@ func TestUDPFloodKeepsTransfer(t *testing.T) {
 	if peak > maxFlows+base+16 {
 		t.Errorf("tunfw held %d sockets during the flood; max_flows %d allows %d", peak, maxFlows, maxFlows+base+16)
 	}
+	// The flood's flows are quiet (nothing answers): their sockets keep
+	// a small receive buffer (the kernel shows twice what was asked).
+	if rb := maxRcvBuf(t, topo.Host, dst); rb == 0 || rb > 512<<10 {
+		t.Errorf("the flood's UDP sockets have receive buffers of up to %d bytes, want at most 512 KiB", rb)
+	}
 	if _, errOut, code := ctlTimeout(t, 3*time.Second, cfg, "status"); code != 0 {
 		t.Fatalf("tunfw status after the flood: exit %d: %s", code, errOut)
 	}
+}
+
+// maxRcvBuf returns the largest receive buffer (ss's skmem rb) of the UDP
+// sockets in ns connected to dst; 0 if there is none.
+func maxRcvBuf(t *testing.T, ns *netnstest.NS, dst netip.Addr) int {
+	t.Helper()
+	out := ns.Run(t, "ss", "-uanmH", "dst", dst.String())
+	most := 0
+	for _, f := range strings.Fields(out) {
+		if i := strings.Index(f, ",rb"); strings.HasPrefix(f, "skmem:(") && i >= 0 {
+			v := f[i+3:]
+			if j := strings.IndexByte(v, ','); j >= 0 {
+				v = v[:j]
+			}
+			if n, err := strconv.Atoi(v); err == nil {
+				most = max(most, n)
+			}
+		}
+	}
+	return most
 }

@@ -60,8 +60,9 @@ type Options struct {
 	DialTimeout time.Duration
 	// TCP is the [stack] section; its zero value means DefaultConfig.
 	TCP Config
-	// UDPReceiveBuffer is the receive buffer asked for on each UDP flow's
-	// socket, in bytes; 0 means DefaultUDPReceiveBuffer.
+	// UDPReceiveBuffer is the largest receive buffer of a UDP flow's
+	// socket, in bytes, given to flows whose replies queue (others keep
+	// a smaller one); 0 means DefaultUDPReceiveBuffer.
 	UDPReceiveBuffer int
 	// MaxUDPFlowsPerSource and MaxEchoFlowsPerSource bound the UDP flows
 	// (sockets) and ICMP echo flows (identifiers) of one client address;

@@ -23,13 +23,21 @@ import (
 // burst travel in batches both ways (udpbatch.go, udpReplies): one GSO
 // sendmsg out, one coalesced TUN write back.
 
-// DefaultUDPReceiveBuffer is the receive buffer asked for on each flow's
-// socket, so a burst of replies waits there rather than being dropped by the
-// kernel: at 1 Gbit/s offered, 1 MiB lost about 1% of the datagrams, 4 MiB
-// none (make bench, udp-s2c). It is kernel memory, used only while replies
-// queue (the flow's goroutine reads them at once), and bounded overall by
-// net.ipv4.udp_mem; 1 MiB keeps the worst case of many flows sane.
-const DefaultUDPReceiveBuffer = 1 << 20
+// DefaultUDPReceiveBuffer is the largest receive buffer of a flow's socket,
+// so a burst of replies waits there rather than being dropped by the
+// kernel: at 1 Gbit/s offered, 1 MiB lost about 1% of the datagrams
+// (2.5-18% on a loaded machine), 4 MiB none (0-5.6% loaded; make bench,
+// udp-s2c). A flow starts with udpRcvBufStart and gets this only once its
+// replies queue (udpReplies found a full batch waiting), so the many quiet
+// flows a client can open do not each ask for megabytes. It is kernel
+// memory, used only while replies queue, and bounded overall by
+// net.ipv4.udp_mem.
+const DefaultUDPReceiveBuffer = 4 << 20
+
+// udpRcvBufStart is a new flow's receive buffer: the kernel's usual
+// default, room for a batch of full-size replies (udpReplyBatch) to queue
+// before the buffer grows.
+const udpRcvBufStart = 256 << 10
 
 const (
 	// defaultMaxUDPPerSource bounds the UDP flows of one client address
@@ -113,6 +121,10 @@ type udpFlow struct {
 	// whether the socket takes GSO sends.
 	out udpBatch
 	gso bool
+
+	// bigRcvBuf: the reply goroutine gave the socket its largest receive
+	// buffer.
+	bigRcvBuf bool
 }
 
 func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udpFlow {
@@ -293,11 +305,16 @@ func (s *Stack) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, erro
 		uc.Close()
 		return nil, nil, err
 	}
-	raw.Control(func(fd uintptr) {
-		// Best effort: without CAP_NET_ADMIN the default stays.
-		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, s.udp.rcvBuf)
-	})
+	s.setUDPRcvBuf(raw, min(udpRcvBufStart, s.udp.rcvBuf))
 	return uc, raw, nil
+}
+
+// setUDPRcvBuf sets the receive buffer of a flow's socket. Best effort:
+// without CAP_NET_ADMIN the default stays.
+func (s *Stack) setUDPRcvBuf(raw syscall.RawConn, size int) {
+	raw.Control(func(fd uintptr) {
+		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size)
+	})
 }
 
 // endUDP releases flow f the moment it leaves the engine's table (expired,
@@ -403,6 +420,12 @@ func (s *Stack) udpReplies(f *udpFlow) {
 			}
 			r.bp = nil
 			if len(held) == udpReplyBatch {
+				// Replies queue: this flow is busy enough for the
+				// largest buffer.
+				if !f.bigRcvBuf {
+					f.bigRcvBuf = true
+					s.setUDPRcvBuf(f.raw, s.udp.rcvBuf)
+				}
 				break
 			}
 			// More already there? Read without waiting.
