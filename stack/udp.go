@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -44,11 +45,12 @@ const (
 	// (see Stack.perSourceBound): a resolver's burst of queries from
 	// fresh ports fits.
 	defaultMaxUDPPerSource = 16384
-	// Sockets are opened off the read loop by udpOpeners goroutines. At
-	// most udpOpenQueue flows wait for theirs, udpOpenPerSource of one
-	// client address; past that a new flow's datagram is dropped and
-	// counted, and the flow's next datagram tries again.
-	udpOpeners       = 4
+	// Sockets are opened off the read loop by udpOpeners goroutines (few:
+	// they must leave the cores to the read loop; one opens about 25,000
+	// sockets a second). At most udpOpenQueue flows wait for theirs,
+	// udpOpenPerSource of one client address; past that a flow's datagram
+	// is dropped and counted, and its next datagram asks again.
+	udpOpeners       = 2
 	udpOpenQueue     = 1024
 	udpOpenPerSource = 256
 	// udpHeld and udpHeldBytes bound the datagrams a flow keeps while its
@@ -125,6 +127,8 @@ type udpFlow struct {
 	// bigRcvBuf: the reply goroutine gave the socket its largest receive
 	// buffer.
 	bigRcvBuf bool
+	// queued: the flow is in the openers' queue (read loop only).
+	queued bool
 }
 
 func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udpFlow {
@@ -141,11 +145,11 @@ func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udp
 }
 
 // forwardUDP sends the payload of an allowed datagram read from the TUN to
-// its destination. It runs on the read loop and never blocks: the first
-// datagram of a flow asks an opener for the flow's socket and waits for it
-// in the flow (bounded); a datagram that finds the socket's buffer full is
-// dropped and counted, as a router would. The send may wait in the flow's
-// batch until the read loop has read what the TUN holds (udpbatch.go).
+// its destination. It runs on the read loop and never blocks: a new flow's
+// datagrams wait (bounded) while an opener makes its socket; a datagram
+// that finds the socket's buffer full is dropped and counted, as a router
+// would. The send may wait in the flow's batch until the read loop has read
+// what the TUN holds (udpbatch.go).
 func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
 	key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(p.Src, p.SrcPort), Dst: netip.AddrPortFrom(p.Dst, p.DstPort)}
 	s.udpMu.Lock()
@@ -162,14 +166,18 @@ func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
 		s.queueUDP(f, payload)
 		return
 	}
+	if !f.queued && !s.queueOpen(f) {
+		s.udp.openBusy.Add(1)
+		return
+	}
 	s.holdUDP(f, payload)
 }
 
-// startUDP makes the flow of key's first datagram and queues the opening
-// of its socket, unless its client holds its share of UDP flows, tunfw as
-// many sockets as it may, or too many are being opened: then the datagram
-// is dropped and counted, and the flow leaves the engine's table (it holds
-// nothing and counts against no limit; its next datagram tries again).
+// startUDP makes the flow of key's first datagram, unless its client holds
+// its share of UDP flows or tunfw as many sockets as it may: then the
+// datagram is dropped and counted, and the flow leaves the engine's table
+// (it holds nothing and counts against no limit; its next datagram tries
+// again).
 func (s *Stack) startUDP(key filter.FlowKey, now int64) *udpFlow {
 	src := key.Src.Addr()
 	f := newUDPFlow(key, nil, nil)
@@ -184,17 +192,9 @@ func (s *Stack) startUDP(key filter.FlowKey, now int64) *udpFlow {
 		drop = &s.udp.sourceLimit
 	case len(s.udpFlows) >= s.udp.maxSockets:
 		drop = &s.udp.socketLimit
-	case s.udpOpening[src] >= udpOpenPerSource:
-		drop = &s.udp.openBusy
 	default:
-		select {
-		case s.udpOpen <- f:
-			s.udpFlows[key] = f
-			s.udpPerSrc[src]++
-			s.udpOpening[src]++
-		default:
-			drop = &s.udp.openBusy
-		}
+		s.udpFlows[key] = f
+		s.udpPerSrc[src]++
 	}
 	s.udpMu.Unlock()
 	if drop != nil {
@@ -204,6 +204,23 @@ func (s *Stack) startUDP(key filter.FlowKey, now int64) *udpFlow {
 		return nil
 	}
 	return f
+}
+
+// queueOpen asks the openers for f's socket; false when too many flows, or
+// too many of f's client, wait for one already.
+func (s *Stack) queueOpen(f *udpFlow) bool {
+	src := f.key.Src.Addr()
+	s.udpMu.Lock()
+	if s.udpOpening[src] < udpOpenPerSource {
+		select {
+		case s.udpOpen <- f:
+			s.udpOpening[src]++
+			f.queued = true
+		default:
+		}
+	}
+	s.udpMu.Unlock()
+	return f.queued
 }
 
 // holdUDP keeps a datagram of a flow whose socket is being opened, or
@@ -242,6 +259,9 @@ func (s *Stack) udpOpener() {
 			return
 		case f := <-s.udpOpen:
 			s.openUDP(f)
+			// A flood keeps the openers busy: let a read loop that
+			// is ready run first, whatever the number of cores.
+			runtime.Gosched()
 		}
 	}
 }

@@ -294,9 +294,10 @@ func TestUDPFlowOpensOffTheReadLoop(t *testing.T) {
 
 // TestUDPOpenQueueBounded checks the bounds on flows waiting for their
 // socket, with no opener running: one client may have udpOpenPerSource
-// waiting, all clients udpOpenQueue; each waits with at most udpHeld
-// datagrams; past that datagrams are dropped and counted, and a refused
-// flow is relayed by nothing. UDP sockets stop at maxSockets.
+// waiting, all clients udpOpenQueue; a flow that finds the queue full is
+// kept (its next datagram asks again) but its datagram is dropped and
+// counted; each waiting flow holds at most udpHeld datagrams. UDP sockets
+// stop at maxSockets, and a flow refused then is not kept.
 func TestUDPOpenQueueBounded(t *testing.T) {
 	s := testEngineStack(t, filter.EngineLimits{MaxFlows: 1 << 20})
 	s.ctx, s.cancel = context.WithCancel(context.Background())
@@ -304,58 +305,56 @@ func TestUDPOpenQueueBounded(t *testing.T) {
 	s.udpFlows = make(map[filter.FlowKey]*udpFlow)
 	s.initUDP(Options{})
 	dst := netip.MustParseAddrPort("192.0.2.1:53")
+	send := func(src netip.AddrPort) {
+		pkt, p := udpPacket(t, src, dst, []byte("datagram"))
+		s.forwardUDP(&p, pkt, 1)
+	}
 	flows := func() int {
 		s.udpMu.Lock()
 		defer s.udpMu.Unlock()
 		return len(s.udpFlows)
 	}
+	client := netip.MustParseAddr("10.0.0.1")
 	for i := range udpOpenPerSource + 10 {
-		s.startUDP(filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(netip.MustParseAddr("10.0.0.1"), uint16(1000+i)), Dst: dst}, 1)
+		send(netip.AddrPortFrom(client, uint16(1000+i)))
 	}
-	if n, busy := flows(), s.udp.openBusy.Load(); n != udpOpenPerSource || busy != 10 {
-		t.Fatalf("one client: %d flows waiting, %d refused; want %d, 10", n, busy, udpOpenPerSource)
+	if n, busy := len(s.udpOpen), s.udp.openBusy.Load(); n != udpOpenPerSource || busy != 10 || flows() != udpOpenPerSource+10 {
+		t.Fatalf("one client: %d flows queued, %d datagrams refused, %d flows; want %d, 10, %d", n, busy, flows(), udpOpenPerSource, udpOpenPerSource+10)
 	}
-	for i := 0; flows() < udpOpenQueue; i++ {
-		src := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
-		if s.startUDP(filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(src, 1000), Dst: dst}, 1) == nil {
-			t.Fatalf("flow %d refused before the queue was full", flows())
+	for i := 0; len(s.udpOpen) < udpOpenQueue; i++ {
+		if i > udpOpenQueue {
+			t.Fatalf("the queue does not fill: %d", len(s.udpOpen))
 		}
+		send(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 1000))
 	}
-	if s.startUDP(filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.MustParseAddrPort("10.2.0.1:1000"), Dst: dst}, 1) != nil {
+	busy := s.udp.openBusy.Load()
+	send(netip.MustParseAddrPort("10.2.0.1:1000"))
+	if len(s.udpOpen) != udpOpenQueue || s.udp.openBusy.Load() != busy+1 {
 		t.Fatal("a flow was queued past udpOpenQueue")
-	}
-	if n := flows(); n != udpOpenQueue {
-		t.Fatalf("%d flows waiting, want %d", n, udpOpenQueue)
 	}
 
 	// A waiting flow holds udpHeld datagrams, no more.
-	s.udpMu.Lock()
-	var f *udpFlow
-	for _, f = range s.udpFlows {
-		break
-	}
-	s.udpMu.Unlock()
+	src := netip.AddrPortFrom(client, 1000)
 	for range udpHeld + 3 {
-		s.holdUDP(f, []byte("datagram"))
+		send(src)
 	}
-	if len(f.held) != udpHeld || s.udpWriteDrops.Load() != 3 {
-		t.Errorf("a waiting flow holds %d datagrams, %d dropped; want %d, 3", len(f.held), s.udpWriteDrops.Load(), udpHeld)
+	s.udpMu.Lock()
+	f := s.udpFlows[filter.FlowKey{Proto: filter.ProtoUDP, Src: src, Dst: dst}]
+	s.udpMu.Unlock()
+	if len(f.held) != udpHeld || s.udpWriteDrops.Load() != 4 { // and the first
+		t.Errorf("a waiting flow holds %d datagrams, %d dropped; want %d, 4", len(f.held), s.udpWriteDrops.Load(), udpHeld)
 	}
 
 	// The bound on sockets.
-	s.udp.maxSockets = udpOpenQueue
-	for len(s.udpOpen) > 0 { // as if opened
-		<-s.udpOpen
-	}
-	s.udpOpening = map[netip.Addr]int32{}
-	if s.startUDP(filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.MustParseAddrPort("10.3.0.1:1000"), Dst: dst}, 1) != nil ||
-		s.udp.socketLimit.Load() != 1 {
+	s.udp.maxSockets = flows()
+	send(netip.MustParseAddrPort("10.3.0.1:1000"))
+	if s.udp.socketLimit.Load() != 1 || flows() != s.udp.maxSockets {
 		t.Errorf("a flow past maxSockets was not refused (%d socket-limit drops)", s.udp.socketLimit.Load())
 	}
 	s.connMu.Lock()
 	tracked := len(s.conns)
 	s.connMu.Unlock()
-	if tracked != udpOpenQueue {
-		t.Errorf("%d flows tracked, want the %d relayed: refused flows must not stay tracked", tracked, udpOpenQueue)
+	if tracked != flows() {
+		t.Errorf("%d flows tracked, want the %d kept: refused flows must not stay tracked", tracked, flows())
 	}
 }
