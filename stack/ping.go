@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/tunfw/tunfw/filter"
 	"golang.org/x/sys/unix"
@@ -32,9 +33,13 @@ const icmpFilter = 1
 // The identifiers tunfw sends are one space for all destinations, as the
 // kernel's own ping sockets have it: an identifier is an index into ents
 // (XOR a random salt), taken from a free list and given back when its flow
-// has been idle for icmp_idle. Taking, finding and giving back are O(1), so
-// the read loop never searches: an echo request that finds no identifier
-// left, or whose client already holds its share, is dropped and counted.
+// has been idle for icmp_idle. When none is free, the flow idle longest
+// gives its identifier up if it has been idle for echoEvictAge: a flood of
+// new identifiers, from however many sources, cycles through the space
+// while a ping that sends every second keeps its own. Taking, finding and
+// giving back are O(1), so the read loop never searches: an echo request
+// that finds no identifier, or whose client already holds its share, is
+// dropped and counted.
 type pinger struct {
 	s          *Stack
 	c4, c6     *net.IPConn
@@ -67,6 +72,11 @@ type pinger struct {
 
 // maxEchoIDs is the number of echo identifiers.
 const maxEchoIDs = 1 << 16
+
+// echoEvictAge is how long a flow must have been idle before a new flow
+// may take its identifier when none is free: longer than ping's usual
+// interval.
+const echoEvictAge = int64(2 * time.Second)
 
 // defaultMaxEchoPerSource bounds the echo flows of one client address: a
 // ping sweep of a /22 fits; one client cannot take every identifier.
@@ -219,6 +229,10 @@ func (pg *pinger) openLocked(flow pingFlow, now int64) (uint16, bool) {
 	case len(pg.ents) < maxEchoIDs:
 		i = uint16(len(pg.ents))
 		pg.ents = append(pg.ents, pingEntry{})
+	case now-pg.ents[pg.head].last >= echoEvictAge: // all in use: the list is not empty
+		i = uint16(pg.head)
+		pg.releaseLocked(pg.head)
+		pg.free = pg.free[:len(pg.free)-1] // taken back at once
 	default:
 		pg.noID.Add(1)
 		return 0, false

@@ -33,9 +33,10 @@ func testPinger(s *Stack) *pinger {
 
 // TestEchoIDs checks the echo identifier allocator: once every identifier
 // is in use the next flow gets none at once (dropped and counted, never a
-// search that does not end), identifiers come back when their flows
-// expire, a flow in use is not expired, and one client gets only its
-// share.
+// search that does not end) unless the flow idle longest has been idle for
+// echoEvictAge, whose identifier it then takes; identifiers come back when
+// their flows expire, a flow in use is not expired, and one client gets
+// only its share.
 func TestEchoIDs(t *testing.T) {
 	s := testEngineStack(t, filter.EngineLimits{})
 	s.maxEchoPerSource = 1 << 20 // no share: run out of identifiers
@@ -64,6 +65,14 @@ func TestEchoIDs(t *testing.T) {
 	if pg.noID.Load() != 1 {
 		t.Errorf("no-identifier drops: %d, want 1", pg.noID.Load())
 	}
+	// Later, the flow idle longest (flow 0) gives its identifier up.
+	first := pg.byFlow[flow(0)]
+	if id, ok := pg.openLocked(flow(maxEchoIDs), 1+echoEvictAge); !ok || id != first {
+		t.Fatalf("with every identifier idle for %v: got %d, %v; want flow 0's %d", time.Duration(echoEvictAge), id, ok, first)
+	}
+	if _, ok := pg.byFlow[flow(0)]; ok || len(pg.byFlow) != maxEchoIDs {
+		t.Fatalf("flow 0 kept its identifier, or flows were lost: %d flows", len(pg.byFlow))
+	}
 
 	// Flow 5 stays in use; the others expire.
 	idle := int64(s.eng.Timeouts().ICMPIdle)
@@ -71,13 +80,15 @@ func TestEchoIDs(t *testing.T) {
 	pg.mu.Unlock()
 	pg.expire(2 + idle)
 	pg.mu.Lock()
-	if len(pg.byFlow) != 1 || len(pg.free) != maxEchoIDs-1 || len(pg.perSrc) != 1 {
-		t.Fatalf("after expiry: %d flows, %d free identifiers, %d sources; want 1, %d, 1", len(pg.byFlow), len(pg.free), len(pg.perSrc), maxEchoIDs-1)
+	// Flow 5, in use, and the flow that took flow 0's identifier, newer,
+	// stay.
+	if len(pg.byFlow) != 2 || len(pg.free) != maxEchoIDs-2 || len(pg.perSrc) != 2 {
+		t.Fatalf("after expiry: %d flows, %d free identifiers, %d sources; want 2, %d, 2", len(pg.byFlow), len(pg.free), len(pg.perSrc), maxEchoIDs-2)
 	}
 	if _, ok := pg.byFlow[flow(5)]; !ok {
 		t.Fatal("the flow in use expired")
 	}
-	if _, ok := pg.openLocked(flow(maxEchoIDs), 3+idle); !ok {
+	if _, ok := pg.openLocked(flow(maxEchoIDs+1), 3+idle); !ok {
 		t.Fatal("no identifier after the others expired")
 	}
 
