@@ -157,7 +157,7 @@ func TestEchoIDFlood(t *testing.T) {
 	startTCPEcho(t, topo.Server, netip.AddrPortFrom(svc, 9200))
 	// No flow limit would stop the flood before the echo identifiers run
 	// out: it is the stack's own bounds that must hold.
-	cfg := writeConfig(t, fmt.Sprintf(hostileConfig, 200000, 0, 64, "5s", "5s"))
+	cfg := writeConfig(t, fmt.Sprintf(hostileConfig, 200000, 0, 64, "5s", "5s")+"\n[metrics]\nlisten = \"127.0.0.1:9477\"\n")
 	fw := startTunfw(t, topo.Host, cfg, "--log-level", "info")
 	pinger := newICMPPinger(t, topo.Host)
 	if err := pinger.ping(svc, 3*time.Second); err != nil {
@@ -256,6 +256,10 @@ func TestEchoIDFlood(t *testing.T) {
 		sent, len(srcs)+1, rounds, worstEcho.Round(time.Millisecond), worstPing.Round(time.Millisecond), before, after)
 	if after["echo-source-limit"] <= before["echo-source-limit"] {
 		t.Errorf("no echo request past its client's share was dropped: %v -> %v", before, after)
+	}
+	m := scrapeMetrics(t, topo.Host, "127.0.0.1:9477")
+	if got := m["tunfw_stack_drops_total,reason=echo-source-limit"]; got < float64(after["echo-source-limit"]) {
+		t.Errorf("metric tunfw_stack_drops_total{reason=echo-source-limit} is %v, stats say %d", got, after["echo-source-limit"])
 	}
 	if fw.cmd.ProcessState != nil {
 		t.Fatalf("tunfw exited")
@@ -424,6 +428,24 @@ func TestUDPFloodKeepsTransfer(t *testing.T) {
 	// a small receive buffer (the kernel shows twice what was asked).
 	if rb := maxRcvBuf(t, topo.Host, dst); rb == 0 || rb > 512<<10 {
 		t.Errorf("the flood's UDP sockets have receive buffers of up to %d bytes, want at most 512 KiB", rb)
+	}
+	// When the flows leave the table (udp_idle 2s, tcp_closing 2s), their
+	// sockets go with them.
+	deadline := time.Now().Add(8 * time.Second)
+	for statusFlows(t, cfg) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("flows still in the table 8s after the flood")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	n := 0
+	for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if n, _ = socketFDs(pid); n <= base {
+			break
+		}
+	}
+	if n > base {
+		t.Errorf("tunfw holds %d sockets with no flow left, %d when idle", n, base)
 	}
 	if _, errOut, code := ctlTimeout(t, 3*time.Second, cfg, "status"); code != 0 {
 		t.Fatalf("tunfw status after the flood: exit %d: %s", code, errOut)
