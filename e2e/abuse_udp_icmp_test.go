@@ -346,7 +346,8 @@ func curlLoop(t *testing.T, ns *netnstest.NS, url string, d time.Duration) (floa
 
 // TestUDPFloodKeepsTransfer: 20,000 datagrams from 20,000 source ports to
 // one unreachable address, 5,000 a second, while curl downloads 50 MB
-// through tunfw again and again. With max_flows 512 and no
+// through tunfw again and again (its unloaded throughput is measured before
+// and after the flood). With max_flows 512 and no
 // max_flows_per_source, the flooding client may still take only its share
 // of UDP flows (a quarter of max_flows): the downloads connect and keep at
 // least half their unloaded throughput, and tunfw's sockets stay within
@@ -403,15 +404,26 @@ func TestUDPFloodKeepsTransfer(t *testing.T) {
 	time.Sleep(200 * time.Millisecond) // into the flood
 	loaded, runs := curlLoop(t, topo.Host, url, 3*time.Second)
 	during := time.Since(t0)
+	// The flood's flows are quiet (nothing answers): their sockets keep
+	// a small receive buffer (the kernel shows twice what was asked).
+	rb := maxRcvBuf(t, topo.Host, dst)
+	if rb > 512<<10 {
+		t.Errorf("the flood's UDP sockets have receive buffers of up to %d bytes, want at most 512 KiB", rb)
+	}
 	sent := <-floodDone
 	flood := time.Since(t0)
 	peak := fds.end()
+	// Unloaded again, and the mean of both is the reference: other work
+	// on the machine changes what a download gets over the test.
+	unloaded2, runs2 := curlLoop(t, topo.Host, url, time.Second)
+	t.Logf("unloaded after the flood: %.0f MB/s over %d downloads", unloaded2/1e6, runs2)
+	unloaded = (unloaded + unloaded2) / 2
 	after := statsOf(t, cfg)
 	drops := stackDrops(t, cfg)
 	t.Logf("%d datagrams in %v, %d flows created; %d downloads at %.0f MB/s under the flood (%.0f%% of unloaded), ended %v into it; "+
-		"tunfw sockets peaked at %d (idle %d, max_flows %d); stack drops %v",
+		"tunfw sockets peaked at %d (idle %d, max_flows %d), receive buffers of the flood's sockets %d; stack drops %v",
 		sent, flood.Round(time.Millisecond), after.FlowsCreated-before.FlowsCreated, runs, loaded/1e6, 100*loaded/unloaded,
-		during.Round(time.Millisecond), peak, base, maxFlows, drops)
+		during.Round(time.Millisecond), peak, base, maxFlows, rb, drops)
 	if drops["udp-source-limit"] == 0 {
 		t.Errorf("no datagram of the flood was dropped by the per-source bound of UDP flows")
 	}
@@ -424,17 +436,12 @@ func TestUDPFloodKeepsTransfer(t *testing.T) {
 	if peak > maxFlows+base+16 {
 		t.Errorf("tunfw held %d sockets during the flood; max_flows %d allows %d", peak, maxFlows, maxFlows+base+16)
 	}
-	// The flood's flows are quiet (nothing answers): their sockets keep
-	// a small receive buffer (the kernel shows twice what was asked).
-	if rb := maxRcvBuf(t, topo.Host, dst); rb == 0 || rb > 512<<10 {
-		t.Errorf("the flood's UDP sockets have receive buffers of up to %d bytes, want at most 512 KiB", rb)
-	}
 	// When the flows leave the table (udp_idle 2s, tcp_closing 2s), their
 	// sockets go with them.
-	deadline := time.Now().Add(8 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for statusFlows(t, cfg) > 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("flows still in the table 8s after the flood")
+			t.Fatalf("flows still in the table 10s after the flood")
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

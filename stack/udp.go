@@ -180,9 +180,7 @@ func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
 // again).
 func (s *Stack) startUDP(key filter.FlowKey, now int64) *udpFlow {
 	src := key.Src.Addr()
-	f := newUDPFlow(key, nil, nil)
-	f.last.Store(now)
-	s.track(key, func() { s.endUDP(f) })
+	var f *udpFlow
 	var drop *atomic.Uint64
 	s.udpMu.Lock()
 	switch {
@@ -193,16 +191,20 @@ func (s *Stack) startUDP(key filter.FlowKey, now int64) *udpFlow {
 	case len(s.udpFlows) >= s.udp.maxSockets:
 		drop = &s.udp.socketLimit
 	default:
+		f = newUDPFlow(key, nil, nil)
+		f.last.Store(now)
 		s.udpFlows[key] = f
 		s.udpPerSrc[src]++
 	}
 	s.udpMu.Unlock()
 	if drop != nil {
+		// Refused before anything is made for it: a flood of new
+		// flows past the bounds costs little.
 		drop.Add(1)
-		s.untrack(key)
 		s.eng.Forget(key)
 		return nil
 	}
+	s.track(key, func() { s.endUDP(f) })
 	return f
 }
 
