@@ -52,6 +52,9 @@ type Source struct {
 	// PendingDials the TCP connections being set up.
 	DialFailures func() map[string]uint64
 	PendingDials func() int
+	// StackDrops returns the packets the stack dropped after the engine
+	// let them through, by reason.
+	StackDrops func() map[string]uint64
 }
 
 type collector struct {
@@ -61,6 +64,7 @@ type collector struct {
 	ruleFlows, rulePackets, ruleBytes, reloads, tunErr *prometheus.Desc
 	controlRefused                                     *prometheus.Desc
 	dialFailures, pendingDials                         *prometheus.Desc
+	stackDrops                                         *prometheus.Desc
 }
 
 func newCollector(src Source) *collector {
@@ -82,6 +86,7 @@ func newCollector(src Source) *collector {
 		controlRefused: d("control_refused_total", "Control socket requests refused (bad request or not root)."),
 		dialFailures:   d("dial_failures_total", "TCP dials that did not connect, by reason (refused, timeout, unreachable, descriptors, evicted, deferred, cancelled, other).", "reason"),
 		pendingDials:   d("pending_dials", "TCP connections being set up (destination dialled, client handshake not complete)."),
+		stackDrops:     d("stack_drops_total", "Packets the stack dropped after the filter let them through, by reason (no echo identifier, a client's share of flows used up, full socket buffer...).", "reason"),
 	}
 }
 
@@ -139,6 +144,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.src.PendingDials != nil {
 		gauge(c.pendingDials, float64(c.src.PendingDials()))
+	}
+	if c.src.StackDrops != nil {
+		for r, v := range c.src.StackDrops() {
+			counter(c.stackDrops, v, r)
+		}
 	}
 }
 

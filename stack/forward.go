@@ -283,8 +283,9 @@ func (s *Stack) untrackFlow(r filter.FlowRef) {
 
 // CloseFlows ends the relays of the given flows, as when a reload's recheck
 // cut them or they expired: a TCP client gets a RST, a UDP flow's socket is
-// closed, a TCP connection still being set up is abandoned silently. A flow whose key now names a newer flow is left alone. For a TCP
-// flow the recheck cut, the client first gets a RST with the sequence
+// closed, a TCP connection still being set up is abandoned silently. A
+// flow whose key now names a newer flow is left alone. For a TCP flow the
+// recheck cut, the client first gets a RST with the sequence
 // number it acknowledged last (the engine's BuildCutReset), which it
 // accepts even when its receive window is closed; the stack's own RST, sent
 // when the relay aborts, carries the stack's send sequence and would be

@@ -5,10 +5,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/tunfw/tunfw/filter"
 	"golang.org/x/sys/unix"
@@ -26,15 +29,58 @@ const icmpFilter = 1
 //
 // Raw sockets need CAP_NET_RAW but no ping_group_range, which network
 // namespaces start with closed.
+//
+// The identifiers tunfw sends are one space for all destinations, as the
+// kernel's own ping sockets have it: an identifier is an index into ents
+// (XOR a random salt), taken from a free list and given back when its flow
+// has been idle for icmp_idle. When none is free, the flow idle longest
+// gives its identifier up if it has been idle for echoEvictAge: a flood of
+// new identifiers, from however many sources, cycles through the space
+// while a ping that sends every second keeps its own. Taking, finding and
+// giving back are O(1), so the read loop never searches: an echo request
+// that finds no identifier, or whose client already holds its share, is
+// dropped and counted.
 type pinger struct {
-	s      *Stack
-	c4, c6 *net.IPConn
+	s          *Stack
+	c4, c6     *net.IPConn
+	raw4, raw6 syscall.RawConn
+
+	// The read loop's send and its arguments, set up once so that a send
+	// allocates nothing.
+	sendFn  func(fd uintptr) bool
+	sendMsg []byte
+	sendTo  unix.Sockaddr
+	sa4     unix.SockaddrInet4
+	sa6     unix.SockaddrInet6
+	sendErr error
+
+	salt uint16
 
 	mu     sync.Mutex
-	nextID uint16
-	byFlow map[pingFlow]uint16
-	byWire map[pingWire]pingEntry
+	byFlow map[pingFlow]uint16 // client flow -> index into ents
+	ents   []pingEntry         // grows up to maxEchoIDs
+	free   []uint16            // indexes of unused ents
+	// head and tail of the entries in use, least recently used first,
+	// so expiry looks only at what expires; -1 when empty.
+	head, tail int32
+	perSrc     map[netip.Addr]int32
+
+	// Drops: no identifier left, the client's share used up, the raw
+	// socket's buffer full (or another send error).
+	noID, srcLimit, sendDrops atomic.Uint64
 }
+
+// maxEchoIDs is the number of echo identifiers.
+const maxEchoIDs = 1 << 16
+
+// echoEvictAge is how long a flow must have been idle before a new flow
+// may take its identifier when none is free: longer than ping's usual
+// interval.
+const echoEvictAge = int64(2 * time.Second)
+
+// defaultMaxEchoPerSource bounds the echo flows of one client address: a
+// ping sweep of a /22 fits; one client cannot take every identifier.
+const defaultMaxEchoPerSource = 1024
 
 // pingFlow names an echo flow as the client sees it.
 type pingFlow struct {
@@ -42,35 +88,45 @@ type pingFlow struct {
 	id       uint16
 }
 
-// pingWire names it as the real network sees it.
-type pingWire struct {
-	dst netip.Addr
-	id  uint16
-}
-
 type pingEntry struct {
-	flow pingFlow
-	last int64
+	flow       pingFlow
+	last       int64 // engine clock of the last request
+	prev, next int32 // LRU links, -1 at the ends
+	used       bool
 }
 
 func newPinger(s *Stack) (*pinger, error) {
 	p := &pinger{
 		s:      s,
 		byFlow: make(map[pingFlow]uint16),
-		byWire: make(map[pingWire]pingEntry),
+		perSrc: make(map[netip.Addr]int32),
+		head:   -1,
+		tail:   -1,
+		salt:   uint16(rand.Uint32()),
+	}
+	p.sendFn = func(fd uintptr) bool {
+		p.sendErr = unix.Sendto(int(fd), p.sendMsg, unix.MSG_DONTWAIT, p.sendTo)
+		return true // never wait: a full buffer drops the request
 	}
 	lc := net.ListenConfig{Control: s.dialer.control}
 	c4, err4 := lc.ListenPacket(context.Background(), "ip4:icmp", "0.0.0.0")
 	if err4 == nil {
 		p.c4 = c4.(*net.IPConn)
 		err4 = setICMPFilter(p.c4, false)
+		if err4 == nil {
+			p.raw4, err4 = p.c4.SyscallConn()
+		}
 	}
 	c6, err6 := lc.ListenPacket(context.Background(), "ip6:ipv6-icmp", "::")
 	if err6 == nil {
 		p.c6 = c6.(*net.IPConn)
 		err6 = setICMPFilter(p.c6, true)
+		if err6 == nil {
+			p.raw6, err6 = p.c6.SyscallConn()
+		}
 	}
-	if p.c4 == nil && p.c6 == nil {
+	if p.raw4 == nil && p.raw6 == nil {
+		p.close()
 		return nil, fmt.Errorf("open raw ICMP sockets: %w", errors.Join(err4, err6))
 	}
 	if err4 != nil || err6 != nil {
@@ -110,12 +166,14 @@ func setICMPFilter(c *net.IPConn, v6 bool) error {
 }
 
 // send forwards the echo request pkt (parsed as p) to its real destination.
+// It runs on the read loop and never waits: not for an identifier, not for
+// the socket.
 func (pg *pinger) send(p *filter.Packet, pkt []byte) {
-	c := pg.c4
+	raw := pg.raw4
 	if p.Version == 6 {
-		c = pg.c6
+		raw = pg.raw6
 	}
-	if c == nil {
+	if raw == nil {
 		return
 	}
 	msg := pkt[p.IPHeaderLen:p.Len]
@@ -125,34 +183,113 @@ func (pg *pinger) send(p *filter.Packet, pkt []byte) {
 	flow := pingFlow{src: p.Src, dst: p.Dst, id: p.SrcPort}
 	now := pg.s.now()
 	pg.mu.Lock()
-	wire, ok := pg.byFlow[flow]
-	if !ok {
-		wire = pg.allocLocked(p.Dst)
-		pg.byFlow[flow] = wire
+	i, ok := pg.byFlow[flow]
+	if ok {
+		pg.touchLocked(int32(i), now)
+	} else if i, ok = pg.openLocked(flow, now); !ok {
+		pg.mu.Unlock()
+		// A flow the stack cannot carry leaves the table: it holds
+		// nothing and counts against no limit; its next request
+		// tries again.
+		pg.s.eng.Forget(filter.FlowKey{Proto: p.Proto, Src: netip.AddrPortFrom(p.Src, p.SrcPort), Dst: netip.AddrPortFrom(p.Dst, 0)})
+		return
 	}
-	pg.byWire[pingWire{p.Dst, wire}] = pingEntry{flow: flow, last: now}
 	pg.mu.Unlock()
 
 	// Rewrite the identifier in place: pkt is the read loop's buffer and is
 	// not used again after this packet.
-	binary.BigEndian.PutUint16(msg[4:6], wire)
+	binary.BigEndian.PutUint16(msg[4:6], i^pg.salt)
 	msg[2], msg[3] = 0, 0
 	if p.Version == 4 {
 		binary.BigEndian.PutUint16(msg[2:4], ^checksum.Checksum(msg, 0))
-	} // ICMPv6: the kernel computes the checksum of raw ICMPv6 sockets.
-	if _, err := c.WriteTo(msg, &net.IPAddr{IP: p.Dst.AsSlice()}); err != nil {
-		pg.s.log.Debug("send echo request", "dst", p.Dst, "err", err)
+		pg.sa4.Addr = p.Dst.As4()
+		pg.sendTo = &pg.sa4
+	} else { // the kernel computes the checksum of raw ICMPv6 sockets
+		pg.sa6.Addr = p.Dst.As16()
+		pg.sendTo = &pg.sa6
+	}
+	pg.sendMsg = msg
+	if err := raw.Write(pg.sendFn); err != nil || pg.sendErr != nil {
+		pg.sendDrops.Add(1)
+	}
+	pg.sendMsg = nil
+}
+
+// openLocked gives flow an identifier, or counts why it gets none.
+func (pg *pinger) openLocked(flow pingFlow, now int64) (uint16, bool) {
+	if int(pg.perSrc[flow.src]) >= pg.s.perSourceBound(pg.s.maxEchoPerSource, defaultMaxEchoPerSource) {
+		pg.srcLimit.Add(1)
+		return 0, false
+	}
+	var i uint16
+	switch n := len(pg.free); {
+	case n > 0:
+		i = pg.free[n-1]
+		pg.free = pg.free[:n-1]
+	case len(pg.ents) < maxEchoIDs:
+		i = uint16(len(pg.ents))
+		pg.ents = append(pg.ents, pingEntry{})
+	case now-pg.ents[pg.head].last >= echoEvictAge: // all in use: the list is not empty
+		i = uint16(pg.head)
+		pg.releaseLocked(pg.head)
+		pg.free = pg.free[:len(pg.free)-1] // taken back at once
+	default:
+		pg.noID.Add(1)
+		return 0, false
+	}
+	pg.ents[i] = pingEntry{flow: flow, last: now, prev: pg.tail, next: -1, used: true}
+	if pg.tail >= 0 {
+		pg.ents[pg.tail].next = int32(i)
+	} else {
+		pg.head = int32(i)
+	}
+	pg.tail = int32(i)
+	pg.byFlow[flow] = i
+	pg.perSrc[flow.src]++
+	return i, true
+}
+
+// touchLocked marks entry i used now: it moves to the tail.
+func (pg *pinger) touchLocked(i int32, now int64) {
+	e := &pg.ents[i]
+	e.last = now
+	if pg.tail == i {
+		return
+	}
+	pg.unlinkLocked(i)
+	e.prev, e.next = pg.tail, -1
+	pg.ents[pg.tail].next = i // the list holds another entry: tail >= 0
+	pg.tail = i
+	if pg.head < 0 {
+		pg.head = i
 	}
 }
 
-// allocLocked picks an identifier not in use towards dst.
-func (pg *pinger) allocLocked(dst netip.Addr) uint16 {
-	for {
-		pg.nextID++
-		if _, busy := pg.byWire[pingWire{dst, pg.nextID}]; !busy {
-			return pg.nextID
-		}
+func (pg *pinger) unlinkLocked(i int32) {
+	e := &pg.ents[i]
+	if e.prev >= 0 {
+		pg.ents[e.prev].next = e.next
+	} else {
+		pg.head = e.next
 	}
+	if e.next >= 0 {
+		pg.ents[e.next].prev = e.prev
+	} else {
+		pg.tail = e.prev
+	}
+	e.prev, e.next = -1, -1
+}
+
+// releaseLocked gives entry i's identifier back.
+func (pg *pinger) releaseLocked(i int32) {
+	e := &pg.ents[i]
+	pg.unlinkLocked(i)
+	delete(pg.byFlow, e.flow)
+	if pg.perSrc[e.flow.src]--; pg.perSrc[e.flow.src] <= 0 {
+		delete(pg.perSrc, e.flow.src)
+	}
+	*e = pingEntry{prev: -1, next: -1}
+	pg.free = append(pg.free, uint16(i))
 }
 
 func (pg *pinger) readLoop(c *net.IPConn) {
@@ -189,11 +326,14 @@ func (pg *pinger) reply(src netip.Addr, msg, out []byte) {
 	if msg[0] != wantType {
 		return
 	}
-	wire := binary.BigEndian.Uint16(msg[4:6])
+	i := int(binary.BigEndian.Uint16(msg[4:6]) ^ pg.salt)
 	pg.mu.Lock()
-	e, ok := pg.byWire[pingWire{src, wire}]
+	var e pingEntry
+	if i < len(pg.ents) {
+		e = pg.ents[i]
+	}
 	pg.mu.Unlock()
-	if !ok {
+	if !e.used || e.flow.dst != src {
 		return // another program's ping, or an expired flow
 	}
 	ipLen := header.IPv4MinimumSize
@@ -244,17 +384,13 @@ func (pg *pinger) reply(src netip.Addr, msg, out []byte) {
 }
 
 // expire forgets echo flows idle for longer than the engine's ICMP timeout.
+// It looks only at the flows that expire, oldest first.
 func (pg *pinger) expire(now int64) {
 	idle := int64(pg.s.eng.Timeouts().ICMPIdle)
 	pg.mu.Lock()
 	defer pg.mu.Unlock()
-	for w, e := range pg.byWire {
-		if now-e.last > idle {
-			delete(pg.byWire, w)
-			if pg.byFlow[e.flow] == w.id {
-				delete(pg.byFlow, e.flow)
-			}
-		}
+	for pg.head >= 0 && now-pg.ents[pg.head].last > idle {
+		pg.releaseLocked(pg.head)
 	}
 }
 

@@ -60,6 +60,14 @@ type Options struct {
 	DialTimeout time.Duration
 	// TCP is the [stack] section; its zero value means DefaultConfig.
 	TCP Config
+	// UDPReceiveBuffer is the largest receive buffer of a UDP flow's
+	// socket, in bytes, given to flows whose replies queue (others keep
+	// a smaller one); 0 means DefaultUDPReceiveBuffer.
+	UDPReceiveBuffer int
+	// MaxUDPFlowsPerSource and MaxEchoFlowsPerSource bound the UDP flows
+	// (sockets) and ICMP echo flows (identifiers) of one client address;
+	// 0 means the defaults (see perSourceBound).
+	MaxUDPFlowsPerSource, MaxEchoFlowsPerSource int
 }
 
 // Stack forwards the flows the filter allows between the TUN device and
@@ -95,9 +103,16 @@ type Stack struct {
 	connMu sync.Mutex
 	conns  map[filter.FlowKey]tracked
 
-	// udpFlows are the UDP flows being relayed (udp.go).
-	udpMu    sync.Mutex
-	udpFlows map[filter.FlowKey]*udpFlow
+	// udpFlows are the UDP flows being relayed (udp.go), their number by
+	// client address, and the flows whose socket is being opened, by
+	// client address too (udpOpen is their queue).
+	udpMu            sync.Mutex
+	udpFlows         map[filter.FlowKey]*udpFlow
+	udpPerSrc        map[netip.Addr]int32
+	udpOpening       map[netip.Addr]int32
+	udpOpen          chan *udpFlow
+	udp              udpLimits
+	maxEchoPerSource int
 
 	// Read loop only: flows with datagrams waiting to be sent, and how to
 	// ask the TUN whether more packets wait (udpbatch.go).
@@ -137,6 +152,8 @@ func New(o Options) (*Stack, error) {
 		ctx:         ctx,
 		cancel:      cancel,
 	}
+	s.maxEchoPerSource = o.MaxEchoFlowsPerSource
+	s.initUDP(o)
 	s.bufPool.New = func() any {
 		// Room for a whole 64 KiB packet: the device coalesces TCP
 		// segments of one flow into the buffer of the first (GRO), so a
@@ -183,6 +200,7 @@ func New(o Options) (*Stack, error) {
 		s.log.Warn("ICMP echo forwarding disabled", "err", err)
 	}
 	s.ping = p
+	s.startUDPOpeners()
 	return s, nil
 }
 
@@ -383,11 +401,7 @@ func (s *Stack) Close() {
 	}
 	s.ns.Close()
 	s.ns.Wait()
-	s.udpMu.Lock()
-	for _, f := range s.udpFlows {
-		f.conn.Close()
-	}
-	s.udpMu.Unlock()
+	s.closeUDPFlows()
 	s.wg.Wait()
 	s.watcher.wake()
 	s.watcherWG.Wait()
@@ -400,6 +414,39 @@ func (s *Stack) TUNErrors() (read, write uint64) { return s.readErrors.Load(), s
 // UDPWriteDrops returns how many relayed UDP datagrams were dropped because
 // a queue on the way was full.
 func (s *Stack) UDPWriteDrops() uint64 { return s.udpWriteDrops.Load() }
+
+// Drops returns, by reason, the packets the stack dropped itself after the
+// engine let them through: "echo-no-id" (no echo identifier left),
+// "echo-source-limit" and "udp-source-limit" (the client holds its share of
+// echo or UDP flows), "echo-send" (the raw socket's buffer was full),
+// "udp-socket-limit" (as many UDP sockets as tunfw may hold),
+// "udp-open-busy" (too many sockets being opened), "udp-open-failed" (the
+// socket could not be opened) and "udp-queue" (the flow's queue was full).
+func (s *Stack) Drops() map[string]uint64 {
+	m := s.udpDrops()
+	if s.ping != nil {
+		m["echo-no-id"] = s.ping.noID.Load()
+		m["echo-source-limit"] = s.ping.srcLimit.Load()
+		m["echo-send"] = s.ping.sendDrops.Load()
+	}
+	return m
+}
+
+// perSourceBound is how many flows of one kind (UDP, echo) one client
+// address may hold: as configured; else the default of that kind (dflt),
+// lowered to max_flows_per_source when that is set and otherwise to a
+// quarter of max_flows (at least 64), so that one client cannot take the
+// whole table from the others even when no per-source bound is set.
+func (s *Stack) perSourceBound(configured, dflt int) int {
+	if configured > 0 {
+		return configured
+	}
+	l := s.eng.Limits()
+	if l.MaxFlowsPerSource > 0 {
+		return min(dflt, l.MaxFlowsPerSource)
+	}
+	return min(dflt, max(64, l.MaxFlows/4))
+}
 
 // Panics returns how many flow handlers panicked and were recovered.
 func (s *Stack) Panics() uint64 { return s.panics.Load() }

@@ -5,6 +5,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -22,19 +24,93 @@ import (
 // burst travel in batches both ways (udpbatch.go, udpReplies): one GSO
 // sendmsg out, one coalesced TUN write back.
 
-// udpRcvBuf is the receive buffer asked for on each flow's socket, so a
-// burst of replies waits there rather than being dropped by the kernel:
-// at 1 Gbit/s offered, 1 MiB lost about 1% of the datagrams, 4 MiB none
-// (make bench, udp-s2c). It is kernel memory, used only while replies
-// queue, and bounded overall by net.ipv4.udp_mem.
-const udpRcvBuf = 4 << 20
+// DefaultUDPReceiveBuffer is the largest receive buffer of a flow's socket,
+// so a burst of replies waits there rather than being dropped by the
+// kernel: at 1 Gbit/s offered, 1 MiB lost about 1% of the datagrams
+// (2.5-18% on a loaded machine), 4 MiB none (0-5.6% loaded; make bench,
+// udp-s2c). A flow starts with udpRcvBufStart and gets this only once its
+// replies queue (udpReplies found a full batch waiting), so the many quiet
+// flows a client can open do not each ask for megabytes. It is kernel
+// memory, used only while replies queue, and bounded overall by
+// net.ipv4.udp_mem.
+const DefaultUDPReceiveBuffer = 4 << 20
 
-// udpFlow is one relayed UDP flow.
+// udpRcvBufStart is a new flow's receive buffer: the kernel's usual
+// default, room for a batch of full-size replies (udpReplyBatch) to queue
+// before the buffer grows.
+const udpRcvBufStart = 256 << 10
+
+const (
+	// defaultMaxUDPPerSource bounds the UDP flows of one client address
+	// (see Stack.perSourceBound): a resolver's burst of queries from
+	// fresh ports fits.
+	defaultMaxUDPPerSource = 16384
+	// Sockets are opened off the read loop by udpOpeners goroutines (few:
+	// they must leave the cores to the read loop; one opens about 25,000
+	// sockets a second). At most udpOpenQueue flows wait for theirs,
+	// udpOpenPerSource of one client address; past that a flow's datagram
+	// is dropped and counted, and its next datagram asks again.
+	udpOpeners       = 2
+	udpOpenQueue     = 1024
+	udpOpenPerSource = 256
+	// udpHeld and udpHeldBytes bound the datagrams a flow keeps while its
+	// socket is being opened.
+	udpHeld      = 8
+	udpHeldBytes = 8 << 10
+)
+
+// udpLimits are the UDP bounds and drop counters of a Stack.
+type udpLimits struct {
+	rcvBuf       int
+	maxPerSource int // 0: the default
+	// maxSockets keeps UDP sockets to three quarters of the descriptors
+	// the process may open, so a flood cannot take those of TCP, the
+	// control socket and the TUN.
+	maxSockets int
+
+	sourceLimit, socketLimit, openBusy, openFailed atomic.Uint64
+}
+
+func (s *Stack) initUDP(o Options) {
+	s.udpPerSrc = make(map[netip.Addr]int32)
+	s.udpOpening = make(map[netip.Addr]int32)
+	s.udpOpen = make(chan *udpFlow, udpOpenQueue)
+	s.udp.rcvBuf = o.UDPReceiveBuffer
+	if s.udp.rcvBuf <= 0 {
+		s.udp.rcvBuf = DefaultUDPReceiveBuffer
+	}
+	s.udp.maxPerSource = o.MaxUDPFlowsPerSource
+	s.udp.maxSockets = 1 << 20
+	var rl unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil && rl.Cur < 1<<22 {
+		s.udp.maxSockets = max(64, int(rl.Cur)-int(rl.Cur)/4)
+	}
+}
+
+func (s *Stack) udpDrops() map[string]uint64 {
+	return map[string]uint64{
+		"udp-source-limit": s.udp.sourceLimit.Load(),
+		"udp-socket-limit": s.udp.socketLimit.Load(),
+		"udp-open-busy":    s.udp.openBusy.Load(),
+		"udp-open-failed":  s.udp.openFailed.Load(),
+		"udp-queue":        s.udpWriteDrops.Load(),
+	}
+}
+
+// udpFlow is one relayed UDP flow. Its socket is opened by an opener
+// goroutine; until then (ready false) its datagrams wait in held.
 type udpFlow struct {
-	key  filter.FlowKey
-	conn *net.UDPConn
-	raw  syscall.RawConn
-	last atomic.Int64 // engine clock of the last datagram either way
+	key   filter.FlowKey
+	conn  *net.UDPConn // set before ready
+	raw   syscall.RawConn
+	last  atomic.Int64 // engine clock of the last datagram either way
+	ready atomic.Bool  // the socket is open and held was sent
+
+	// mu guards the hand-over from the opener to the read loop.
+	mu        sync.Mutex
+	held      [][]byte
+	heldBytes int
+	closed    bool // the flow left the table: its socket goes at once
 
 	// send, sendGSO and their arguments are set up once, so forwarding
 	// a datagram from the read loop allocates nothing.
@@ -47,6 +123,12 @@ type udpFlow struct {
 	// whether the socket takes GSO sends.
 	out udpBatch
 	gso bool
+
+	// bigRcvBuf: the reply goroutine gave the socket its largest receive
+	// buffer.
+	bigRcvBuf bool
+	// queued: the flow is in the openers' queue (read loop only).
+	queued bool
 }
 
 func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udpFlow {
@@ -63,63 +145,241 @@ func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udp
 }
 
 // forwardUDP sends the payload of an allowed datagram read from the TUN to
-// its destination, opening the flow's socket with its first datagram. It
-// runs on the read loop and never blocks: a datagram that finds the
-// socket's buffer full is dropped and counted, as a router would. The
-// send may wait in the flow's batch until the read loop has read what the
-// TUN holds (udpbatch.go).
+// its destination. It runs on the read loop and never blocks: a new flow's
+// datagrams wait (bounded) while an opener makes its socket; a datagram
+// that finds the socket's buffer full is dropped and counted, as a router
+// would. The send may wait in the flow's batch until the read loop has read
+// what the TUN holds (udpbatch.go).
 func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
 	key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(p.Src, p.SrcPort), Dst: netip.AddrPortFrom(p.Dst, p.DstPort)}
 	s.udpMu.Lock()
 	f := s.udpFlows[key]
 	s.udpMu.Unlock()
 	if f == nil {
-		var err error
-		if f, err = s.openUDP(key, now); err != nil {
-			s.udpWriteDrops.Add(1)
-			s.log.Debug("dial failed", "proto", "udp", "src", key.Src, "dst", key.Dst, "err", err)
+		if f = s.startUDP(key, now); f == nil {
 			return
 		}
 	}
 	f.last.Store(now)
-	s.queueUDP(f, pkt[p.IPHeaderLen+header.UDPMinimumSize:p.Len])
+	payload := pkt[p.IPHeaderLen+header.UDPMinimumSize : p.Len]
+	if f.ready.Load() {
+		s.queueUDP(f, payload)
+		return
+	}
+	if !f.queued && !s.queueOpen(f) {
+		s.udp.openBusy.Add(1)
+		return
+	}
+	s.holdUDP(f, payload)
 }
 
-// openUDP connects a socket for flow key and starts relaying its replies.
-func (s *Stack) openUDP(key filter.FlowKey, now int64) (*udpFlow, error) {
+// startUDP makes the flow of key's first datagram, unless its client holds
+// its share of UDP flows or tunfw as many sockets as it may: then the
+// datagram is dropped and counted, and the flow leaves the engine's table
+// (it holds nothing and counts against no limit; its next datagram tries
+// again).
+func (s *Stack) startUDP(key filter.FlowKey, now int64) *udpFlow {
+	src := key.Src.Addr()
+	var f *udpFlow
+	var drop *atomic.Uint64
+	s.udpMu.Lock()
+	switch {
+	case s.ctx.Err() != nil:
+		drop = &s.udp.openFailed
+	case int(s.udpPerSrc[src]) >= s.perSourceBound(s.udp.maxPerSource, defaultMaxUDPPerSource):
+		drop = &s.udp.sourceLimit
+	case len(s.udpFlows) >= s.udp.maxSockets:
+		drop = &s.udp.socketLimit
+	default:
+		f = newUDPFlow(key, nil, nil)
+		f.last.Store(now)
+		s.udpFlows[key] = f
+		s.udpPerSrc[src]++
+	}
+	s.udpMu.Unlock()
+	if drop != nil {
+		// Refused before anything is made for it: a flood of new
+		// flows past the bounds costs little.
+		drop.Add(1)
+		s.eng.Forget(key)
+		return nil
+	}
+	s.track(key, func() { s.endUDP(f) })
+	return f
+}
+
+// queueOpen asks the openers for f's socket; false when too many flows, or
+// too many of f's client, wait for one already.
+func (s *Stack) queueOpen(f *udpFlow) bool {
+	src := f.key.Src.Addr()
+	s.udpMu.Lock()
+	if s.udpOpening[src] < udpOpenPerSource {
+		select {
+		case s.udpOpen <- f:
+			s.udpOpening[src]++
+			f.queued = true
+		default:
+		}
+	}
+	s.udpMu.Unlock()
+	return f.queued
+}
+
+// holdUDP keeps a datagram of a flow whose socket is being opened, or
+// sends it if the socket opened meanwhile.
+func (s *Stack) holdUDP(f *udpFlow, payload []byte) {
+	f.mu.Lock()
+	if f.ready.Load() {
+		f.mu.Unlock()
+		s.queueUDP(f, payload)
+		return
+	}
+	if f.closed || len(f.held) == udpHeld || f.heldBytes+len(payload) > udpHeldBytes {
+		f.mu.Unlock()
+		s.udpWriteDrops.Add(1)
+		return
+	}
+	f.held = append(f.held, append([]byte(nil), payload...))
+	f.heldBytes += len(payload)
+	f.mu.Unlock()
+}
+
+func (s *Stack) startUDPOpeners() {
+	for range udpOpeners {
+		s.wg.Add(1)
+		go s.udpOpener()
+	}
+}
+
+// udpOpener opens the sockets of new flows, so that the read loop never
+// waits for socket, setsockopt and connect calls or a goroutine start.
+func (s *Stack) udpOpener() {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case f := <-s.udpOpen:
+			s.openUDP(f)
+			// A flood keeps the openers busy: let a read loop that
+			// is ready run first, whatever the number of cores.
+			runtime.Gosched()
+		}
+	}
+}
+
+// openUDP connects a socket for flow f, sends what it held and starts
+// relaying its replies.
+func (s *Stack) openUDP(f *udpFlow) {
+	defer s.recoverFlow(f.key)
+	conn, raw, err := s.dialUDP(f.key)
+	src := f.key.Src.Addr()
+	s.udpMu.Lock()
+	if s.udpOpening[src]--; s.udpOpening[src] <= 0 {
+		delete(s.udpOpening, src)
+	}
+	s.udpMu.Unlock()
+	f.mu.Lock()
+	if err != nil || f.closed {
+		held := len(f.held)
+		f.held, f.heldBytes = nil, 0
+		byTable := f.closed
+		f.closed = true
+		f.mu.Unlock()
+		if conn != nil {
+			conn.Close()
+		}
+		if !byTable {
+			s.udp.openFailed.Add(uint64(held))
+			s.log.Debug("dial failed", "proto", "udp", "src", f.key.Src, "dst", f.key.Dst, "err", err)
+			s.udpMu.Lock()
+			s.removeUDPLocked(f)
+			s.udpMu.Unlock()
+			s.untrack(f.key)
+			s.eng.Forget(f.key)
+		}
+		return
+	}
+	f.conn, f.raw = conn, raw
+	for _, d := range f.held {
+		s.sendUDP(f, d)
+	}
+	f.held, f.heldBytes = nil, 0
+	f.ready.Store(true)
+	f.mu.Unlock()
+	s.wg.Add(1) // this opener is counted in wg: it cannot be zero here
+	go s.udpReplies(f)
+}
+
+// dialUDP opens and connects the socket of flow key.
+func (s *Stack) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, error) {
 	network := "udp4"
 	if key.Dst.Addr().Is6() {
 		network = "udp6"
 	}
 	c, err := s.dialer.net.DialContext(s.ctx, network, key.Dst.String())
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	uc := c.(*net.UDPConn)
 	raw, err := uc.SyscallConn()
 	if err != nil {
 		uc.Close()
-		return nil, err
+		return nil, nil, err
 	}
+	s.setUDPRcvBuf(raw, min(udpRcvBufStart, s.udp.rcvBuf))
+	return uc, raw, nil
+}
+
+// setUDPRcvBuf sets the receive buffer of a flow's socket. Best effort:
+// without CAP_NET_ADMIN the default stays.
+func (s *Stack) setUDPRcvBuf(raw syscall.RawConn, size int) {
 	raw.Control(func(fd uintptr) {
-		// Best effort: without CAP_NET_ADMIN the default stays.
-		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, udpRcvBuf)
+		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size)
 	})
-	f := newUDPFlow(key, uc, raw)
-	f.last.Store(now)
-	// Under udpMu, so Close either sees this flow or this sees Close.
-	s.udpMu.Lock()
-	if err := s.ctx.Err(); err != nil {
-		s.udpMu.Unlock()
-		uc.Close()
-		return nil, err
+}
+
+// endUDP releases flow f the moment it leaves the engine's table (expired,
+// cut by a reload) or the stack closes: its socket, its entry, its
+// tracking. Its reply goroutine sees the closed socket and ends.
+func (s *Stack) endUDP(f *udpFlow) {
+	f.mu.Lock()
+	f.closed = true
+	c := f.conn
+	f.mu.Unlock()
+	if c != nil {
+		c.Close()
 	}
-	s.udpFlows[key] = f
-	s.wg.Add(1)
+	s.udpMu.Lock()
+	s.removeUDPLocked(f)
 	s.udpMu.Unlock()
-	s.track(key, func() { uc.Close() })
-	go s.udpReplies(f)
-	return f, nil
+	s.untrack(f.key)
+}
+
+// removeUDPLocked deletes f from the flows, if it is still there; udpMu
+// must be held.
+func (s *Stack) removeUDPLocked(f *udpFlow) {
+	if s.udpFlows[f.key] != f {
+		return
+	}
+	delete(s.udpFlows, f.key)
+	src := f.key.Src.Addr()
+	if s.udpPerSrc[src]--; s.udpPerSrc[src] <= 0 {
+		delete(s.udpPerSrc, src)
+	}
+}
+
+// closeUDPFlows releases every UDP flow, when the stack closes.
+func (s *Stack) closeUDPFlows() {
+	s.udpMu.Lock()
+	fs := make([]*udpFlow, 0, len(s.udpFlows))
+	for _, f := range s.udpFlows {
+		fs = append(fs, f)
+	}
+	s.udpMu.Unlock()
+	for _, f := range fs {
+		s.endUDP(f)
+	}
 }
 
 // udpReplyBatch is how many datagrams udpReplies reads before writing
@@ -182,6 +442,12 @@ func (s *Stack) udpReplies(f *udpFlow) {
 			}
 			r.bp = nil
 			if len(held) == udpReplyBatch {
+				// Replies queue: this flow is busy enough for the
+				// largest buffer.
+				if !f.bigRcvBuf {
+					f.bigRcvBuf = true
+					s.setUDPRcvBuf(f.raw, s.udp.rcvBuf)
+				}
 				break
 			}
 			// More already there? Read without waiting.
@@ -218,13 +484,20 @@ func (s *Stack) udpReplyPacket(f *udpFlow, bp *[]byte, n, ipLen int, now int64) 
 	return b[:tunOffset+total]
 }
 
-// closeUDP ends a flow: its socket, its table entries and its flow.
+// closeUDP ends a flow whose reply loop ended: its socket, its table
+// entries and its flow in the engine, unless the flow already left the
+// engine's table (endUDP did the rest then).
 func (s *Stack) closeUDP(f *udpFlow) {
 	f.conn.Close()
-	s.udpMu.Lock()
-	if s.udpFlows[f.key] == f {
-		delete(s.udpFlows, f.key)
+	f.mu.Lock()
+	byTable := f.closed
+	f.closed = true
+	f.mu.Unlock()
+	if byTable {
+		return
 	}
+	s.udpMu.Lock()
+	s.removeUDPLocked(f)
 	s.udpMu.Unlock()
 	s.untrack(f.key)
 	s.eng.Forget(f.key)

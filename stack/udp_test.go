@@ -2,6 +2,9 @@ package stack
 
 import (
 	"bytes"
+	"context"
+	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"syscall"
@@ -182,4 +185,176 @@ func loopbackUDP(t *testing.T) (srv, c *net.UDPConn, raw syscall.RawConn) {
 		t.Fatal(err)
 	}
 	return srv, c, raw
+}
+
+// udpPacket builds an IPv4 UDP packet and its description.
+func udpPacket(t *testing.T, src, dst netip.AddrPort, payload []byte) ([]byte, filter.Packet) {
+	t.Helper()
+	pkt := make([]byte, header.IPv4MinimumSize+header.UDPMinimumSize+len(payload))
+	copy(pkt[header.IPv4MinimumSize+header.UDPMinimumSize:], payload)
+	// A reply from dst to src, reversed, is the same packet shape.
+	buildUDPReply(pkt, filter.FlowKey{Proto: filter.ProtoUDP, Src: dst, Dst: src})
+	var p filter.Packet
+	if err := filter.ParsePacket(pkt, &p); err != nil {
+		t.Fatal(err)
+	}
+	return pkt, p
+}
+
+// TestUDPFlowOpensOffTheReadLoop runs UDP flows to a loopback server as
+// the read loop does: a new flow's datagrams wait while an opener makes its
+// socket, then reach the server in order; later datagrams go straight out
+// without allocating; a client past its share of UDP flows is refused and
+// counted; a flow that leaves the table has its socket closed at once.
+func TestUDPFlowOpensOffTheReadLoop(t *testing.T) {
+	srv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	rs, err := filter.Compile(filter.Options{}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eng := filter.NewEngine(rs, filter.EngineOptions{})
+	s, err := New(Options{MTU: 1500, Engine: eng, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), MaxUDPFlowsPerSource: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	dst := srv.LocalAddr().(*net.UDPAddr).AddrPort()
+	client := netip.MustParseAddr("10.1.1.1")
+	// The engine would not forward to loopback: the datagrams go to the
+	// stack directly.
+	send := func(port uint16, payload string) {
+		pkt, p := udpPacket(t, netip.AddrPortFrom(client, port), dst, []byte(payload))
+		s.forwardUDP(&p, pkt, s.now())
+		s.flushUDP()
+	}
+	recv := func(want string) {
+		t.Helper()
+		buf := make([]byte, 100)
+		srv.SetReadDeadline(time.Now().Add(2 * time.Second))
+		n, err := srv.Read(buf)
+		if err != nil || string(buf[:n]) != want {
+			t.Fatalf("server got %q, %v; want %q", buf[:n], err, want)
+		}
+	}
+	for _, m := range []string{"one", "two", "three"} {
+		send(1000, m)
+	}
+	for _, m := range []string{"one", "two", "three"} {
+		recv(m)
+	}
+	key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(client, 1000), Dst: dst}
+	s.udpMu.Lock()
+	f := s.udpFlows[key]
+	s.udpMu.Unlock()
+	if f == nil || !f.ready.Load() {
+		t.Fatal("the flow's socket is not open")
+	}
+	pkt, p := udpPacket(t, key.Src, dst, []byte("steady"))
+	if n := testing.AllocsPerRun(50, func() {
+		s.forwardUDP(&p, pkt, s.now())
+		s.flushUDP()
+	}); n != 0 {
+		t.Errorf("a datagram of an open flow allocates %v times", n)
+	}
+	for range 51 { // AllocsPerRun's runs and its warm-up
+		recv("steady")
+	}
+
+	send(1001, "second flow")
+	recv("second flow")
+	send(1002, "third flow")
+	if n := s.Drops()["udp-source-limit"]; n != 1 {
+		t.Errorf("udp-source-limit drops: %d, want 1", n)
+	}
+	s.udpMu.Lock()
+	n := len(s.udpFlows)
+	s.udpMu.Unlock()
+	if n != 2 {
+		t.Errorf("%d UDP flows relayed, want the 2 of the client's share", n)
+	}
+
+	// The flow leaves the table: its socket goes at once.
+	if n := s.CloseFlows([]filter.FlowRef{{Key: key}}); n != 1 {
+		t.Fatalf("CloseFlows closed %d relays, want 1", n)
+	}
+	s.udpMu.Lock()
+	_, still := s.udpFlows[key]
+	s.udpMu.Unlock()
+	if still {
+		t.Error("the closed flow is still relayed")
+	}
+	if _, err := f.conn.Write([]byte("x")); err == nil {
+		t.Error("the closed flow's socket still writes")
+	}
+}
+
+// TestUDPOpenQueueBounded checks the bounds on flows waiting for their
+// socket, with no opener running: one client may have udpOpenPerSource
+// waiting, all clients udpOpenQueue; a flow that finds the queue full is
+// kept (its next datagram asks again) but its datagram is dropped and
+// counted; each waiting flow holds at most udpHeld datagrams. UDP sockets
+// stop at maxSockets, and a flow refused then is not kept.
+func TestUDPOpenQueueBounded(t *testing.T) {
+	s := testEngineStack(t, filter.EngineLimits{MaxFlows: 1 << 20})
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	t.Cleanup(s.cancel)
+	s.udpFlows = make(map[filter.FlowKey]*udpFlow)
+	s.initUDP(Options{})
+	dst := netip.MustParseAddrPort("192.0.2.1:53")
+	send := func(src netip.AddrPort) {
+		pkt, p := udpPacket(t, src, dst, []byte("datagram"))
+		s.forwardUDP(&p, pkt, 1)
+	}
+	flows := func() int {
+		s.udpMu.Lock()
+		defer s.udpMu.Unlock()
+		return len(s.udpFlows)
+	}
+	client := netip.MustParseAddr("10.0.0.1")
+	for i := range udpOpenPerSource + 10 {
+		send(netip.AddrPortFrom(client, uint16(1000+i)))
+	}
+	if n, busy := len(s.udpOpen), s.udp.openBusy.Load(); n != udpOpenPerSource || busy != 10 || flows() != udpOpenPerSource+10 {
+		t.Fatalf("one client: %d flows queued, %d datagrams refused, %d flows; want %d, 10, %d", n, busy, flows(), udpOpenPerSource, udpOpenPerSource+10)
+	}
+	for i := 0; len(s.udpOpen) < udpOpenQueue; i++ {
+		if i > udpOpenQueue {
+			t.Fatalf("the queue does not fill: %d", len(s.udpOpen))
+		}
+		send(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 1000))
+	}
+	busy := s.udp.openBusy.Load()
+	send(netip.MustParseAddrPort("10.2.0.1:1000"))
+	if len(s.udpOpen) != udpOpenQueue || s.udp.openBusy.Load() != busy+1 {
+		t.Fatal("a flow was queued past udpOpenQueue")
+	}
+
+	// A waiting flow holds udpHeld datagrams, no more.
+	src := netip.AddrPortFrom(client, 1000)
+	for range udpHeld + 3 {
+		send(src)
+	}
+	s.udpMu.Lock()
+	f := s.udpFlows[filter.FlowKey{Proto: filter.ProtoUDP, Src: src, Dst: dst}]
+	s.udpMu.Unlock()
+	if len(f.held) != udpHeld || s.udpWriteDrops.Load() != 4 { // and the first
+		t.Errorf("a waiting flow holds %d datagrams, %d dropped; want %d, 4", len(f.held), s.udpWriteDrops.Load(), udpHeld)
+	}
+
+	// The bound on sockets.
+	s.udp.maxSockets = flows()
+	send(netip.MustParseAddrPort("10.3.0.1:1000"))
+	if s.udp.socketLimit.Load() != 1 || flows() != s.udp.maxSockets {
+		t.Errorf("a flow past maxSockets was not refused (%d socket-limit drops)", s.udp.socketLimit.Load())
+	}
+	s.connMu.Lock()
+	tracked := len(s.conns)
+	s.connMu.Unlock()
+	if tracked != flows() {
+		t.Errorf("%d flows tracked, want the %d kept: refused flows must not stay tracked", tracked, flows())
+	}
 }

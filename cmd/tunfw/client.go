@@ -197,36 +197,32 @@ func printStats(w io.Writer, data []byte) int {
 	tw.Flush()
 	fmt.Fprintf(w, "\nforwarded %d packets (%d bytes out, %d bytes in), %d replies, %d flows created\n",
 		s.Forwarded, s.BytesIn, s.BytesOut, s.Replies, s.FlowsCreated)
-	reasons := make([]string, 0, len(s.Drops))
-	for r := range s.Drops {
+	printCounts(w, "dropped", s.Drops)
+	fmt.Fprintf(w, "\ntun errors: read %d, write %d; control requests refused %d\n", s.TUNReadErrs, s.TUNWriteErrs, s.ControlRefuse)
+	fmt.Fprintf(w, "relayed UDP datagrams dropped on a full queue %d; flow handlers recovered from a panic %d\n", s.UDPQueueDrops, s.FlowPanics)
+	printCounts(w, "dropped by the stack", s.StackDrops)
+	fmt.Fprintln(w)
+	printCounts(w, fmt.Sprintf("TCP dials pending %d; failed", s.PendingDials), s.DialFailures)
+	fmt.Fprintln(w)
+	return 0
+}
+
+// printCounts prints label and the counts by reason, sorted, on one line
+// (without its newline).
+func printCounts(w io.Writer, label string, counts map[string]uint64) {
+	reasons := make([]string, 0, len(counts))
+	for r := range counts {
 		reasons = append(reasons, r)
 	}
 	sort.Strings(reasons)
-	fmt.Fprint(w, "dropped")
+	fmt.Fprint(w, label)
 	for i, r := range reasons {
 		sep := ","
 		if i == 0 {
 			sep = ""
 		}
-		fmt.Fprintf(w, "%s %s %d", sep, r, s.Drops[r])
+		fmt.Fprintf(w, "%s %s %d", sep, r, counts[r])
 	}
-	fmt.Fprintf(w, "\ntun errors: read %d, write %d; control requests refused %d\n", s.TUNReadErrs, s.TUNWriteErrs, s.ControlRefuse)
-	fmt.Fprintf(w, "relayed UDP datagrams dropped on a full queue %d; flow handlers recovered from a panic %d\n", s.UDPQueueDrops, s.FlowPanics)
-	fmt.Fprintf(w, "TCP dials pending %d; failed", s.PendingDials)
-	failures := make([]string, 0, len(s.DialFailures))
-	for r := range s.DialFailures {
-		failures = append(failures, r)
-	}
-	sort.Strings(failures)
-	for i, r := range failures {
-		sep := ","
-		if i == 0 {
-			sep = ""
-		}
-		fmt.Fprintf(w, "%s %s %d", sep, r, s.DialFailures[r])
-	}
-	fmt.Fprintln(w)
-	return 0
 }
 
 // lowerPriority makes this process run at nice 10. A listing of a full

@@ -193,6 +193,9 @@ type statsInfo struct {
 	// counts the dials that did not connect, by reason.
 	PendingDials int               `json:"pending_dials"`
 	DialFailures map[string]uint64 `json:"dial_failures"`
+	// StackDrops counts packets the stack dropped after the engine let
+	// them through, by reason (stack.Stack.Drops).
+	StackDrops map[string]uint64 `json:"stack_drops"`
 }
 
 // flowsArgs filters `tunfw flows`.
@@ -274,6 +277,7 @@ func (d *daemon) stats() statsInfo {
 		FlowsCreated: c.FlowsCreated, TUNReadErrs: r, TUNWriteErrs: w, ControlRefuse: d.ctrl.Refused(),
 		UDPQueueDrops: d.st.UDPWriteDrops(), FlowPanics: d.st.Panics(),
 		PendingDials: d.st.PendingDials(), DialFailures: d.st.DialFailures(),
+		StackDrops: d.st.Drops(),
 	}
 }
 
@@ -348,6 +352,7 @@ func (d *daemon) serve(ctx context.Context, eng *filter.Engine, st *stack.Stack,
 			ControlRefused: d.ctrl.Refused,
 			DialFailures:   st.DialFailures,
 			PendingDials:   st.PendingDials,
+			StackDrops:     st.Drops,
 		}, d.log)
 	}
 	hup := make(chan os.Signal, 1)

@@ -1,0 +1,155 @@
+package stack
+
+import (
+	"encoding/binary"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/tunfw/tunfw/filter"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+)
+
+// testEngineStack returns a Stack with an engine and no device or
+// sockets, for the parts that only keep state.
+func testEngineStack(t *testing.T, lim filter.EngineLimits) *Stack {
+	t.Helper()
+	rs, err := filter.Compile(filter.Options{}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eng := filter.NewEngine(rs, filter.EngineOptions{})
+	eng.SetLimits(lim)
+	return &Stack{eng: eng, epoch: time.Now(), log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		conns: make(map[filter.FlowKey]tracked), dials: newDialPool()}
+}
+
+func testPinger(s *Stack) *pinger {
+	return &pinger{s: s, byFlow: make(map[pingFlow]uint16), perSrc: make(map[netip.Addr]int32), head: -1, tail: -1, salt: 0x1234}
+}
+
+// TestEchoIDs checks the echo identifier allocator: once every identifier
+// is in use the next flow gets none at once (dropped and counted, never a
+// search that does not end) unless the flow idle longest has been idle for
+// echoEvictAge, whose identifier it then takes; identifiers come back when
+// their flows expire, a flow in use is not expired, and one client gets
+// only its share.
+func TestEchoIDs(t *testing.T) {
+	s := testEngineStack(t, filter.EngineLimits{})
+	s.maxEchoPerSource = 1 << 20 // no share: run out of identifiers
+	pg := testPinger(s)
+	dst := netip.MustParseAddr("192.0.2.1")
+	flow := func(i int) pingFlow {
+		return pingFlow{src: netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), dst: dst, id: uint16(i)}
+	}
+	pg.mu.Lock()
+	defer pg.mu.Unlock()
+	seen := make(map[uint16]bool)
+	for i := range maxEchoIDs {
+		id, ok := pg.openLocked(flow(i), 1)
+		if !ok || seen[id] {
+			t.Fatalf("flow %d: identifier %d, %v; want a new one", i, id, ok)
+		}
+		seen[id] = true
+	}
+	t0 := time.Now()
+	if _, ok := pg.openLocked(flow(maxEchoIDs), 1); ok {
+		t.Fatal("a flow got an identifier with all in use")
+	}
+	if d := time.Since(t0); d > 10*time.Millisecond {
+		t.Errorf("refusing a flow took %v", d)
+	}
+	if pg.noID.Load() != 1 {
+		t.Errorf("no-identifier drops: %d, want 1", pg.noID.Load())
+	}
+	// Later, the flow idle longest (flow 0) gives its identifier up.
+	first := pg.byFlow[flow(0)]
+	if id, ok := pg.openLocked(flow(maxEchoIDs), 1+echoEvictAge); !ok || id != first {
+		t.Fatalf("with every identifier idle for %v: got %d, %v; want flow 0's %d", time.Duration(echoEvictAge), id, ok, first)
+	}
+	if _, ok := pg.byFlow[flow(0)]; ok || len(pg.byFlow) != maxEchoIDs {
+		t.Fatalf("flow 0 kept its identifier, or flows were lost: %d flows", len(pg.byFlow))
+	}
+
+	// Flow 5 stays in use; the others expire.
+	idle := int64(s.eng.Timeouts().ICMPIdle)
+	pg.touchLocked(int32(pg.byFlow[flow(5)]), 1+idle)
+	pg.mu.Unlock()
+	pg.expire(2 + idle)
+	pg.mu.Lock()
+	// Flow 5, in use, and the flow that took flow 0's identifier, newer,
+	// stay.
+	if len(pg.byFlow) != 2 || len(pg.free) != maxEchoIDs-2 || len(pg.perSrc) != 2 {
+		t.Fatalf("after expiry: %d flows, %d free identifiers, %d sources; want 2, %d, 2", len(pg.byFlow), len(pg.free), len(pg.perSrc), maxEchoIDs-2)
+	}
+	if _, ok := pg.byFlow[flow(5)]; !ok {
+		t.Fatal("the flow in use expired")
+	}
+	if _, ok := pg.openLocked(flow(maxEchoIDs+1), 3+idle); !ok {
+		t.Fatal("no identifier after the others expired")
+	}
+
+	// One client's share: a quarter of max_flows (64 at least) with no
+	// max_flows_per_source, that bound when set.
+	for _, c := range []struct {
+		lim  filter.EngineLimits
+		want int
+	}{
+		{filter.EngineLimits{MaxFlows: 1000}, 250},
+		{filter.EngineLimits{MaxFlows: 100}, 64},
+		{filter.EngineLimits{MaxFlows: 1000, MaxFlowsPerSource: 10}, 10},
+		{filter.EngineLimits{}, defaultMaxEchoPerSource},
+	} {
+		s := testEngineStack(t, c.lim)
+		pg := testPinger(s)
+		src := netip.MustParseAddr("10.9.9.9")
+		n := 0
+		for i := range 2 * defaultMaxEchoPerSource {
+			if _, ok := pg.openLocked(pingFlow{src: src, dst: dst, id: uint16(i)}, 1); ok {
+				n++
+			}
+		}
+		if n != c.want || int(pg.srcLimit.Load()) != 2*defaultMaxEchoPerSource-c.want {
+			t.Errorf("%+v: one client got %d identifiers (%d refused), want %d", c.lim, n, pg.srcLimit.Load(), c.want)
+		}
+	}
+}
+
+// TestEchoSendDoesNotAllocate sends echo requests of an open flow through
+// a real raw socket to loopback: the per-packet path allocates nothing.
+func TestEchoSendDoesNotAllocate(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("raw ICMP sockets need root")
+	}
+	s := testEngineStack(t, filter.EngineLimits{})
+	s.dialer = newDialer(Outbound{})
+	pg, err := newPinger(s)
+	if err != nil {
+		t.Skipf("no raw ICMP socket: %v", err)
+	}
+	t.Cleanup(func() { pg.close(); s.wg.Wait() })
+	pkt := make([]byte, header.IPv4MinimumSize+8+32)
+	ip := header.IPv4(pkt)
+	ip.Encode(&header.IPv4Fields{TotalLength: uint16(len(pkt)), TTL: 64, Protocol: uint8(header.ICMPv4ProtocolNumber),
+		SrcAddr: tcpipAddr(netip.MustParseAddr("127.0.0.2")), DstAddr: tcpipAddr(netip.MustParseAddr("127.0.0.1"))})
+	ip.SetChecksum(^ip.CalculateChecksum())
+	icmp := pkt[header.IPv4MinimumSize:]
+	icmp[0] = byte(header.ICMPv4Echo)
+	binary.BigEndian.PutUint16(icmp[4:], 77)
+	var p filter.Packet
+	if err := filter.ParsePacket(pkt, &p); err != nil {
+		t.Fatal(err)
+	}
+	// The Stack's MTU is 0: the loopback's replies are read and dropped
+	// as too large for the TUN, which there is none of.
+	pg.send(&p, pkt) // opens the flow
+	if n := testing.AllocsPerRun(100, func() { pg.send(&p, pkt) }); n != 0 {
+		t.Errorf("an echo request of an open flow allocates %v times", n)
+	}
+	if len(pg.byFlow) != 1 || pg.sendDrops.Load() != 0 {
+		t.Errorf("%d flows, %d send drops; want 1, 0", len(pg.byFlow), pg.sendDrops.Load())
+	}
+}
