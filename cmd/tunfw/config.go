@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/BurntSushi/toml"
@@ -81,9 +82,9 @@ func (e ConfigError) Error() string {
 	}
 	b.WriteString(": ")
 	if e.Key != "" {
-		b.WriteString(truncate(e.Key, maxErrorKey) + ": ")
+		b.WriteString(truncate(oneLine(e.Key), maxErrorKey) + ": ")
 	}
-	b.WriteString(truncate(e.Msg, maxErrorMsg))
+	b.WriteString(truncate(oneLine(e.Msg), maxErrorMsg))
 	return b.String()
 }
 
@@ -94,6 +95,24 @@ const (
 	maxErrorMsg    = 300
 	maxErrorsShown = 100
 )
+
+// oneLine escapes control characters in s (a quoted key may hold a
+// newline), so that each error stays one line that starts with the file.
+func oneLine(s string) string {
+	if strings.IndexFunc(s, unicode.IsControl) < 0 {
+		return s
+	}
+	var b strings.Builder
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
 
 // truncate shortens s to about max bytes (on a rune boundary), saying how
 // much was left out.

@@ -174,6 +174,7 @@ func FuzzParseConfig(f *testing.F) {
 	f.Add("[sets]\na = [\"1-2\", \"::/0\", 70000]\n[[rule]]\naction=\"allow\"\nsrc_port=\"@a\"\n")
 	f.Add("[limits]\nudp_idle = \"-1s\"\n[metrics]\nlisten = \"x\"\n[control]\nsocket = \"rel\"\n")
 	f.Add("[[rule]]\n[[rule]]\nproto = [[]]\n")
+	f.Add("[limits]\n\"a\\n'\" = 1\n\"\\r\" = 2\n")
 	f.Fuzz(func(t *testing.T, text string) {
 		cfg, err := parseConfig("f.toml", []byte(text))
 		if err == nil {
