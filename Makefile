@@ -7,7 +7,8 @@ LDFLAGS := -s -w -X main.version=$(VERSION)
 
 .PHONY: build test vet fuzz bench bench-smoke clean install image
 
-# `make install` (as root): the binary, the systemd unit and, unless one
+# `make install` (as root): the binary, the systemd units (tunfw.service;
+# tunfw-block.service, the boot-time kill switch, left disabled) and, unless one
 # exists, the example config. DESTDIR stages it elsewhere.
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -49,6 +50,8 @@ install: build
 	install -D -m 0755 bin/tunfw $(DESTDIR)$(PREFIX)/bin/tunfw
 	sed 's|/usr/local/bin/tunfw|$(PREFIX)/bin/tunfw|g' deploy/tunfw.service > bin/tunfw.service
 	install -D -m 0644 bin/tunfw.service $(DESTDIR)/etc/systemd/system/tunfw.service
+	sed 's|/usr/local/bin/tunfw|$(PREFIX)/bin/tunfw|g' deploy/tunfw-block.service > bin/tunfw-block.service
+	install -D -m 0644 bin/tunfw-block.service $(DESTDIR)/etc/systemd/system/tunfw-block.service
 	test -e $(DESTDIR)/etc/tunfw/config.toml || install -D -m 0600 config.toml $(DESTDIR)/etc/tunfw/config.toml
 	@echo "installed; now: systemctl daemon-reload && systemctl enable --now tunfw"
 

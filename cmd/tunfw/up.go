@@ -127,6 +127,9 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		Outbound: dial,
 		Logger:   log,
 		TCP:      mem.Stack,
+		// A UDP flow's receive buffer grows up to the memory budget's
+		// share, as a TCP connection's does.
+		UDPReceiveBuffer: mem.UDPReceiveBuffer,
 	})
 	if err != nil {
 		return fmt.Errorf("build stack: %w", err)
