@@ -84,10 +84,16 @@ func TestDialPoolEviction(t *testing.T) {
 	if p.len() != total {
 		t.Errorf("%d pending, want %d", p.len(), total)
 	}
-	// A flow leaving the table cancels its dial.
+	// A flow leaving the table cancels its dial, but not the dial of a
+	// newer flow with the same key.
 	cancelled := false
 	other[0].cancel = func() { cancelled = true }
-	p.cancelFlows([]filter.FlowRef{{Key: other[0].key}, {Key: testDial("10.9.9.9", 9).key}})
+	other[0].id = 7
+	p.cancelFlows([]filter.FlowRef{{Key: other[0].key, ID: 6}})
+	if cancelled || !p.answered(other[0], nil) {
+		t.Error("closing an older flow cancelled the dial of a newer one with its key")
+	}
+	p.cancelFlows([]filter.FlowRef{{Key: other[0].key, ID: 7}, {Key: testDial("10.9.9.9", 9).key}})
 	if !cancelled || p.done(other[0]) != dialCancelled || p.answered(other[0], nil) {
 		t.Error("cancelFlows did not cancel the flow's dial")
 	}

@@ -14,7 +14,7 @@ func TestTrackByIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &Stack{eng: filter.NewEngine(rs, filter.EngineOptions{}), conns: make(map[filter.FlowKey]tracked)}
+	s := &Stack{eng: filter.NewEngine(rs, filter.EngineOptions{}), conns: make(map[filter.FlowKey]tracked), dials: newDialPool()}
 	k := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1000"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
 	oldRef, newRef := filter.FlowRef{Key: k, ID: 1}, filter.FlowRef{Key: k, ID: 2}
 	var oldClosed, newClosed int
