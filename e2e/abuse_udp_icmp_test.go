@@ -28,21 +28,28 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// stackDrops returns the stack's drop counters (`tunfw stats --json`,
-// "stack_drops") by reason.
-func stackDrops(t *testing.T, cfg string) map[string]uint64 {
+// statsCounts returns one of `tunfw stats --json`'s counts by reason
+// (field: "stack_drops", "dial_failures", ...).
+func statsCounts(t *testing.T, cfg, field string) map[string]uint64 {
 	t.Helper()
 	out, errOut, code := ctlTimeout(t, 10*time.Second, cfg, "stats", "--json")
 	if code != 0 {
 		t.Fatalf("tunfw stats: exit %d: %s", code, errOut)
 	}
-	var st struct {
-		StackDrops map[string]uint64 `json:"stack_drops"`
-	}
+	var st map[string]json.RawMessage
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("stats --json: %v\n%s", err, out)
 	}
-	return st.StackDrops
+	var counts map[string]uint64
+	if err := json.Unmarshal(st[field], &counts); err != nil {
+		t.Fatalf("stats --json %s: %v\n%s", field, err, out)
+	}
+	return counts
+}
+
+// stackDrops returns the stack's drop counters by reason.
+func stackDrops(t *testing.T, cfg string) map[string]uint64 {
+	return statsCounts(t, cfg, "stack_drops")
 }
 
 // ctlTimeout is ctl bounded by d: a control plane that does not answer in

@@ -11,7 +11,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -167,18 +166,7 @@ func cpuSeconds(t *testing.T, pid int) float64 {
 
 // dialFailures returns tunfw's count of failed TCP dials by reason.
 func dialFailures(t *testing.T, cfg string) map[string]uint64 {
-	t.Helper()
-	out, errOut, code := ctl(t, cfg, "stats", "--json")
-	if code != 0 {
-		t.Fatalf("tunfw stats: exit %d: %s", code, errOut)
-	}
-	var st struct {
-		DialFailures map[string]uint64 `json:"dial_failures"`
-	}
-	if err := json.Unmarshal([]byte(out), &st); err != nil {
-		t.Fatalf("stats --json: %v\n%s", err, out)
-	}
-	return st.DialFailures
+	return statsCounts(t, cfg, "dial_failures")
 }
 
 // TestSYNFloodFairness floods SYNs at 10,000 a second from a client
