@@ -327,12 +327,7 @@ func TestGatewayKillSwitch(t *testing.T) {
 	requireNft(t)
 	topo := newCaptureTopo(t)
 	host := topo.Host
-	client := netnstest.New(t, "tfg-")
-	lanIf := "tfl-" + client.Name[4:]
-	netnstest.Link(t, host, lanIf, []string{"10.98.0.1/24", "fd98::1/64"}, client, "tfm-"+client.Name[4:], []string{"10.98.0.2/24", "fd98::2/64"})
-	client.Run(t, "ip", "route", "add", "default", "via", "10.98.0.1")
-	client.Run(t, "ip", "-6", "route", "add", "default", "via", "fd98::1")
-	host.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	client, lanIf := addGatewayClient(t, host)
 	// The server can answer the client directly: without a kill switch,
 	// forwarded traffic would get through unfiltered.
 	topo.Server.Run(t, "ip", "route", "add", "10.98.0.0/24", "via", topo.HostV4.String())
@@ -519,12 +514,7 @@ func TestCaptureHostToGatewayClient(t *testing.T) {
 	requireNft(t)
 	topo := newCaptureTopo(t)
 	host := topo.Host
-	client := netnstest.New(t, "tfg-")
-	lanIf := "tfl-" + client.Name[4:]
-	netnstest.Link(t, host, lanIf, []string{"10.98.0.1/24", "fd98::1/64"}, client, "tfm-"+client.Name[4:], []string{"10.98.0.2/24", "fd98::2/64"})
-	client.Run(t, "ip", "route", "add", "default", "via", "10.98.0.1")
-	client.Run(t, "ip", "-6", "route", "add", "default", "via", "fd98::1")
-	host.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	client, lanIf := addGatewayClient(t, host)
 	for _, a := range []string{"10.98.0.2:2323", "[fd98::2]:2323"} {
 		startTCPEcho(t, client, netip.MustParseAddrPort(a))
 	}

@@ -517,16 +517,25 @@ src = ["10.98.0.3", "fd98::3"]
 dst_port = 9100
 `
 
-func TestGateway(t *testing.T) {
-	topo := newCaptureTopo(t)
-	host := topo.Host
-	// A third namespace (a container, say) routed through the host.
-	client := netnstest.New(t, "tfg-")
-	lanIf := "tfl-" + client.Name[4:]
+// addGatewayClient adds a namespace (a container, say) routed through
+// host: 10.98.0.2/24 and fd98::2/64 behind host's interface lanIf
+// (10.98.0.1, fd98::1), with forwarding on in host.
+func addGatewayClient(t *testing.T, host *netnstest.NS) (client *netnstest.NS, lanIf string) {
+	t.Helper()
+	client = netnstest.New(t, "tfg-")
+	lanIf = "tfl-" + client.Name[4:]
 	netnstest.Link(t, host, lanIf, []string{"10.98.0.1/24", "fd98::1/64"}, client, "tfm-"+client.Name[4:], []string{"10.98.0.2/24", "fd98::2/64"})
 	client.Run(t, "ip", "route", "add", "default", "via", "10.98.0.1")
 	client.Run(t, "ip", "-6", "route", "add", "default", "via", "fd98::1")
 	host.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	return client, lanIf
+}
+
+func TestGateway(t *testing.T) {
+	topo := newCaptureTopo(t)
+	host := topo.Host
+	// A third namespace (a container, say) routed through the host.
+	client, lanIf := addGatewayClient(t, host)
 
 	fw := startTunfw(t, host, writeConfig(t, fmt.Sprintf(gatewayConfig, lanIf)))
 	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
