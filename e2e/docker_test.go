@@ -68,14 +68,18 @@ func TestDockerImage(t *testing.T) {
 		}
 	}
 
-	_, runDockerExisted := os.Stat("/run/docker")
 	sock := filepath.Join(dir, "docker.sock")
 	logf, err := os.Create(filepath.Join(dir, "dockerd.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	// dockerd and the containerd it starts keep their state under /run:
+	// in their own mount namespace they get a fresh /run (mounted once
+	// nsenter has opened the network namespace's file under the old one),
+	// so the machine's /run is left as it was.
 	d := exec.Command("unshare", "-m", "--propagation", "private",
 		"nsenter", "--net=/run/netns/"+host.Name,
+		"sh", "-c", `mount -t tmpfs -o mode=0755 tmpfs /run && exec "$@"`, "sh",
 		dockerd, "--data-root", filepath.Join(dir, "data"), "--exec-root", filepath.Join(dir, "exec"),
 		"--pidfile", filepath.Join(dir, "dockerd.pid"), "-H", "unix://"+sock,
 		"--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
@@ -87,7 +91,7 @@ func TestDockerImage(t *testing.T) {
 	dockerdDone := make(chan struct{})
 	go func() { d.Wait(); close(dockerdDone) }()
 	t.Cleanup(func() {
-		// unshare and nsenter exec, so this PID is dockerd itself.
+		// unshare, nsenter and sh exec, so this PID is dockerd itself.
 		d.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-dockerdDone:
@@ -109,11 +113,6 @@ func TestDockerImage(t *testing.T) {
 				}
 			}
 			t.Errorf("dockerd left mounts under %s", dir)
-		}
-		if errors.Is(runDockerExisted, os.ErrNotExist) {
-			os.Remove("/run/docker/plugins")
-			os.Remove("/run/docker/netns")
-			os.Remove("/run/docker")
 		}
 	})
 	dk := func(args ...string) (string, error) {

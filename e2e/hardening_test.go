@@ -234,7 +234,9 @@ func checkCaps(t *testing.T, pid int) {
 }
 
 // hardConfig routes the topology's service prefixes into the TUN; sock
-// is the control socket ("" leaves the default, /run/tunfw/tunfw.sock).
+// is the control socket ("": no [control] section, so that writeConfig
+// puts the socket in the test's own directory, or, in a private mount
+// namespace, the default /run/tunfw/tunfw.sock).
 func hardConfig(sock string) string {
 	c := `
 [tun]
@@ -247,8 +249,6 @@ include = ["203.0.113.0/24", "2001:db8:99::/48"]
 `
 	if sock != "" {
 		c += fmt.Sprintf("\n[control]\nsocket = %q\n", sock)
-	} else {
-		c += "\n[control]\n"
 	}
 	return c
 }
@@ -469,9 +469,15 @@ func TestReloadChecksConfigOwner(t *testing.T) {
 	if err := os.Chmod(cfg, 0o666); err != nil {
 		t.Fatal(err)
 	}
+	// The client refuses to take the socket's path from the file; told
+	// the socket, it reaches the daemon, which refuses the file.
 	out, errOut, code := ctl(t, cfg, "reload")
 	if code != 1 || !strings.Contains(errOut+out, "writable by group or others") {
 		t.Errorf("tunfw reload of a 0666 config: exit %d, %s%s; want 1 and the mode named", code, out, errOut)
+	}
+	out, errOut, code = ctl(t, cfg, "reload", "--socket", filepath.Join(filepath.Dir(cfg), "tunfw.sock"))
+	if code != 1 || !strings.Contains(errOut+out, "writable by group or others") {
+		t.Errorf("tunfw reload --socket, the daemon's config 0666: exit %d, %s%s; want 1 and the mode named", code, out, errOut)
 	}
 	fw.cmd.Process.Signal(syscall.SIGHUP)
 	fw.waitLog(t, 5*time.Second, "reload failed", "writable by group or others")

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"encoding/json"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -10,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tunfw/tunfw/control"
 	"github.com/tunfw/tunfw/internal/netnstest"
 )
 
@@ -95,13 +93,13 @@ func TestEmbeddedDefaultConfig(t *testing.T) {
 	if _, err := os.Stat("/etc/tunfw/config.toml"); err == nil {
 		t.Skip("/etc/tunfw/config.toml exists on this machine; the fallback cannot be exercised")
 	}
-	// The embedded config uses the default control socket.
-	if c, err := net.DialTimeout("unix", control.DefaultSocket, time.Second); err == nil {
-		c.Close()
-		t.Skipf("a tunfw is running on this machine (%s answers); the embedded config's socket is taken", control.DefaultSocket)
-	}
 	topo := netnstest.NewTopology(t)
-	p := &tunfwProc{t: t, cmd: topo.Host.Cmd(binary, "up"), done: make(chan struct{})}
+	// The embedded config's control socket is /run/tunfw/tunfw.sock: tunfw
+	// runs in a mount namespace of its own with a fresh /run, so the test
+	// writes nothing to the machine's. unshare and sh exec, so the PID is
+	// tunfw's.
+	p := &tunfwProc{t: t, cmd: topo.Host.Cmd("unshare", "--mount", "--propagation", "private",
+		"sh", "-c", `mount -t tmpfs -o mode=0755 tmpfs /run && exec "$0" up`, binary), done: make(chan struct{})}
 	stderr, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

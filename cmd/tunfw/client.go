@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"sort"
 	"strconv"
@@ -52,7 +54,11 @@ func cmdClient(name string, args []string, stdout, stderr io.Writer) int {
 	}
 	path := f.socket
 	if path == "" {
-		path = socketFromConfig(f.config, configGiven(fs))
+		var err error
+		if path, err = socketFromConfig(f.config, configGiven(fs)); err != nil {
+			fmt.Fprintf(stderr, "tunfw %s: %v (--socket names the control socket without reading it)\n", name, err)
+			return 1
+		}
 	}
 	req := control.Request{Cmd: name}
 	if name == "flows" {
@@ -110,12 +116,17 @@ func cmdClient(name string, args []string, stdout, stderr io.Writer) int {
 
 // socketFromConfig finds the control socket named by the config file a
 // daemon would read. Only [control] is read, so a config that is being
-// fixed (say, before `tunfw reload`) still leads to the socket; a file that
-// cannot be read at all falls back to the default.
-func socketFromConfig(path string, explicit bool) string {
+// fixed (say, before `tunfw reload`) still leads to the socket; a missing
+// file falls back to the default. A file the daemon would refuse (writable
+// by others, not root's, too large) is an error: the socket it names is not
+// to be trusted, and the daemon would refuse the reload anyway.
+func socketFromConfig(path string, explicit bool) (string, error) {
 	data, _, _, err := readConfig(path, explicit)
+	if errors.Is(err, fs.ErrNotExist) {
+		return control.DefaultSocket, nil
+	}
 	if err != nil {
-		return control.DefaultSocket
+		return "", err
 	}
 	var only struct {
 		Control control.Config `toml:"control"`
@@ -123,9 +134,9 @@ func socketFromConfig(path string, explicit bool) string {
 	toml.Decode(string(data), &only)
 	sock, err := only.Control.Validate()
 	if err != nil {
-		return control.DefaultSocket
+		return control.DefaultSocket, nil
 	}
-	return sock
+	return sock, nil
 }
 
 func printStatus(w io.Writer, data []byte) int {
