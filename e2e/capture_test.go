@@ -337,22 +337,17 @@ func testHostDNS(t *testing.T, topo *netnstest.Topology, fw *tunfwProc) {
 	if _, err := exec.LookPath("getent"); err != nil {
 		t.Skip("getent not installed")
 	}
-	// `ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over
-	// /etc/resolv.conf for the command it runs.
-	dir := filepath.Join("/etc/netns", topo.Host.Name)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Skipf("cannot give the namespace its own resolv.conf: %v", err)
-	}
-	t.Cleanup(func() {
-		os.RemoveAll(dir)
-		os.Remove("/etc/netns") // only if empty
-	})
+	// getent runs in a mount namespace of its own where the test's
+	// resolv.conf is bind-mounted over /etc/resolv.conf: nothing is written
+	// to the machine's /etc.
+	resolv := filepath.Join(t.TempDir(), "resolv.conf")
 	conf := "nameserver " + topo.ServiceV4.String() + "\noptions timeout:2 attempts:1\n"
-	if err := os.WriteFile(filepath.Join(dir, "resolv.conf"), []byte(conf), 0o644); err != nil {
+	if err := os.WriteFile(resolv, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	startDNS(t, topo.Server, netip.AddrPortFrom(topo.ServiceV4, 53), netip.MustParseAddr("203.0.113.77"))
-	out, err := topo.Host.Cmd("getent", "ahostsv4", "svc.tunfw.test").CombinedOutput()
+	out, err := topo.Host.Cmd("unshare", "--mount", "--propagation", "private", "sh", "-c",
+		`mount --bind "$0" /etc/resolv.conf && exec getent ahostsv4 svc.tunfw.test`, resolv).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "203.0.113.77") {
 		t.Fatalf("getent ahostsv4 svc.tunfw.test: %v\n%s", err, out)
 	}
