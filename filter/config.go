@@ -146,8 +146,20 @@ func Compile(opts Options, sets map[string]any, rules []RuleConfig) (*Ruleset, e
 	}
 
 	rs.rules = make([]rule, 0, len(rules))
+	// Rule names label counters and metrics: each must name one rule, and
+	// "default" names the default action.
+	named := make(map[string]int, len(rules))
 	for i := range rules {
 		r, ok := c.compileRule(i+1, &rules[i])
+		if first, dup := named[r.name]; dup {
+			c.errorf(fmt.Sprintf("rule[%d].name", i+1), "%q already names rule[%d]; rule names must differ", r.name, first)
+			ok = false
+		} else if r.name == "default" {
+			c.errorf(fmt.Sprintf("rule[%d].name", i+1), `"default" names the default action; choose another name`)
+			ok = false
+		} else {
+			named[r.name] = i + 1
+		}
 		if ok {
 			rs.rules = append(rs.rules, r)
 		}

@@ -247,6 +247,23 @@ dst_port = 7`, []string{
 			`rule[2].src_port: bad port "http"`,
 			`rule[2].src_port: bad port range "1-x"`,
 			`rule[3].dst_port: dst_port needs proto tcp or udp (icmp has no ports)`}},
+		{"names", `[[rule]]
+name = "web"
+action = "allow"
+[[rule]]
+name = "web"
+action = "deny"
+[[rule]]
+name = "default"
+action = "deny"
+[[rule]]
+name = "rule-5"
+action = "deny"
+[[rule]]
+action = "deny"`, []string{
+			`rule[2].name: "web" already names rule[1]; rule names must differ`,
+			`rule[3].name: "default" names the default action; choose another name`,
+			`rule[5].name: "rule-5" already names rule[4]; rule names must differ`}},
 		{"proto", `[[rule]]
 action = "deny"
 proto = "tcpp"
