@@ -155,9 +155,9 @@ func printStatus(w io.Writer, data []byte) int {
 		parts = append(parts, fmt.Sprintf("%s %d", st, s.FlowsByState[st]))
 	}
 	fmt.Fprintf(w, "flows    %d (%s)\n", s.Flows, strings.Join(parts, ", "))
-	fmt.Fprintf(w, "verdicts forwarded %v, denied %v, rejected %v, monitored %v, flows created %v\n",
+	fmt.Fprintf(w, "verdicts forwarded %d, denied %d, rejected %d, monitored %d, flows created %d\n",
 		s.Verdicts["forwarded"], s.Verdicts["denied"], s.Verdicts["rejected"], s.Verdicts["monitored"], s.Verdicts["flows_created"])
-	fmt.Fprintf(w, "reloads  %v ok, %v failed\n", s.Reloads["ok"], s.Reloads["failed"])
+	fmt.Fprintf(w, "reloads  %d ok, %d failed\n", s.Reloads["ok"], s.Reloads["failed"])
 	if c := s.Capture; c != nil {
 		fmt.Fprintf(w, "capture  %d connections open at start left unjudged, %d packets refused outside the TUN, %d spoofed packets dropped\n",
 			c.Preexisting, c.Refused, c.Spoofed)

@@ -148,18 +148,18 @@ func configErrorList(err error) []string {
 
 // statusInfo is the answer to `tunfw status`.
 type statusInfo struct {
-	Version      string         `json:"version"`
-	Uptime       float64        `json:"uptime_seconds"`
-	Config       string         `json:"config"`
-	TUN          string         `json:"tun"`
-	Mode         string         `json:"mode"`
-	Default      string         `json:"default"`
-	Rules        int            `json:"rules"`
-	Flows        int            `json:"flows"`
-	FlowsByState map[string]int `json:"flows_by_state"`
-	Verdicts     map[string]any `json:"verdicts"`
-	Reloads      map[string]any `json:"reloads"`
-	Capture      *captureStatus `json:"capture,omitempty"`
+	Version      string            `json:"version"`
+	Uptime       float64           `json:"uptime_seconds"`
+	Config       string            `json:"config"`
+	TUN          string            `json:"tun"`
+	Mode         string            `json:"mode"`
+	Default      string            `json:"default"`
+	Rules        int               `json:"rules"`
+	Flows        int               `json:"flows"`
+	FlowsByState map[string]int    `json:"flows_by_state"`
+	Verdicts     map[string]uint64 `json:"verdicts"`
+	Reloads      map[string]uint64 `json:"reloads"`
+	Capture      *captureStatus    `json:"capture,omitempty"`
 }
 
 // captureStatus is what host capture's nftables table did.
@@ -220,11 +220,11 @@ func (d *daemon) handle(_ context.Context, req control.Request) control.Response
 			Version: versionString(), Uptime: time.Since(d.start).Seconds(), Config: cfg.Source, TUN: d.tun,
 			Mode: mode, Default: cfg.Rules.Default().String(), Rules: cfg.Rules.Len(),
 			Flows: c.FlowsActive, FlowsByState: c.FlowsByState,
-			Verdicts: map[string]any{
+			Verdicts: map[string]uint64{
 				"forwarded": c.Forwarded, "denied": c.Denied, "rejected": c.Rejected, "monitored": c.Monitored,
 				"flows_created": c.FlowsCreated,
 			},
-			Reloads: map[string]any{"ok": d.reloadsOK.Load(), "failed": d.reloadsFailed.Load()},
+			Reloads: map[string]uint64{"ok": d.reloadsOK.Load(), "failed": d.reloadsFailed.Load()},
 			Capture: d.captureStatus(cfg),
 		})
 	case "stats":
