@@ -142,3 +142,57 @@ dst_port = 9001
 		t.Errorf("monitor decision logged as %v", rec)
 	}
 }
+
+// TestTUNLinkEvents: tunfw reads the device's link events, so an admin
+// taking the TUN down and up again, more often than wireguard-go's queue of
+// five events holds, and changing its MTU is logged, and tunfw still
+// answers and stops cleanly. Unread, the events blocked wireguard-go's
+// listener for good after the fifth.
+func TestTUNLinkEvents(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	cfg := writeConfig(t, hardConfig(""))
+	fw := startTunfw(t, topo.Host, cfg)
+	for i := range 8 {
+		topo.Host.Run(t, "ip", "link", "set", "tunfw0", "down")
+		// Each down is seen before the next up: the events are read.
+		if n := countLog(t, fw, 5*time.Second, "TUN device is down", i+1); n != i+1 {
+			t.Fatalf("%d link-down lines after %d downs", n, i+1)
+		}
+		topo.Host.Run(t, "ip", "link", "set", "tunfw0", "up")
+		if n := countLog(t, fw, 5*time.Second, "TUN device is up again", i+1); n != i+1 {
+			t.Fatalf("%d link-up lines after %d ups", n, i+1)
+		}
+	}
+	topo.Host.Run(t, "ip", "link", "set", "tunfw0", "mtu", "1400")
+	fw.waitLog(t, 5*time.Second, "TUN device MTU changed", "mtu=1400", "was=1500")
+	if _, errOut, code := ctl(t, cfg, "status"); code != 0 {
+		t.Errorf("tunfw status after the link events: exit %d: %s", code, errOut)
+	}
+	if code := fw.stop(); code != 0 {
+		t.Errorf("exit code %d after the link events, want 0", code)
+	}
+}
+
+// countLog waits up to d until at least n of tunfw's log lines contain
+// part, and returns how many do.
+func countLog(t *testing.T, p *tunfwProc, d time.Duration, part string, n int) int {
+	t.Helper()
+	count := func() int {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		c := 0
+		for _, l := range p.lines {
+			if strings.Contains(l, part) {
+				c++
+			}
+		}
+		return c
+	}
+	for deadline := time.Now().Add(d); ; {
+		if c := count(); c >= n || time.Now().After(deadline) {
+			return c
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

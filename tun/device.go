@@ -6,6 +6,7 @@ package tun
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -76,6 +77,36 @@ func Open(s Settings) (_ *Device, err error) {
 		return nil, fmt.Errorf("bring %s up: %w", d.name, err)
 	}
 	return d, nil
+}
+
+// WatchEvents logs changes of the device's link (down, up, MTU) until the
+// device is closed. Something must read its events: wireguard-go's netlink
+// listener blocks once its queue of five events is full, and with it the
+// listener goroutine, for the life of the process. The events only say
+// that something changed (wireguard-go does not report a first "down"
+// before it saw the link running), so each one is followed by a look at
+// the link itself.
+func (d *Device) WatchEvents(log *slog.Logger) {
+	up, mtu := true, d.link.Attrs().MTU
+	for range d.Events() {
+		l, err := netlink.LinkByIndex(d.link.Attrs().Index)
+		if err != nil {
+			continue // gone: the device is being closed
+		}
+		a := l.Attrs()
+		if isUp := a.Flags&net.FlagUp != 0; isUp != up {
+			up = isUp
+			if up {
+				log.Info("TUN device is up again", "tun", d.name)
+			} else {
+				log.Warn("TUN device is down: traffic routed into it is dropped, and the kernel may remove its routes; restart tunfw if they are gone", "tun", d.name)
+			}
+		}
+		if a.MTU != mtu {
+			log.Warn("TUN device MTU changed outside tunfw; packets are still sized by [tun] mtu", "tun", d.name, "mtu", a.MTU, "was", mtu)
+			mtu = a.MTU
+		}
+	}
 }
 
 // InterfaceName returns the kernel's name of the device.

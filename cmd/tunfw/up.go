@@ -66,6 +66,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	go dev.WatchEvents(log)
 	cleanStop := false
 	defer func() {
 		closeDev := dev.Close
