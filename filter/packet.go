@@ -63,7 +63,9 @@ type Packet struct {
 	// including IPv4 options and IPv6 extension headers.
 	IPHeaderLen int
 	// PayloadLen is the number of transport payload bytes (after the TCP
-	// header with options, the UDP header, or the ICMP header).
+	// header with options, the UDP header, or the ICMP header). For UDP it
+	// is what the UDP length says, which may be less than the IP packet
+	// carries.
 	PayloadLen int
 	// Len is the total IP length from the header; bytes beyond it in the
 	// buffer (TUN padding) are ignored.
@@ -199,12 +201,15 @@ func ParsePacket(b []byte, p *Packet) error {
 		}
 		p.SrcPort = binary.BigEndian.Uint16(l4[0:2])
 		p.DstPort = binary.BigEndian.Uint16(l4[2:4])
-		p.PayloadLen = len(l4) - 8
-		// The UDP length must agree with the IP length (a lying length
-		// would make the stack read past the datagram or drop its tail).
-		if ul := int(binary.BigEndian.Uint16(l4[4:6])); ul < 8 || ul > len(l4) {
+		// The UDP length may not claim more than the IP packet holds (the
+		// stack would read past the datagram); bytes past it, inside the
+		// IP packet, are not part of the datagram and are not forwarded,
+		// as the kernel trims them.
+		ul := int(binary.BigEndian.Uint16(l4[4:6]))
+		if ul < 8 || ul > len(l4) {
 			return ErrBadHeader
 		}
+		p.PayloadLen = ul - 8
 		if p.SrcPort == 0 || p.DstPort == 0 {
 			return ErrBadHeader
 		}

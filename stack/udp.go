@@ -161,7 +161,7 @@ func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
 		}
 	}
 	f.last.Store(now)
-	payload := pkt[p.IPHeaderLen+header.UDPMinimumSize : p.Len]
+	payload := pkt[p.IPHeaderLen+header.UDPMinimumSize:][:p.PayloadLen] // the UDP length's, not the IP packet's
 	if f.ready.Load() {
 		s.queueUDP(f, payload)
 		return
