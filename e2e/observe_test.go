@@ -393,7 +393,7 @@ func TestReloadRecheckCutsDeniedFlow(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "1 flows closed by the new rules") {
 		t.Fatalf("reload: exit %d\n%s%s", code, out, errOut)
 	}
-	if !strings.Contains(out, "warning: MTU changed; it applies only at start: restart tunfw to apply it") {
+	if !strings.Contains(out, "warning: tun.mtu changed; it applies only at start: restart tunfw to apply it") {
 		t.Errorf("MTU change not reported:\n%s", out)
 	}
 	if err := echo(cut); !errors.Is(err, syscall.ECONNRESET) {

@@ -207,8 +207,9 @@ const (
 // Inbound must be called from one goroutine; the other methods are safe
 // for concurrent use.
 type Engine struct {
-	rules  atomic.Pointer[Ruleset]
-	limits atomic.Pointer[EngineLimits]
+	// policy is the ruleset and limits new flows are judged by: one
+	// pointer, so that a reload's rules and limits take effect together.
+	policy atomic.Pointer[policy]
 	log    *slog.Logger
 	local  []netip.Addr // read-only after NewEngine
 	ctr    [numCtrs]atomic.Uint64
@@ -228,6 +229,13 @@ type Engine struct {
 	tombs   tombstones
 }
 
+// policy is what an Engine judges new flows by. It is never changed once
+// stored: a change stores a new one.
+type policy struct {
+	rules  *Ruleset
+	limits EngineLimits // with defaults applied
+}
+
 // walkBatch is how many slots a walk of the table looks at per hold of
 // Engine.mu; at about 20-50 ns each, a hold stays well under 100 us.
 const walkBatch = 1024
@@ -244,7 +252,7 @@ func NewEngine(rs *Ruleset, opts EngineOptions) *Engine {
 	if e.log == nil {
 		e.log = slog.Default()
 	}
-	e.SetLimits(EngineLimits{
+	lim := EngineLimits{
 		Timeouts: Timeouts{
 			TCPHandshake: opts.TCPHandshake, TCPIdle: opts.TCPIdle, TCPClosing: opts.TCPClosing,
 			UDPIdle: opts.UDPIdle, ICMPIdle: opts.ICMPIdle,
@@ -252,36 +260,41 @@ func NewEngine(rs *Ruleset, opts EngineOptions) *Engine {
 		MaxFlows: opts.MaxFlows, MaxFlowsPerSource: opts.MaxFlowsPerSource, LogRate: opts.LogRate,
 		DialTimeout: opts.DialTimeout, MaxPendingDials: opts.MaxPendingDials,
 		MaxPendingDialsPerSource: opts.MaxPendingDialsPerSource,
-	})
-	e.rules.Store(rs)
+	}
+	e.policy.Store(&policy{rules: rs, limits: lim.withDefaults()})
 	return e
 }
 
-// Swap installs a new ruleset for flows created from now on; existing flows
-// keep their verdict (see Recheck). Rules of rs named like rules of the
-// ruleset it replaces continue their statistics. rs must not have been
-// given to another Engine.
-func (e *Engine) Swap(rs *Ruleset) {
-	rs.inheritStats(e.rules.Load())
-	e.rules.Store(rs)
+// Apply installs a new ruleset and new limits at once, for flows created
+// from now on: no packet is judged by the new rules under the old limits
+// or the other way round. Existing flows keep their verdict (see Recheck)
+// and stay even if they exceed a new bound. Rules of rs named like rules
+// of the ruleset it replaces continue their statistics; rs must not have
+// been given to another Engine. Zero limits take their defaults. Callers
+// serialise Apply, Swap and SetLimits.
+func (e *Engine) Apply(rs *Ruleset, l EngineLimits) {
+	rs.inheritStats(e.policy.Load().rules)
+	e.policy.Store(&policy{rules: rs, limits: l.withDefaults()})
+}
+
+// Swap installs a new ruleset, keeping the limits (see Apply).
+func (e *Engine) Swap(rs *Ruleset) { e.Apply(rs, e.Limits()) }
+
+// SetLimits changes the flow table's limits and timeouts, keeping the
+// ruleset (see Apply).
+func (e *Engine) SetLimits(l EngineLimits) {
+	e.policy.Store(&policy{rules: e.policy.Load().rules, limits: l.withDefaults()})
 }
 
 // Rules returns the current ruleset.
-func (e *Engine) Rules() *Ruleset { return e.rules.Load() }
-
-// SetLimits changes the flow table's limits and timeouts. Zero fields take
-// their defaults. Existing flows are kept even if they exceed a new bound.
-func (e *Engine) SetLimits(l EngineLimits) {
-	l = l.withDefaults()
-	e.limits.Store(&l)
-}
+func (e *Engine) Rules() *Ruleset { return e.policy.Load().rules }
 
 // Limits returns the limits in force.
-func (e *Engine) Limits() EngineLimits { return *e.limits.Load() }
+func (e *Engine) Limits() EngineLimits { return e.policy.Load().limits }
 
 // Timeouts returns the effective flow timeouts, so the stack can align its
 // own (e.g. UDP socket) idle timeouts.
-func (e *Engine) Timeouts() Timeouts { return e.limits.Load().Timeouts }
+func (e *Engine) Timeouts() Timeouts { return e.policy.Load().limits.Timeouts }
 
 // Count counts a packet the caller dropped itself, e.g. with the reason
 // ParseErrorReason gives for a ParsePacket error.
@@ -357,7 +370,8 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 			return e.count(Decision{VerdictForward, t.rule, ReasonNone})
 		}
 	}
-	lim := e.limits.Load()
+	pol := e.policy.Load()
+	lim := &pol.limits
 	full := f == nil && (len(e.flows) >= lim.MaxFlows ||
 		(lim.MaxFlowsPerSource > 0 && e.perSrc[p.Src] >= lim.MaxFlowsPerSource))
 	e.mu.Unlock()
@@ -371,14 +385,13 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 	if full { // fail fast, before running the rules
 		return e.count(Decision{VerdictReject, NoRule, ReasonLimit})
 	}
-	return e.newFlow(key, p, now)
+	return e.newFlow(pol.rules, key, p, now)
 }
 
 // newFlow runs the rules for the first packet of a flow and records the
 // verdict. Only Inbound inserts flows, so the table cannot have grown since
 // Inbound's check.
-func (e *Engine) newFlow(key FlowKey, p *Packet, now int64) Decision {
-	rs := e.rules.Load()
+func (e *Engine) newFlow(rs *Ruleset, key FlowKey, p *Packet, now int64) Decision {
 	act, ri := rs.Match(p)
 	d := Decision{Verdict: VerdictForward, Rule: ri}
 	switch act {
@@ -449,7 +462,7 @@ func (e *Engine) logFlow(rs *Ruleset, act Action, ri int, key FlowKey, monitored
 	if !e.log.Enabled(ctx, slog.LevelInfo) {
 		return
 	}
-	ok, suppressed := e.logLim.allow(now, e.limits.Load().LogRate)
+	ok, suppressed := e.logLim.allow(now, e.policy.Load().limits.LogRate)
 	if suppressed > 0 {
 		e.logSuppressed(suppressed)
 	}
@@ -487,7 +500,7 @@ func (e *Engine) logFlow(rs *Ruleset, act Action, ri int, key FlowKey, monitored
 // logSuppressed writes the summary of decision lines the rate limit kept
 // out of the log.
 func (e *Engine) logSuppressed(n uint64) {
-	e.log.Warn("flow log lines suppressed by the rate limit", "suppressed", n, "log_rate", e.limits.Load().LogRate)
+	e.log.Warn("flow log lines suppressed by the rate limit", "suppressed", n, "log_rate", e.policy.Load().limits.LogRate)
 }
 
 // Outbound accounts a packet the stack writes to the TUN (a reply to a
@@ -554,7 +567,7 @@ func (e *Engine) Outbound(p *Packet, now int64) bool {
 //
 // The rules run outside the table's lock, a batch of flows at a time.
 func (e *Engine) Recheck() []FlowRef {
-	rs := e.rules.Load()
+	rs := e.policy.Load().rules
 	if rs.monitor {
 		return nil // monitor mode lets every flow pass
 	}
@@ -751,7 +764,7 @@ func (e *Engine) Expire(now int64) int { return len(e.ExpireFlows(now, nil)) }
 // went silent). It walks the table walkBatch flows per hold of the lock,
 // so the packet path never waits for a whole pass.
 func (e *Engine) ExpireFlows(now int64, refs []FlowRef) []FlowRef {
-	to := &e.limits.Load().Timeouts
+	to := &e.policy.Load().limits.Timeouts
 	for i := 0; ; {
 		e.mu.Lock()
 		end := min(i+walkBatch, len(e.slots))

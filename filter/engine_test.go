@@ -326,3 +326,51 @@ func TestEngineConcurrent(t *testing.T) {
 		<-done
 	}
 }
+
+// TestApplyRulesAndLimitsTogether: a reload's rules and limits take effect
+// at once. Policy A allows everything with room for many flows, policy B
+// denies everything and is full at one flow, so under B every new flow is
+// refused for the limit before the rules run. A packet judged by B's rules
+// under A's limits (denied) could only come from a half-applied policy, as
+// when the limits were stored before the rules.
+func TestApplyRulesAndLimitsTogether(t *testing.T) {
+	limA := EngineLimits{MaxFlows: 1 << 20}
+	limB := EngineLimits{MaxFlows: 1}
+	e := NewEngine(mustCompile(t, ""), EngineOptions{Logger: quiet, MaxFlows: limA.MaxFlows})
+	in(e, udp("10.0.0.2", 1, "1.1.1.1", 53), 0) // the table is never empty
+	const flips = 2000
+	policies := make([]*Ruleset, flips)
+	for i := range policies {
+		if i%2 == 0 {
+			policies[i] = mustCompile(t, "[filter]\ndefault = \"deny\"\n")
+		} else {
+			policies[i] = mustCompile(t, "")
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i, rs := range policies {
+			if i%2 == 0 {
+				e.Apply(rs, limB)
+			} else {
+				e.Apply(rs, limA)
+			}
+		}
+	}()
+	mixed := 0
+	for i := 0; ; i++ {
+		select {
+		case <-done:
+			if mixed > 0 {
+				t.Errorf("%d of %d new flows were judged by one policy's rules under the other's limits", mixed, i)
+			}
+			return
+		default:
+		}
+		d := in(e, udp("10.0.0.2", uint16(2+i%60000), "1.1.1.1", 53), 0)
+		if d.Verdict != VerdictForward && d.Reason != ReasonLimit {
+			mixed++
+		}
+	}
+}

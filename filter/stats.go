@@ -65,7 +65,7 @@ type RuleStat struct {
 // RuleStats returns the counters of every rule of the current ruleset, in
 // order, followed by the default.
 func (e *Engine) RuleStats() []RuleStat {
-	rs := e.rules.Load()
+	rs := e.policy.Load().rules
 	out := make([]RuleStat, 0, len(rs.rules)+1)
 	for i := -1; i < len(rs.rules); i++ {
 		j := i + 1

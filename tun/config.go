@@ -88,27 +88,28 @@ const (
 	MaxRulePriority = 32764
 )
 
-// Settings is a validated [tun] + [route] configuration.
+// Settings is a validated [tun] + [route] configuration. Each field's key
+// tag names the config key it comes from, for messages about it.
 type Settings struct {
-	Name        string
-	MTU         int
-	QueueLength int
-	Addresses   []netip.Prefix
-	Include     []netip.Prefix
-	Exclude     []netip.Prefix
-	Outbound    string
-	FWMark      uint32
+	Name        string         `key:"tun.name"`
+	MTU         int            `key:"tun.mtu"`
+	QueueLength int            `key:"tun.queue_length"`
+	Addresses   []netip.Prefix `key:"tun.addresses"`
+	Include     []netip.Prefix `key:"route.include"`
+	Exclude     []netip.Prefix `key:"route.exclude"`
+	Outbound    string         `key:"route.outbound"`
+	FWMark      uint32         `key:"route.fwmark"`
 
 	// Policy routing ([route] auto / from); see policy.go.
-	Auto         bool
-	Table        int
-	RulePriority int
-	FailClosed   bool
-	From         []string
+	Auto         bool     `key:"route.auto"`
+	Table        int      `key:"route.table"`
+	RulePriority int      `key:"route.rule_priority"`
+	FailClosed   bool     `key:"route.fail"`
+	From         []string `key:"route.from"`
 	// NFTables: install tunfw's nftables table (nft.go).
-	NFTables bool
+	NFTables bool `key:"route.nftables"`
 	// VerifySource: reverse-path check on the From interfaces.
-	VerifySource bool
+	VerifySource bool `key:"route.verify_source"`
 }
 
 // PolicyRouting reports whether the include list goes into tunfw's own

@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
 	"github.com/tunfw/tunfw"
 	"github.com/tunfw/tunfw/stack"
+	"github.com/tunfw/tunfw/tun"
 )
 
 func TestEmbeddedConfigIsValid(t *testing.T) {
@@ -210,5 +212,36 @@ func TestStackSectionDefaults(t *testing.T) {
 	}
 	if cfg.Stack != stack.DefaultConfig() {
 		t.Errorf("no [stack]: got %+v, want the defaults", cfg.Stack)
+	}
+}
+
+// TestRestartOnlyNamesKeys: a reload that changes settings applied only at
+// start warns with their config keys (it named Go fields: "FailClosed
+// changed"), and every such field has a key to name.
+func TestRestartOnlyNamesKeys(t *testing.T) {
+	for _, typ := range []reflect.Type{reflect.TypeOf(tun.Settings{}), reflect.TypeOf(stack.Config{})} {
+		for i := 0; i < typ.NumField(); i++ {
+			if f := typ.Field(i); f.Tag.Get("key") == "" && f.Tag.Get("toml") == "" {
+				t.Errorf("%s.%s has no config key to name in a reload warning", typ, f.Name)
+			}
+		}
+	}
+	base := "[tun]\naddresses = [\"198.18.0.1/30\"]\n[route]\nauto = true\n"
+	old, err := parseConfig("f.toml", []byte(base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parseConfig("f.toml", []byte(base+"fail = \"closed\"\n[stack]\nrack = true\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(restartOnly(old, cfg), "\n")
+	for _, want := range []string{"route.fail changed", "stack.rack changed"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("warnings lack %q:\n%s", want, got)
+		}
+	}
+	if strings.Contains(got, "FailClosed") || strings.Contains(got, "RACK ") {
+		t.Errorf("warnings name Go fields:\n%s", got)
 	}
 }

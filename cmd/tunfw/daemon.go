@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"reflect"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -91,8 +92,7 @@ func (d *daemon) reload() (reloadResult, error) {
 		return reloadResult{}, err
 	}
 	res := reloadResult{Rules: cfg.Rules.Len(), Warnings: restartOnly(old, cfg)}
-	d.eng.SetLimits(cfg.Limits)
-	d.eng.Swap(cfg.Rules)
+	d.eng.Apply(cfg.Rules, cfg.Limits)
 	if cfg.Rules.RecheckOnReload() {
 		res.Cut = d.st.CloseFlows(d.eng.Recheck())
 	}
@@ -111,28 +111,41 @@ func (d *daemon) reload() (reloadResult, error) {
 }
 
 // restartOnly lists the settings that differ between old and cfg but take
-// effect only when tunfw starts.
+// effect only when tunfw starts, by their config keys.
 func restartOnly(old, cfg *Config) []string {
-	var w []string
-	a, b := reflect.ValueOf(old.Net), reflect.ValueOf(cfg.Net)
-	for i := 0; i < a.NumField(); i++ {
-		if !reflect.DeepEqual(a.Field(i).Interface(), b.Field(i).Interface()) {
-			w = append(w, fmt.Sprintf("%s changed; it applies only at start: restart tunfw to apply it", a.Type().Field(i).Name))
-		}
-	}
+	var keys []string
+	keys = append(keys, changedKeys(old.Net, cfg.Net, func(f reflect.StructField) string { return f.Tag.Get("key") })...)
+	keys = append(keys, changedKeys(old.Stack, cfg.Stack, func(f reflect.StructField) string {
+		name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+		return "stack." + name
+	})...)
 	if old.ControlSocket != cfg.ControlSocket {
-		w = append(w, "control.socket changed; restart tunfw to apply it")
+		keys = append(keys, "control.socket")
 	}
 	if old.Metrics != cfg.Metrics {
-		w = append(w, "metrics.listen changed; restart tunfw to apply it")
-	}
-	if old.Stack != cfg.Stack {
-		w = append(w, "[stack] changed; it applies only at start: restart tunfw to apply it")
+		keys = append(keys, "metrics.listen")
 	}
 	if old.Memory != cfg.Memory {
-		w = append(w, "limits.memory changed; it applies only at start: restart tunfw to apply it")
+		keys = append(keys, "limits.memory")
+	}
+	w := make([]string, len(keys))
+	for i, k := range keys {
+		w[i] = k + " changed; it applies only at start: restart tunfw to apply it"
 	}
 	return w
+}
+
+// changedKeys returns the keys (named by key) of the fields that differ
+// between the structs a and b, of one type.
+func changedKeys(a, b any, key func(reflect.StructField) string) []string {
+	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
+	var out []string
+	for i := 0; i < va.NumField(); i++ {
+		if !reflect.DeepEqual(va.Field(i).Interface(), vb.Field(i).Interface()) {
+			out = append(out, key(va.Type().Field(i)))
+		}
+	}
+	return out
 }
 
 func configErrorList(err error) []string {
