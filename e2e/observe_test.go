@@ -402,6 +402,10 @@ func TestReloadRecheckCutsDeniedFlow(t *testing.T) {
 	if err := echo(kept); err != nil {
 		t.Errorf("flow still allowed: %v", err)
 	}
+	// Still running on the old MTU, the next reload says so again.
+	if out, errOut, code := ctl(t, cfg, "reload"); code != 0 || !strings.Contains(out, "warning: tun.mtu changed") {
+		t.Errorf("second reload: exit %d, the MTU change not reported again:\n%s%s", code, out, errOut)
+	}
 }
 
 func TestFlowLimits(t *testing.T) {
