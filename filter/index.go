@@ -9,7 +9,7 @@ import (
 )
 
 // The rule index: what makes Match cost nearly independent of the number of
-// rules (DESIGN.md, "Rule cost must not grow linearly with the rule count").
+// rules: a rule set of 100,000 rules must judge a flow as fast as one of 10.
 //
 // Rules are split into tables by the packet's protocol class (tcp, udp,
 // icmp, other) and address family; a rule is in every table it could match

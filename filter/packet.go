@@ -72,7 +72,7 @@ type Packet struct {
 	Len int
 }
 
-// isICMPEcho reports whether p is an ICMPv4/ICMPv6 echo request or reply
+// icmpEcho reports whether p is an ICMPv4/ICMPv6 echo request or reply
 // (the only ICMP messages carrying an identifier).
 func (p *Packet) icmpEcho() (request, reply bool) {
 	switch {

@@ -153,8 +153,8 @@ func putIPHeader(out []byte, version uint8, src, dst netip.Addr, proto uint8, pl
 }
 
 // sum adds b as big-endian 16-bit words to the partial sum s (RFC 1071)
-// and returns it folded to at most 17 bits, so callers may add a few more
-// small terms. It reads 8 bytes per step: a one's complement sum of 32-bit
+// and returns it folded to 16 bits; callers may add a few more small
+// terms before folding again. It reads 8 bytes per step: a one's complement sum of 32-bit
 // words folds to the same 16-bit sum.
 func sum(b []byte, s uint32) uint32 {
 	acc := uint64(s)

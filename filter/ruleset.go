@@ -61,7 +61,7 @@ const (
 	protoPorts = protoTCP | protoUDP // classes that have ports
 )
 
-// RuleSet settings.
+// settings are a Ruleset's [filter] options.
 type settings struct {
 	def     Action
 	log     LogLevel
@@ -326,7 +326,8 @@ func mergePorts(r []portRange) []portRange {
 // pin the larger compile-time buffers.
 func clip[T any](s []T) []T { return append([]T(nil), s...) }
 
-// prefixRange returns the first and last address of a masked prefix.
+// prefixRange4 and prefixRange6 return the first and last address of a
+// masked prefix.
 func prefixRange4(p netip.Prefix) range4 {
 	a4 := p.Addr().As4()
 	from := binary.BigEndian.Uint32(a4[:])

@@ -39,10 +39,12 @@ func TestConfigValidate(t *testing.T) {
 // TestConfigApplies checks that every [stack] value is accepted by gVisor
 // and set on the stack's TCP protocol.
 func TestConfigApplies(t *testing.T) {
-	for _, cc := range []string{"reno", "cubic"} {
+	for i, cc := range []string{"reno", "cubic"} {
+		on := i == 1 // the switches off with reno, on with cubic
 		c := DefaultConfig()
-		c.CongestionControl, c.RACK, c.SACK, c.ModerateReceiveBuffer = cc, false, false, false
+		c.CongestionControl, c.RACK, c.SACK, c.ModerateReceiveBuffer = cc, on, on, on
 		c.ReceiveBufferMax = 16 << 20
+		c.SendBuffer, c.SendBufferMax = 256<<10, 2<<20
 		s := newTestStack(t, c)
 		var got tcpip.CongestionControlOption
 		if err := s.ns.TransportProtocolOption(tcp.ProtocolNumber, &got); err != nil {
@@ -58,9 +60,21 @@ func TestConfigApplies(t *testing.T) {
 		if rcv.Max != 16<<20 || rcv.Default != c.ReceiveBuffer {
 			t.Errorf("receive buffer range = %+v", rcv)
 		}
+		var snd tcpip.TCPSendBufferSizeRangeOption
+		if err := s.ns.TransportProtocolOption(tcp.ProtocolNumber, &snd); err != nil || snd.Max != 2<<20 || snd.Default != 256<<10 {
+			t.Errorf("send buffer range = %+v (%v)", snd, err)
+		}
 		var sack tcpip.TCPSACKEnabled
-		if err := s.ns.TransportProtocolOption(tcp.ProtocolNumber, &sack); err != nil || bool(sack) {
-			t.Errorf("SACK = %v (%v), want off", sack, err)
+		if err := s.ns.TransportProtocolOption(tcp.ProtocolNumber, &sack); err != nil || bool(sack) != on {
+			t.Errorf("SACK = %v (%v), want %v", sack, err, on)
+		}
+		var rec tcpip.TCPRecovery
+		if err := s.ns.TransportProtocolOption(tcp.ProtocolNumber, &rec); err != nil || (rec&tcpip.TCPRACKLossDetection != 0) != on {
+			t.Errorf("RACK = %v (%v), want %v", rec, err, on)
+		}
+		var mod tcpip.TCPModerateReceiveBufferOption
+		if err := s.ns.TransportProtocolOption(tcp.ProtocolNumber, &mod); err != nil || bool(mod) != on {
+			t.Errorf("receive buffer moderation = %v (%v), want %v", mod, err, on)
 		}
 	}
 }
