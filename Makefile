@@ -17,10 +17,13 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/tunfw ./cmd/tunfw
 
 # Unit tests everywhere; the end-to-end tests need root and /dev/net/tun and
-# skip (saying why) without them. The micro-benchmarks run once so they
-# cannot rot.
+# skip (saying why) without them. The unit tests of the packages whose state
+# several goroutines share run again under the race detector (it needs cgo:
+# gcc). The micro-benchmarks run once so they cannot rot.
+RACE_PKGS := ./filter ./stack ./control ./metrics ./cmd/tunfw
 test: vet
 	$(GO) test -count=1 -timeout 15m ./...
+	$(GO) test -race -count=1 -timeout 10m $(RACE_PKGS)
 	$(GO) test -count=1 -run=NONE -bench=. -benchtime=1x ./...
 	$(MAKE) fuzz
 	$(MAKE) bench-smoke

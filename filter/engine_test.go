@@ -325,6 +325,25 @@ func TestEngineConcurrent(t *testing.T) {
 	for range 3 {
 		<-done
 	}
+	// Whatever the interleaving, the table's bookkeeping agrees with it.
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	states, perSrc := 0, 0
+	for _, n := range e.byState {
+		states += n
+	}
+	for _, n := range e.perSrc {
+		if n <= 0 {
+			t.Errorf("a source holds %d flows", n)
+		}
+		perSrc += n
+	}
+	if states != len(e.flows) || perSrc != len(e.flows) {
+		t.Errorf("%d flows in the table, %d counted by state, %d by source", len(e.flows), states, perSrc)
+	}
+	if len(e.flows) > 64 {
+		t.Errorf("%d flows, more than max_flows 64", len(e.flows))
+	}
 }
 
 // TestApplyRulesAndLimitsTogether: a reload's rules and limits take effect

@@ -29,6 +29,9 @@ func TestSockReader(t *testing.T) {
 		t.Fatalf("read: %q, err %v / %v", buf[:r.n], r.err, err)
 	}
 	held--
+	if raceEnabled {
+		t.Skip("allocation counts are meaningless under -race; make test checks them without it")
+	}
 	if n := testing.AllocsPerRun(50, func() {
 		peer.Write([]byte("x"))
 		raw.Read(r.read)
