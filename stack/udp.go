@@ -101,6 +101,7 @@ func (s *Stack) udpDrops() map[string]uint64 {
 // goroutine; until then (ready false) its datagrams wait in held.
 type udpFlow struct {
 	key   filter.FlowKey
+	ref   filter.FlowRef // the engine's flow: released by its identity, never a newer one's
 	conn  *net.UDPConn // set before ready
 	raw   syscall.RawConn
 	last  atomic.Int64 // engine clock of the last datagram either way
@@ -180,6 +181,7 @@ func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
 // again).
 func (s *Stack) startUDP(key filter.FlowKey, now int64) *udpFlow {
 	src := key.Src.Addr()
+	ref := filter.FlowRef{Key: key, ID: s.eng.Claim(key)}
 	var f *udpFlow
 	var drop *atomic.Uint64
 	s.udpMu.Lock()
@@ -192,6 +194,7 @@ func (s *Stack) startUDP(key filter.FlowKey, now int64) *udpFlow {
 		drop = &s.udp.socketLimit
 	default:
 		f = newUDPFlow(key, nil, nil)
+		f.ref = ref
 		f.last.Store(now)
 		s.udpFlows[key] = f
 		s.udpPerSrc[src]++
@@ -201,10 +204,10 @@ func (s *Stack) startUDP(key filter.FlowKey, now int64) *udpFlow {
 		// Refused before anything is made for it: a flood of new
 		// flows past the bounds costs little.
 		drop.Add(1)
-		s.eng.Forget(key)
+		s.eng.Release(ref, now)
 		return nil
 	}
-	s.track(key, func() { s.endUDP(f) })
+	s.trackFlow(ref, func() { s.endUDP(f) })
 	return f
 }
 
@@ -295,8 +298,8 @@ func (s *Stack) openUDP(f *udpFlow) {
 			s.udpMu.Lock()
 			s.removeUDPLocked(f)
 			s.udpMu.Unlock()
-			s.untrack(f.key)
-			s.eng.Forget(f.key)
+			s.untrackFlow(f.ref)
+			s.eng.Release(f.ref, s.now())
 		}
 		return
 	}
@@ -353,7 +356,7 @@ func (s *Stack) endUDP(f *udpFlow) {
 	s.udpMu.Lock()
 	s.removeUDPLocked(f)
 	s.udpMu.Unlock()
-	s.untrack(f.key)
+	s.untrackFlow(f.ref)
 }
 
 // removeUDPLocked deletes f from the flows, if it is still there; udpMu
@@ -499,8 +502,8 @@ func (s *Stack) closeUDP(f *udpFlow) {
 	s.udpMu.Lock()
 	s.removeUDPLocked(f)
 	s.udpMu.Unlock()
-	s.untrack(f.key)
-	s.eng.Forget(f.key)
+	s.untrackFlow(f.ref)
+	s.eng.Release(f.ref, s.now())
 }
 
 // buildUDPReply writes the IP and UDP headers in front of the payload that

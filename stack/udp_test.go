@@ -358,3 +358,45 @@ func TestUDPOpenQueueBounded(t *testing.T) {
 		t.Errorf("%d flows tracked, want the %d kept: refused flows must not stay tracked", tracked, flows())
 	}
 }
+
+// TestUDPCloseKeepsNewerFlow: a UDP flow's relay that ends after its flow
+// left the table and a new datagram made a new flow on the same tuple
+// releases only its own flow: the new one stays in the engine (the old
+// relay's cleanup removed it by its key).
+func TestUDPCloseKeepsNewerFlow(t *testing.T) {
+	rs, err := filter.Compile(filter.Options{}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eng := filter.NewEngine(rs, filter.EngineOptions{})
+	s, err := New(Options{MTU: 1500, Engine: eng, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	src, dst := netip.MustParseAddrPort("10.1.1.1:1000"), netip.MustParseAddrPort("192.0.2.1:53")
+	key := filter.FlowKey{Proto: filter.ProtoUDP, Src: src, Dst: dst}
+	_, p := udpPacket(t, src, dst, []byte("q"))
+	if d := eng.Inbound(&p, s.now()); d.Verdict != filter.VerdictForward {
+		t.Fatalf("engine verdict %v", d)
+	}
+	old := s.startUDP(key, s.now())
+	if old == nil {
+		t.Fatal("no UDP flow")
+	}
+	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old.conn = conn
+	// The flow leaves the table (as when it expires) and the client's
+	// next datagram makes a new one.
+	eng.Forget(key)
+	if d := eng.Inbound(&p, s.now()); d.Verdict != filter.VerdictForward {
+		t.Fatalf("engine verdict %v", d)
+	}
+	s.closeUDP(old) // the old relay's reply loop ends late
+	if n := eng.Counters().FlowsActive; n != 1 {
+		t.Errorf("%d flows in the engine after the old relay ended, want the new one", n)
+	}
+}
