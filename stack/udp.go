@@ -102,7 +102,7 @@ func (s *Stack) udpDrops() map[string]uint64 {
 type udpFlow struct {
 	key   filter.FlowKey
 	ref   filter.FlowRef // the engine's flow: released by its identity, never a newer one's
-	conn  *net.UDPConn // set before ready
+	conn  *net.UDPConn   // set before ready
 	raw   syscall.RawConn
 	last  atomic.Int64 // engine clock of the last datagram either way
 	ready atomic.Bool  // the socket is open and held was sent
