@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime/debug"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,22 +38,31 @@ type Outbound struct {
 
 type dialer struct {
 	out Outbound
-	net net.Dialer
+	// ifaces holds the interfaces new sockets are bound to: out's at
+	// first, then where the default route moved (SetOutboundInterfaces).
+	ifaces atomic.Pointer[[2]string]
+	net    net.Dialer
 }
 
-func newDialer(o Outbound) dialer {
-	d := dialer{out: o}
+func newDialer(o Outbound) *dialer {
+	d := &dialer{out: o}
+	d.ifaces.Store(&[2]string{o.IfaceV4, o.IfaceV6})
 	d.net.Control = d.control
 	return d
+}
+
+// iface returns the interface sockets of network are bound to, "" for none.
+func (d *dialer) iface(network string) string {
+	if network == "tcp6" || network == "udp6" || network == "ip6" || network == "ip6:ipv6-icmp" {
+		return d.ifaces.Load()[1]
+	}
+	return d.ifaces.Load()[0]
 }
 
 // control marks and binds a socket before it connects, so the kernel routes
 // it past the TUN.
 func (d *dialer) control(network, _ string, c syscall.RawConn) error {
-	iface := d.out.IfaceV4
-	if network == "tcp6" || network == "udp6" || network == "ip6" {
-		iface = d.out.IfaceV6
-	}
+	iface := d.iface(network)
 	var serr error
 	err := c.Control(func(fd uintptr) {
 		if d.out.Mark != 0 {
@@ -325,4 +335,26 @@ func tcpipAddr(a netip.Addr) tcpip.Address {
 		return tcpip.AddrFrom4(a.As4())
 	}
 	return tcpip.AddrFrom16(a.As16())
+}
+
+// SetOutboundInterfaces binds tunfw's new sockets to v4 and v6 from now
+// on, when the default route moved (tun.FollowDefaultRoute); connections
+// open keep theirs. The raw sockets that carry pings are bound anew.
+func (s *Stack) SetOutboundInterfaces(v4, v6 string) {
+	old := s.dialer.ifaces.Load()
+	next := [2]string{v4, v6}
+	s.dialer.ifaces.Store(&next)
+	if s.ping == nil {
+		return
+	}
+	for i, raw := range []syscall.RawConn{s.ping.raw4, s.ping.raw6} {
+		if raw == nil || next[i] == old[i] {
+			continue
+		}
+		var err error
+		raw.Control(func(fd uintptr) { err = unix.BindToDevice(int(fd), next[i]) })
+		if err != nil {
+			s.log.Warn("bind the ping socket to the new outbound interface", "iface", next[i], "err", err)
+		}
+	}
 }

@@ -79,7 +79,7 @@ type Stack struct {
 	log    *slog.Logger
 	ns     *stack.Stack
 	ep     *linkEndpoint
-	dialer dialer
+	dialer *dialer
 	ping   *pinger
 	epoch  time.Time
 

@@ -137,6 +137,12 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	defer st.Close()
 	go watchMemory(ctx, st, mem, cfg.Net.MTU, log)
+	if cfg.Net.Outbound == "" && (dial.IfaceV4 != "" || dial.IfaceV6 != "") {
+		// Bound to the default route's interfaces: follow them.
+		if err := tun.FollowDefaultRoute(ctx, dial.IfaceV4, dial.IfaceV6, st.SetOutboundInterfaces, log); err != nil {
+			log.Warn("tunfw's own connections stay on the default route's interface of now if it moves", "err", err)
+		}
+	}
 	d.serve(ctx, eng, st, dev.InterfaceName())
 	// Setup is done: keep only CAP_NET_ADMIN and CAP_NET_RAW (caps.go).
 	dropPrivileges(log)
