@@ -55,6 +55,9 @@ type Source struct {
 	// StackDrops returns the packets the stack dropped after the engine
 	// let them through, by reason.
 	StackDrops func() map[string]uint64
+	// FlowPanics returns how many flow handlers panicked and were
+	// recovered (each closed its flow only).
+	FlowPanics func() uint64
 }
 
 type collector struct {
@@ -64,7 +67,7 @@ type collector struct {
 	ruleFlows, rulePackets, ruleBytes, reloads, tunErr *prometheus.Desc
 	controlRefused                                     *prometheus.Desc
 	dialFailures, pendingDials                         *prometheus.Desc
-	stackDrops                                         *prometheus.Desc
+	stackDrops, flowPanics                             *prometheus.Desc
 }
 
 func newCollector(src Source) *collector {
@@ -86,6 +89,7 @@ func newCollector(src Source) *collector {
 		controlRefused: d("control_refused_total", "Control socket requests refused (bad request or not root)."),
 		dialFailures:   d("dial_failures_total", "TCP dials that did not connect, by reason (refused, timeout, unreachable, descriptors, evicted, deferred, cancelled, other).", "reason"),
 		pendingDials:   d("pending_dials", "TCP connections being set up (destination dialled, client handshake not complete)."),
+		flowPanics:     d("flow_panics_total", "Flow handlers that panicked and were recovered; each closed its own flow only."),
 		stackDrops:     d("stack_drops_total", "Packets the stack dropped after the filter let them through, by reason (no echo identifier, a client's share of flows used up, full socket buffer...).", "reason"),
 	}
 }
@@ -149,6 +153,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		for r, v := range c.src.StackDrops() {
 			counter(c.stackDrops, v, r)
 		}
+	}
+	if c.src.FlowPanics != nil {
+		counter(c.flowPanics, c.src.FlowPanics())
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/tunfw/tunfw/filter"
 )
 
@@ -116,5 +117,47 @@ func TestServeTimeouts(t *testing.T) {
 	idle.Write([]byte("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"))
 	if !closedWithin(idle, 3*time.Second) {
 		t.Errorf("an idle keep-alive connection was held for 3s")
+	}
+}
+
+// TestCollectorExposesStackCounters: what the stack counts (dial failures,
+// pending dials, its drops by reason, recovered panics) is in the scrape.
+func TestCollectorExposesStackCounters(t *testing.T) {
+	src := testSource(t)
+	src.DialFailures = func() map[string]uint64 { return map[string]uint64{"refused": 4} }
+	src.PendingDials = func() int { return 7 }
+	src.StackDrops = func() map[string]uint64 { return map[string]uint64{"udp-queue": 2, "echo-no-id": 5} }
+	src.FlowPanics = func() uint64 { return 3 }
+	reg := prometheus.NewPedanticRegistry()
+	if err := reg.Register(newCollector(src)); err != nil {
+		t.Fatal(err)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			name := mf.GetName()
+			for _, l := range m.GetLabel() {
+				name += "/" + l.GetValue()
+			}
+			switch {
+			case m.GetCounter() != nil:
+				got[name] = m.GetCounter().GetValue()
+			case m.GetGauge() != nil:
+				got[name] = m.GetGauge().GetValue()
+			}
+		}
+	}
+	for name, want := range map[string]float64{
+		"tunfw_dial_failures_total/refused": 4, "tunfw_pending_dials": 7,
+		"tunfw_stack_drops_total/udp-queue": 2, "tunfw_stack_drops_total/echo-no-id": 5,
+		"tunfw_flow_panics_total": 3,
+	} {
+		if got[name] != want {
+			t.Errorf("%s = %v, want %v", name, got[name], want)
+		}
 	}
 }

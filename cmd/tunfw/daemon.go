@@ -366,6 +366,7 @@ func (d *daemon) serve(ctx context.Context, eng *filter.Engine, st *stack.Stack,
 			DialFailures:   st.DialFailures,
 			PendingDials:   st.PendingDials,
 			StackDrops:     st.Drops,
+			FlowPanics:     st.Panics,
 		}, d.log)
 	}
 	hup := make(chan os.Signal, 1)
