@@ -406,7 +406,7 @@ func (c *compiler) compileAddrList(key string, entries []any) (*addrSet, bool) {
 			v6 = append(v6, prefixRange6(p))
 		}
 	}
-	return &addrSet{v4: mergeRanges4(v4), v6: mergeRanges6(v6)}, ok
+	return &addrSet{v4: mergeRanges(v4), v6: mergeRanges(v6)}, ok
 }
 
 // compilePorts compiles a port key; absent means any. Keys with the same
@@ -456,7 +456,7 @@ func (c *compiler) compilePortList(key string, entries []any) (*portSet, bool) {
 		}
 		rs = append(rs, r)
 	}
-	return &portSet{ranges: mergePorts(rs)}, ok
+	return &portSet{ranges: mergeRanges(rs)}, ok
 }
 
 func (c *compiler) compileProto(key string, v any) (uint8, bool) {

@@ -263,58 +263,45 @@ func (rs *Ruleset) RecheckOnReload() bool { return rs.recheck }
 // decisions are logged and the flow is forwarded anyway.
 func (rs *Ruleset) Monitor() bool { return rs.monitor }
 
-// mergeRanges4 sorts and merges overlapping or adjacent ranges.
-func mergeRanges4(r []range4) []range4 {
-	if len(r) == 0 {
-		return r
-	}
-	sort.Slice(r, func(i, j int) bool { return r[i].from < r[j].from })
-	out := r[:1]
-	for _, x := range r[1:] {
-		last := &out[len(out)-1]
-		if last.to == ^uint32(0) || x.from <= last.to+1 {
-			if x.to > last.to {
-				last.to = x.to
-			}
-			continue
-		}
-		out = append(out, x)
-	}
-	return clip(out)
+// span is a range of addresses or ports, for mergeRanges.
+type span[R any] interface {
+	startsBefore(R) bool // its start is below the other's
+	// reaches reports whether next, which does not start before it,
+	// overlaps it or follows it at once.
+	reaches(next R) bool
+	union(R) R // the range covering both, given reaches
 }
 
-func mergeRanges6(r []range6) []range6 {
-	if len(r) == 0 {
-		return r
+func (a range4) startsBefore(b range4) bool { return a.from < b.from }
+func (a range4) reaches(b range4) bool      { return a.to == ^uint32(0) || b.from <= a.to+1 }
+func (a range4) union(b range4) range4      { return range4{a.from, max(a.to, b.to)} }
+
+func (a range6) startsBefore(b range6) bool { return a.from.less(b.from) }
+func (a range6) reaches(b range6) bool {
+	n, overflow := a.to.next()
+	return overflow || !n.less(b.from) // b.from <= a.to+1
+}
+func (a range6) union(b range6) range6 {
+	if a.to.less(b.to) {
+		a.to = b.to
 	}
-	sort.Slice(r, func(i, j int) bool { return r[i].from.less(r[j].from) })
-	out := r[:1]
-	for _, x := range r[1:] {
-		last := &out[len(out)-1]
-		n, overflow := last.to.next()
-		if overflow || !n.less(x.from) { // x.from <= last.to+1
-			if last.to.less(x.to) {
-				last.to = x.to
-			}
-			continue
-		}
-		out = append(out, x)
-	}
-	return clip(out)
+	return a
 }
 
-func mergePorts(r []portRange) []portRange {
+func (a portRange) startsBefore(b portRange) bool { return a.from < b.from }
+func (a portRange) reaches(b portRange) bool      { return a.to == 0xffff || b.from <= a.to+1 }
+func (a portRange) union(b portRange) portRange   { return portRange{a.from, max(a.to, b.to)} }
+
+// mergeRanges sorts r and merges overlapping or adjacent ranges.
+func mergeRanges[R span[R]](r []R) []R {
 	if len(r) == 0 {
 		return r
 	}
-	sort.Slice(r, func(i, j int) bool { return r[i].from < r[j].from })
+	sort.Slice(r, func(i, j int) bool { return r[i].startsBefore(r[j]) })
 	out := r[:1]
 	for _, x := range r[1:] {
-		last := &out[len(out)-1]
-		if last.to == 0xffff || x.from <= last.to+1 {
-			if x.to > last.to {
-				last.to = x.to
-			}
+		if last := out[len(out)-1]; last.reaches(x) {
+			out[len(out)-1] = last.union(x)
 			continue
 		}
 		out = append(out, x)

@@ -3,6 +3,7 @@ package filter
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -315,5 +316,23 @@ dst = "@bad"`, []string{
 				}
 			}
 		})
+	}
+}
+
+// TestMergeRanges: overlapping, adjacent and contained ranges merge, gaps
+// stay, and a range ending at the top of its space does not wrap.
+func TestMergeRanges(t *testing.T) {
+	p := mergeRanges([]portRange{{10, 20}, {21, 30}, {5, 8}, {12, 15}, {40, 50}, {65000, 65535}, {65535, 65535}})
+	if want := []portRange{{5, 8}, {10, 30}, {40, 50}, {65000, 65535}}; !slices.Equal(p, want) {
+		t.Errorf("ports: %v, want %v", p, want)
+	}
+	r4 := mergeRanges([]range4{{0xffffff00, 0xffffffff}, {1, 1}, {2, 3}, {0xfffffff0, 0xffffffff}})
+	if want := []range4{{1, 3}, {0xffffff00, 0xffffffff}}; !slices.Equal(r4, want) {
+		t.Errorf("v4: %v, want %v", r4, want)
+	}
+	top := u128{^uint64(0), ^uint64(0)}
+	r6 := mergeRanges([]range6{{u128{0, 5}, u128{0, 9}}, {u128{0, 1}, u128{0, 4}}, {u128{1, 0}, top}, {top, top}, {u128{0, 11}, u128{0, 12}}})
+	if want := []range6{{u128{0, 1}, u128{0, 9}}, {u128{0, 11}, u128{0, 12}}, {u128{1, 0}, top}}; !slices.Equal(r6, want) {
+		t.Errorf("v6: %v, want %v", r6, want)
 	}
 }
