@@ -142,6 +142,31 @@ func (es ConfigErrors) Error() string {
 // several times its size.
 const maxConfigSize = 16 << 20
 
+// loadConfig reads and parses the config a command runs on: path or, when
+// path is the default and absent, the embedded config, which fellBack
+// announces. Errors are a ConfigErrors (one file:line each) when the file
+// was read but is invalid.
+func loadConfig(path string, explicit bool, fellBack func()) (*Config, error) {
+	data, source, fb, err := readConfig(path, explicit)
+	if err != nil {
+		return nil, err
+	}
+	if fb {
+		fellBack()
+	}
+	return parseConfig(source, data)
+}
+
+// printConfigError prints an error of loadConfig: the config's own errors
+// as they are, one file:line each; anything else after cmd.
+func printConfigError(w io.Writer, cmd string, err error) {
+	if _, ok := err.(ConfigErrors); ok {
+		fmt.Fprintln(w, err)
+		return
+	}
+	fmt.Fprintf(w, "%s: %v\n", cmd, err)
+}
+
 // readConfig reads path; when path is the default and absent, it falls back to
 // the embedded config and says so through fellBack.
 func readConfig(path string, explicit bool) (data []byte, source string, fellBack bool, err error) {

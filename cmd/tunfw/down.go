@@ -24,17 +24,11 @@ func cmdDown(args []string, stdout, stderr io.Writer) int {
 	if code, stop := parseFlags(fs, args, stderr); stop {
 		return code
 	}
-	data, source, fellBack, err := readConfig(f.config, configGiven(fs))
-	if err != nil {
-		fmt.Fprintf(stderr, "tunfw down: %v\n", err)
-		return 1
-	}
-	if fellBack {
+	cfg, err := loadConfig(f.config, configGiven(fs), func() {
 		fmt.Fprintf(stderr, "tunfw down: %s does not exist; using the embedded config.toml\n", defaultConfigPath)
-	}
-	cfg, err := parseConfig(source, data)
+	})
 	if err != nil {
-		fmt.Fprintln(stderr, err)
+		printConfigError(stderr, "tunfw down", err)
 		return 1
 	}
 	// A non-persistent TUN lives exactly as long as its tunfw: if it is

@@ -161,17 +161,11 @@ func cmdCheck(args []string, stdout, stderr io.Writer) int {
 	if code, stop := parseFlags(fs, args, stderr); stop {
 		return code
 	}
-	data, source, fellBack, err := readConfig(f.config, configGiven(fs))
-	if err != nil {
-		fmt.Fprintf(stderr, "tunfw: %v\n", err)
-		return 1
-	}
-	if fellBack {
+	cfg, err := loadConfig(f.config, configGiven(fs), func() {
 		fmt.Fprintf(stderr, "tunfw: %s does not exist; checking the embedded config.toml\n", defaultConfigPath)
-	}
-	cfg, err := parseConfig(source, data)
+	})
 	if err != nil {
-		fmt.Fprintln(stderr, err)
+		printConfigError(stderr, "tunfw", err)
 		return 1
 	}
 	fmt.Fprintf(stdout, "%s: ok (%d rules)\n", cfg.Source, cfg.Rules.Len())

@@ -26,19 +26,17 @@ func cmdUp(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "tunfw up: %v\n", err)
 		return 2
 	}
-	data, source, fellBack, err := readConfig(f.config, configGiven(fs))
-	if err != nil {
-		log.Error("cannot start", "err", err)
-		return 1
-	}
-	if fellBack {
+	cfg, err := loadConfig(f.config, configGiven(fs), func() {
 		log.Warn("config file does not exist; using the embedded config.toml", "path", defaultConfigPath)
-	}
-	cfg, err := parseConfig(source, data)
-	if err != nil {
+	})
+	if _, invalid := err.(ConfigErrors); invalid {
 		// Plain lines, one per error, so file:line stays readable.
 		fmt.Fprintln(stderr, err)
-		log.Error("invalid config; nothing was changed", "config", source)
+		log.Error("invalid config; nothing was changed")
+		return 1
+	}
+	if err != nil {
+		log.Error("cannot start", "err", err)
 		return 1
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
