@@ -100,14 +100,11 @@ func Compile(opts Options, sets map[string]any, rules []RuleConfig) (*Ruleset, e
 	c := &compiler{sets: make(map[string]*compiledSet, len(sets)), addrMemo: map[string]*addrSet{}, portMemo: map[string]*portSet{}}
 	rs := &Ruleset{}
 
-	switch strings.ToLower(opts.Default) {
-	case "", "allow":
+	if opts.Default == "" {
 		rs.def = Allow
-	case "deny":
-		rs.def = Deny
-	case "reject":
-		rs.def = Reject
-	default:
+	} else if a, ok := parseAction(opts.Default); ok {
+		rs.def = a
+	} else {
 		c.errorf("filter.default", "unknown action %q (want allow, deny or reject)", opts.Default)
 	}
 	switch strings.ToLower(opts.Log) {
@@ -500,17 +497,12 @@ func (c *compiler) compileRule(n int, rc *RuleConfig) (rule, bool) {
 		r.name = fmt.Sprintf("rule-%d", n)
 	}
 	ok := true
-	switch strings.ToLower(rc.Action) {
-	case "allow":
-		r.action = Allow
-	case "deny":
-		r.action = Deny
-	case "reject":
-		r.action = Reject
-	case "":
+	if a, known := parseAction(rc.Action); known {
+		r.action = a
+	} else if rc.Action == "" {
 		c.errorf(key("action"), "missing action (want allow, deny or reject)")
 		ok = false
-	default:
+	} else {
 		c.errorf(key("action"), "unknown action %q (want allow, deny or reject)", rc.Action)
 		ok = false
 	}

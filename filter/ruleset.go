@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"net/netip"
 	"sort"
+	"strings"
 )
 
 // Action is what a rule (or the default) decides for a new flow.
@@ -27,6 +28,16 @@ func (a Action) String() string {
 		return "reject"
 	}
 	return "unknown"
+}
+
+// parseAction reads an action's name, in any case.
+func parseAction(s string) (Action, bool) {
+	for _, a := range []Action{Allow, Deny, Reject} {
+		if strings.EqualFold(s, a.String()) {
+			return a, true
+		}
+	}
+	return 0, false
 }
 
 // LogLevel selects which new-flow decisions are logged.
