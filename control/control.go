@@ -155,9 +155,6 @@ func checkDir(dir string) error {
 	return nil
 }
 
-// Path returns the socket's path.
-func (s *Server) Path() string { return s.path }
-
 // Refused returns how many requests were refused before the handler.
 func (s *Server) Refused() uint64 { return s.refused.Load() }
 

@@ -169,7 +169,7 @@ func TestZeroAllocs(t *testing.T) {
 		"established": func() { _ = ParsePacket(pkt, &p); e.Inbound(&p, 1) },
 		"outbound":    func() { _ = ParsePacket(reply, &p); e.Outbound(&p, 1) },
 		"tombstone":   func() { _ = ParsePacket(late, &p); e.Inbound(&p, 1) },
-		"match":       func() { e.Rules().Match(rej) },
+		"match":       func() { e.rules().Match(rej) },
 		"reject":      func() { BuildReject(rej, rejPkt, out) },
 		"parse error": func() { _ = ParsePacket(pkt[:30], &p) },
 	} {
@@ -217,6 +217,6 @@ func FuzzParsePacket(f *testing.F) {
 			}
 		}
 		e.Outbound(&p, 1)
-		e.Expire(1 << 62)
+		e.expire(1 << 62)
 	})
 }

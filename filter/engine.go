@@ -210,10 +210,15 @@ type Engine struct {
 	// policy is the ruleset and limits new flows are judged by: one
 	// pointer, so that a reload's rules and limits take effect together.
 	policy atomic.Pointer[policy]
+	// log receives decision lines, at most log_rate a second (logLim).
 	log    *slog.Logger
-	local  []netip.Addr // read-only after NewEngine
-	ctr    [numCtrs]atomic.Uint64
 	logLim logLimiter
+	// local are tunfw's own addresses on the TUN: a packet to one of them
+	// is malformed (see badAddresses). Read-only after NewEngine.
+	local []netip.Addr
+	// ctr counts packets, bytes and drops (indexed by the ctr*
+	// constants and by DropReason), read without the table's lock.
+	ctr [numCtrs]atomic.Uint64
 
 	// mu guards the flow table. Inbound takes it for every packet, so
 	// nothing holds it for work that grows with the table: counts are
@@ -285,9 +290,6 @@ func (e *Engine) Swap(rs *Ruleset) { e.Apply(rs, e.Limits()) }
 func (e *Engine) SetLimits(l EngineLimits) {
 	e.policy.Store(&policy{rules: e.policy.Load().rules, limits: l.withDefaults()})
 }
-
-// Rules returns the current ruleset.
-func (e *Engine) Rules() *Ruleset { return e.policy.Load().rules }
 
 // Limits returns the limits in force.
 func (e *Engine) Limits() EngineLimits { return e.policy.Load().limits }
@@ -755,12 +757,9 @@ func (e *Engine) timeout(to *Timeouts, proto uint8, state uint8) int64 {
 	return int64(to.ICMPIdle)
 }
 
-// Expire removes the flows idle for longer than their state's timeout at
-// monotonic time now (ns) and returns how many it removed.
-func (e *Engine) Expire(now int64) int { return len(e.ExpireFlows(now, nil)) }
-
-// ExpireFlows is Expire returning the removed flows appended to refs, so
-// the caller can close what it still holds for them (a relay whose peer
+// ExpireFlows removes the flows idle for longer than their state's timeout
+// at monotonic time now (ns) and appends them to refs, so the caller can
+// close what it still holds for them (a relay whose peer
 // went silent). It walks the table walkBatch flows per hold of the lock,
 // so the packet path never waits for a whole pass.
 func (e *Engine) ExpireFlows(now int64, refs []FlowRef) []FlowRef {

@@ -58,7 +58,7 @@ dst_port = 22
 	if d := in(e, tcp("10.0.0.2", 40001, "1.1.1.1", 443, TCPSyn), sec); d != (Decision{VerdictDrop, -1, ReasonDenied}) {
 		t.Errorf("new flow after swap: %+v", d)
 	}
-	if e.Rules().Default() != Deny {
+	if e.rules().Default() != Deny {
 		t.Errorf("Rules() not swapped")
 	}
 	// A denied flow stays denied without re-evaluating: swap back to allow.
@@ -159,15 +159,15 @@ func TestEngineTCPStatesAndExpire(t *testing.T) {
 	step("syn-ack", out(e, tcp(sv, 80, cl, 1000, TCPSyn|TCPAck), 1), stateEstablished)
 	step("ack", in(e, tcp(cl, 1000, sv, 80, TCPAck), 2).Verdict == VerdictForward, stateEstablished)
 	// Established: not expired before TCPIdle.
-	if n := e.Expire(50 * sec); n != 0 {
+	if n := e.expire(50 * sec); n != 0 {
 		t.Fatalf("expired %d established flows early", n)
 	}
 	step("data", out(e, tcp(sv, 80, cl, 1000, TCPAck|TCPPsh), 60*sec), stateEstablished)
 	step("fin", out(e, tcp(sv, 80, cl, 1000, TCPFin|TCPAck), 61*sec), stateClosing)
-	if n := e.Expire(61*sec + 19*sec); n != 0 {
+	if n := e.expire(61*sec + 19*sec); n != 0 {
 		t.Fatalf("closing flow expired early")
 	}
-	if n := e.Expire(61*sec + 21*sec); n != 1 {
+	if n := e.expire(61*sec + 21*sec); n != 1 {
 		t.Fatalf("closing flow not expired: %d", n)
 	}
 	if _, ok := flowState(e, key); ok {
@@ -175,7 +175,7 @@ func TestEngineTCPStatesAndExpire(t *testing.T) {
 	}
 	// Handshake timeout.
 	in(e, tcp(cl, 1000, sv, 80, TCPSyn), 100*sec)
-	if e.Expire(109*sec) != 0 || e.Expire(111*sec) != 1 {
+	if e.expire(109*sec) != 0 || e.expire(111*sec) != 1 {
 		t.Fatal("handshake timeout")
 	}
 	// A client's RST or FIN changes nothing: only the stack's segments
@@ -185,7 +185,7 @@ func TestEngineTCPStatesAndExpire(t *testing.T) {
 	step("client rst", in(e, tcp(cl, 1000, sv, 80, TCPRst), 201*sec).Verdict == VerdictForward, stateEstablished)
 	step("client fin", in(e, tcp(cl, 1000, sv, 80, TCPFin|TCPAck), 201*sec).Verdict == VerdictForward, stateEstablished)
 	step("stack rst", out(e, tcp(sv, 80, cl, 1000, TCPRst|TCPAck), 201*sec), stateEstablished)
-	if n := e.Expire(202 * sec); n != 0 {
+	if n := e.expire(202 * sec); n != 0 {
 		t.Fatalf("flow expired after forged flags: %d", n)
 	}
 	// A SYN on the live flow goes to the stack within the flow, even
@@ -200,11 +200,11 @@ func TestEngineTCPStatesAndExpire(t *testing.T) {
 	e.Swap(mustCompile(t, ""))
 	in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 300*sec)
 	in(e, ping("10.0.0.2", "8.8.8.8", 1), 300*sec)
-	if n := e.Expire(300*sec + 31*sec); n != 1 { // ICMP 30s
+	if n := e.expire(300*sec + 31*sec); n != 1 { // ICMP 30s
 		t.Fatalf("icmp expire: %d", n)
 	}
 	out(e, udp("8.8.8.8", 53, "10.0.0.2", 1), 330*sec) // reply refreshes
-	if n := e.Expire(300*sec + 61*sec); n != 0 {
+	if n := e.expire(300*sec + 61*sec); n != 0 {
 		t.Fatalf("udp expired despite reply: %d", n)
 	}
 	e.Forget(FlowKey{ProtoUDP, netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("8.8.8.8:53")})
@@ -308,7 +308,7 @@ func TestEngineConcurrent(t *testing.T) {
 				out(e, udp("1.1.1.1", 53, "10.0.0.2", uint16(i%100+1)), int64(i))
 				switch g {
 				case 1:
-					e.Expire(int64(i) * sec)
+					e.expire(int64(i) * sec)
 				case 2:
 					e.Forget(FlowKey{ProtoUDP, netip.AddrPortFrom(netip.MustParseAddr("10.0.0.2"), uint16(i%100+1)), netip.MustParseAddrPort("1.1.1.1:53")})
 					e.Counters()

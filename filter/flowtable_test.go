@@ -66,7 +66,7 @@ func TestEngineReleaseTombstone(t *testing.T) {
 		t.Fatalf("per-source counts left: %v", e.perSrc)
 	}
 	// Tombstones go after tombTTL, and are not counted anywhere.
-	e.Expire(int64(time.Second) + tombTTL + 1)
+	e.expire(int64(time.Second) + tombTTL + 1)
 	if n := len(e.tombs.byKey); n != 0 {
 		t.Fatalf("%d tombstones left", n)
 	}
@@ -104,7 +104,7 @@ func TestEngineTombstonesBounded(t *testing.T) {
 	}
 	checkStateCounts(t, e)
 	// One expiry pass drops all that expired, however many.
-	e.Expire(tombTTL + maxTombs + 100)
+	e.expire(tombTTL + maxTombs + 100)
 	if n, q := len(e.tombs.byKey), len(e.tombs.q)-e.tombs.head; n != 0 || q != 0 {
 		t.Fatalf("%d tombstones, %d queued after they all expired", n, q)
 	}
@@ -151,7 +151,7 @@ func TestEngineRecheckCutTCP(t *testing.T) {
 			if n := BuildReject(p, pkt, buf); n == 0 || ParsePacket(buf[:n], &r) != nil || r.TCPSeq != 0x22222222 || r.TCPFlags&TCPRst == 0 {
 				t.Fatalf("answer to a cut flow's segment: %+v", r)
 			}
-			if e.Expire(19*sec) != 0 || e.Expire(21*sec) != 1 {
+			if e.expire(19*sec) != 0 || e.expire(21*sec) != 1 {
 				t.Fatal("cut flow not kept for tcp_closing")
 			}
 			checkStateCounts(t, e)
@@ -226,7 +226,7 @@ func TestEngineClosingByIdentity(t *testing.T) {
 	if s, _ := flowState(e, k); s != stateClosing {
 		t.Fatalf("state %d after Closing", s)
 	}
-	if e.Expire(3*sec) != 1 {
+	if e.expire(3*sec) != 1 {
 		t.Fatal("half-closed flow not expired after tcp_closing")
 	}
 	checkStateCounts(t, e)

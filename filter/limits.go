@@ -2,7 +2,6 @@ package filter
 
 import (
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/tunfw/tunfw/internal/config"
@@ -178,10 +177,4 @@ func (l EngineLimits) withDefaults() EngineLimits {
 	}
 	l.MaxPendingDialsPerSource = min(l.MaxPendingDialsPerSource, l.MaxPendingDials)
 	return l
-}
-
-// String summarises the limits for logs.
-func (l EngineLimits) String() string {
-	return fmt.Sprintf("max_flows=%d max_flows_per_source=%d tcp_handshake=%v tcp_idle=%v tcp_closing=%v udp_idle=%v icmp_idle=%v log_rate=%d/s dial_timeout=%v max_pending_dials=%d max_pending_dials_per_source=%d",
-		l.MaxFlows, l.MaxFlowsPerSource, l.TCPHandshake, l.TCPIdle, l.TCPClosing, l.UDPIdle, l.ICMPIdle, l.LogRate, l.DialTimeout, l.MaxPendingDials, l.MaxPendingDialsPerSource)
 }

@@ -45,7 +45,7 @@ func BenchmarkControlPlanePause(b *testing.B) {
 		{"none", func(int64) { time.Sleep(time.Millisecond) }},
 		{"counters", func(int64) { e.Counters() }},
 		{"flows", func(now int64) { e.Flows(now) }},
-		{"expire", func(now int64) { e.Expire(now) }},
+		{"expire", func(now int64) { e.expire(now) }},
 	}
 	for _, o := range ops {
 		b.Run(o.name, func(b *testing.B) {

@@ -263,9 +263,6 @@ func (rs *Ruleset) Len() int { return len(rs.rules) }
 // Default returns the action taken when no rule matches.
 func (rs *Ruleset) Default() Action { return rs.def }
 
-// LogLevel returns which decisions are logged.
-func (rs *Ruleset) LogLevel() LogLevel { return rs.log }
-
 // RecheckOnReload reports whether existing flows are run through this
 // ruleset when it replaces another ([filter] on_reload = "recheck").
 func (rs *Ruleset) RecheckOnReload() bool { return rs.recheck }

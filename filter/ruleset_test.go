@@ -140,12 +140,12 @@ func TestDefaultsAndOptions(t *testing.T) {
 		}
 	}
 	rs := mustCompile(t, "[filter]\nlog = \"all\"\nmode = \"monitor\"\n")
-	if rs.LogLevel() != LogAll || !rs.Monitor() || rs.Default() != Allow || rs.Len() != 0 {
-		t.Errorf("options: log %v monitor %v default %v", rs.LogLevel(), rs.Monitor(), rs.Default())
+	if rs.log != LogAll || !rs.Monitor() || rs.Default() != Allow || rs.Len() != 0 {
+		t.Errorf("options: log %v monitor %v default %v", rs.log, rs.Monitor(), rs.Default())
 	}
 	rs = mustCompile(t, "")
-	if rs.LogLevel() != LogDeny || rs.Monitor() {
-		t.Errorf("empty options: log %v monitor %v", rs.LogLevel(), rs.Monitor())
+	if rs.log != LogDeny || rs.Monitor() {
+		t.Errorf("empty options: log %v monitor %v", rs.log, rs.Monitor())
 	}
 }
 

@@ -21,7 +21,7 @@ func TestEngineMaxFlowsPerSource(t *testing.T) {
 		t.Fatalf("other source: %+v", d)
 	}
 	// When a flow of the first source ends, it may open another.
-	e.Expire(int64(2 * time.Minute))
+	e.expire(int64(2 * time.Minute))
 	if d := in(e, udp("10.0.0.2", 3, "8.8.8.8", 53), int64(2*time.Minute)); d.Verdict != VerdictForward {
 		t.Fatalf("after expiry: %+v", d)
 	}
@@ -112,7 +112,7 @@ func TestEngineLogRateLimit(t *testing.T) {
 	if n := strings.Count(logs.String(), "msg=flow"); n != 5 {
 		t.Errorf("%d decision lines logged, want the burst of 5", n)
 	}
-	e.Expire(int64(time.Second))
+	e.expire(int64(time.Second))
 	if !strings.Contains(logs.String(), "suppressed=45") {
 		t.Errorf("no summary of the 45 suppressed lines:\n%s", logs.String())
 	}

@@ -104,10 +104,10 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	lim := s.eng.Limits()
-	timeout := s.dialTimeout
-	if timeout == 0 {
-		timeout = lim.DialTimeout
-	}
+	// dial_timeout bounds one attempt; when it expires the client is told
+	// nothing and its next SYN retransmission starts a new attempt. It is
+	// read at each attempt, so that a reload changes it.
+	timeout := lim.DialTimeout
 	ctx, cancel := context.WithTimeout(s.ctx, timeout)
 	defer cancel()
 	d := &pendingDial{key: key, id: flow.ID, cancel: cancel, released: make(chan struct{})}

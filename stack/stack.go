@@ -53,11 +53,6 @@ type Options struct {
 	Outbound Outbound
 	// Logger receives operational messages; decisions are logged by Engine.
 	Logger *slog.Logger
-	// DialTimeout bounds one attempt to reach a TCP destination. When it
-	// expires the client is told nothing; its next SYN retransmission
-	// starts a new attempt. Zero means the engine's limits (dial_timeout),
-	// read at each attempt so that a reload changes it.
-	DialTimeout time.Duration
 	// TCP is the [stack] section; its zero value means DefaultConfig.
 	TCP Config
 	// UDPReceiveBuffer is the largest receive buffer of a UDP flow's
@@ -86,8 +81,6 @@ type Stack struct {
 	// watcher waits for the sockets of idle TCP relays (relay.go).
 	watcher   *sockWatcher
 	watcherWG sync.WaitGroup
-
-	dialTimeout time.Duration // 0: the engine's limits
 
 	// dials are the TCP connections between SYN and the client's
 	// completed handshake (dials.go).
@@ -139,18 +132,17 @@ type Stack struct {
 func New(o Options) (*Stack, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Stack{
-		dev:         o.Device,
-		mtu:         o.MTU,
-		eng:         o.Engine,
-		log:         o.Logger,
-		dialer:      newDialer(o.Outbound),
-		epoch:       time.Now(),
-		dialTimeout: o.DialTimeout,
-		dials:       newDialPool(),
-		conns:       make(map[filter.FlowKey]tracked),
-		udpFlows:    make(map[filter.FlowKey]*udpFlow),
-		ctx:         ctx,
-		cancel:      cancel,
+		dev:      o.Device,
+		mtu:      o.MTU,
+		eng:      o.Engine,
+		log:      o.Logger,
+		dialer:   newDialer(o.Outbound),
+		epoch:    time.Now(),
+		dials:    newDialPool(),
+		conns:    make(map[filter.FlowKey]tracked),
+		udpFlows: make(map[filter.FlowKey]*udpFlow),
+		ctx:      ctx,
+		cancel:   cancel,
 	}
 	s.maxEchoPerSource = o.MaxEchoFlowsPerSource
 	s.initUDP(o)

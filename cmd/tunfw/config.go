@@ -52,7 +52,6 @@ type Config struct {
 	// Source names where it came from: a path or "embedded config.toml".
 	Source string
 	Net    tun.Settings
-	Filter filter.Options
 	Rules  *filter.Ruleset
 	Limits filter.EngineLimits
 	// ControlSocket is the control socket's path.
@@ -287,7 +286,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 			errs = append(errs, ConfigError{File: source, Line: p.Line, Key: p.Key, Msg: "unknown key"})
 		}
 	}
-	cfg := &Config{Source: source, Filter: fo, Metrics: mc, Stack: sc}
+	cfg := &Config{Source: source, Metrics: mc, Stack: sc}
 	cfg.Net, err = tun.Validate(tc, rc)
 	add(err)
 	cfg.Rules, err = filter.Compile(fo, sets, rules)
