@@ -2,6 +2,7 @@ package filter
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"sync"
@@ -73,6 +74,29 @@ type Decision struct {
 type FlowKey struct {
 	Proto    uint8
 	Src, Dst netip.AddrPort
+}
+
+// KeyOf returns the key of the flow a client's packet p belongs to: for TCP
+// and UDP its addresses and ports; for an echo request the identifier
+// stands in for the source port and the destination has none.
+func KeyOf(p *Packet) FlowKey {
+	if p.isICMP() {
+		return FlowKey{p.Proto, netip.AddrPortFrom(p.Src, p.SrcPort), netip.AddrPortFrom(p.Dst, 0)}
+	}
+	return FlowKey{p.Proto, netip.AddrPortFrom(p.Src, p.SrcPort), netip.AddrPortFrom(p.Dst, p.DstPort)}
+}
+
+// Reverse returns the key with source and destination swapped: a TCP or
+// UDP flow's key as its replies carry it.
+func (k FlowKey) Reverse() FlowKey { return FlowKey{k.Proto, k.Dst, k.Src} }
+
+// String formats k as "tcp 10.0.0.2:40000 -> 192.0.2.1:443" (an echo
+// flow: "icmp 10.0.0.2 id 7 -> 192.0.2.1").
+func (k FlowKey) String() string {
+	if k.Proto == ProtoICMP || k.Proto == ProtoICMPv6 {
+		return fmt.Sprintf("%s %s id %d -> %s", protoName(k.Proto), k.Src.Addr(), k.Src.Port(), k.Dst.Addr())
+	}
+	return fmt.Sprintf("%s %s -> %s", protoName(k.Proto), k.Src, k.Dst)
 }
 
 // FlowID is the identity of one flow table entry. IDs are never reused, so
@@ -328,15 +352,15 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 	syn := false
 	switch {
 	case p.Proto == ProtoTCP:
-		key = FlowKey{p.Proto, netip.AddrPortFrom(p.Src, p.SrcPort), netip.AddrPortFrom(p.Dst, p.DstPort)}
+		key = KeyOf(p)
 		syn = p.TCPFlags&(TCPSyn|TCPAck|TCPRst) == TCPSyn
 	case p.Proto == ProtoUDP:
-		key = FlowKey{p.Proto, netip.AddrPortFrom(p.Src, p.SrcPort), netip.AddrPortFrom(p.Dst, p.DstPort)}
+		key = KeyOf(p)
 	case p.isICMP():
 		if req, _ := p.icmpEcho(); !req {
 			return e.count(Decision{VerdictDrop, NoRule, ReasonUnsupported})
 		}
-		key = FlowKey{p.Proto, netip.AddrPortFrom(p.Src, p.SrcPort), netip.AddrPortFrom(p.Dst, 0)}
+		key = KeyOf(p)
 	default:
 		return e.count(Decision{VerdictDrop, NoRule, ReasonUnsupported})
 	}
@@ -514,7 +538,7 @@ func (e *Engine) Outbound(p *Packet, now int64) bool {
 	var key FlowKey
 	switch {
 	case p.Proto == ProtoTCP || p.Proto == ProtoUDP:
-		key = FlowKey{p.Proto, netip.AddrPortFrom(p.Dst, p.DstPort), netip.AddrPortFrom(p.Src, p.SrcPort)}
+		key = KeyOf(p).Reverse()
 	case p.isICMP():
 		if _, rep := p.icmpEcho(); !rep {
 			return false

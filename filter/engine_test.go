@@ -393,3 +393,17 @@ func TestApplyRulesAndLimitsTogether(t *testing.T) {
 		}
 	}
 }
+
+// TestFlowKeyOf: a client packet's key, its reverse (how replies carry
+// it) and how it prints.
+func TestFlowKeyOf(t *testing.T) {
+	p, _ := parsed(tcp("10.0.0.2", 40000, "192.0.2.1", 443, TCPSyn))
+	k := KeyOf(p)
+	if k.String() != "tcp 10.0.0.2:40000 -> 192.0.2.1:443" || k.Reverse().Reverse() != k || k.Reverse().Src != k.Dst {
+		t.Errorf("tcp key %v, reversed %v", k, k.Reverse())
+	}
+	p, _ = parsed(ping("fd00::2", "2001:db8::1", 7))
+	if k := KeyOf(p); k.String() != "icmp fd00::2 id 7 -> 2001:db8::1" || k.Dst.Port() != 0 {
+		t.Errorf("echo key %v", k)
+	}
+}

@@ -191,7 +191,7 @@ func (pg *pinger) send(p *filter.Packet, pkt []byte) {
 		// A flow the stack cannot carry leaves the table: it holds
 		// nothing and counts against no limit; its next request
 		// tries again.
-		pg.s.eng.Forget(filter.FlowKey{Proto: p.Proto, Src: netip.AddrPortFrom(p.Src, p.SrcPort), Dst: netip.AddrPortFrom(p.Dst, 0)})
+		pg.s.eng.Forget(filter.KeyOf(p))
 		return
 	}
 	pg.mu.Unlock()

@@ -152,7 +152,7 @@ func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udp
 // would. The send may wait in the flow's batch until the read loop has read
 // what the TUN holds (udpbatch.go).
 func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
-	key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(p.Src, p.SrcPort), Dst: netip.AddrPortFrom(p.Dst, p.DstPort)}
+	key := filter.KeyOf(p)
 	s.udpMu.Lock()
 	f := s.udpFlows[key]
 	s.udpMu.Unlock()
