@@ -198,7 +198,7 @@ func FuzzParsePacket(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		e := NewEngine(rs, EngineOptions{Logger: quiet, MaxFlows: 4})
+		e := NewEngine(rs, EngineOptions{Logger: quiet, Limits: EngineLimits{MaxFlows: 4}})
 		out := make([]byte, 1500)
 		var p Packet
 		if err := ParsePacket(b, &p); err != nil {

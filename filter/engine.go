@@ -122,37 +122,13 @@ type Timeouts struct {
 
 // EngineOptions configures NewEngine. Zero fields take their defaults.
 type EngineOptions struct {
-	Logger       *slog.Logger  // default slog.Default()
-	MaxFlows     int           // default 262144
-	TCPHandshake time.Duration // default 30s
-	TCPIdle      time.Duration // default 2h
-	TCPClosing   time.Duration // default 30s
-	UDPIdle      time.Duration // default 60s
-	ICMPIdle     time.Duration // default 30s
-	// MaxFlowsPerSource bounds the flows of one client address; 0: none.
-	MaxFlowsPerSource int
-	// LogRate bounds decision log lines per second; default 100.
-	LogRate int
-	// DialTimeout and MaxPendingDials are kept for the stack, which reads
-	// them with Limits; defaults 30s and 1024.
-	DialTimeout     time.Duration
-	MaxPendingDials int
-	// MaxPendingDialsPerSource is kept for the stack too; default 256.
-	MaxPendingDialsPerSource int
+	Logger *slog.Logger // default slog.Default()
+	// Limits are the flow table's limits and timeouts ([limits]); zero
+	// fields take their defaults (Limits.Validate gives them all).
+	Limits EngineLimits
 	// LocalAddrs are the TUN's own addresses: a packet read from the TUN
 	// that is addressed to one of them is dropped as malformed.
 	LocalAddrs []netip.Addr
-}
-
-// Options returns the engine options that apply l, logging to log.
-func (l EngineLimits) Options(log *slog.Logger) EngineOptions {
-	return EngineOptions{
-		Logger: log, MaxFlows: l.MaxFlows, MaxFlowsPerSource: l.MaxFlowsPerSource, LogRate: l.LogRate,
-		TCPHandshake: l.TCPHandshake, TCPIdle: l.TCPIdle, TCPClosing: l.TCPClosing,
-		UDPIdle: l.UDPIdle, ICMPIdle: l.ICMPIdle,
-		DialTimeout: l.DialTimeout, MaxPendingDials: l.MaxPendingDials,
-		MaxPendingDialsPerSource: l.MaxPendingDialsPerSource,
-	}
 }
 
 // Counters is a snapshot of the Engine's counters.
@@ -281,16 +257,7 @@ func NewEngine(rs *Ruleset, opts EngineOptions) *Engine {
 	if e.log == nil {
 		e.log = slog.Default()
 	}
-	lim := EngineLimits{
-		Timeouts: Timeouts{
-			TCPHandshake: opts.TCPHandshake, TCPIdle: opts.TCPIdle, TCPClosing: opts.TCPClosing,
-			UDPIdle: opts.UDPIdle, ICMPIdle: opts.ICMPIdle,
-		},
-		MaxFlows: opts.MaxFlows, MaxFlowsPerSource: opts.MaxFlowsPerSource, LogRate: opts.LogRate,
-		DialTimeout: opts.DialTimeout, MaxPendingDials: opts.MaxPendingDials,
-		MaxPendingDialsPerSource: opts.MaxPendingDialsPerSource,
-	}
-	e.policy.Store(&policy{rules: rs, limits: lim.withDefaults()})
+	e.policy.Store(&policy{rules: rs, limits: opts.Limits.withDefaults()})
 	return e
 }
 

@@ -143,7 +143,7 @@ func flowState(e *Engine, k FlowKey) (uint8, bool) {
 }
 
 func TestEngineTCPStatesAndExpire(t *testing.T) {
-	e, _ := newTestEngine(t, "", EngineOptions{TCPHandshake: 10 * time.Second, TCPIdle: 100 * time.Second, TCPClosing: 20 * time.Second})
+	e, _ := newTestEngine(t, "", EngineOptions{Limits: EngineLimits{Timeouts: Timeouts{TCPHandshake: 10 * time.Second, TCPIdle: 100 * time.Second, TCPClosing: 20 * time.Second}}})
 	cl, sv := "fd00::2", "2001:db8::80"
 	key := FlowKey{ProtoTCP, netip.MustParseAddrPort("[fd00::2]:1000"), netip.MustParseAddrPort("[2001:db8::80]:80")}
 	step := func(name string, got bool, wantState uint8) {
@@ -217,7 +217,7 @@ func TestEngineTCPStatesAndExpire(t *testing.T) {
 }
 
 func TestEngineMaxFlows(t *testing.T) {
-	e, _ := newTestEngine(t, "", EngineOptions{MaxFlows: 2})
+	e, _ := newTestEngine(t, "", EngineOptions{Limits: EngineLimits{MaxFlows: 2}})
 	in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 0)
 	in(e, tcp("10.0.0.2", 2, "8.8.8.8", 53, TCPSyn), 0)
 	if d := in(e, udp("10.0.0.2", 3, "8.8.8.8", 53), 0); d != (Decision{VerdictReject, NoRule, ReasonLimit}) {
@@ -299,7 +299,7 @@ func TestEngineLogV6(t *testing.T) {
 
 // Inbound from one goroutine, the rest from others: run with -race.
 func TestEngineConcurrent(t *testing.T) {
-	e, _ := newTestEngine(t, matchConfig, EngineOptions{Logger: quiet, MaxFlows: 64})
+	e, _ := newTestEngine(t, matchConfig, EngineOptions{Logger: quiet, Limits: EngineLimits{MaxFlows: 64}})
 	done := make(chan struct{})
 	for g := range 3 {
 		go func() {
@@ -355,7 +355,7 @@ func TestEngineConcurrent(t *testing.T) {
 func TestApplyRulesAndLimitsTogether(t *testing.T) {
 	limA := EngineLimits{MaxFlows: 1 << 20}
 	limB := EngineLimits{MaxFlows: 1}
-	e := NewEngine(mustCompile(t, ""), EngineOptions{Logger: quiet, MaxFlows: limA.MaxFlows})
+	e := NewEngine(mustCompile(t, ""), EngineOptions{Logger: quiet, Limits: EngineLimits{MaxFlows: limA.MaxFlows}})
 	in(e, udp("10.0.0.2", 1, "1.1.1.1", 53), 0) // the table is never empty
 	const flips = 2000
 	policies := make([]*Ruleset, flips)

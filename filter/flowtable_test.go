@@ -32,7 +32,7 @@ func checkStateCounts(t *testing.T, e *Engine) {
 // limit, but the client's last segments still reach the stack for a
 // while; a release naming an older identity does nothing.
 func TestEngineReleaseTombstone(t *testing.T) {
-	e, _ := newTestEngine(t, "", EngineOptions{MaxFlowsPerSource: 10})
+	e, _ := newTestEngine(t, "", EngineOptions{Limits: EngineLimits{MaxFlowsPerSource: 10}})
 	cl, sv := "10.0.0.2", "192.0.2.1"
 	for i := range 1000 {
 		now := int64(i) * int64(time.Millisecond)
@@ -88,7 +88,7 @@ func TestEngineReleaseTombstone(t *testing.T) {
 }
 
 func TestEngineTombstonesBounded(t *testing.T) {
-	e, _ := newTestEngine(t, "", EngineOptions{Logger: quiet, MaxFlows: 4 * maxTombs})
+	e, _ := newTestEngine(t, "", EngineOptions{Logger: quiet, Limits: EngineLimits{MaxFlows: 4 * maxTombs}})
 	for i := range maxTombs + 100 {
 		src := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
 		in(e, tcp(src.String(), 1, "192.0.2.1", 80, TCPSyn), 0)
@@ -116,7 +116,7 @@ func TestEngineTombstonesBounded(t *testing.T) {
 func TestEngineRecheckCutTCP(t *testing.T) {
 	for _, action := range []string{"deny", "reject"} {
 		t.Run(action, func(t *testing.T) {
-			e, _ := newTestEngine(t, "", EngineOptions{TCPClosing: 20 * time.Second})
+			e, _ := newTestEngine(t, "", EngineOptions{Limits: EngineLimits{Timeouts: Timeouts{TCPClosing: 20 * time.Second}}})
 			cl, sv := "10.0.0.2", "192.0.2.1"
 			in(e, tcp(cl, 1000, sv, 80, TCPSyn), 0)
 			k := tcpKey(cl, 1000, sv, 80)
@@ -179,7 +179,7 @@ func TestEngineLand(t *testing.T) {
 // Walks in batches see every flow that stays in the table while others
 // come and go between batches.
 func TestEngineWalkUnderChurn(t *testing.T) {
-	e, _ := newTestEngine(t, "", EngineOptions{Logger: quiet, MaxFlows: 1 << 20})
+	e, _ := newTestEngine(t, "", EngineOptions{Logger: quiet, Limits: EngineLimits{MaxFlows: 1 << 20}})
 	const stable = 5 * walkBatch
 	fillFlows(t, e, stable)
 	done := make(chan struct{})
@@ -213,7 +213,7 @@ func TestEngineWalkUnderChurn(t *testing.T) {
 }
 
 func TestEngineClosingByIdentity(t *testing.T) {
-	e, _ := newTestEngine(t, "", EngineOptions{TCPClosing: 2 * time.Second})
+	e, _ := newTestEngine(t, "", EngineOptions{Limits: EngineLimits{Timeouts: Timeouts{TCPClosing: 2 * time.Second}}})
 	in(e, tcp("10.0.0.2", 1, "192.0.2.1", 80, TCPSyn), 0)
 	k := tcpKey("10.0.0.2", 1, "192.0.2.1", 80)
 	id := e.Claim(k)

@@ -36,7 +36,7 @@ func fillFlows(tb testing.TB, e *Engine, n int) {
 // machine), which shows even for Counters, whose hold is a few nanoseconds.
 func BenchmarkControlPlanePause(b *testing.B) {
 	const flows = 250000
-	e, _ := newTestEngine(b, "", EngineOptions{Logger: quiet, MaxFlows: flows + 10})
+	e, _ := newTestEngine(b, "", EngineOptions{Logger: quiet, Limits: EngineLimits{MaxFlows: flows + 10}})
 	fillFlows(b, e, flows)
 	ops := []struct {
 		name string

@@ -10,7 +10,7 @@ import (
 )
 
 func TestEngineMaxFlowsPerSource(t *testing.T) {
-	e, _ := newTestEngine(t, "", EngineOptions{MaxFlowsPerSource: 2})
+	e, _ := newTestEngine(t, "", EngineOptions{Limits: EngineLimits{MaxFlowsPerSource: 2}})
 	in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 0)
 	in(e, udp("10.0.0.2", 2, "8.8.8.8", 53), 0)
 	if d := in(e, udp("10.0.0.2", 3, "8.8.8.8", 53), 0); d.Reason != ReasonLimit || d.Verdict != VerdictReject {
@@ -105,7 +105,7 @@ dst_port = 53
 }
 
 func TestEngineLogRateLimit(t *testing.T) {
-	e, logs := newTestEngine(t, "[filter]\nlog = \"all\"\n", EngineOptions{LogRate: 5})
+	e, logs := newTestEngine(t, "[filter]\nlog = \"all\"\n", EngineOptions{Limits: EngineLimits{LogRate: 5}})
 	for i := 0; i < 50; i++ {
 		in(e, udp("10.0.0.2", uint16(1000+i), "192.0.2.1", 53), int64(i)) // all within 50 ns
 	}
@@ -147,7 +147,7 @@ func TestLimitsValidate(t *testing.T) {
 // the README gives for max_flows, and keeps it from growing unnoticed.
 func TestFlowTableMemory(t *testing.T) {
 	const n = 100000
-	e, _ := newTestEngine(t, "", EngineOptions{Logger: quiet, MaxFlows: 2 * n})
+	e, _ := newTestEngine(t, "", EngineOptions{Logger: quiet, Limits: EngineLimits{MaxFlows: 2 * n}})
 	pkts := make([]*Packet, n)
 	for i := range pkts {
 		p, _ := parsed(udp("10.0.0.2", uint16(i%60000+1), fmt.Sprintf("192.0.%d.%d", i/60000, 1), 53))

@@ -22,7 +22,7 @@ func testSource(t *testing.T) Source {
 		t.Fatal(err)
 	}
 	lim, _ := filter.Limits{}.Validate()
-	return Source{Engine: filter.NewEngine(rs, lim.Options(slog.New(slog.NewTextHandler(io.Discard, nil))))}
+	return Source{Engine: filter.NewEngine(rs, filter.EngineOptions{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Limits: lim})}
 }
 
 // syncBuf is a log sink safe for the server's goroutines.

@@ -26,7 +26,7 @@ func reloadDaemon(t *testing.T, text string) (*daemon, string) {
 		t.Fatal(err)
 	}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	eng := filter.NewEngine(cfg.Rules, cfg.Limits.Options(log))
+	eng := filter.NewEngine(cfg.Rules, filter.EngineOptions{Logger: log, Limits: cfg.Limits})
 	st, err := stack.New(stack.Options{MTU: 1500, Engine: eng, Logger: log})
 	if err != nil {
 		t.Fatal(err)

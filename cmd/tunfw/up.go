@@ -105,7 +105,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	for _, w := range dev.Warnings(cfg.Net, out.IfaceV4, out.IfaceV6) {
 		log.Warn(w)
 	}
-	engOpts := cfg.Limits.Options(log)
+	engOpts := filter.EngineOptions{Logger: log, Limits: cfg.Limits}
 	for _, a := range cfg.Net.Addresses {
 		engOpts.LocalAddrs = append(engOpts.LocalAddrs, a.Addr())
 	}
