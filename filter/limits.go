@@ -22,29 +22,14 @@ type Limits struct {
 	// LogRate bounds decision log lines per second; past it lines are
 	// counted and summarised instead of written.
 	LogRate int `toml:"log_rate"`
-	// DialTimeout bounds one attempt to reach a TCP destination.
-	DialTimeout string `toml:"dial_timeout"`
-	// MaxPendingDials bounds the TCP connections being set up (destination
-	// dialled, client handshake not complete).
-	MaxPendingDials int `toml:"max_pending_dials"`
-	// MaxPendingDialsPerSource bounds the TCP connections one client
-	// address is setting up; past it the source's oldest one gives way.
-	MaxPendingDialsPerSource int `toml:"max_pending_dials_per_source"`
+	// The section's dial_timeout, max_pending_dials and
+	// max_pending_dials_per_source belong to stack.LimitsConfig.
 }
 
 // Default limits.
 const (
-	DefaultMaxFlows        = 262144
-	DefaultLogRate         = 100
-	DefaultMaxPendingDials = 1024
-	// DefaultMaxPendingDialsPerSource lets one client hold a quarter of
-	// the default pool: far more than a browser opens at once, and a SYN
-	// flood from one address leaves the rest to the others.
-	DefaultMaxPendingDialsPerSource = 256
-	DefaultDialTimeout              = 30 * time.Second
-	// MaxPendingDialsCap is the largest max_pending_dials: the stack's
-	// fixed bound on connection requests in flight.
-	MaxPendingDialsCap = 65536
+	DefaultMaxFlows = 262144
+	DefaultLogRate  = 100
 )
 
 // DefaultMaxFlowsPerSource is max_flows_per_source when the key is left
@@ -76,20 +61,13 @@ type EngineLimits struct {
 	MaxFlows          int
 	MaxFlowsPerSource int // 0: no per-source bound
 	LogRate           int
-	DialTimeout       time.Duration // one attempt to reach a TCP destination
-	MaxPendingDials   int           // TCP connections being set up
-	// MaxPendingDialsPerSource bounds those of one client address; at
-	// most MaxPendingDials.
-	MaxPendingDialsPerSource int
 }
 
 // Validate checks the section and fills in defaults. It reports every
 // problem, each naming its key.
 func (l Limits) Validate() (EngineLimits, error) {
 	var errs []error
-	out := EngineLimits{Timeouts: DefaultTimeouts(), MaxFlows: l.MaxFlows, LogRate: l.LogRate,
-		DialTimeout: DefaultDialTimeout, MaxPendingDials: l.MaxPendingDials,
-		MaxPendingDialsPerSource: l.MaxPendingDialsPerSource}
+	out := EngineLimits{Timeouts: DefaultTimeouts(), MaxFlows: l.MaxFlows, LogRate: l.LogRate}
 	dur := func(key, s string, d *time.Duration) {
 		if s == "" {
 			return
@@ -106,7 +84,6 @@ func (l Limits) Validate() (EngineLimits, error) {
 	dur("tcp_closing", l.TCPClosing, &out.TCPClosing)
 	dur("udp_idle", l.UDPIdle, &out.UDPIdle)
 	dur("icmp_idle", l.ICMPIdle, &out.ICMPIdle)
-	dur("dial_timeout", l.DialTimeout, &out.DialTimeout)
 	if out.MaxFlows == 0 {
 		out.MaxFlows = DefaultMaxFlows
 	}
@@ -127,19 +104,6 @@ func (l Limits) Validate() (EngineLimits, error) {
 	if out.LogRate < 0 {
 		errs = append(errs, config.Errorf("limits.log_rate", "%d is negative", l.LogRate))
 	}
-	if out.MaxPendingDials == 0 {
-		out.MaxPendingDials = DefaultMaxPendingDials
-	}
-	if out.MaxPendingDials < 0 || out.MaxPendingDials > MaxPendingDialsCap {
-		errs = append(errs, config.Errorf("limits.max_pending_dials", "%d is not in 1-%d", l.MaxPendingDials, MaxPendingDialsCap))
-	}
-	if out.MaxPendingDialsPerSource == 0 {
-		out.MaxPendingDialsPerSource = DefaultMaxPendingDialsPerSource
-	}
-	if out.MaxPendingDialsPerSource < 0 || out.MaxPendingDialsPerSource > MaxPendingDialsCap {
-		errs = append(errs, config.Errorf("limits.max_pending_dials_per_source", "%d is not in 1-%d", l.MaxPendingDialsPerSource, MaxPendingDialsCap))
-	}
-	out.MaxPendingDialsPerSource = min(out.MaxPendingDialsPerSource, out.MaxPendingDials)
 	return out, errors.Join(errs...)
 }
 
@@ -165,16 +129,5 @@ func (l EngineLimits) withDefaults() EngineLimits {
 	if l.LogRate <= 0 {
 		l.LogRate = DefaultLogRate
 	}
-	if l.DialTimeout <= 0 {
-		l.DialTimeout = DefaultDialTimeout
-	}
-	if l.MaxPendingDials <= 0 {
-		l.MaxPendingDials = DefaultMaxPendingDials
-	}
-	l.MaxPendingDials = min(l.MaxPendingDials, MaxPendingDialsCap)
-	if l.MaxPendingDialsPerSource <= 0 {
-		l.MaxPendingDialsPerSource = DefaultMaxPendingDialsPerSource
-	}
-	l.MaxPendingDialsPerSource = min(l.MaxPendingDialsPerSource, l.MaxPendingDials)
 	return l
 }

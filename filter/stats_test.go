@@ -128,15 +128,8 @@ func TestLimitsValidate(t *testing.T) {
 	if err != nil || l.UDPIdle != 2*time.Second || l.TCPIdle != 2*time.Hour || l.MaxFlows != 10 || l.LogRate != DefaultLogRate {
 		t.Errorf("Validate: %+v, %v", l, err)
 	}
-	if l.DialTimeout != DefaultDialTimeout || l.MaxPendingDials != DefaultMaxPendingDials || l.MaxPendingDialsPerSource != DefaultMaxPendingDialsPerSource {
-		t.Errorf("dial defaults: %v, %d, %d", l.DialTimeout, l.MaxPendingDials, l.MaxPendingDialsPerSource)
-	}
-	// The per-source share is at most the pool.
-	if l, err := (Limits{DialTimeout: "5s", MaxPendingDials: 64}).Validate(); err != nil || l.DialTimeout != 5*time.Second || l.MaxPendingDials != 64 || l.MaxPendingDialsPerSource != 64 {
-		t.Errorf("dial limits: %+v, %v", l, err)
-	}
-	_, err = Limits{TCPIdle: "forever", ICMPIdle: "-1s", MaxFlows: -1, MaxFlowsPerSource: ptr(-2), DialTimeout: "0s", MaxPendingDials: MaxPendingDialsCap + 1, MaxPendingDialsPerSource: -1}.Validate()
-	for _, key := range []string{"limits.tcp_idle", "limits.icmp_idle", "limits.max_flows", "limits.max_flows_per_source", "limits.dial_timeout", "limits.max_pending_dials", "limits.max_pending_dials_per_source"} {
+	_, err = Limits{TCPIdle: "forever", ICMPIdle: "-1s", MaxFlows: -1, MaxFlowsPerSource: ptr(-2)}.Validate()
+	for _, key := range []string{"limits.tcp_idle", "limits.icmp_idle", "limits.max_flows", "limits.max_flows_per_source"} {
 		if err == nil || !strings.Contains(err.Error(), key+":") {
 			t.Errorf("missing error for %s in %v", key, err)
 		}

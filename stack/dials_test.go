@@ -161,7 +161,8 @@ func TestScreenSYNsAllocs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &Stack{eng: filter.NewEngine(rs, filter.EngineOptions{Limits: filter.EngineLimits{MaxPendingDials: 8, MaxPendingDialsPerSource: 4}}), dials: newDialPool()}
+	s := &Stack{eng: filter.NewEngine(rs, filter.EngineOptions{}), dials: newDialPool()}
+	s.SetDialLimits(DialLimits{MaxPending: 8, MaxPendingPerSource: 4})
 	passed := 0
 	screen := s.screenSYNs(func(stack.TransportEndpointID, *stack.PacketBuffer) bool { passed++; return true })
 	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{ReserveHeaderBytes: header.TCPMinimumSize})

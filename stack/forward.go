@@ -24,7 +24,7 @@ import (
 // maxInFlightDials is gVisor's own bound on TCP connection requests in
 // flight; the configured [limits] max_pending_dials (at most this) is
 // enforced in handleTCP, so that a reload can change it.
-const maxInFlightDials = filter.MaxPendingDialsCap
+const maxInFlightDials = MaxPendingDialsCap
 
 // Outbound says how tunfw's own sockets leave the host without being routed
 // back into the TUN.
@@ -103,15 +103,15 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		r.Complete(true)
 		return
 	}
-	lim := s.eng.Limits()
+	lim := s.DialLimits()
 	// dial_timeout bounds one attempt; when it expires the client is told
 	// nothing and its next SYN retransmission starts a new attempt. It is
 	// read at each attempt, so that a reload changes it.
-	timeout := lim.DialTimeout
+	timeout := lim.Timeout
 	ctx, cancel := context.WithTimeout(s.ctx, timeout)
 	defer cancel()
 	d := &pendingDial{key: key, id: flow.ID, cancel: cancel, released: make(chan struct{})}
-	v := s.dials.admit(d, lim.MaxPendingDials, lim.MaxPendingDialsPerSource)
+	v := s.dials.admit(d, lim.MaxPending, lim.MaxPendingPerSource)
 	// Also after a panic, neither the slot nor the socket's release is
 	// kept; deferred calls run last first.
 	defer d.release()
@@ -221,8 +221,8 @@ func (s *Stack) screenSYNs(fwd func(stack.TransportEndpointID, *stack.PacketBuff
 			Src:   netip.AddrPortFrom(addrOf(id.RemoteAddress), id.RemotePort),
 			Dst:   netip.AddrPortFrom(addrOf(id.LocalAddress), id.LocalPort),
 		}
-		lim := s.eng.Limits()
-		if !s.dials.deferSYN(key, lim.MaxPendingDials, lim.MaxPendingDialsPerSource, s.now()) {
+		lim := s.DialLimits()
+		if !s.dials.deferSYN(key, lim.MaxPending, lim.MaxPendingPerSource, s.now()) {
 			return fwd(id, pkt)
 		}
 		s.dials.fails[dialFailDeferred].Add(1)

@@ -55,6 +55,9 @@ type Options struct {
 	Logger *slog.Logger
 	// TCP is the [stack] section; its zero value means DefaultConfig.
 	TCP Config
+	// Dial are the [limits] keys on setting up TCP connections; zero
+	// fields take their defaults. SetDialLimits changes them.
+	Dial DialLimits
 	// UDPReceiveBuffer is the largest receive buffer of a UDP flow's
 	// socket, in bytes, given to flows whose replies queue (others keep
 	// a smaller one); 0 means DefaultUDPReceiveBuffer.
@@ -83,8 +86,9 @@ type Stack struct {
 	watcherWG sync.WaitGroup
 
 	// dials are the TCP connections between SYN and the client's
-	// completed handshake (dials.go).
-	dials *dialPool
+	// completed handshake (dials.go), within dialLimits (limits.go).
+	dials      *dialPool
+	dialLimits atomic.Pointer[DialLimits]
 
 	// writeErrors and readErrors count failed TUN operations; panics counts
 	// flow handlers that panicked (see recoverFlow).
@@ -144,6 +148,7 @@ func New(o Options) (*Stack, error) {
 		ctx:      ctx,
 		cancel:   cancel,
 	}
+	s.SetDialLimits(o.Dial)
 	s.maxEchoPerSource = o.MaxEchoFlowsPerSource
 	s.initUDP(o)
 	s.bufPool.New = func() any {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"reflect"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -54,6 +55,8 @@ type Config struct {
 	Net    tun.Settings
 	Rules  *filter.Ruleset
 	Limits filter.EngineLimits
+	// Dial are [limits]'s keys on setting up TCP connections.
+	Dial stack.DialLimits
 	// ControlSocket is the control socket's path.
 	ControlSocket string
 	// Metrics is the [metrics] section.
@@ -241,6 +244,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 		sets  map[string]any
 		rules = make([]filter.RuleConfig, len(layout.Rule))
 		lim   filter.Limits
+		dial  stack.LimitsConfig
 		mem   memoryConfig
 		cc    control.Config
 		mc    metrics.Config
@@ -248,13 +252,13 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	)
 	// Decoding a table stops at its first error (in map order), so keys
 	// it had not reached stay undecoded: failed tells unknownKeys which
-	// struct they belong to.
-	failed := map[string]any{}
+	// structs they belong to.
+	failed := map[string][]any{}
 	decode := func(key string, p toml.Primitive, v any) {
 		if md.IsDefined(key) {
 			if err := md.PrimitiveDecode(p, v); err != nil {
 				add(err)
-				failed[key] = v
+				failed[key] = append(failed[key], v)
 			}
 		}
 	}
@@ -262,19 +266,22 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	decode("route", layout.Route, &rc)
 	decode("filter", layout.Filter, &fo)
 	decode("sets", layout.Sets, &sets)
+	// [limits] is shared: the flow table's keys are filter's, the dial
+	// keys stack's, limits.memory this command's.
 	decode("limits", layout.Limits, &lim)
-	decode("limits", layout.Limits, &mem) // limits.memory: this command's
+	decode("limits", layout.Limits, &dial)
+	decode("limits", layout.Limits, &mem)
 	decode("control", layout.Control, &cc)
 	decode("metrics", layout.Metrics, &mc)
 	decode("stack", layout.Stack, &sc)
 	for i, p := range layout.Rule {
 		if err := md.PrimitiveDecode(p, &rules[i]); err != nil {
 			add(err)
-			failed["rule"] = &rules[i]
+			failed["rule"] = append(failed["rule"], &rules[i])
 		}
 	}
 	for _, k := range unknownKeys(md) {
-		if len(k) == 2 && failed[k[0]] != nil && hasTOMLKey(failed[k[0]], k[1]) {
+		if len(k) == 2 && slices.ContainsFunc(failed[k[0]], func(v any) bool { return hasTOMLKey(v, k[1]) }) {
 			continue
 		}
 		ks := k.String()
@@ -292,6 +299,8 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	cfg.Rules, err = filter.Compile(fo, sets, rules)
 	add(err)
 	cfg.Limits, err = lim.Validate()
+	add(err)
+	cfg.Dial, err = dial.Validate()
 	add(err)
 	cfg.Memory, err = mem.validate()
 	add(err)

@@ -93,6 +93,7 @@ func (d *daemon) reload() (reloadResult, error) {
 	}
 	res := reloadResult{Rules: cfg.Rules.Len(), Warnings: restartOnly(old, cfg)}
 	d.eng.Apply(cfg.Rules, cfg.Limits)
+	d.st.SetDialLimits(cfg.Dial)
 	if cfg.Rules.RecheckOnReload() {
 		res.Cut = d.st.CloseFlows(d.eng.Recheck())
 	}

@@ -126,6 +126,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		Outbound: dial,
 		Logger:   log,
 		TCP:      mem.Stack,
+		Dial:     cfg.Dial,
 		// A UDP flow's receive buffer grows up to the memory budget's
 		// share, as a TCP connection's does.
 		UDPReceiveBuffer: mem.UDPReceiveBuffer,
