@@ -55,6 +55,9 @@ type Source struct {
 	// StackDrops returns the packets the stack dropped after the engine
 	// let them through, by reason.
 	StackDrops func() map[string]uint64
+	// ICMPErrors returns the ICMP errors from the network relayed to
+	// clients of UDP flows, by kind.
+	ICMPErrors func() map[string]uint64
 }
 
 type collector struct {
@@ -64,7 +67,7 @@ type collector struct {
 	ruleFlows, rulePackets, ruleBytes, reloads, tunErr *prometheus.Desc
 	controlRefused                                     *prometheus.Desc
 	dialFailures, pendingDials                         *prometheus.Desc
-	stackDrops                                         *prometheus.Desc
+	stackDrops, icmpErrors                             *prometheus.Desc
 }
 
 func newCollector(src Source) *collector {
@@ -87,6 +90,7 @@ func newCollector(src Source) *collector {
 		dialFailures:   d("dial_failures_total", "TCP dials that did not connect, by reason (refused, timeout, unreachable, descriptors, evicted, deferred, cancelled, other).", "reason"),
 		pendingDials:   d("pending_dials", "TCP connections being set up (destination dialled, client handshake not complete)."),
 		stackDrops:     d("stack_drops_total", "Packets the stack dropped after the filter let them through, by reason (no echo identifier, a client's share of flows used up, full socket buffer...).", "reason"),
+		icmpErrors:     d("icmp_errors_relayed_total", "ICMP errors from the network relayed to clients of UDP flows, by kind (port-unreachable, host-unreachable, net-unreachable, prohibited, too-big, time-exceeded, unreachable).", "kind"),
 	}
 }
 
@@ -148,6 +152,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if c.src.StackDrops != nil {
 		for r, v := range c.src.StackDrops() {
 			counter(c.stackDrops, v, r)
+		}
+	}
+	if c.src.ICMPErrors != nil {
+		for k, v := range c.src.ICMPErrors() {
+			counter(c.icmpErrors, v, k)
 		}
 	}
 }
