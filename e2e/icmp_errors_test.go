@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"os/exec"
 	"regexp"
 	"strings"
@@ -33,7 +34,9 @@ listen = "127.0.0.1:9477"
 // 7000 of the service addresses and nothing on 5399 and 5400. Two more
 // addresses answer with ICMP errors, as a firewall on the way would: .50
 // "host unreachable" (v6: "address unreachable"), .51 "administratively
-// prohibited" (v4: "communication administratively filtered"). nftables
+// prohibited" (v4: "communication administratively filtered"), and .70 is
+// routed to a link with an MTU of 1280, so larger datagrams get
+// "fragmentation needed" / "packet too big" from the Server. nftables
 // sends them rather than unreachable routes: the kernel lets those answer
 // about once a second per client, with no knob but a global one. The
 // Server has no ICMP rate limit, so every probe gets its error at once.
@@ -42,12 +45,18 @@ func icmpErrorsTopology(t *testing.T) *netnstest.Topology {
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Skip("nft is not installed (apt-get install nftables)")
 	}
-	for _, s := range []string{"net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0"} {
+	for _, s := range []string{"net.ipv4.icmp_ratelimit=0", "net.ipv6.icmp.ratelimit=0", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"} {
 		topo.Server.Run(t, "sysctl", "-qw", s)
 	}
+	// A veth pair inside the Server: only datagrams too large for it are
+	// routed there, and those never leave.
+	topo.Server.Run(t, "ip", "link", "add", "narrow", "mtu", "1280", "type", "veth", "peer", "name", "narrowp", "mtu", "1280")
+	topo.Server.Run(t, "ip", "link", "set", "narrow", "up")
+	topo.Server.Run(t, "ip", "link", "set", "narrowp", "up")
 	rules := "table inet icmperr {\n chain in {\n  type filter hook input priority 0;\n"
 	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
 		startUDPEcho(t, topo.Server, netip.AddrPortFrom(svc, 7000))
+		topo.Server.Run(t, "ip", "route", "add", sibling(svc, 70).String(), "dev", "narrow")
 		ip, unreach, prohibit := "ip", "icmp type host-unreachable", "icmp type admin-prohibited"
 		if svc.Is6() {
 			ip, unreach, prohibit = "ip6", "icmpv6 type addr-unreachable", "icmpv6 type admin-prohibited"
@@ -98,6 +107,7 @@ func connectedUDPError(t *testing.T, ns *netnstest.NS, dst netip.AddrPort, d tim
 type queuedICMP struct {
 	errno      syscall.Errno
 	typ, code  uint8
+	info       uint32 // the MTU of fragmentation needed / packet too big
 	from       netip.Addr
 	quotedData string // the payload the error quoted
 }
@@ -105,8 +115,9 @@ type queuedICMP struct {
 // recvErrUDPError is connectedUDPError for a client that asks for
 // IP_RECVERR (as ping and traceroute do): its socket reports every error,
 // soft ones (host and network unreachable) included, with the ICMP type,
-// code and sender. It returns the errno of the read and the error queued.
-func recvErrUDPError(t *testing.T, ns *netnstest.NS, dst netip.AddrPort, d time.Duration) (error, queuedICMP) {
+// code and sender. It returns the errno of the read and the error queued
+// (os.ErrDeadlineExceeded and nothing when nothing came within d).
+func recvErrUDPError(t *testing.T, ns *netnstest.NS, dst netip.AddrPort, payload string, d time.Duration) (error, queuedICMP) {
 	t.Helper()
 	var readErr error
 	var q queuedICMP
@@ -130,15 +141,16 @@ func recvErrUDPError(t *testing.T, ns *netnstest.NS, dst netip.AddrPort, d time.
 		if err := unix.Connect(fd, sa); err != nil {
 			return err
 		}
-		if _, err := unix.Write(fd, []byte("probe")); err != nil {
+		if _, err := unix.Write(fd, []byte(payload)); err != nil {
 			return err
 		}
 		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 		if n, err := unix.Poll(pfd, int(d/time.Millisecond)); err != nil || n == 0 {
-			return fmt.Errorf("no error and no reply within %v (poll: %v)", d, err)
+			readErr = os.ErrDeadlineExceeded // nothing came
+			return err
 		}
 		_, readErr = unix.Read(fd, make([]byte, 100))
-		buf, oob := make([]byte, 100), make([]byte, 256)
+		buf, oob := make([]byte, 2000), make([]byte, 256)
 		n, oobn, _, _, err := unix.Recvmsg(fd, buf, oob, unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
 		if err != nil {
 			return fmt.Errorf("nothing in the error queue: %w", err)
@@ -151,6 +163,7 @@ func recvErrUDPError(t *testing.T, ns *netnstest.NS, dst netip.AddrPort, d time.
 		data := msgs[0].Data
 		q.errno = syscall.Errno(endian.NativeEndian.Uint32(data[0:]))
 		q.typ, q.code = data[5], data[6]
+		q.info = endian.NativeEndian.Uint32(data[8:])
 		if sa := data[16:]; family == unix.AF_INET {
 			q.from = netip.AddrFrom4([4]byte(sa[4:8]))
 		} else {
@@ -196,7 +209,8 @@ func nmapUDP(t *testing.T, ns *netnstest.NS, dst netip.Addr, ports string) map[s
 // out, nmap sees closed ports as closed, a host behind an unreachable route
 // gives EHOSTUNREACH from the address that said so, and a prohibited one
 // EHOSTUNREACH (v6: EACCES) even to a client that did not ask for soft
-// errors. Each error is counted by kind in `tunfw
+// errors, and a datagram too large for a link on the way tells the client
+// that link's MTU (fragmentation needed / packet too big). Each error is counted by kind in `tunfw
 // stats` and the metrics. Before, every one of these waited for a timeout.
 func TestICMPErrorsReachUDPClients(t *testing.T) {
 	netnstest.RequireRoot(t)
@@ -208,7 +222,7 @@ func TestICMPErrorsReachUDPClients(t *testing.T) {
 	directUnreach := map[netip.Addr]queuedICMP{}
 	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
 		direct[svc] = nmapUDP(t, host, svc, ports)
-		_, directUnreach[svc] = recvErrUDPError(t, host, netip.AddrPortFrom(sibling(svc, 50), 5399), time.Second)
+		_, directUnreach[svc] = recvErrUDPError(t, host, netip.AddrPortFrom(sibling(svc, 50), 5399), "probe", time.Second)
 	}
 	cfg := writeConfig(t, icmpErrorsConfig)
 	startTunfw(t, host, cfg)
@@ -219,9 +233,11 @@ func TestICMPErrorsReachUDPClients(t *testing.T) {
 		// what the unreachable and prohibited hosts give
 		unreachType, unreachCode uint8
 		prohibitErrno            syscall.Errno
+		tooBigType, tooBigCode   uint8
+		router                   netip.Addr
 	}{
-		{"v4", topo.ServiceV4, 3, 1, unix.EHOSTUNREACH},
-		{"v6", topo.ServiceV6, 1, 3, unix.EACCES},
+		{"v4", topo.ServiceV4, 3, 1, unix.EHOSTUNREACH, 3, 4, topo.ServerV4},
+		{"v6", topo.ServiceV6, 1, 3, unix.EACCES, 2, 0, topo.ServerV6},
 	}
 	for _, f := range families {
 		t.Run(f.name, func(t *testing.T) {
@@ -233,8 +249,9 @@ func TestICMPErrorsReachUDPClients(t *testing.T) {
 			err, took := connectedUDPError(t, host, closed, time.Second)
 			if !errors.Is(err, syscall.ECONNREFUSED) {
 				t.Errorf("connected socket to closed port %v: %v after %v, want ECONNREFUSED within 1s", closed, err, took.Round(time.Millisecond))
+			} else {
+				t.Logf("closed port refused in %v", took.Round(time.Microsecond))
 			}
-			t.Logf("closed port refused in %v", took.Round(time.Microsecond))
 
 			// dig, which would otherwise wait 3 s and say "timed out".
 			t0 := time.Now()
@@ -258,7 +275,7 @@ func TestICMPErrorsReachUDPClients(t *testing.T) {
 			// sees it: the same error from the same address as on the
 			// direct path.
 			unreach := sibling(f.svc, 50)
-			err, q := recvErrUDPError(t, host, netip.AddrPortFrom(unreach, 5399), time.Second)
+			err, q := recvErrUDPError(t, host, netip.AddrPortFrom(unreach, 5399), "probe", time.Second)
 			if !errors.Is(err, unix.EHOSTUNREACH) || q.errno != unix.EHOSTUNREACH || q.typ != f.unreachType || q.code != f.unreachCode || q.from != unreach {
 				t.Errorf("unreachable host: read %v, queued %+v; want EHOSTUNREACH, ICMP %d/%d from %v", err, q, f.unreachType, f.unreachCode, unreach)
 			}
@@ -274,6 +291,17 @@ func TestICMPErrorsReachUDPClients(t *testing.T) {
 			if !errors.Is(err, f.prohibitErrno) {
 				t.Errorf("prohibited host: %v, want %v", err, f.prohibitErrno)
 			}
+
+			// A datagram larger than a link on the way: the client
+			// learns that link's MTU, from the router on it.
+			big := strings.Repeat("b", 1400)
+			err, q = recvErrUDPError(t, host, netip.AddrPortFrom(sibling(f.svc, 70), 5399), big, time.Second)
+			if !errors.Is(err, unix.EMSGSIZE) || q.errno != unix.EMSGSIZE || q.typ != f.tooBigType || q.code != f.tooBigCode || q.info != 1280 || q.from != f.router {
+				t.Errorf("too big: read %v, queued %+v; want EMSGSIZE, ICMP %d/%d MTU 1280 from %v", err, q, f.tooBigType, f.tooBigCode, f.router)
+			}
+			if len(q.quotedData) < 500 || !strings.HasPrefix(big, q.quotedData) {
+				t.Errorf("the error quotes %d bytes of the datagram, want its first 500 or more", len(q.quotedData))
+			}
 		})
 	}
 
@@ -283,8 +311,8 @@ func TestICMPErrorsReachUDPClients(t *testing.T) {
 	if relayed["port-unreachable"] < 2*(1+1+2) {
 		t.Errorf("port-unreachable relayed: %d, want at least %d", relayed["port-unreachable"], 2*(1+1+2))
 	}
-	if relayed["host-unreachable"] < 2 || relayed["prohibited"] < 2 {
-		t.Errorf("relayed by kind: %v; want host-unreachable 2, prohibited 2", relayed)
+	if relayed["host-unreachable"] < 2 || relayed["prohibited"] < 2 || relayed["too-big"] < 2 {
+		t.Errorf("relayed by kind: %v; want host-unreachable 2, prohibited 2, too-big 2", relayed)
 	}
 	m := scrapeMetrics(t, host, "127.0.0.1:9477")
 	for kind, n := range relayed {
