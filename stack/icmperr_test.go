@@ -3,6 +3,7 @@ package stack
 import (
 	"bytes"
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"golang.org/x/sys/unix"
 	wgtun "golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -377,4 +379,63 @@ func udpPacketFor(t *testing.T, k filter.FlowKey, payload []byte) ([]byte, filte
 		t.Fatal(err)
 	}
 	return pkt, p
+}
+
+// TestSockReaderFindsQueuedError: an ICMP error whose pending socket error
+// another call took (the read loop's send does) is still read from the
+// error queue: the netpoller wakes the reader, which then finds nothing to
+// read and looks at the queue.
+func TestSockReaderFindsQueuedError(t *testing.T) {
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := pc.LocalAddr().(*net.UDPAddr)
+	pc.Close()
+	c, err := net.DialUDP("udp4", nil, closed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	raw, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw.Control(func(fd uintptr) {
+		if err := setRecvErr(int(fd), false); err != nil {
+			t.Fatal(err)
+		}
+	})
+	// Send until a send returns the port unreachable of an earlier one:
+	// that took the pending error; the queued one stays. Then clear any
+	// error still pending, so only the queue holds one.
+	for end := time.Now().Add(2 * time.Second); ; {
+		if _, err := c.Write([]byte("x")); errors.Is(err, unix.ECONNREFUSED) {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatal("no port unreachable for a closed loopback port")
+		}
+	}
+	raw.Control(func(fd uintptr) { unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR) })
+
+	found := 0
+	var r sockReader
+	buf := make([]byte, 100)
+	r.init(func() *[]byte { return &buf }, func(*[]byte) {}, 0)
+	r.errQueue = func(fd int) {
+		for {
+			_, _, _, _, err := unix.Recvmsg(fd, make([]byte, 100), make([]byte, 128), unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+			if err != nil {
+				return
+			}
+			found++
+		}
+	}
+	r.wait = true
+	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	err = raw.Read(r.read)
+	if found == 0 {
+		t.Fatalf("the queued error was not read (read: %v, %v)", err, r.err)
+	}
 }
