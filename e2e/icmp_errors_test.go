@@ -259,9 +259,12 @@ func TestICMPErrorsReachUDPClients(t *testing.T) {
 			took = time.Since(t0)
 			if !strings.Contains(string(out), "connection refused") || took > 2*time.Second {
 				t.Errorf("dig to a closed port, after %v:\n%s\nwant \"connection refused\" at once", took.Round(time.Millisecond), out)
+			} else {
+				t.Logf("dig refused in %v", took.Round(time.Millisecond))
 			}
 
 			got := nmapUDP(t, host, f.svc, ports)
+			t.Logf("nmap -sU through tunfw: %v; direct: %v", got, direct[f.svc])
 			for port, want := range direct[f.svc] {
 				if got[port] != want {
 					t.Errorf("nmap -sU: port %s is %q through tunfw, %q on the direct path", port, got[port], want)
