@@ -58,6 +58,9 @@ type Source struct {
 	// FlowPanics returns how many flow handlers panicked and were
 	// recovered (each closed its flow only).
 	FlowPanics func() uint64
+	// ICMPErrors returns the ICMP errors from the network relayed to
+	// clients of UDP flows, by kind.
+	ICMPErrors func() map[string]uint64
 }
 
 type collector struct {
@@ -67,7 +70,7 @@ type collector struct {
 	ruleFlows, rulePackets, ruleBytes, reloads, tunErr *prometheus.Desc
 	controlRefused                                     *prometheus.Desc
 	dialFailures, pendingDials                         *prometheus.Desc
-	stackDrops, flowPanics                             *prometheus.Desc
+	stackDrops, flowPanics, icmpErrors                 *prometheus.Desc
 }
 
 func newCollector(src Source) *collector {
@@ -91,6 +94,7 @@ func newCollector(src Source) *collector {
 		pendingDials:   d("pending_dials", "TCP connections being set up (destination dialled, client handshake not complete)."),
 		flowPanics:     d("flow_panics_total", "Flow handlers that panicked and were recovered; each closed its own flow only."),
 		stackDrops:     d("stack_drops_total", "Packets the stack dropped after the filter let them through, by reason (no echo identifier, a client's share of flows used up, full socket buffer...).", "reason"),
+		icmpErrors:     d("icmp_errors_relayed_total", "ICMP errors from the network relayed to clients of UDP flows, by kind (port-unreachable, host-unreachable, net-unreachable, prohibited, too-big, time-exceeded, unreachable).", "kind"),
 	}
 }
 
@@ -156,6 +160,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.src.FlowPanics != nil {
 		counter(c.flowPanics, c.src.FlowPanics())
+	}
+	if c.src.ICMPErrors != nil {
+		for k, v := range c.src.ICMPErrors() {
+			counter(c.icmpErrors, v, k)
+		}
 	}
 }
 

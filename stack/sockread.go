@@ -23,6 +23,15 @@ type sockReader struct {
 	read    func(fd uintptr) bool
 	readNow func(fd uintptr)
 
+	// errQueue, when set, is called with the socket whenever its error
+	// queue (IP_RECVERR) may hold something: after a read returned the
+	// socket's pending error, and when the netpoller woke a read that
+	// then found nothing, which is what an error queued after another
+	// call consumed the pending error looks like. woken: this Read
+	// already waited once.
+	errQueue func(fd int)
+	woken    bool
+
 	bp  *[]byte
 	n   int
 	err error
@@ -43,13 +52,22 @@ func (r *sockReader) readFd(fd uintptr) bool {
 		}
 	}
 	if r.err == nil {
+		r.woken = false
 		return true
 	}
 	r.put(r.bp)
 	r.bp = nil
 	if r.err == unix.EAGAIN {
 		r.err = nil
+		if r.woken && r.errQueue != nil {
+			r.errQueue(int(fd))
+		}
+		r.woken = r.wait
 		return !r.wait
+	}
+	r.woken = false
+	if r.errQueue != nil {
+		r.errQueue(int(fd))
 	}
 	return true
 }

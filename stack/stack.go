@@ -95,6 +95,9 @@ type Stack struct {
 	writeErrors, readErrors, panics atomic.Uint64
 	// udpWriteDrops counts relayed datagrams dropped on a full queue.
 	udpWriteDrops atomic.Uint64
+	// icmpErr counts and bounds the ICMP errors relayed to UDP clients
+	// (icmperr.go).
+	icmpErr icmpErrors
 
 	// conns holds how to close each relayed flow (CloseFlows).
 	connMu sync.Mutex
@@ -418,7 +421,9 @@ func (s *Stack) UDPWriteDrops() uint64 { return s.udpWriteDrops.Load() }
 // echo or UDP flows), "echo-send" (the raw socket's buffer was full),
 // "udp-socket-limit" (as many UDP sockets as tunfw may hold),
 // "udp-open-busy" (too many sockets being opened), "udp-open-failed" (the
-// socket could not be opened) and "udp-queue" (the flow's queue was full).
+// socket could not be opened), "udp-queue" (the flow's queue was full) and
+// "icmp-error-rate" (an ICMP error for a UDP flow past the rate limit, not
+// relayed to its client).
 func (s *Stack) Drops() map[string]uint64 {
 	m := s.udpDrops()
 	if s.ping != nil {

@@ -2,6 +2,7 @@ package stack
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -80,6 +81,7 @@ func (s *Stack) initUDP(o Options) {
 		s.udp.rcvBuf = DefaultUDPReceiveBuffer
 	}
 	s.udp.maxPerSource = o.MaxUDPFlowsPerSource
+	s.icmpErr.limit.init(icmpErrorsPerSecond, icmpErrorBurst)
 	s.udp.maxSockets = 1 << 20
 	var rl unix.Rlimit
 	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil && rl.Cur < 1<<22 {
@@ -94,6 +96,7 @@ func (s *Stack) udpDrops() map[string]uint64 {
 		"udp-open-busy":    s.udp.openBusy.Load(),
 		"udp-open-failed":  s.udp.openFailed.Load(),
 		"udp-queue":        s.udpWriteDrops.Load(),
+		"icmp-error-rate":  s.icmpErr.rateDrops.Load(),
 	}
 }
 
@@ -134,12 +137,21 @@ type udpFlow struct {
 
 func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udpFlow {
 	f := &udpFlow{key: key, conn: conn, raw: raw, oob: newGSOControl(), gso: true}
+	// A send that returns the socket's pending error (an ICMP error for
+	// an earlier datagram, relayed to the client by udpReplies) did not
+	// send this one: it is tried once more.
 	f.send = func(fd uintptr) bool {
 		_, f.sendErr = unix.Write(int(fd), f.sendBuf)
+		if pendingICMPError(f.sendErr) {
+			_, f.sendErr = unix.Write(int(fd), f.sendBuf)
+		}
 		return true // never wait: a full buffer drops the datagram
 	}
 	f.sendGSO = func(fd uintptr) bool {
 		_, f.sendErr = unix.SendmsgN(int(fd), f.sendBuf, f.oob, nil, 0)
+		if pendingICMPError(f.sendErr) {
+			_, f.sendErr = unix.SendmsgN(int(fd), f.sendBuf, f.oob, nil, 0)
+		}
 		return true
 	}
 	return f
@@ -331,6 +343,11 @@ func (s *Stack) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, erro
 		return nil, nil, err
 	}
 	s.setUDPRcvBuf(raw, min(udpRcvBufStart, s.udp.rcvBuf))
+	var serr error
+	if err := raw.Control(func(fd uintptr) { serr = setRecvErr(int(fd), key.Dst.Addr().Is6()) }); err != nil || serr != nil {
+		uc.Close()
+		return nil, nil, fmt.Errorf("ask for ICMP errors of the socket to %s: %w", key.Dst, errors.Join(err, serr))
+	}
 	return uc, raw, nil
 }
 
@@ -408,6 +425,13 @@ func (s *Stack) udpReplies(f *udpFlow) {
 	var r sockReader
 	r.init(func() *[]byte { return s.bufPool.Get().(*[]byte) }, func(bp *[]byte) { s.bufPool.Put(bp) },
 		tunOffset+ipLen+header.UDPMinimumSize)
+	var errs *errQueue
+	r.errQueue = func(fd int) {
+		if errs == nil {
+			errs = newErrQueue(s, f)
+		}
+		errs.drain(fd)
+	}
 	held := make([]*[]byte, 0, udpReplyBatch)
 	pkts := make([][]byte, 0, udpReplyBatch)
 	for {
@@ -427,12 +451,11 @@ func (s *Stack) udpReplies(f *udpFlow) {
 			return
 		}
 		if r.err != nil {
-			if errors.Is(r.err, unix.ECONNREFUSED) {
-				// "Port unreachable" for an earlier datagram: keep
-				// the flow, a server may come up.
-				continue
-			}
-			return
+			// The socket's pending error: an ICMP error for an
+			// earlier datagram (port unreachable...), relayed to the
+			// client by r.errQueue. Keep the flow: a server may come
+			// up, a route come back.
+			continue
 		}
 		now := s.now()
 		f.last.Store(now)
@@ -470,6 +493,18 @@ func (s *Stack) udpReplies(f *udpFlow) {
 		}
 		held, pkts = held[:0], pkts[:0]
 	}
+}
+
+// pendingICMPError reports whether err from a send on a flow's socket may
+// be the socket's pending error, left by an ICMP error for an earlier
+// datagram (see icmp_err_convert and icmpv6_err_convert in Linux).
+func pendingICMPError(err error) bool {
+	switch err {
+	case unix.ECONNREFUSED, unix.EHOSTUNREACH, unix.ENETUNREACH, unix.EACCES, unix.EPROTO,
+		unix.EHOSTDOWN, unix.ENONET, unix.EMSGSIZE:
+		return true
+	}
+	return false
 }
 
 // udpReplyPacket wraps the n-byte datagram in bp in IP and UDP headers for

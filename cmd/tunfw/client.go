@@ -213,6 +213,8 @@ func printStats(w io.Writer, data []byte) int {
 	fmt.Fprintf(w, "relayed UDP datagrams dropped on a full queue %d; flow handlers recovered from a panic %d\n", s.UDPQueueDrops, s.FlowPanics)
 	printCounts(w, "dropped by the stack", s.StackDrops)
 	fmt.Fprintln(w)
+	printCounts(w, "ICMP errors relayed to UDP clients", s.ICMPErrors)
+	fmt.Fprintln(w)
 	printCounts(w, fmt.Sprintf("TCP dials pending %d; failed", s.PendingDials), s.DialFailures)
 	fmt.Fprintln(w)
 	return 0

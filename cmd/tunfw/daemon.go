@@ -210,6 +210,9 @@ type statsInfo struct {
 	// StackDrops counts packets the stack dropped after the engine let
 	// them through, by reason (stack.Stack.Drops).
 	StackDrops map[string]uint64 `json:"stack_drops"`
+	// ICMPErrors counts the ICMP errors from the network relayed to
+	// clients of UDP flows, by kind (stack.Stack.ICMPErrors).
+	ICMPErrors map[string]uint64 `json:"icmp_errors_relayed"`
 }
 
 // flowsArgs filters `tunfw flows`.
@@ -291,7 +294,7 @@ func (d *daemon) stats() statsInfo {
 		FlowsCreated: c.FlowsCreated, TUNReadErrs: r, TUNWriteErrs: w, ControlRefuse: d.ctrl.Refused(),
 		UDPQueueDrops: d.st.UDPWriteDrops(), FlowPanics: d.st.Panics(),
 		PendingDials: d.st.PendingDials(), DialFailures: d.st.DialFailures(),
-		StackDrops: d.st.Drops(),
+		StackDrops: d.st.Drops(), ICMPErrors: d.st.ICMPErrors(),
 	}
 }
 
@@ -368,6 +371,7 @@ func (d *daemon) serve(ctx context.Context, eng *filter.Engine, st *stack.Stack,
 			PendingDials:   st.PendingDials,
 			StackDrops:     st.Drops,
 			FlowPanics:     st.Panics,
+			ICMPErrors:     st.ICMPErrors,
 		}, d.log)
 	}
 	hup := make(chan os.Signal, 1)
