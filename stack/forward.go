@@ -89,7 +89,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	dst := netip.AddrPortFrom(addrFromTCPIP(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(addrFromTCPIP(id.RemoteAddress), id.RemotePort)
-	key := filter.FlowKey{Proto: uint8(header.TCPProtocolNumber), Src: src, Dst: dst}
+	key := filter.FlowKey{Proto: filter.ProtoTCP, Src: src, Dst: dst}
 	defer s.recoverFlow(key)
 	// This connection's identity in the flow table: the relay releases
 	// the flow by it, and so does every way out below that resets the
@@ -217,7 +217,7 @@ func (s *Stack) screenSYNs(fwd func(stack.TransportEndpointID, *stack.PacketBuff
 			return fwd(id, pkt)
 		}
 		key := filter.FlowKey{
-			Proto: uint8(header.TCPProtocolNumber),
+			Proto: filter.ProtoTCP,
 			Src:   netip.AddrPortFrom(addrOf(id.RemoteAddress), id.RemotePort),
 			Dst:   netip.AddrPortFrom(addrOf(id.LocalAddress), id.LocalPort),
 		}
@@ -305,7 +305,7 @@ func (s *Stack) CloseFlows(refs []filter.FlowRef) int {
 	var fns []func()
 	var rst []byte
 	for _, r := range refs {
-		if r.Key.Proto != uint8(header.TCPProtocolNumber) {
+		if r.Key.Proto != filter.ProtoTCP {
 			continue
 		}
 		if rst == nil {

@@ -307,13 +307,13 @@ func (s *Stack) inbound(pkt []byte, p *filter.Packet, now int64, reject []byte) 
 	switch d.Verdict {
 	case filter.VerdictForward:
 		switch p.Proto {
-		case uint8(header.ICMPv4ProtocolNumber), uint8(header.ICMPv6ProtocolNumber):
+		case filter.ProtoICMP, filter.ProtoICMPv6:
 			// Echo requests never reach gVisor: it would answer them
 			// itself for any address. The pinger asks the real host.
 			if s.ping != nil {
 				s.ping.send(p, pkt)
 			}
-		case uint8(header.UDPProtocolNumber):
+		case filter.ProtoUDP:
 			s.forwardUDP(p, pkt, now)
 		default:
 			s.ep.deliver(pkt[:p.Len], p.Version == 6)
