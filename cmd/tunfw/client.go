@@ -175,7 +175,9 @@ func printFlows(w io.Writer, data []byte) int {
 		return 1
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PROTO\tSRC\tDST\tSTATE\tRULE\tVERDICT\tAGE\tBYTES OUT\tBYTES IN")
+	// IN and OUT as in --json (bytes_in, bytes_out) and the metrics
+	// (tunfw_bytes_total{direction}): in is what the client sent.
+	fmt.Fprintln(tw, "PROTO\tSRC\tDST\tSTATE\tRULE\tVERDICT\tAGE\tBYTES IN\tBYTES OUT")
 	for _, f := range flows {
 		src, dst := f.Src.String(), f.Dst.String()
 		if f.Proto == "icmp" {
@@ -190,7 +192,7 @@ func printFlows(w io.Writer, data []byte) int {
 			f.Age.Round(time.Second), f.BytesIn, f.BytesOut)
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "%d flows (BYTES OUT: client to destination; BYTES IN: back)\n", len(flows))
+	fmt.Fprintf(w, "%d flows (BYTES IN: client to destination; BYTES OUT: back)\n", len(flows))
 	return 0
 }
 
@@ -206,7 +208,7 @@ func printStats(w io.Writer, data []byte) int {
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\n", r.Name, r.Action, r.Flows, r.Packets, r.Bytes)
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "\nforwarded %d packets (%d bytes out, %d bytes in), %d replies, %d flows created\n",
+	fmt.Fprintf(w, "\nforwarded %d packets (%d bytes in from clients, %d bytes out to them), %d replies, %d flows created\n",
 		s.Forwarded, s.BytesIn, s.BytesOut, s.Replies, s.FlowsCreated)
 	printCounts(w, "dropped", s.Drops)
 	fmt.Fprintf(w, "\ntun errors: read %d, write %d; control requests refused %d\n", s.TUNReadErrs, s.TUNWriteErrs, s.ControlRefuse)
