@@ -368,6 +368,52 @@ fail = "closed"
 	}
 }
 
+// TestAutoKillSwitchBlocksForwarded: with auto = true the host's table
+// also captures what it forwards for others (a namespace routed through
+// it, with no from); with fail = "closed", a killed tunfw must leave that
+// blocked too, not only the host's own traffic. It passed unfiltered: only
+// from interfaces had a forward chain.
+func TestAutoKillSwitchBlocksForwarded(t *testing.T) {
+	requireNft(t)
+	topo := newCaptureTopo(t)
+	host := topo.Host
+	client, _ := addGatewayClient(t, host)
+	topo.Server.Run(t, "ip", "route", "add", "10.98.0.0/24", "via", topo.HostV4.String())
+	topo.Server.Run(t, "ip", "-6", "route", "add", "fd98::/64", "via", topo.HostV6.String())
+	targets := []string{hostPort(topo.ServiceV4, 9100), hostPort(topo.ServiceV6, 9100)}
+
+	cfg := writeConfig(t, `
+[tun]
+name = "tunfw0"
+addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
+[route]
+auto = true
+fail = "closed"
+[filter]
+log = "all"
+`)
+	fw := startTunfw(t, host, cfg)
+	for _, at := range targets {
+		if err := tcpEcho(client, at, 3*time.Second); err != nil {
+			t.Errorf("client to %s through tunfw: %v", at, err)
+		}
+	}
+	// Judged by tunfw: the flows carry the client's own address.
+	fw.waitLog(t, 5*time.Second, "verdict=allow", "src=10.98.0.2:")
+	fw.kill9()
+	for _, at := range targets {
+		if err := tcpEcho(client, at, 2*time.Second); err == nil {
+			t.Errorf("fail = closed, tunfw killed: the forwarded client reached %s", at)
+		}
+	}
+	runDown(t, host, cfg)
+	for _, at := range targets {
+		if err := tcpEcho(client, at, 3*time.Second); err != nil {
+			t.Errorf("after tunfw down: client to %s: %v", at, err)
+		}
+	}
+}
+
 // TestCaptureDirectedBroadcast: broadcast is never captured (README), and
 // that includes a subnet's directed broadcast, which the local table
 // routes straight to the link: the output filter must not refuse it as a

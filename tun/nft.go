@@ -48,8 +48,9 @@ import (
 //	    ip daddr NEVERCAPTURED return               # loopback, link-local, multicast
 //	    ip daddr CAPTURED jump refuse               # each captured prefix
 //	  }
-//	  chain forward { type filter hook forward priority filter   # from only
-//	    iifname IFACE oifname != TUN 1 @alive jump captured-from
+//	  chain forward { type filter hook forward priority filter
+//	    iifname IFACE oifname != TUN 1 @alive jump captured-from   # per from IFACE
+//	    iifname != TUN oifname != TUN 1 @alive jump captured       # auto
 //	  }
 //	  chain captured-from { ... }                   # captured, 169.254.0.0/16 too
 //	  chain refuse {
@@ -71,9 +72,10 @@ import (
 // switch. (Unreachable routes would not do: the kernel assumes a bound
 // device's destination is on link, and the route lookup of a reply to an
 // inbound connection fails before this table can restore its mark, which
-// would cut the host off.) In gateway mode the forward chain refuses what
-// from interfaces send outside the TUN, which happens only while tunfw is
-// down. Packets between the host and the TUN skip conntrack, so host
+// would cut the host off.) The forward chain refuses what the host
+// forwards outside the TUN to a captured destination (in gateway mode what
+// from interfaces send; with auto, what any interface sends), which happens
+// only while tunfw is down. Packets between the host and the TUN skip conntrack, so host
 // capture does not fill the conntrack table.
 //
 // The table is replaced in one transaction (add, delete, add), so a
@@ -245,22 +247,21 @@ func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: chain})
 	}
 	captured := CapturedPrefixes(s)
-	if len(s.From) > 0 {
-		// Gateway clients' traffic leaves outside the TUN only where
-		// tunfw's table has no route into it for them: while tunfw is
-		// down, which is when the kill switch must block it. Their
-		// link-local destinations are captured too.
-		fromCaptured := captured
-		linkLocal := slices.ContainsFunc(captured, func(p netip.Prefix) bool { return p.Addr().Is4() })
-		if linkLocal {
-			fromCaptured = append(slices.Clone(captured), linkLocal4)
-		}
-		g.capturedChain(capturedFromChain, fromCaptured, linkLocal)
-		fwd := g.chain("forward", nftables.ChainHookForward, nftables.ChainPriorityFilter, nftables.ChainTypeFilter)
-		for _, iface := range s.From {
-			g.rule(fwd, ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, iface), ifname(expr.MetaKeyOIFNAME, expr.CmpOpNeq, g.tun),
-				whenArmed(capturedFromChain))
-		}
+	// What the host forwards for others (gateway clients; with auto, any
+	// host routed through it) leaves outside the TUN to a captured
+	// destination only where tunfw's table has no route into it for them:
+	// while tunfw is down, which is when the kill switch must block it.
+	// Gateway clients' link-local destinations are captured too.
+	fromCaptured := captured
+	linkLocal := slices.ContainsFunc(captured, func(p netip.Prefix) bool { return p.Addr().Is4() })
+	if linkLocal {
+		fromCaptured = append(slices.Clone(captured), linkLocal4)
+	}
+	g.capturedChain(capturedFromChain, fromCaptured, linkLocal)
+	fwd := g.chain("forward", nftables.ChainHookForward, nftables.ChainPriorityFilter, nftables.ChainTypeFilter)
+	for _, iface := range s.From {
+		g.rule(fwd, ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, iface), ifname(expr.MetaKeyOIFNAME, expr.CmpOpNeq, g.tun),
+			whenArmed(capturedFromChain))
 	}
 	if !s.Auto {
 		return
@@ -308,6 +309,10 @@ func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_BROADCAST)},
 	}, accept())
 	g.rule(out, whenArmed(capturedChain))
+	// Forwarded the same way as the host's own traffic: link-local
+	// destinations are not captured for it.
+	g.rule(fwd, ifname(expr.MetaKeyIIFNAME, expr.CmpOpNeq, g.tun), ifname(expr.MetaKeyOIFNAME, expr.CmpOpNeq, g.tun),
+		whenArmed(capturedChain))
 }
 
 // capturedChain adds a chain that refuses packets to the prefixes of
