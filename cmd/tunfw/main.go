@@ -6,7 +6,7 @@
 //
 //	tunfw up      [-c FILE] [--log-format text|json] [--log-level LEVEL]
 //	tunfw check   [-c FILE]
-//	tunfw down    [-c FILE]
+//	tunfw down    [-c FILE] [--block]
 //	tunfw version
 package main
 
@@ -30,8 +30,10 @@ Usage:
   tunfw up      [-c FILE] [--log-format text|json] [--log-level debug|info|warn|error]
                   create the TUN device and routes, filter and forward until
                   SIGINT/SIGTERM, then remove everything it installed
-  tunfw down    [-c FILE]   after a crash, remove the ip rules and table routes
-                            (kill switch included) that config's tunfw left
+  tunfw down    [-c FILE] [--block]
+                            after a crash, remove the ip rules, table routes and
+                            nftables table (kill switch included) that config's
+                            tunfw left; --block installs the kill switch instead
   tunfw check   [-c FILE]   validate a config file; exit 1 listing every error
   tunfw status  [--json]    a running tunfw's state: uptime, mode, flows, verdicts
   tunfw flows   [--json] [--proto P] [--src CIDR] [--dst CIDR] [--state S]
