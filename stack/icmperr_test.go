@@ -432,7 +432,9 @@ func TestSockReaderFindsQueuedError(t *testing.T) {
 			found++
 		}
 	}
-	r.wait = true
+	// As the reply loop does: the netpoller's edge for the queued error
+	// came before this Read (which resets readiness), so it looks first.
+	r.wait, r.woken = true, true
 	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
 	err = raw.Read(r.read)
 	if found == 0 {

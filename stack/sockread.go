@@ -28,7 +28,7 @@ type sockReader struct {
 	// socket's pending error, and when the netpoller woke a read that
 	// then found nothing, which is what an error queued after another
 	// call consumed the pending error looks like. woken: this Read
-	// already waited once.
+	// already waited once (or its caller asks for a first look).
 	errQueue func(fd int)
 	woken    bool
 

@@ -441,8 +441,11 @@ func (s *Stack) udpReplies(f *udpFlow) {
 			return
 		}
 		f.conn.SetReadDeadline(time.Now().Add(time.Duration(left)))
-		// The first datagram: wait in the netpoller for it.
-		r.wait = true
+		// The first datagram: wait in the netpoller for it. An error
+		// queued while this goroutine was busy (a send took the pending
+		// error, and the netpoller's edge went before this Read) is
+		// looked for once first, as if woken.
+		r.wait, r.woken = true, true
 		err := f.raw.Read(r.read)
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
