@@ -1,8 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"encoding/json"
+	"fmt"
+	"io"
 	"slices"
 	"strconv"
 	"time"
@@ -16,102 +19,191 @@ import (
 // engine hands out the table a batch at a time (filter.Engine.EachFlow);
 // each flow is encoded at once, by hand (no reflection, no garbage per
 // flow, no copy of the table as Go values for the garbage collector to
-// scan), in chunks after which the listing sleeps as long as the chunk
-// took: it uses at most about half of one CPU, however large the table.
-// The oldest flows come first: the encoded flows are put in order by
-// their age afterwards.
+// scan), and written to the client in chunks after each of which the
+// listing sleeps as long as the chunk took: it uses at most about half of
+// one CPU, however large the table. Nothing but a chunk is held: an
+// answer built whole (50 MB of buffers per listing) set off garbage
+// collections that stalled the packet path for tens of milliseconds, and
+// writing it in one go kept both processes busy for most of a second.
+// The flows come in the table's order; the client puts them in order by
+// age (sortFlowsJSON), where the CPU is its own, at a lower priority.
 //
 // Lowering the CPU priority of the thread that encodes was tried and
 // rejected: the Go runtime stops every thread for parts of a garbage
 // collection, and a thread at nice 19 that the kernel does not run for
 // tens of milliseconds holds up that stop, and with it the packet path.
 
-// flowsChunk is how many flows are encoded between pauses (about 100 us
-// of work).
+// flowsChunk is how many flows are encoded and written between pauses
+// (about 100 KB, 100 us of work).
 const flowsChunk = 512
 
-// listIdle is how long a listing's buffers are kept for the next one.
-const listIdle = 30 * time.Second
-
-// flows answers `tunfw flows`: the flows match accepts, oldest first.
+// flows answers `tunfw flows`: the flows match accepts, in the table's
+// order, streamed to the client.
 func (d *daemon) flows(match func(filter.FlowInfo) bool) control.Response {
-	// One listing at a time, reusing the last one's buffers: repeated
-	// listings of a large table then allocate only their answer, instead
-	// of making the garbage collector work (which the packet path feels:
-	// tens of milliseconds at 250,000 flows). The buffers go after
-	// listIdle without a listing.
-	d.listMu.Lock()
-	defer d.listMu.Unlock()
-	l := &d.list
-	l.buf, l.spans, l.paced = l.buf[:0], l.spans[:0], true
-	d.listGen++
-	gen := d.listGen
-	defer time.AfterFunc(listIdle, func() {
+	return control.Response{OK: true, Stream: func(w io.Writer) error {
+		// One listing at a time: each takes up to half a CPU.
 		d.listMu.Lock()
-		if d.listGen == gen {
-			d.list = listing{}
-		}
-		d.listMu.Unlock()
-	})
-	d.eng.EachFlow(d.now(), func(fi *filter.FlowInfo) {
-		if match(*fi) {
-			l.add(fi)
-		}
-	})
-	return control.Response{OK: true, Data: l.json()}
+		defer d.listMu.Unlock()
+		l := listing{w: w, paced: true}
+		d.eng.EachFlow(d.now(), func(fi *filter.FlowInfo) {
+			if l.err == nil && match(*fi) {
+				l.add(fi)
+			}
+		})
+		return l.end()
+	}}
 }
 
-// listing encodes flows one at a time and orders them, oldest first.
+// listing encodes flows one at a time as a JSON array, writing it to w a
+// chunk at a time.
 type listing struct {
+	w     io.Writer
 	paced bool
-	buf   []byte // the encoded flows, in the order they came
-	spans []span
+	buf   []byte
+	n     int               // flows encoded
 	names map[string][]byte // strings encoded once
 	start time.Time         // of the current chunk
-}
-
-// span is where one encoded flow is in listing.buf.
-type span struct {
-	age      time.Duration
-	off, end int
+	err   error             // of the first failed write
 }
 
 func (l *listing) add(fi *filter.FlowInfo) {
-	if l.names == nil {
+	if l.n == 0 {
 		l.names = map[string][]byte{}
+		l.buf = make([]byte, 0, 128<<10)
+		l.buf = append(l.buf, '[')
 		l.start = time.Now()
+	} else {
+		l.buf = append(l.buf, ',')
 	}
-	off := len(l.buf)
 	l.buf = appendFlow(l.buf, fi, l.names)
-	l.spans = append(l.spans, span{fi.Age, off, len(l.buf)})
-	if l.paced && len(l.spans)%flowsChunk == 0 {
-		time.Sleep(time.Since(l.start))
-		l.start = time.Now()
+	l.n++
+	if l.n%flowsChunk == 0 {
+		l.flush()
+		if l.paced {
+			time.Sleep(time.Since(l.start))
+			l.start = time.Now()
+		}
 	}
 }
 
-// json returns the flows as a JSON array, the oldest first (a stable
-// order: flows of the same age keep the order they came in).
-func (l *listing) json() []byte {
-	slices.SortStableFunc(l.spans, func(a, b span) int { return cmp.Compare(b.age, a.age) })
-	out := make([]byte, 0, len(l.buf)+len(l.spans)+2)
+func (l *listing) flush() {
+	if l.err == nil && len(l.buf) > 0 {
+		if _, err := l.w.Write(l.buf); err != nil {
+			l.err = fmt.Errorf("write flows: %w", err)
+		}
+	}
+	l.buf = l.buf[:0]
+}
+
+// end closes the array and writes what is left.
+func (l *listing) end() error {
+	if l.n == 0 {
+		l.buf = append(l.buf, '[')
+	}
+	l.buf = append(l.buf, ']')
+	l.flush()
+	return l.err
+}
+
+// marshalFlows encodes flows as encoding/json would, in their order.
+func marshalFlows(flows []filter.FlowInfo) []byte {
+	var b bytes.Buffer
+	l := listing{w: &b}
+	for i := range flows {
+		l.add(&flows[i])
+	}
+	l.end()
+	return b.Bytes()
+}
+
+// sortFlowsJSON returns a listing (a JSON array of flows as appendFlow
+// encodes them) with the flows ordered oldest first (a stable order: flows
+// of the same age keep theirs), without decoding them: the client orders a
+// listing of the whole table, tens of megabytes, at little cost. An
+// answer that is not such an array is returned as it is, for the caller
+// to report.
+func sortFlowsJSON(data []byte) []byte {
+	type item struct {
+		age      int64
+		off, end int
+	}
+	var items []item
+	i := skipSpace(data, 0)
+	if i == len(data) || data[i] != '[' {
+		return data
+	}
+	for i = skipSpace(data, i+1); i < len(data) && data[i] == '{'; {
+		end := objectEnd(data, i)
+		if end < 0 {
+			return data
+		}
+		items = append(items, item{flowAge(data[i:end]), i, end})
+		i = skipSpace(data, end)
+		if i < len(data) && data[i] == ',' {
+			i = skipSpace(data, i+1)
+		}
+	}
+	if i >= len(data) || data[i] != ']' || skipSpace(data, i+1) != len(data) {
+		return data
+	}
+	slices.SortStableFunc(items, func(a, b item) int { return cmp.Compare(b.age, a.age) })
+	out := make([]byte, 0, len(data))
 	out = append(out, '[')
-	for i, s := range l.spans {
-		if i > 0 {
+	for j, it := range items {
+		if j > 0 {
 			out = append(out, ',')
 		}
-		out = append(out, l.buf[s.off:s.end]...)
+		out = append(out, data[it.off:it.end]...)
 	}
 	return append(out, ']')
 }
 
-// marshalFlows encodes flows as encoding/json would, oldest first.
-func marshalFlows(flows []filter.FlowInfo) []byte {
-	var l listing
-	for i := range flows {
-		l.add(&flows[i])
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
 	}
-	return l.json()
+	return i
+}
+
+// objectEnd returns the index just past the JSON object that starts at
+// b[i], or -1. A flow's object holds no nested objects or arrays, but its
+// strings (rule names) may hold any character.
+func objectEnd(b []byte, i int) int {
+	depth, inString := 0, false
+	for ; i < len(b); i++ {
+		c := b[i]
+		switch {
+		case inString && c == '\\':
+			i++
+		case c == '"':
+			inString = !inString
+		case inString:
+		case c == '{' || c == '[':
+			depth++
+		case c == '}' || c == ']':
+			if depth--; depth == 0 {
+				return i + 1
+			}
+		}
+	}
+	return -1
+}
+
+// flowAge returns the age_ns of one encoded flow, 0 if it has none. The
+// key is found outside strings: inside one, its quotes would be escaped.
+func flowAge(obj []byte) int64 {
+	const key = `"age_ns":`
+	i := bytes.Index(obj, []byte(key))
+	if i < 0 {
+		return 0
+	}
+	i += len(key)
+	j := i
+	for j < len(obj) && (obj[j] == '-' || obj[j] >= '0' && obj[j] <= '9') {
+		j++
+	}
+	age, _ := strconv.ParseInt(string(obj[i:j]), 10, 64)
+	return age
 }
 
 // appendFlow appends f as the JSON object encoding/json makes of it.
