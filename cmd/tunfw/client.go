@@ -79,12 +79,16 @@ func cmdClient(name string, args []string, stdout, stderr io.Writer) int {
 		// Indent the bytes as they came: decoding a listing of
 		// 250,000 flows into generic values first cost seconds of CPU,
 		// which a busy host's packet path shares.
-		data := resp.Data
 		if name == "flows" {
-			data = sortFlowsJSON(data) // the daemon sends the table's order
+			// The daemon sends the table's order.
+			if err := printFlowsJSON(stdout, resp.Data); err != nil {
+				fmt.Fprintf(stderr, "tunfw %s: bad response: %v\n", name, err)
+				return 1
+			}
+			return 0
 		}
 		var buf bytes.Buffer
-		if err := json.Indent(&buf, data, "", "  "); err != nil {
+		if err := json.Indent(&buf, resp.Data, "", "  "); err != nil {
 			fmt.Fprintf(stderr, "tunfw %s: bad response: %v\n", name, err)
 			return 1
 		}

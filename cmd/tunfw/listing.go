@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"cmp"
 	"encoding/json"
@@ -116,46 +117,81 @@ func marshalFlows(flows []filter.FlowInfo) []byte {
 	return b.Bytes()
 }
 
-// sortFlowsJSON returns a listing (a JSON array of flows as appendFlow
-// encodes them) with the flows ordered oldest first (a stable order: flows
-// of the same age keep theirs), without decoding them: the client orders a
-// listing of the whole table, tens of megabytes, at little cost. An
-// answer that is not such an array is returned as it is, for the caller
-// to report.
-func sortFlowsJSON(data []byte) []byte {
-	type item struct {
-		age      int64
-		off, end int
+// printFlowsJSON prints a listing (a JSON array of flows as appendFlow
+// encodes them) indented as json.Indent would, with the flows ordered
+// oldest first (a stable order: flows of the same age keep theirs). The
+// client does this for a listing of the whole table, tens of megabytes, so
+// it neither decodes the flows nor copies the whole listing: it finds
+// where each flow is and its age, orders those, and indents and writes one
+// flow at a time. An answer that is not such an array is indented as a
+// whole, which reports what is wrong with it. The error is about the
+// answer; output is written as far as w takes it, as for other commands.
+func printFlowsJSON(w io.Writer, data []byte) error {
+	items, ok := splitFlows(data)
+	if !ok {
+		var buf bytes.Buffer
+		if err := json.Indent(&buf, data, "", "  "); err != nil {
+			return err
+		}
+		buf.WriteByte('\n')
+		w.Write(buf.Bytes())
+		return nil
 	}
-	var items []item
+	slices.SortStableFunc(items, func(a, b flowSpan) int { return cmp.Compare(b.age, a.age) })
+	bw := bufio.NewWriterSize(w, 64<<10)
+	defer bw.Flush()
+	if len(items) == 0 {
+		bw.WriteString("[]\n")
+		return nil
+	}
+	bw.WriteString("[\n  ")
+	var buf bytes.Buffer
+	for i, it := range items {
+		if i > 0 {
+			bw.WriteString(",\n  ")
+		}
+		buf.Reset()
+		if err := json.Indent(&buf, data[it.off:it.end], "  ", "  "); err != nil {
+			return err
+		}
+		bw.Write(buf.Bytes())
+	}
+	bw.WriteString("\n]\n")
+	return nil
+}
+
+// flowSpan is where one flow is in a listing, and its age.
+type flowSpan struct {
+	age      int64
+	off, end int
+}
+
+// splitFlows finds the objects of a JSON array of flat objects (flows)
+// and their ages; false if data is not such an array.
+func splitFlows(data []byte) ([]flowSpan, bool) {
+	// A flow takes about 200 bytes, rarely less than 160: room for all.
+	items := make([]flowSpan, 0, len(data)/160+1)
 	i := skipSpace(data, 0)
 	if i == len(data) || data[i] != '[' {
-		return data
+		return nil, false
 	}
 	for i = skipSpace(data, i+1); i < len(data) && data[i] == '{'; {
 		end := objectEnd(data, i)
 		if end < 0 {
-			return data
+			return nil, false
 		}
-		items = append(items, item{flowAge(data[i:end]), i, end})
+		items = append(items, flowSpan{flowAge(data[i:end]), i, end})
 		i = skipSpace(data, end)
 		if i < len(data) && data[i] == ',' {
-			i = skipSpace(data, i+1)
+			if i = skipSpace(data, i+1); i == len(data) || data[i] != '{' {
+				return nil, false
+			}
 		}
 	}
 	if i >= len(data) || data[i] != ']' || skipSpace(data, i+1) != len(data) {
-		return data
+		return nil, false
 	}
-	slices.SortStableFunc(items, func(a, b item) int { return cmp.Compare(b.age, a.age) })
-	out := make([]byte, 0, len(data))
-	out = append(out, '[')
-	for j, it := range items {
-		if j > 0 {
-			out = append(out, ',')
-		}
-		out = append(out, data[it.off:it.end]...)
-	}
-	return append(out, ']')
+	return items, true
 }
 
 func skipSpace(b []byte, i int) int {

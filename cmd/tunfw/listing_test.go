@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"net/netip"
-	"slices"
 	"testing"
 	"time"
 
@@ -35,39 +34,40 @@ func TestMarshalFlowsMatchesEncodingJSON(t *testing.T) {
 	}
 }
 
-// The client orders a listing oldest first (stable), whatever the rule
-// names hold, and keeps each flow's bytes as the daemon sent them.
-func TestSortFlowsJSONOldestFirst(t *testing.T) {
+// The client prints a listing as json.Indent would print it ordered
+// oldest first (stable), whatever the rule names hold.
+func TestPrintFlowsJSONOldestFirst(t *testing.T) {
 	var flows []filter.FlowInfo
 	rules := []string{`a{"age_ns":99}`, "b}]", `c\"age_ns\":7,`, "d", "e[{"}
 	for i, age := range []time.Duration{3, 9, 1, 9, 5} {
 		flows = append(flows, filter.FlowInfo{Proto: "udp", Rule: rules[i], Age: age, PacketsIn: uint64(i)})
 	}
-	sorted := sortFlowsJSON(marshalFlows(flows))
-	var got []filter.FlowInfo
-	if err := json.Unmarshal(sorted, &got); err != nil {
-		t.Fatalf("%v: %s", err, sorted)
-	}
-	var order []uint64
-	for _, f := range got {
-		order = append(order, f.PacketsIn)
-	}
-	if want := []uint64{1, 3, 4, 0, 2}; !slices.Equal(order, want) {
-		t.Errorf("order %v, want %v", order, want)
-	}
-	for i, f := range got {
-		if f != flows[order[i]] {
-			t.Errorf("flow %d came back as %+v, want %+v", i, f, flows[order[i]])
+	sorted := []filter.FlowInfo{flows[1], flows[3], flows[4], flows[0], flows[2]}
+	for _, tc := range []struct{ in, want []filter.FlowInfo }{{nil, nil}, {flows[:1], flows[:1]}, {flows, sorted}} {
+		want, _ := json.Marshal(tc.want)
+		if tc.want == nil {
+			want = []byte("[]")
+		}
+		var ind bytes.Buffer
+		json.Indent(&ind, want, "", "  ")
+		ind.WriteByte('\n')
+		var got bytes.Buffer
+		if err := printFlowsJSON(&got, marshalFlows(tc.in)); err != nil || got.String() != ind.String() {
+			t.Errorf("got %v\n%s\nwant\n%s", err, got.Bytes(), ind.Bytes())
 		}
 	}
-	// What is not a listing is left for the caller to report.
-	for _, bad := range []string{"", "[", `[{"age_ns":1}`, `{"a":1}`, `[{"age_ns":1},]x`, `[1,2]`} {
-		if got := sortFlowsJSON([]byte(bad)); string(got) != bad {
-			t.Errorf("sortFlowsJSON(%q) = %q, want it unchanged", bad, got)
+	// What is not a listing of flows is indented as a whole, or its
+	// error reported.
+	for _, tc := range []struct{ in, want string }{
+		{" [ ] ", "[]\n"}, {`{"a":1}`, "{\n  \"a\": 1\n}\n"}, {`[1,2]`, "[\n  1,\n  2\n]\n"},
+		{"", "error"}, {"[", "error"}, {`[{"age_ns":1}`, "error"}, {`[{"age_ns":1},]`, "error"}, {`[{"age_ns":1}]x`, "error"},
+		{`[{"age_ns":1,}]`, "error"},
+	} {
+		var got bytes.Buffer
+		err := printFlowsJSON(&got, []byte(tc.in))
+		if tc.want == "error" && err == nil || tc.want != "error" && (err != nil || got.String() != tc.want) {
+			t.Errorf("printFlowsJSON(%q) = %q, %v; want %q", tc.in, got.Bytes(), err, tc.want)
 		}
-	}
-	if got := string(sortFlowsJSON([]byte(" [ ] "))); got != "[]" {
-		t.Errorf("empty listing became %q", got)
 	}
 }
 
