@@ -219,6 +219,9 @@ func (s *Server) Serve(ctx context.Context) {
 
 func (s *Server) serveConn(ctx context.Context, c *net.UnixConn) {
 	defer c.Close()
+	// A streamed answer to a client that reads slowly ends with the
+	// server, not when the client is done.
+	defer context.AfterFunc(ctx, func() { c.Close() })()
 	c.SetDeadline(time.Now().Add(ioTimeout))
 	reply := func(r Response) { json.NewEncoder(c).Encode(r) }
 	uid, err := peerUID(c)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -251,5 +252,45 @@ func TestStreamedAnswer(t *testing.T) {
 		if _, err := parseResponse([]byte(bad)); err == nil {
 			t.Errorf("parseResponse(%q) succeeded", bad)
 		}
+	}
+}
+
+// A streamed answer to a client that does not read ends when the server
+// does.
+func TestStreamEndsWithServer(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the server answers root only; run as root")
+	}
+	path := filepath.Join(t.TempDir(), "tunfw.sock")
+	streaming := make(chan struct{})
+	var once sync.Once
+	s, err := Listen(path, func(context.Context, Request) Response {
+		return Response{OK: true, Stream: func(w io.Writer) error {
+			once.Do(func() { close(streaming) })
+			for {
+				if _, err := io.WriteString(w, strings.Repeat(" ", 64<<10)); err != nil {
+					return err
+				}
+			}
+		}}
+	}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Serve(ctx); close(done) }()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte(`{"cmd":"flows"}` + "\n"))
+	<-streaming
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve still waits for a stream to a client that does not read, 5s after its context ended")
 	}
 }
