@@ -27,7 +27,7 @@ import (
 // collections that stalled the packet path for tens of milliseconds, and
 // writing it in one go kept both processes busy for most of a second.
 // The flows come in the table's order; the client puts them in order by
-// age (sortFlowsJSON), where the CPU is its own, at a lower priority.
+// age (printFlowsJSON), on CPU time nothing else wants (idlePriority).
 //
 // Lowering the CPU priority of the thread that encodes was tried and
 // rejected: the Go runtime stops every thread for parts of a garbage
