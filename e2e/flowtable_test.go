@@ -616,7 +616,8 @@ func TestFlowsListingDoesNotStallTraffic(t *testing.T) {
 	listRise, statusRise := listDiffs[len(listDiffs)/2], statusDiffs[len(statusDiffs)/2]
 	t.Logf("p99 rise, median of the rounds: %v during listings (%v), %v during status requests (%v)", listRise, listDiffs, statusRise, statusDiffs)
 	// The issue asks for 1 ms, and the median rise during listings is
-	// 0.2-1.3 ms on a shared 2-core VM; but the p99 of this machine's
+	// 0.2-1.3 ms on a shared 2-core VM (2.2 ms under another test suite's
+	// load; within 1 ms in 9 runs of 12); but the p99 of this machine's
 	// quiet phases alone varies by 1-2 ms under other load, so the bound
 	// is 2 ms. The old code, holding the table's lock for each walk, rose
 	// by 38-57 ms (status) and 26-97 ms (listings); the old listing,
