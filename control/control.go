@@ -9,6 +9,7 @@ package control
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -18,6 +19,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -64,10 +66,22 @@ type Response struct {
 	Error  string          `json:"error,omitempty"`
 	Errors []string        `json:"errors,omitempty"`
 	Data   json.RawMessage `json:"data,omitempty"`
+
+	// Stream, if set on a successful response, writes the data instead
+	// of Data: one JSON value, written as it is made. The client reads the
+	// same bytes as for Data, but a large answer (a listing of the whole
+	// flow table is tens of megabytes) is neither held whole in the
+	// server's memory nor written in one burst. An error from Stream
+	// leaves the client an incomplete answer, which it cannot decode.
+	Stream func(w io.Writer) error `json:"-"`
 }
 
 // Handler answers one request from an authorised peer.
 type Handler func(ctx context.Context, req Request) Response
+
+// ioTimeout bounds how long the server waits for a client to send its
+// request or to take (the next part of) the answer.
+const ioTimeout = 30 * time.Second
 
 // maxRequest bounds a request line; anything longer is refused with an
 // error saying so.
@@ -202,7 +216,10 @@ func (s *Server) Serve(ctx context.Context) {
 
 func (s *Server) serveConn(ctx context.Context, c *net.UnixConn) {
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
+	// A streamed answer to a client that reads slowly ends with the
+	// server, not when the client is done.
+	defer context.AfterFunc(ctx, func() { c.Close() })()
+	c.SetDeadline(time.Now().Add(ioTimeout))
 	reply := func(r Response) { json.NewEncoder(c).Encode(r) }
 	uid, err := peerUID(c)
 	if err != nil || uid != 0 {
@@ -228,7 +245,38 @@ func (s *Server) serveConn(ctx context.Context, c *net.UnixConn) {
 		reply(Response{Error: fmt.Sprintf("bad request: %s", strings.TrimSpace(errString(err, "no cmd")))})
 		return
 	}
-	reply(s.handler(ctx, req))
+	resp := s.handler(ctx, req)
+	if resp.OK && resp.Stream != nil {
+		if err := stream(progressWriter{c}, resp.Stream); err != nil {
+			s.log.Warn("control answer cut short", "cmd", req.Cmd, "err", err)
+		}
+		return
+	}
+	reply(resp)
+}
+
+// progressWriter gives each write its own deadline: a streamed answer
+// may take longer in all than one, as long as the client keeps reading.
+type progressWriter struct{ c *net.UnixConn }
+
+func (w progressWriter) Write(p []byte) (int, error) {
+	w.c.SetWriteDeadline(time.Now().Add(ioTimeout))
+	return w.c.Write(p)
+}
+
+// stream writes a successful response whose data fn writes: the bytes
+// json.Encoder makes of Response{OK: true, Data: data}.
+func stream(w io.Writer, fn func(io.Writer) error) error {
+	if _, err := io.WriteString(w, `{"ok":true,"data":`); err != nil {
+		return fmt.Errorf("write answer: %w", err)
+	}
+	if err := fn(w); err != nil {
+		return err
+	}
+	if _, err := io.WriteString(w, "}\n"); err != nil {
+		return fmt.Errorf("write answer: %w", err)
+	}
+	return nil
 }
 
 func errString(err error, def string) string {
@@ -258,7 +306,9 @@ func peerUID(c *net.UnixConn) (uint32, error) {
 
 // Call sends req to the server at path and returns its response. A failed
 // command is a Response with OK false, not an error; the error is for
-// failing to talk to the server at all.
+// failing to talk to the server at all. timeout bounds the connect, the
+// request and each wait for more of the answer: a long answer (a listing)
+// takes as long as it takes while it keeps coming.
 func Call(path string, req Request, timeout time.Duration) (Response, error) {
 	c, err := net.DialTimeout("unix", path, timeout)
 	if err != nil {
@@ -268,20 +318,67 @@ func Call(path string, req Request, timeout time.Duration) (Response, error) {
 		return Response{}, fmt.Errorf("connect to %s: %w (is tunfw up running?)", path, err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(timeout))
 	b, err := json.Marshal(req)
 	if err != nil {
 		return Response{}, err
 	}
+	c.SetWriteDeadline(time.Now().Add(timeout))
 	_, werr := c.Write(append(b, '\n'))
 	// Even if the write failed, read: a server refusing the peer answers
 	// and closes before reading the request, and its answer says why.
-	var resp Response
-	if err := json.NewDecoder(c).Decode(&resp); err != nil {
+	b, rerr := readAll(c, timeout)
+	resp, err := parseResponse(b)
+	if err != nil {
 		if werr != nil {
 			return Response{}, fmt.Errorf("send request: %w", werr)
 		}
+		if rerr != nil {
+			err = rerr
+		}
 		return Response{}, fmt.Errorf("read response: %w", err)
+	}
+	return resp, nil
+}
+
+// readAll reads c to its end, waiting at most timeout for each part.
+func readAll(c net.Conn, timeout time.Duration) ([]byte, error) {
+	b := make([]byte, 0, 64<<10)
+	for {
+		if len(b) == cap(b) {
+			b = slices.Grow(b, cap(b))
+		}
+		c.SetReadDeadline(time.Now().Add(timeout))
+		n, err := c.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if errors.Is(err, io.EOF) {
+			return b, nil
+		}
+		if err != nil {
+			return b, err
+		}
+	}
+}
+
+// streamed begins a successful answer as the server writes it.
+const streamed = `{"ok":true,"data":`
+
+// parseResponse decodes the server's answer. A successful one is taken
+// apart without decoding its data, which the caller decodes anyway:
+// scanning a listing of the whole flow table, tens of megabytes, took a
+// client hundreds of milliseconds of CPU that the host's packet path
+// shares.
+func parseResponse(b []byte) (Response, error) {
+	if rest, ok := bytes.CutPrefix(b, []byte(streamed)); ok {
+		if data, ok := bytes.CutSuffix(rest, []byte("}\n")); ok && len(data) > 0 {
+			return Response{OK: true, Data: data}, nil
+		}
+	}
+	var resp Response
+	if err := json.Unmarshal(b, &resp); err != nil {
+		if len(b) == 0 {
+			return Response{}, io.ErrUnexpectedEOF
+		}
+		return Response{}, err
 	}
 	return resp, nil
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -187,5 +188,109 @@ func TestAcceptBackoff(t *testing.T) {
 	var resp Response
 	if err := json.NewDecoder(c).Decode(&resp); err != nil || !resp.OK {
 		t.Errorf("the waiting client was not served after descriptors were freed: %+v %v", resp, err)
+	}
+}
+
+// A streamed answer reaches the client as the Response it would be with
+// its data in Data, however long it takes in all, as long as each part
+// comes within the client's timeout; and parseResponse reads both forms.
+func TestStreamedAnswer(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the server answers root only; run as root")
+	}
+	path := filepath.Join(t.TempDir(), "tunfw.sock")
+	const parts = 6
+	part := strings.Repeat(`"x",`, 40000) // 160 KB: more than a socket buffer
+	s, err := Listen(path, func(context.Context, Request) Response {
+		return Response{OK: true, Stream: func(w io.Writer) error {
+			io.WriteString(w, "[")
+			for range parts {
+				time.Sleep(100 * time.Millisecond)
+				if _, err := io.WriteString(w, part); err != nil {
+					return err
+				}
+			}
+			_, err := io.WriteString(w, "1]")
+			return err
+		}}
+	}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Serve(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	start := time.Now()
+	resp, err := Call(path, Request{Cmd: "flows"}, 300*time.Millisecond)
+	if err != nil || !resp.OK {
+		t.Fatalf("streamed answer: %+v, %v", resp.Error, err)
+	}
+	var got []any
+	if err := json.Unmarshal(resp.Data, &got); err != nil || len(got) != parts*40000+1 {
+		t.Errorf("data of %d bytes: %d values, %v", len(resp.Data), len(got), err)
+	}
+	if took := time.Since(start); took < 300*time.Millisecond {
+		t.Errorf("answer took %v, not longer than the timeout: the test proves nothing", took)
+	}
+
+	for _, tc := range []struct {
+		in   string
+		want Response
+	}{
+		{`{"ok":true,"data":[1,2]}` + "\n", Response{OK: true, Data: json.RawMessage(`[1,2]`)}},
+		{`{"ok":false,"error":"no","errors":["a"]}` + "\n", Response{Error: "no", Errors: []string{"a"}}},
+		{`{"ok":true}` + "\n", Response{OK: true}},
+	} {
+		got, err := parseResponse([]byte(tc.in))
+		if err != nil || got.OK != tc.want.OK || got.Error != tc.want.Error || string(got.Data) != string(tc.want.Data) || len(got.Errors) != len(tc.want.Errors) {
+			t.Errorf("parseResponse(%q) = %+v, %v; want %+v", tc.in, got, err, tc.want)
+		}
+	}
+	for _, bad := range []string{"", `{"ok":true,"data":[1,2`, `{"ok":true,"data":}` + "\n"} {
+		if _, err := parseResponse([]byte(bad)); err == nil {
+			t.Errorf("parseResponse(%q) succeeded", bad)
+		}
+	}
+}
+
+// A streamed answer to a client that does not read ends when the server
+// does.
+func TestStreamEndsWithServer(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the server answers root only; run as root")
+	}
+	path := filepath.Join(t.TempDir(), "tunfw.sock")
+	streaming := make(chan struct{})
+	var once sync.Once
+	s, err := Listen(path, func(context.Context, Request) Response {
+		return Response{OK: true, Stream: func(w io.Writer) error {
+			once.Do(func() { close(streaming) })
+			for {
+				if _, err := io.WriteString(w, strings.Repeat(" ", 64<<10)); err != nil {
+					return err
+				}
+			}
+		}}
+	}, quietLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Serve(ctx); close(done) }()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte(`{"cmd":"flows"}` + "\n"))
+	<-streaming
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve still waits for a stream to a client that does not read, 5s after its context ended")
 	}
 }

@@ -484,10 +484,11 @@ func rttUntil(t *testing.T, c net.Conn, done <-chan struct{}, min int) (p99, lon
 // With 250,000 flows in the table, listing them (`tunfw flows --json`) or
 // asking for the status (counts by state) does not hold up the packet path:
 // the p99 of a request/response exchange through tunfw stays close to its
-// p99 without them (issue 10 item 10). Three rounds of 1.5 s without
-// requests, then one listing, then 1.5 s of status requests; the median of
-// the three differences is asserted, so a burst of other load on a shared
-// machine in one round does not pass for their cost.
+// p99 without them (issue 10 item 10). Nine rounds of 1.5 s without
+// requests, then one listing (the first three rounds then 1.5 s of status
+// requests); the median of the differences is asserted, so a burst of
+// other load on a shared machine in a round or three does not pass for
+// their cost.
 func TestFlowsListingDoesNotStallTraffic(t *testing.T) {
 	netnstest.RequireRoot(t)
 	const flows = 250000
@@ -499,7 +500,7 @@ func TestFlowsListingDoesNotStallTraffic(t *testing.T) {
 		"max_flows = 11\n", "max_flows = 300000\n",
 		"max_flows_per_source = 10\n", "max_flows_per_source = 0\ntcp_handshake = \"600s\"\n",
 	).Replace(flowTableConfig))
-	startTunfw(t, topo.Host, cfg)
+	fw := startTunfw(t, topo.Host, cfg)
 
 	// Denied SYNs from the spoofed source to 5 addresses x 50,000 ports:
 	// each is a flow the table keeps (to drop retries without the rules).
@@ -541,6 +542,13 @@ func TestFlowsListingDoesNotStallTraffic(t *testing.T) {
 	sock := filepath.Join(filepath.Dir(cfg), "tunfw.sock") // see writeConfig
 	// run runs tunfw with args in a loop until it ran for at least d
 	// (once if d is 0) and closes the returned channel.
+	// Output goes to /dev/null: through a pipe, this process (which
+	// also times the exchanges) would copy tens of megabytes.
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer devNull.Close()
 	run := func(d time.Duration, args ...string) (<-chan struct{}, *int, *time.Duration) {
 		done := make(chan struct{})
 		var n int
@@ -550,7 +558,7 @@ func TestFlowsListingDoesNotStallTraffic(t *testing.T) {
 			t0 := time.Now()
 			for n == 0 || time.Since(t0) < d {
 				cmd := exec.Command(binary, append(args, "-c", cfg)...)
-				cmd.Stdout = io.Discard
+				cmd.Stdout = devNull
 				if err := cmd.Run(); err != nil {
 					t.Errorf("tunfw %v: %v", args, err)
 					return
@@ -561,13 +569,9 @@ func TestFlowsListingDoesNotStallTraffic(t *testing.T) {
 		}()
 		return done, &n, &took
 	}
-	// The first listing after a while allocates the daemon's listing
-	// buffers (and makes the garbage collector work); repeated listings
-	// reuse them.
-	warm, _, _ := run(0, "flows", "--json")
-	<-warm
+	rssBefore := vmRSS(t, fw.cmd.Process.Pid)
 	var listDiffs, statusDiffs []time.Duration
-	for round := range 3 {
+	for round := range 9 {
 		quietDone := make(chan struct{})
 		timer := time.AfterFunc(1500*time.Millisecond, func() { close(quietDone) })
 		quiet, quietMax := rttUntil(t, c, quietDone, 1000)
@@ -578,6 +582,9 @@ func TestFlowsListingDoesNotStallTraffic(t *testing.T) {
 		t.Logf("round %d: request/response p99 (longest) %v (%v) without a listing, %v (%v) during a `tunfw flows --json` of %d flows (%v)",
 			round+1, quiet, quietMax, busy, busyMax, flows, took.Round(time.Millisecond))
 		listDiffs = append(listDiffs, busy-quiet)
+		if round >= 3 {
+			continue
+		}
 
 		// Status requests straight on the control socket, 50 a
 		// second: starting a process per request, or asking as fast
@@ -598,18 +605,31 @@ func TestFlowsListingDoesNotStallTraffic(t *testing.T) {
 		t.Logf("round %d: p99 (longest) %v (%v) during %d status requests", round+1, st, stMax, n)
 		statusDiffs = append(statusDiffs, st-quiet)
 	}
+	// A listing holds a chunk of its answer at a time, not the answer.
+	rssRise := vmRSS(t, fw.cmd.Process.Pid) - rssBefore
+	t.Logf("tunfw's resident memory rose by %d KiB over the rounds", rssRise>>10)
+	if rssRise > 32<<20 {
+		t.Errorf("tunfw's resident memory rose by %d MiB over 9 listings of %d flows, want at most 32 MiB", rssRise>>20, flows)
+	}
 	slices.Sort(listDiffs)
 	slices.Sort(statusDiffs)
-	t.Logf("p99 rise, median of 3 rounds: %v during listings, %v during status requests", listDiffs[1], statusDiffs[1])
-	// The issue asks for 1 ms. Measured without coordinated omission, the
-	// p99 of this machine's quiet rounds alone varies by 1-2 ms under other
-	// load, so the margins are wider; the old code, holding the table's
-	// lock for each walk, rose by 38-57 ms (status) and 26-97 ms
-	// (listings). The longest exchange is logged, not asserted.
-	if statusDiffs[1] > 5*time.Millisecond {
-		t.Errorf("p99 rose by %v during status requests (median of %v), want at most 5ms", statusDiffs[1], statusDiffs)
+	listRise, statusRise := listDiffs[len(listDiffs)/2], statusDiffs[len(statusDiffs)/2]
+	t.Logf("p99 rise, median of the rounds: %v during listings (%v), %v during status requests (%v)", listRise, listDiffs, statusRise, statusDiffs)
+	// The issue asks for 1 ms, and the median rise during listings is
+	// 0.2-1.3 ms on a shared 2-core VM (2.2 ms under another test suite's
+	// load; within 1 ms in 9 runs of 12); but the p99 of this machine's
+	// quiet phases alone varies by 1-2 ms under other load, so the bound
+	// is 2 ms. The old code, holding the table's lock for each walk, rose
+	// by 38-57 ms (status) and 26-97 ms (listings); the old listing,
+	// which built its 50 MB answer whole and wrote it in one go, rose by
+	// 0.9-1.2 ms in the median and by 15-260 ms in one to three rounds of
+	// seven (garbage collection), too seldom to assert on a shared
+	// machine: the memory it held is asserted above instead. The longest
+	// exchange is logged, not asserted.
+	if statusRise > 5*time.Millisecond {
+		t.Errorf("p99 rose by %v during status requests (median of %v), want at most 5ms", statusRise, statusDiffs)
 	}
-	if listDiffs[1] > 10*time.Millisecond {
-		t.Errorf("p99 rose by %v during listings (median of %v), want at most 10ms", listDiffs[1], listDiffs)
+	if listRise > 2*time.Millisecond {
+		t.Errorf("p99 rose by %v during listings (median of %v), want at most 2ms", listRise, listDiffs)
 	}
 }

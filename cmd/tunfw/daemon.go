@@ -38,11 +38,8 @@ type daemon struct {
 
 	preexisting int // connections open at start, left unjudged (host capture)
 
-	// listMu serialises `tunfw flows`; list keeps its buffers, listGen
-	// counts listings (listing.go).
-	listMu  sync.Mutex
-	list    listing
-	listGen uint64
+	// listMu serialises `tunfw flows` (listing.go).
+	listMu sync.Mutex
 
 	reloadsOK, reloadsFailed atomic.Uint64
 	ctrl                     *control.Server

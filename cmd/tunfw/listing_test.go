@@ -3,8 +3,8 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"net/netip"
-	"slices"
 	"testing"
 	"time"
 
@@ -20,7 +20,6 @@ func TestMarshalFlowsMatchesEncodingJSON(t *testing.T) {
 		{Proto: "icmp", Src: netip.MustParseAddrPort("10.0.0.2:7"), Dst: netip.MustParseAddrPort("192.0.2.1:0"),
 			State: "new", Rule: "default", Verdict: "deny", Monitor: true, Age: time.Second},
 	}
-	// flows is oldest first, as marshalFlows orders it.
 	for _, fl := range [][]filter.FlowInfo{nil, flows[:1], flows} {
 		want, err := json.Marshal(fl)
 		if err != nil {
@@ -35,20 +34,65 @@ func TestMarshalFlowsMatchesEncodingJSON(t *testing.T) {
 	}
 }
 
-func TestMarshalFlowsOldestFirst(t *testing.T) {
+// The client prints a listing as json.Indent would print it ordered
+// oldest first (stable), whatever the rule names hold.
+func TestPrintFlowsJSONOldestFirst(t *testing.T) {
 	var flows []filter.FlowInfo
-	for _, age := range []time.Duration{3, 9, 1, 9, 5} {
-		flows = append(flows, filter.FlowInfo{Proto: "udp", Age: age, PacketsIn: uint64(len(flows))})
+	rules := []string{`a{"age_ns":99}`, "b}]", `c\"age_ns\":7,`, "d", "e[{"}
+	for i, age := range []time.Duration{3, 9, 1, 9, 5} {
+		flows = append(flows, filter.FlowInfo{Proto: "udp", Rule: rules[i], Age: age, PacketsIn: uint64(i)})
 	}
-	var got []filter.FlowInfo
-	if err := json.Unmarshal(marshalFlows(flows), &got); err != nil {
-		t.Fatal(err)
+	sorted := []filter.FlowInfo{flows[1], flows[3], flows[4], flows[0], flows[2]}
+	for _, tc := range []struct{ in, want []filter.FlowInfo }{{nil, nil}, {flows[:1], flows[:1]}, {flows, sorted}} {
+		want, _ := json.Marshal(tc.want)
+		if tc.want == nil {
+			want = []byte("[]")
+		}
+		var ind bytes.Buffer
+		json.Indent(&ind, want, "", "  ")
+		ind.WriteByte('\n')
+		var got bytes.Buffer
+		if err := printFlowsJSON(&got, marshalFlows(tc.in)); err != nil || got.String() != ind.String() {
+			t.Errorf("got %v\n%s\nwant\n%s", err, got.Bytes(), ind.Bytes())
+		}
 	}
-	var order []uint64
-	for _, f := range got {
-		order = append(order, f.PacketsIn)
+	// What is not a listing of flows is indented as a whole, or its
+	// error reported.
+	for _, tc := range []struct{ in, want string }{
+		{" [ ] ", "[]\n"}, {`{"a":1}`, "{\n  \"a\": 1\n}\n"}, {`[1,2]`, "[\n  1,\n  2\n]\n"},
+		{"", "error"}, {"[", "error"}, {`[{"age_ns":1}`, "error"}, {`[{"age_ns":1},]`, "error"}, {`[{"age_ns":1}]x`, "error"},
+		{`[{"age_ns":1,}]`, "error"},
+	} {
+		var got bytes.Buffer
+		err := printFlowsJSON(&got, []byte(tc.in))
+		if tc.want == "error" && err == nil || tc.want != "error" && (err != nil || got.String() != tc.want) {
+			t.Errorf("printFlowsJSON(%q) = %q, %v; want %q", tc.in, got.Bytes(), err, tc.want)
+		}
 	}
-	if want := []uint64{1, 3, 4, 0, 2}; !slices.Equal(order, want) {
-		t.Errorf("order %v, want %v", order, want)
+}
+
+// failWriter fails every write after the first.
+type failWriter struct{ writes int }
+
+func (w *failWriter) Write(p []byte) (int, error) {
+	if w.writes++; w.writes > 1 {
+		return 0, errors.New("gone")
+	}
+	return len(p), nil
+}
+
+// A listing is written a chunk at a time, and a client that went away
+// stops the writes (the encoding of the rest is skipped by the caller).
+func TestListingWritesChunks(t *testing.T) {
+	var w failWriter
+	l := listing{w: &w}
+	fi := filter.FlowInfo{Proto: "tcp", Rule: "r", Verdict: "allow"}
+	for range 3 * flowsChunk {
+		if l.err == nil {
+			l.add(&fi)
+		}
+	}
+	if err := l.end(); err == nil || w.writes != 2 || l.n != flowsChunk+flowsChunk {
+		t.Errorf("after a failed write: err %v, %d writes, %d flows encoded; want an error, 2 writes, %d flows", err, w.writes, l.n, 2*flowsChunk)
 	}
 }
