@@ -130,44 +130,6 @@ func TestSystemdUnitVerify(t *testing.T) {
 	}
 }
 
-// hardStart starts cmd (a `tunfw up` wrapped in something) and waits until
-// tunfw says it is up, as startTunfw does.
-func hardStart(t *testing.T, cmd *exec.Cmd) *tunfwProc {
-	t.Helper()
-	p := &tunfwProc{t: t, cmd: cmd, done: make(chan struct{})}
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout = cmd.Stderr
-	up := p.subscribe()
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start tunfw: %v", err)
-	}
-	go p.readLog(stderr)
-	t.Cleanup(func() {
-		p.stop()
-		if t.Failed() {
-			t.Logf("tunfw log:\n%s", p.log())
-		}
-	})
-	deadline := time.After(30 * time.Second)
-	for {
-		select {
-		case l, ok := <-up:
-			if !ok {
-				<-p.done
-				t.Fatalf("tunfw exited before it was up (%v):\n%s", p.err, p.log())
-			}
-			if strings.Contains(l, `msg="tunfw is up"`) {
-				return p
-			}
-		case <-deadline:
-			t.Fatalf("tunfw not up after 30s:\n%s", p.log())
-		}
-	}
-}
-
 // hardTunfwPID finds the tunfw process among pid and its descendants
 // (wrappers exec it, but unshare may stay its parent).
 func hardTunfwPID(t *testing.T, pid int) int {
@@ -267,7 +229,7 @@ func TestCapabilitiesDropped(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte(hardConfig(filepath.Join(dir, "tunfw.sock"))), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	fw := hardStart(t, topo.Host.Cmd(bin, "up", "-c", cfg))
+	fw := startUp(t, topo.Host.Cmd(bin, "up", "-c", cfg))
 	checkCaps(t, fw.cmd.Process.Pid)
 	fw.waitLog(t, 5*time.Second, "capabilities dropped", "kept=CAP_NET_ADMIN,CAP_NET_RAW")
 	if err := tcpEcho(topo.Host, at.String(), 5*time.Second); err != nil {
@@ -378,7 +340,7 @@ done
 		bin, cfg)
 	cmd := topo.Host.Cmd("unshare", "--mount", "--propagation", "private", "sh", "-c", script)
 	cmd.Env = append(os.Environ(), "HOST_MNT_NS="+hostNS)
-	fw := hardStart(t, cmd)
+	fw := startUp(t, cmd)
 	pid := hardTunfwPID(t, fw.cmd.Process.Pid)
 	checkCaps(t, pid)
 
@@ -651,7 +613,7 @@ listen = "127.0.0.1:9477"
 
 	cmd := topo.Host.Cmd(binary, "up", "-c", cfg)
 	cmd.Env = append(os.Environ(), "GOMEMLIMIT=300MiB")
-	fw = hardStart(t, cmd)
+	fw = startUp(t, cmd)
 	fw.waitLog(t, 5*time.Second, `msg="memory budget"`, "gomemlimit=\"left to the GOMEMLIMIT environment variable\"")
 	if v := gomemlimit(); v != "3.145728e+08" {
 		t.Errorf("go_gc_gomemlimit_bytes = %s with GOMEMLIMIT=300MiB, want 300 MiB", v)
@@ -718,7 +680,7 @@ func TestSystemdSyscallFilter(t *testing.T) {
 		t.Fatal(err)
 	}
 	trace := filepath.Join(dir, "strace.txt")
-	fw := hardStart(t, topo.Host.Cmd("strace", "-f", "-c", "-o", trace, bin, "up", "-c", cfg))
+	fw := startUp(t, topo.Host.Cmd("strace", "-f", "-c", "-o", trace, bin, "up", "-c", cfg))
 	pid := hardTunfwPID(t, fw.cmd.Process.Pid)
 	if err := tcpEcho(topo.Host, tcpAt.String(), 5*time.Second); err != nil {
 		t.Errorf("TCP: %v", err)

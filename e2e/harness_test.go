@@ -81,7 +81,14 @@ func writeConfig(t testing.TB, body string) string {
 func startTunfw(t testing.TB, ns *netnstest.NS, cfg string, extra ...string) *tunfwProc {
 	t.Helper()
 	args := append([]string{binary, "up", "-c", cfg, "--log-level", "debug"}, extra...)
-	p := &tunfwProc{t: t, cmd: ns.Cmd(args...), done: make(chan struct{})}
+	return startUp(t, ns.Cmd(args...))
+}
+
+// startUp starts cmd, a `tunfw up` (perhaps wrapped in something that
+// execs it), and waits until tunfw says it is up.
+func startUp(t testing.TB, cmd *exec.Cmd) *tunfwProc {
+	t.Helper()
+	p := &tunfwProc{t: t, cmd: cmd, done: make(chan struct{})}
 	stderr, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
