@@ -44,11 +44,16 @@ const (
 	ReasonMalformed                     // ParsePacket failed
 	ReasonFragment                      // IP fragment (see package doc)
 	ReasonUnsupported                   // protocol other than TCP/UDP/ICMP echo request
-	ReasonLimit                         // flow table full (MaxFlows)
+	ReasonLimit                         // flow table full (MaxFlows, MaxFlowsPerSource)
+	// ReasonDeferred: a SYN the stack did not dial now, under a SYN flood
+	// (deferred, or its dial gave way to a newer one): dropped without an
+	// answer, so that the client's retransmission tries again. Counted by
+	// the stack (Count).
+	ReasonDeferred
 	numReasons
 )
 
-var reasonNames = [numReasons]string{"none", "denied", "rejected", "no-flow", "malformed", "fragment", "unsupported", "limit"}
+var reasonNames = [numReasons]string{"none", "denied", "rejected", "no-flow", "malformed", "fragment", "unsupported", "limit", "deferred"}
 
 // String returns the reason as used in counters and logs: "denied",
 // "no-flow", ...
@@ -136,10 +141,10 @@ type Counters struct {
 	Forwarded uint64 // inbound packets forwarded
 	Replies   uint64 // outbound packets that matched a flow
 	// Packets not forwarded, by reason.
-	Denied, Rejected, NoFlow, Malformed, Fragment, Unsupported, Limit uint64
-	Monitored                                                         uint64 // flows forwarded only because of monitor mode
-	FlowsCreated                                                      uint64
-	FlowsActive                                                       int
+	Denied, Rejected, NoFlow, Malformed, Fragment, Unsupported, Limit, Deferred uint64
+	Monitored                                                                   uint64 // flows forwarded only because of monitor mode
+	FlowsCreated                                                                uint64
+	FlowsActive                                                                 int
 	// FlowsByState counts active flows by state name (new, established,
 	// closing, closed).
 	FlowsByState map[string]int
@@ -807,6 +812,7 @@ func (e *Engine) Counters() Counters {
 		Fragment:     e.ctr[ReasonFragment].Load(),
 		Unsupported:  e.ctr[ReasonUnsupported].Load(),
 		Limit:        e.ctr[ReasonLimit].Load(),
+		Deferred:     e.ctr[ReasonDeferred].Load(),
 		Monitored:    e.ctr[ctrMonitored].Load(),
 		FlowsCreated: e.ctr[ctrFlowsCreated].Load(),
 		FlowsActive:  active,

@@ -113,7 +113,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	counter(c.flowsCreated, ctr.FlowsCreated)
 	counter(c.packets, ctr.Forwarded, "forward")
-	counter(c.packets, ctr.Denied+ctr.NoFlow+ctr.Malformed+ctr.Fragment+ctr.Unsupported, "drop")
+	counter(c.packets, ctr.Denied+ctr.NoFlow+ctr.Malformed+ctr.Fragment+ctr.Unsupported+ctr.Deferred, "drop")
 	counter(c.packets, ctr.Rejected+ctr.Limit, "reject")
 	counter(c.packets, ctr.Replies, "reply")
 	for _, r := range []struct {
@@ -122,6 +122,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}{
 		{"denied", ctr.Denied}, {"rejected", ctr.Rejected}, {"no-flow", ctr.NoFlow}, {"malformed", ctr.Malformed},
 		{"fragment", ctr.Fragment}, {"unsupported", ctr.Unsupported}, {"limit", ctr.Limit},
+		{"deferred", ctr.Deferred},
 	} {
 		counter(c.drops, r.v, r.name)
 	}

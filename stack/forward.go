@@ -198,7 +198,7 @@ func (s *Stack) dialStopped(r *tcp.ForwarderRequest, flow filter.FlowRef, why di
 	r.Complete(false)
 	if why == dialEvicted {
 		s.dials.fails[dialFailEvicted].Add(1)
-		s.eng.Count(filter.ReasonLimit)
+		s.eng.Count(filter.ReasonDeferred)
 		s.eng.Release(flow, s.now())
 		return
 	}
@@ -207,7 +207,7 @@ func (s *Stack) dialStopped(r *tcp.ForwarderRequest, flow filter.FlowRef, why di
 
 // screenSYNs wraps the TCP forwarder's packet handler, which gVisor calls on
 // the read loop for each TCP segment no endpoint takes: a SYN the pool
-// defers (dials.go) is dropped there, counted as a limit drop, and its flow
+// defers (dials.go) is dropped there, counted as deferred, and its flow
 // leaves the table, before the forwarder starts a goroutine and a request
 // for it. Under a SYN flood that is most of them. It allocates nothing.
 func (s *Stack) screenSYNs(fwd func(stack.TransportEndpointID, *stack.PacketBuffer) bool) func(stack.TransportEndpointID, *stack.PacketBuffer) bool {
@@ -226,7 +226,7 @@ func (s *Stack) screenSYNs(fwd func(stack.TransportEndpointID, *stack.PacketBuff
 			return fwd(id, pkt)
 		}
 		s.dials.fails[dialFailDeferred].Add(1)
-		s.eng.Count(filter.ReasonLimit)
+		s.eng.Count(filter.ReasonDeferred)
 		s.eng.Forget(key)
 		return true
 	}

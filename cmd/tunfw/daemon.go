@@ -284,7 +284,7 @@ func (d *daemon) stats() statsInfo {
 	return statsInfo{
 		Rules: d.eng.RuleStats(),
 		Drops: map[string]uint64{
-			"denied": c.Denied, "rejected": c.Rejected, "limit": c.Limit, "malformed": c.Malformed,
+			"denied": c.Denied, "rejected": c.Rejected, "limit": c.Limit, "deferred": c.Deferred, "malformed": c.Malformed,
 			"fragment": c.Fragment, "no-flow": c.NoFlow, "unsupported": c.Unsupported,
 		},
 		Forwarded: c.Forwarded, Replies: c.Replies, BytesIn: c.BytesIn, BytesOut: c.BytesOut,
