@@ -20,7 +20,7 @@ build:
 # skip (saying why) without them. The unit tests of the packages whose state
 # several goroutines share run again under the race detector (it needs cgo:
 # gcc). The micro-benchmarks run once so they cannot rot.
-RACE_PKGS := ./filter ./stack ./control ./metrics ./cmd/tunfw
+RACE_PKGS := ./filter ./stack/... ./control ./metrics ./cmd/tunfw
 test: vet
 	$(GO) test -count=1 -timeout 15m ./...
 	$(GO) test -race -count=1 -timeout 10m $(RACE_PKGS)

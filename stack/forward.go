@@ -329,7 +329,7 @@ func (s *Stack) CloseFlows(refs []filter.FlowRef) int {
 }
 
 // tcpipAddr converts a netip.Addr for gVisor.
-// It does not allocate: the UDP relay and the pinger call it per packet.
+// It does not allocate: the UDP relay calls it per packet.
 func tcpipAddr(a netip.Addr) tcpip.Address {
 	if a.Is4() {
 		return tcpip.AddrFrom4(a.As4())
@@ -344,17 +344,9 @@ func (s *Stack) SetOutboundInterfaces(v4, v6 string) {
 	old := s.dialer.ifaces.Load()
 	next := [2]string{v4, v6}
 	s.dialer.ifaces.Store(&next)
-	if s.ping == nil {
-		return
-	}
-	for i, raw := range []syscall.RawConn{s.ping.raw4, s.ping.raw6} {
-		if raw == nil || next[i] == old[i] {
-			continue
-		}
-		var err error
-		raw.Control(func(fd uintptr) { err = unix.BindToDevice(int(fd), next[i]) })
-		if err != nil {
-			s.log.Warn("bind the ping socket to the new outbound interface", "iface", next[i], "err", err)
+	if s.ping != nil && next != *old {
+		if err := s.ping.Bind(v4, v6); err != nil {
+			s.log.Warn("ping sockets keep their interface", "err", err)
 		}
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/echo"
 	"golang.org/x/sys/unix"
 	wgtun "golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/buffer"
@@ -78,7 +79,7 @@ type Stack struct {
 	ns     *stack.Stack
 	ep     *linkEndpoint
 	dialer *dialer
-	ping   *pinger
+	ping   *echo.Forwarder // nil without raw sockets (CAP_NET_RAW)
 	epoch  time.Time
 
 	// watcher waits for the sockets of idle TCP relays (relay.go).
@@ -193,13 +194,18 @@ func New(o Options) (*Stack, error) {
 		defer s.watcherWG.Done()
 		w.run()
 	}()
-	p, err := newPinger(s)
+	p, err := echo.New(echo.Host{
+		Engine: s.eng, Log: s.log, Now: s.now, MTU: s.mtu,
+		Write: s.writeRaw, Headroom: tunOffset, Control: s.dialer.control,
+		MaxPerSource: func() int { return s.perSourceBound(s.maxEchoPerSource, echo.DefaultMaxPerSource) },
+	})
 	if err != nil {
 		// ICMP is the one protocol that needs CAP_NET_RAW; without it the
 		// rest still works, and allowed pings go unanswered (never faked).
 		s.log.Warn("ICMP echo forwarding disabled", "err", err)
+	} else {
+		s.ping = p
 	}
-	s.ping = p
 	s.startUDPOpeners()
 	return s, nil
 }
@@ -309,9 +315,9 @@ func (s *Stack) inbound(pkt []byte, p *filter.Packet, now int64, reject []byte) 
 		switch p.Proto {
 		case filter.ProtoICMP, filter.ProtoICMPv6:
 			// Echo requests never reach gVisor: it would answer them
-			// itself for any address. The pinger asks the real host.
+			// itself for any address. The echo forwarder asks the real host.
 			if s.ping != nil {
-				s.ping.send(p, pkt)
+				s.ping.Send(p, pkt)
 			}
 		case filter.ProtoUDP:
 			s.forwardUDP(p, pkt, now)
@@ -346,7 +352,7 @@ func (s *Stack) expireLoop(ctx context.Context) {
 				s.CloseFlows(expired)
 			}
 			if s.ping != nil {
-				s.ping.expire(now)
+				s.ping.Expire(now)
 			}
 		}
 	}
@@ -397,7 +403,7 @@ func (s *Stack) writeLocked(bufs [][]byte) {
 func (s *Stack) Close() {
 	s.cancel()
 	if s.ping != nil {
-		s.ping.close()
+		s.ping.Close()
 	}
 	s.ns.Close()
 	s.ns.Wait()
@@ -427,9 +433,7 @@ func (s *Stack) UDPWriteDrops() uint64 { return s.udpWriteDrops.Load() }
 func (s *Stack) Drops() map[string]uint64 {
 	m := s.udpDrops()
 	if s.ping != nil {
-		m["echo-no-id"] = s.ping.noID.Load()
-		m["echo-source-limit"] = s.ping.srcLimit.Load()
-		m["echo-send"] = s.ping.sendDrops.Load()
+		s.ping.Drops(m)
 	}
 	return m
 }

@@ -1,10 +1,13 @@
-package stack
+// Package echo forwards the ICMP echo requests the filter allows to the
+// real hosts through raw sockets, and relays their real replies.
+package echo
 
 import (
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -15,6 +18,7 @@ import (
 
 	"github.com/tunfw/tunfw/filter"
 	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
@@ -22,7 +26,7 @@ import (
 // icmpFilter is Linux's ICMP_FILTER option of SOL_RAW (not in x/sys).
 const icmpFilter = 1
 
-// pinger forwards allowed ICMP echo requests to the real hosts through raw
+// Forwarder forwards allowed ICMP echo requests to the real hosts through raw
 // sockets and relays their real replies. Each flow's echo identifier is
 // replaced by one unique to tunfw, so that clients using the same identifier
 // towards the same host, and pings from other programs, are told apart.
@@ -40,8 +44,9 @@ const icmpFilter = 1
 // giving back are O(1), so the read loop never searches: an echo request
 // that finds no identifier, or whose client already holds its share, is
 // dropped and counted.
-type pinger struct {
-	s          *Stack
+type Forwarder struct {
+	h          Host
+	wg         sync.WaitGroup // the reply readers
 	c4, c6     *net.IPConn
 	raw4, raw6 syscall.RawConn
 
@@ -78,9 +83,9 @@ const maxEchoIDs = 1 << 16
 // interval.
 const echoEvictAge = int64(2 * time.Second)
 
-// defaultMaxEchoPerSource bounds the echo flows of one client address: a
-// ping sweep of a /22 fits; one client cannot take every identifier.
-const defaultMaxEchoPerSource = 1024
+// DefaultMaxPerSource bounds the echo flows of one client address: a ping
+// sweep of a /22 fits; one client cannot take every identifier.
+const DefaultMaxPerSource = 1024
 
 // pingFlow names an echo flow as the client sees it.
 type pingFlow struct {
@@ -95,9 +100,30 @@ type pingEntry struct {
 	used       bool
 }
 
-func newPinger(s *Stack) (*pinger, error) {
-	p := &pinger{
-		s:      s,
+// Host is what a Forwarder needs from the stack that runs it.
+type Host struct {
+	Engine *filter.Engine
+	Log    *slog.Logger
+	// Now is the engine's monotonic clock.
+	Now func() int64
+	// MTU is the TUN's; replies larger than it are not relayed.
+	MTU int
+	// Write writes a reply to the TUN: the packet starts Headroom bytes
+	// into the buffer, which Write may use.
+	Write    func(buf []byte)
+	Headroom int
+	// Control sets up each raw socket before use (fwmark, bound device).
+	Control func(network, address string, c syscall.RawConn) error
+	// MaxPerSource returns how many echo flows one client address may
+	// hold now.
+	MaxPerSource func() int
+}
+
+// New opens the raw sockets (one per family; one is enough) and starts
+// reading replies. Close ends it.
+func New(h Host) (*Forwarder, error) {
+	p := &Forwarder{
+		h:      h,
 		byFlow: make(map[pingFlow]uint16),
 		perSrc: make(map[netip.Addr]int32),
 		head:   -1,
@@ -108,7 +134,7 @@ func newPinger(s *Stack) (*pinger, error) {
 		p.sendErr = unix.Sendto(int(fd), p.sendMsg, unix.MSG_DONTWAIT, p.sendTo)
 		return true // never wait: a full buffer drops the request
 	}
-	lc := net.ListenConfig{Control: s.dialer.control}
+	lc := net.ListenConfig{Control: h.Control}
 	c4, err4 := lc.ListenPacket(context.Background(), "ip4:icmp", "0.0.0.0")
 	if err4 == nil {
 		p.c4 = c4.(*net.IPConn)
@@ -126,15 +152,15 @@ func newPinger(s *Stack) (*pinger, error) {
 		}
 	}
 	if p.raw4 == nil && p.raw6 == nil {
-		p.close()
+		p.Close()
 		return nil, fmt.Errorf("open raw ICMP sockets: %w", errors.Join(err4, err6))
 	}
 	if err4 != nil || err6 != nil {
-		s.log.Warn("ICMP echo forwarding limited to one family", "err", errors.Join(err4, err6))
+		h.Log.Warn("ICMP echo forwarding limited to one family", "err", errors.Join(err4, err6))
 	}
 	for _, c := range []*net.IPConn{p.c4, p.c6} {
 		if c != nil {
-			s.wg.Add(1)
+			p.wg.Add(1)
 			go p.readLoop(c)
 		}
 	}
@@ -165,10 +191,10 @@ func setICMPFilter(c *net.IPConn, v6 bool) error {
 	return errors.Join(err, serr)
 }
 
-// send forwards the echo request pkt (parsed as p) to its real destination.
+// Send forwards the echo request pkt (parsed as p) to its real destination.
 // It runs on the read loop and never waits: not for an identifier, not for
 // the socket.
-func (pg *pinger) send(p *filter.Packet, pkt []byte) {
+func (pg *Forwarder) Send(p *filter.Packet, pkt []byte) {
 	raw := pg.raw4
 	if p.Version == 6 {
 		raw = pg.raw6
@@ -181,7 +207,7 @@ func (pg *pinger) send(p *filter.Packet, pkt []byte) {
 		return
 	}
 	flow := pingFlow{src: p.Src, dst: p.Dst, id: p.SrcPort}
-	now := pg.s.now()
+	now := pg.h.Now()
 	pg.mu.Lock()
 	i, ok := pg.byFlow[flow]
 	if ok {
@@ -191,7 +217,7 @@ func (pg *pinger) send(p *filter.Packet, pkt []byte) {
 		// A flow the stack cannot carry leaves the table: it holds
 		// nothing and counts against no limit; its next request
 		// tries again.
-		pg.s.eng.Forget(filter.KeyOf(p))
+		pg.h.Engine.Forget(filter.KeyOf(p))
 		return
 	}
 	pg.mu.Unlock()
@@ -216,8 +242,8 @@ func (pg *pinger) send(p *filter.Packet, pkt []byte) {
 }
 
 // openLocked gives flow an identifier, or counts why it gets none.
-func (pg *pinger) openLocked(flow pingFlow, now int64) (uint16, bool) {
-	if int(pg.perSrc[flow.src]) >= pg.s.perSourceBound(pg.s.maxEchoPerSource, defaultMaxEchoPerSource) {
+func (pg *Forwarder) openLocked(flow pingFlow, now int64) (uint16, bool) {
+	if int(pg.perSrc[flow.src]) >= pg.h.MaxPerSource() {
 		pg.srcLimit.Add(1)
 		return 0, false
 	}
@@ -250,7 +276,7 @@ func (pg *pinger) openLocked(flow pingFlow, now int64) (uint16, bool) {
 }
 
 // touchLocked marks entry i used now: it moves to the tail.
-func (pg *pinger) touchLocked(i int32, now int64) {
+func (pg *Forwarder) touchLocked(i int32, now int64) {
 	e := &pg.ents[i]
 	e.last = now
 	if pg.tail == i {
@@ -265,7 +291,7 @@ func (pg *pinger) touchLocked(i int32, now int64) {
 	}
 }
 
-func (pg *pinger) unlinkLocked(i int32) {
+func (pg *Forwarder) unlinkLocked(i int32) {
 	e := &pg.ents[i]
 	if e.prev >= 0 {
 		pg.ents[e.prev].next = e.next
@@ -281,7 +307,7 @@ func (pg *pinger) unlinkLocked(i int32) {
 }
 
 // releaseLocked gives entry i's identifier back.
-func (pg *pinger) releaseLocked(i int32) {
+func (pg *Forwarder) releaseLocked(i int32) {
 	e := &pg.ents[i]
 	pg.unlinkLocked(i)
 	delete(pg.byFlow, e.flow)
@@ -292,10 +318,10 @@ func (pg *pinger) releaseLocked(i int32) {
 	pg.free = append(pg.free, uint16(i))
 }
 
-func (pg *pinger) readLoop(c *net.IPConn) {
-	defer pg.s.wg.Done()
+func (pg *Forwarder) readLoop(c *net.IPConn) {
+	defer pg.wg.Done()
 	buf := make([]byte, 65535)
-	out := make([]byte, tunOffset+pg.s.mtu)
+	out := make([]byte, pg.h.Headroom+pg.h.MTU)
 	for {
 		n, from, err := c.ReadFrom(buf)
 		if err != nil {
@@ -305,7 +331,7 @@ func (pg *pinger) readLoop(c *net.IPConn) {
 			if errors.Is(err, syscall.EINTR) {
 				continue
 			}
-			pg.s.log.Debug("read echo reply", "err", err)
+			pg.h.Log.Debug("read echo reply", "err", err)
 			continue
 		}
 		ip, ok := netip.AddrFromSlice(from.(*net.IPAddr).IP)
@@ -318,7 +344,7 @@ func (pg *pinger) readLoop(c *net.IPConn) {
 
 // reply relays the echo reply msg (ICMP header and data) from src to the
 // client whose request it answers.
-func (pg *pinger) reply(src netip.Addr, msg, out []byte) {
+func (pg *Forwarder) reply(src netip.Addr, msg, out []byte) {
 	wantType := uint8(header.ICMPv4EchoReply)
 	if src.Is6() {
 		wantType = uint8(header.ICMPv6EchoReply)
@@ -341,10 +367,10 @@ func (pg *pinger) reply(src netip.Addr, msg, out []byte) {
 		ipLen = header.IPv6MinimumSize
 	}
 	total := ipLen + len(msg)
-	if tunOffset+total > len(out) {
+	if pg.h.Headroom+total > len(out) {
 		return // larger than the TUN MTU; the request could not have been
 	}
-	pkt := out[tunOffset : tunOffset+total]
+	pkt := out[pg.h.Headroom : pg.h.Headroom+total]
 	icmp := pkt[ipLen:]
 	copy(icmp, msg)
 	binary.BigEndian.PutUint16(icmp[4:6], e.flow.id)
@@ -378,15 +404,15 @@ func (pg *pinger) reply(src netip.Addr, msg, out []byte) {
 	}
 	var p filter.Packet
 	if filter.ParsePacket(pkt, &p) == nil {
-		pg.s.eng.Outbound(&p, pg.s.now())
+		pg.h.Engine.Outbound(&p, pg.h.Now())
 	}
-	pg.s.writeRaw(out[:tunOffset+total])
+	pg.h.Write(out[:pg.h.Headroom+total])
 }
 
-// expire forgets echo flows idle for longer than the engine's ICMP timeout.
+// Expire forgets echo flows idle for longer than the engine's ICMP timeout.
 // It looks only at the flows that expire, oldest first.
-func (pg *pinger) expire(now int64) {
-	idle := int64(pg.s.eng.Timeouts().ICMPIdle)
+func (pg *Forwarder) Expire(now int64) {
+	idle := int64(pg.h.Engine.Timeouts().ICMPIdle)
 	pg.mu.Lock()
 	defer pg.mu.Unlock()
 	for pg.head >= 0 && now-pg.ents[pg.head].last > idle {
@@ -394,11 +420,50 @@ func (pg *pinger) expire(now int64) {
 	}
 }
 
-func (pg *pinger) close() {
+// Close closes the raw sockets and waits for the reply readers to end.
+func (pg *Forwarder) Close() {
 	if pg.c4 != nil {
 		pg.c4.Close()
 	}
 	if pg.c6 != nil {
 		pg.c6.Close()
 	}
+	pg.wg.Wait()
+}
+
+// Bind binds the raw sockets to the interfaces v4 and v6 ("" for none),
+// when tunfw's outbound interface changed.
+func (pg *Forwarder) Bind(v4, v6 string) error {
+	var errs []error
+	for i, raw := range []syscall.RawConn{pg.raw4, pg.raw6} {
+		if raw == nil {
+			continue
+		}
+		iface := []string{v4, v6}[i]
+		var err error
+		if cerr := raw.Control(func(fd uintptr) { err = unix.BindToDevice(int(fd), iface) }); cerr != nil {
+			err = cerr
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("bind the ping socket to %q: %w", iface, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Drops adds what was dropped, by reason, to m: echo-no-id (no identifier
+// left), echo-source-limit (the client's share used up), echo-send (the
+// raw socket's buffer full, or another send error).
+func (pg *Forwarder) Drops(m map[string]uint64) {
+	m["echo-no-id"] = pg.noID.Load()
+	m["echo-source-limit"] = pg.srcLimit.Load()
+	m["echo-send"] = pg.sendDrops.Load()
+}
+
+// tcpipAddr converts a netip.Addr for gVisor without allocating.
+func tcpipAddr(a netip.Addr) tcpip.Address {
+	if a.Is4() {
+		return tcpip.AddrFrom4(a.As4())
+	}
+	return tcpip.AddrFrom16(a.As16())
 }

@@ -1,4 +1,4 @@
-package stack
+package echo
 
 import (
 	"encoding/binary"
@@ -13,22 +13,25 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
-// testEngineStack returns a Stack with an engine and no device or
-// sockets, for the parts that only keep state.
-func testEngineStack(t *testing.T, lim filter.EngineLimits) *Stack {
+// testForwarder returns a Forwarder with an engine and no sockets, for the
+// parts that only keep state; one client may hold maxPerSource flows.
+func testForwarder(t *testing.T, maxPerSource int) *Forwarder {
 	t.Helper()
 	rs, err := filter.Compile(filter.Options{}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	eng := filter.NewEngine(rs, filter.EngineOptions{})
-	eng.SetLimits(lim)
-	return &Stack{eng: eng, epoch: time.Now(), log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		conns: make(map[filter.FlowKey]tracked), dials: newDialPool()}
-}
-
-func testPinger(s *Stack) *pinger {
-	return &pinger{s: s, byFlow: make(map[pingFlow]uint16), perSrc: make(map[netip.Addr]int32), head: -1, tail: -1, salt: 0x1234}
+	epoch := time.Now()
+	return &Forwarder{
+		h: Host{
+			Engine:       filter.NewEngine(rs, filter.EngineOptions{}),
+			Log:          slog.New(slog.NewTextHandler(io.Discard, nil)),
+			Now:          func() int64 { return int64(time.Since(epoch)) },
+			Write:        func([]byte) {},
+			MaxPerSource: func() int { return maxPerSource },
+		},
+		byFlow: make(map[pingFlow]uint16), perSrc: make(map[netip.Addr]int32), head: -1, tail: -1, salt: 0x1234,
+	}
 }
 
 // TestEchoIDs checks the echo identifier allocator: once every identifier
@@ -38,9 +41,7 @@ func testPinger(s *Stack) *pinger {
 // their flows expire, a flow in use is not expired, and one client gets
 // only its share.
 func TestEchoIDs(t *testing.T) {
-	s := testEngineStack(t, filter.EngineLimits{})
-	s.maxEchoPerSource = 1 << 20 // no share: run out of identifiers
-	pg := testPinger(s)
+	pg := testForwarder(t, 1<<20) // no share: run out of identifiers
 	dst := netip.MustParseAddr("192.0.2.1")
 	flow := func(i int) pingFlow {
 		return pingFlow{src: netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), dst: dst, id: uint16(i)}
@@ -75,10 +76,10 @@ func TestEchoIDs(t *testing.T) {
 	}
 
 	// Flow 5 stays in use; the others expire.
-	idle := int64(s.eng.Timeouts().ICMPIdle)
+	idle := int64(pg.h.Engine.Timeouts().ICMPIdle)
 	pg.touchLocked(int32(pg.byFlow[flow(5)]), 1+idle)
 	pg.mu.Unlock()
-	pg.expire(2 + idle)
+	pg.Expire(2 + idle)
 	pg.mu.Lock()
 	// Flow 5, in use, and the flow that took flow 0's identifier, newer,
 	// stay.
@@ -92,30 +93,22 @@ func TestEchoIDs(t *testing.T) {
 		t.Fatal("no identifier after the others expired")
 	}
 
-	// One client's share: a quarter of max_flows (64 at least) with no
-	// max_flows_per_source, that bound when set.
-	for _, c := range []struct {
-		lim  filter.EngineLimits
-		want int
-	}{
-		{filter.EngineLimits{MaxFlows: 1000}, 250},
-		{filter.EngineLimits{MaxFlows: 100}, 64},
-		{filter.EngineLimits{MaxFlows: 1000, MaxFlowsPerSource: 10}, 10},
-		{filter.EngineLimits{}, defaultMaxEchoPerSource},
-	} {
-		s := testEngineStack(t, c.lim)
-		pg := testPinger(s)
-		src := netip.MustParseAddr("10.9.9.9")
-		n := 0
-		for i := range 2 * defaultMaxEchoPerSource {
-			if _, ok := pg.openLocked(pingFlow{src: src, dst: dst, id: uint16(i)}, 1); ok {
-				n++
-			}
-		}
-		if n != c.want || int(pg.srcLimit.Load()) != 2*defaultMaxEchoPerSource-c.want {
-			t.Errorf("%+v: one client got %d identifiers (%d refused), want %d", c.lim, n, pg.srcLimit.Load(), c.want)
+	// One client's share.
+	pg.mu.Unlock()
+	share := testForwarder(t, 250)
+	src := netip.MustParseAddr("10.9.9.9")
+	n := 0
+	share.mu.Lock()
+	for i := range 2 * DefaultMaxPerSource {
+		if _, ok := share.openLocked(pingFlow{src: src, dst: dst, id: uint16(i)}, 1); ok {
+			n++
 		}
 	}
+	share.mu.Unlock()
+	if n != 250 || int(share.srcLimit.Load()) != 2*DefaultMaxPerSource-250 {
+		t.Errorf("one client got %d identifiers (%d refused), want 250", n, share.srcLimit.Load())
+	}
+	pg.mu.Lock()
 }
 
 // TestEchoSendDoesNotAllocate sends echo requests of an open flow through
@@ -124,13 +117,12 @@ func TestEchoSendDoesNotAllocate(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("raw ICMP sockets need root")
 	}
-	s := testEngineStack(t, filter.EngineLimits{})
-	s.dialer = newDialer(Outbound{})
-	pg, err := newPinger(s)
+	h := testForwarder(t, DefaultMaxPerSource).h
+	pg, err := New(h)
 	if err != nil {
 		t.Skipf("no raw ICMP socket: %v", err)
 	}
-	t.Cleanup(func() { pg.close(); s.wg.Wait() })
+	t.Cleanup(pg.Close)
 	pkt := make([]byte, header.IPv4MinimumSize+8+32)
 	ip := header.IPv4(pkt)
 	ip.Encode(&header.IPv4Fields{TotalLength: uint16(len(pkt)), TTL: 64, Protocol: uint8(header.ICMPv4ProtocolNumber),
@@ -143,10 +135,10 @@ func TestEchoSendDoesNotAllocate(t *testing.T) {
 	if err := filter.ParsePacket(pkt, &p); err != nil {
 		t.Fatal(err)
 	}
-	// The Stack's MTU is 0: the loopback's replies are read and dropped
-	// as too large for the TUN, which there is none of.
-	pg.send(&p, pkt) // opens the flow
-	if n := testing.AllocsPerRun(100, func() { pg.send(&p, pkt) }); n != 0 {
+	// The MTU is 0: the loopback's replies are read and dropped as too
+	// large for the TUN, which there is none of.
+	pg.Send(&p, pkt) // opens the flow
+	if n := testing.AllocsPerRun(100, func() { pg.Send(&p, pkt) }); n != 0 {
 		t.Errorf("an echo request of an open flow allocates %v times", n)
 	}
 	if len(pg.byFlow) != 1 || pg.sendDrops.Load() != 0 {
