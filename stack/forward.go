@@ -2,17 +2,13 @@ package stack
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"runtime/debug"
-	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
-	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -25,59 +21,6 @@ import (
 // flight; the configured [limits] max_pending_dials (at most this) is
 // enforced in handleTCP, so that a reload can change it.
 const maxInFlightDials = MaxPendingDialsCap
-
-// Outbound says how tunfw's own sockets leave the host without being routed
-// back into the TUN.
-type Outbound struct {
-	// IfaceV4 and IfaceV6 are the interfaces IPv4 and IPv6 sockets are bound
-	// to (SO_BINDTODEVICE); "" binds none.
-	IfaceV4, IfaceV6 string
-	// Mark is set as SO_MARK on every socket; 0 sets none.
-	Mark uint32
-}
-
-type dialer struct {
-	out Outbound
-	// ifaces holds the interfaces new sockets are bound to: out's at
-	// first, then where the default route moved (SetOutboundInterfaces).
-	ifaces atomic.Pointer[[2]string]
-	net    net.Dialer
-}
-
-func newDialer(o Outbound) *dialer {
-	d := &dialer{out: o}
-	d.ifaces.Store(&[2]string{o.IfaceV4, o.IfaceV6})
-	d.net.Control = d.control
-	return d
-}
-
-// iface returns the interface sockets of network are bound to, "" for none.
-func (d *dialer) iface(network string) string {
-	if network == "tcp6" || network == "udp6" || network == "ip6" || network == "ip6:ipv6-icmp" {
-		return d.ifaces.Load()[1]
-	}
-	return d.ifaces.Load()[0]
-}
-
-// control marks and binds a socket before it connects, so the kernel routes
-// it past the TUN.
-func (d *dialer) control(network, _ string, c syscall.RawConn) error {
-	iface := d.iface(network)
-	var serr error
-	err := c.Control(func(fd uintptr) {
-		if d.out.Mark != 0 {
-			if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(d.out.Mark)); err != nil {
-				serr = errors.Join(serr, &net.OpError{Op: "set SO_MARK", Err: err})
-			}
-		}
-		if iface != "" {
-			if err := unix.BindToDevice(int(fd), iface); err != nil {
-				serr = errors.Join(serr, &net.OpError{Op: "bind to device " + iface, Err: err})
-			}
-		}
-	})
-	return errors.Join(err, serr)
-}
 
 // handleTCP is called by gVisor's forwarder, in a goroutine of its own, for
 // each SYN of a flow the filter allowed. The real destination is dialled
@@ -121,7 +64,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		stopDial(v)
 		waitReleased(v)
 	}
-	up, err := s.dialer.net.DialContext(ctx, "tcp", dst.String())
+	up, err := s.dialer.DialContext(ctx, "tcp", dst.String())
 	if err != nil {
 		if why := s.dials.done(d); why != dialDone {
 			s.dialStopped(r, flow, why)
@@ -341,10 +284,9 @@ func tcpipAddr(a netip.Addr) tcpip.Address {
 // on, when the default route moved (tun.FollowDefaultRoute); connections
 // open keep theirs. The raw sockets that carry pings are bound anew.
 func (s *Stack) SetOutboundInterfaces(v4, v6 string) {
-	old := s.dialer.ifaces.Load()
-	next := [2]string{v4, v6}
-	s.dialer.ifaces.Store(&next)
-	if s.ping != nil && next != *old {
+	old4, old6 := s.dialer.Interfaces()
+	s.dialer.SetInterfaces(v4, v6)
+	if s.ping != nil && (v4 != old4 || v6 != old6) {
 		if err := s.ping.Bind(v4, v6); err != nil {
 			s.log.Warn("ping sockets keep their interface", "err", err)
 		}

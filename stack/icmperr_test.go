@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/dial"
 	"golang.org/x/sys/unix"
 	wgtun "golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
@@ -350,7 +351,7 @@ func TestUDPErrorsRelayed(t *testing.T) {
 // outlive the test and disturb the allocation counts of the next ones.
 func newUDPTestStack(t *testing.T, dev wgtun.Device) *Stack {
 	s := testEngineStack(t, filter.EngineLimits{MaxFlows: 1000})
-	s.dev, s.mtu, s.dialer = dev, 1500, newDialer(Outbound{})
+	s.dev, s.mtu, s.dialer = dev, 1500, dial.New(dial.Outbound{})
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.udpFlows = make(map[filter.FlowKey]*udpFlow)
 	s.initUDP(Options{})

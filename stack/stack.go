@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/dial"
 	"github.com/tunfw/tunfw/stack/echo"
 	"golang.org/x/sys/unix"
 	wgtun "golang.zx2c4.com/wireguard/tun"
@@ -51,7 +52,7 @@ type Options struct {
 	// Engine judges every packet read from Device.
 	Engine *filter.Engine
 	// Outbound says how tunfw's own sockets leave the host.
-	Outbound Outbound
+	Outbound dial.Outbound
 	// Logger receives operational messages; decisions are logged by Engine.
 	Logger *slog.Logger
 	// TCP is the [stack] section; its zero value means DefaultConfig.
@@ -78,7 +79,7 @@ type Stack struct {
 	log    *slog.Logger
 	ns     *stack.Stack
 	ep     *linkEndpoint
-	dialer *dialer
+	dialer *dial.Dialer
 	ping   *echo.Forwarder // nil without raw sockets (CAP_NET_RAW)
 	epoch  time.Time
 
@@ -144,7 +145,7 @@ func New(o Options) (*Stack, error) {
 		mtu:      o.MTU,
 		eng:      o.Engine,
 		log:      o.Logger,
-		dialer:   newDialer(o.Outbound),
+		dialer:   dial.New(o.Outbound),
 		epoch:    time.Now(),
 		dials:    newDialPool(),
 		conns:    make(map[filter.FlowKey]tracked),
@@ -196,7 +197,7 @@ func New(o Options) (*Stack, error) {
 	}()
 	p, err := echo.New(echo.Host{
 		Engine: s.eng, Log: s.log, Now: s.now, MTU: s.mtu,
-		Write: s.writeRaw, Headroom: tunOffset, Control: s.dialer.control,
+		Write: s.writeRaw, Headroom: tunOffset, Control: s.dialer.Control,
 		MaxPerSource: func() int { return s.perSourceBound(s.maxEchoPerSource, echo.DefaultMaxPerSource) },
 	})
 	if err != nil {

@@ -332,7 +332,7 @@ func (s *Stack) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, erro
 	if key.Dst.Addr().Is6() {
 		network = "udp6"
 	}
-	c, err := s.dialer.net.DialContext(s.ctx, network, key.Dst.String())
+	c, err := s.dialer.DialContext(s.ctx, network, key.Dst.String())
 	if err != nil {
 		return nil, nil, err
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/stack"
+	"github.com/tunfw/tunfw/stack/dial"
 	"github.com/tunfw/tunfw/tun"
 	"github.com/vishvananda/netlink"
 )
@@ -176,8 +177,8 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 // it); with neither that nor a mark, routing the include list into the
 // TUN would send tunfw's own connections back into itself, so it refuses
 // to start.
-func resolveOutbound(s tun.Settings) (stack.Outbound, error) {
-	o := stack.Outbound{Mark: s.FWMark}
+func resolveOutbound(s tun.Settings) (dial.Outbound, error) {
+	o := dial.Outbound{Mark: s.FWMark}
 	if s.Outbound != "" {
 		if _, err := netlink.LinkByName(s.Outbound); err != nil {
 			return o, fmt.Errorf("route.outbound %q: %w", s.Outbound, err)
