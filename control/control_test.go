@@ -19,19 +19,27 @@ func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, n
 
 func echoArgs(_ context.Context, req Request) Response { return OK(len(req.Args)) }
 
-// serve starts a server on a socket in a fresh directory.
+// serve starts a server answering with echoArgs on a socket in a fresh
+// directory.
 func serve(t *testing.T) (*Server, string) {
+	s, path, _, _ := serveWith(t, echoArgs)
+	return s, path
+}
+
+// serveWith starts a server answering with h; stop ends it early, done is
+// closed once Serve returned. Cleanup stops it and waits.
+func serveWith(t *testing.T, h Handler) (s *Server, path string, stop context.CancelFunc, done <-chan struct{}) {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "tunfw.sock")
-	s, err := Listen(path, echoArgs, quietLog())
+	path = filepath.Join(t.TempDir(), "tunfw.sock")
+	s, err := Listen(path, h, quietLog())
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { s.Serve(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return s, path
+	served := make(chan struct{})
+	go func() { s.Serve(ctx); close(served) }()
+	t.Cleanup(func() { cancel(); <-served })
+	return s, path, cancel, served
 }
 
 func TestListenRefusesNonSocket(t *testing.T) {
@@ -198,10 +206,9 @@ func TestStreamedAnswer(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("the server answers root only; run as root")
 	}
-	path := filepath.Join(t.TempDir(), "tunfw.sock")
 	const parts = 6
 	part := strings.Repeat(`"x",`, 40000) // 160 KB: more than a socket buffer
-	s, err := Listen(path, func(context.Context, Request) Response {
+	_, path, _, _ := serveWith(t, func(context.Context, Request) Response {
 		return Response{OK: true, Stream: func(w io.Writer) error {
 			io.WriteString(w, "[")
 			for range parts {
@@ -213,14 +220,7 @@ func TestStreamedAnswer(t *testing.T) {
 			_, err := io.WriteString(w, "1]")
 			return err
 		}}
-	}, quietLog())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { s.Serve(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	})
 
 	start := time.Now()
 	resp, err := Call(path, Request{Cmd: "flows"}, 300*time.Millisecond)
