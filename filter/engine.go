@@ -407,6 +407,13 @@ func (e *Engine) newFlow(rs *Ruleset, key FlowKey, p *Packet, now int64) Decisio
 		first: now, last: now, pktsIn: 1, bytesIn: uint64(p.Len)}
 
 	e.mu.Lock()
+	if cur := e.policy.Load().rules; cur != rs {
+		// A reload came in while the rules ran: its recheck may have
+		// walked past this flow's slot already, so the new rules judge
+		// it. Changes are rare; this ends.
+		e.mu.Unlock()
+		return e.newFlow(cur, key, p, now)
+	}
 	// A new connection reusing a cut flow's tuple replaces it.
 	if old := e.flows[key]; old != nil {
 		e.removeLocked(old)
@@ -570,7 +577,11 @@ func (e *Engine) Recheck() []FlowRef {
 		return nil // monitor mode lets every flow pass
 	}
 	var cut []FlowRef
-	batch := make([]FlowRef, 0, walkBatch)
+	// The flows of a batch are named by their entry, not their identity:
+	// the stack gives a flow a new identity whenever it sets up a
+	// connection for it (Claim), which may happen while the rules run, and
+	// that flow must be judged all the same.
+	batch := make([]*flow, 0, walkBatch)
 	type verdict struct {
 		act Action
 		ri  int
@@ -581,22 +592,21 @@ func (e *Engine) Recheck() []FlowRef {
 		e.mu.Lock()
 		for ; i < len(e.slots) && len(batch) < walkBatch; i++ {
 			if f := e.slots[i]; f != nil && f.dec.Verdict == VerdictForward {
-				batch = append(batch, FlowRef{f.key, f.id})
+				batch = append(batch, f)
 			}
 		}
 		more := i < len(e.slots)
 		e.mu.Unlock()
 		yieldBatch(more)
-		for _, r := range batch {
-			p := r.Key.firstPacket()
+		for _, f := range batch {
+			p := f.key.firstPacket() // a flow's key never changes
 			act, ri := rs.Match(&p)
 			acts = append(acts, verdict{act, ri})
 		}
 		e.mu.Lock()
-		for j, r := range batch {
+		for j, f := range batch {
 			v := acts[j]
-			f := e.flows[r.Key]
-			if v.act == Allow || f == nil || f.id != r.ID || f.dec.Verdict != VerdictForward {
+			if v.act == Allow || e.flows[f.key] != f || f.dec.Verdict != VerdictForward {
 				continue
 			}
 			f.act, f.rs, f.st = v.act, rs, rs.counters(v.ri)
@@ -604,14 +614,14 @@ func (e *Engine) Recheck() []FlowRef {
 			if v.act == Reject {
 				f.dec.Verdict, f.dec.Reason = VerdictReject, ReasonRejected
 			}
-			if r.Key.Proto == ProtoTCP {
+			if f.key.Proto == ProtoTCP {
 				// Answer with resets whatever the rule says, so the
 				// client learns its connection is gone.
 				f.dec.Verdict = VerdictReject
 				e.setStateLocked(f, stateClosed)
 			}
 			f.st.flows.Add(1)
-			cut = append(cut, r)
+			cut = append(cut, FlowRef{f.key, f.id}) // its identity now
 		}
 		e.mu.Unlock()
 		if !more {

@@ -407,3 +407,40 @@ func TestFlowKeyOf(t *testing.T) {
 		t.Errorf("echo key %v", k)
 	}
 }
+
+// TestRecheckCutsClaimedFlows: the stack gives a flow a new identity
+// whenever it sets up a connection for it (Claim); a recheck running at
+// the same time must still cut every flow the new rules deny. It skipped
+// the flows claimed while the rules ran.
+func TestRecheckCutsClaimedFlows(t *testing.T) {
+	const flows = 2000
+	e := NewEngine(mustCompile(t, ""), EngineOptions{Logger: quiet, Limits: EngineLimits{MaxFlows: 2 * flows}})
+	keys := make([]FlowKey, flows)
+	for i := range keys {
+		p, _ := parsed(udp("10.0.0.2", uint16(1000+i), "192.0.2.1", 53))
+		if d := e.Inbound(p, 0); d.Verdict != VerdictForward {
+			t.Fatalf("flow %d: %v", i, d)
+		}
+		keys[i] = KeyOf(p)
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			e.Claim(keys[i%flows])
+		}
+	}()
+	e.Apply(mustCompile(t, "[filter]\ndefault = \"deny\"\n"), e.Limits())
+	cut := e.Recheck()
+	close(stop)
+	<-done
+	if len(cut) != flows {
+		t.Errorf("recheck cut %d of %d denied flows", len(cut), flows)
+	}
+}
