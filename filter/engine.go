@@ -407,12 +407,13 @@ func (e *Engine) newFlow(rs *Ruleset, key FlowKey, p *Packet, now int64) Decisio
 		first: now, last: now, pktsIn: 1, bytesIn: uint64(p.Len)}
 
 	e.mu.Lock()
-	if cur := e.policy.Load().rules; cur != rs {
+	if e.policy.Load().rules != rs {
 		// A reload came in while the rules ran: its recheck may have
-		// walked past this flow's slot already, so the new rules judge
-		// it. Changes are rare; this ends.
+		// walked past this flow's slot already, so the packet is judged
+		// again, by the new rules and limits together. Nothing has been
+		// counted yet; reloads are rare, so this ends.
 		e.mu.Unlock()
-		return e.newFlow(cur, key, p, now)
+		return e.Inbound(p, now)
 	}
 	// A new connection reusing a cut flow's tuple replaces it.
 	if old := e.flows[key]; old != nil {
