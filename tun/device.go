@@ -188,11 +188,17 @@ func (d *Device) Close() error {
 // TUN vanish with the device; the nftables table (or, without it, the
 // unreachable routes) stays and blocks.
 func (d *Device) CloseKeepKillSwitch() error {
+	var err error
 	if d.policy != nil {
 		d.policy.stopKeepAlive()
+		if d.policy.guard {
+			// Block what the host forwards at once, not when the
+			// running element times out.
+			err = armGuard(d.policy.s, true, false)
+		}
 	}
 	d.policy = nil
-	return d.Close()
+	return errors.Join(err, d.Close())
 }
 
 // DefaultRouteInterface returns the interface of the main table's default

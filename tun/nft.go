@@ -21,7 +21,7 @@ import (
 // Linux 5.7) skips the table and leaves unjudged. In gateway mode routing
 // also believes every source address. With M the fwmark and TUN the
 // device, the table is (auto: the ct and output chains; from: the source
-// check and the forward chain):
+// check; both: the forward chain):
 //
 //	table inet tunfw {
 //	  chain prerouting { type filter hook prerouting priority raw
@@ -48,9 +48,9 @@ import (
 //	    ip daddr NEVERCAPTURED return               # loopback, link-local, multicast
 //	    ip daddr CAPTURED jump refuse               # each captured prefix
 //	  }
-//	  chain forward { type filter hook forward priority filter
-//	    iifname IFACE oifname != TUN 1 @alive jump captured-from   # per from IFACE
-//	    iifname != TUN oifname != TUN 1 @alive jump captured       # auto
+//	  chain forward { type filter hook forward priority filter   # 2: running
+//	    iifname IFACE oifname != TUN 1 @alive 2 != @alive jump captured-from  # per from IFACE
+//	    iifname != TUN oifname != TUN 1 @alive 2 != @alive jump captured      # auto
 //	  }
 //	  chain captured-from { ... }                   # captured, 169.254.0.0/16 too
 //	  chain refuse {
@@ -74,8 +74,12 @@ import (
 // inbound connection fails before this table can restore its mark, which
 // would cut the host off.) The forward chain refuses what the host
 // forwards outside the TUN to a captured destination (in gateway mode what
-// from interfaces send; with auto, what any interface sends), which happens
-// only while tunfw is down. Packets between the host and the TUN skip conntrack, so host
+// from interfaces send; with auto, what any interface sends), only while
+// tunfw is not running: the set's second element, refreshed every second
+// by a running tunfw, times out aliveTimeout after a crash, and an error
+// exit or `tunfw down --block` leaves none. While tunfw runs, routing
+// sends what it captures into the TUN, and the forward hook also sees
+// bridged traffic (br_netfilter), which must pass. Packets between the host and the TUN skip conntrack, so host
 // capture does not fill the conntrack table.
 //
 // The table is replaced in one transaction (add, delete, add), so a
@@ -243,7 +247,18 @@ func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 	}
 	g.c.AddSet(alive, elems)
 	whenArmed := func(chain string) []expr.Any {
-		return append(immediate(1), &expr.Lookup{SourceRegister: 1, SetName: alive.Name, SetID: alive.ID},
+		return append(immediate(aliveKey), &expr.Lookup{SourceRegister: 1, SetName: alive.Name, SetID: alive.ID},
+			&expr.Verdict{Kind: expr.VerdictJump, Chain: chain})
+	}
+	// What the host forwards is refused only while tunfw is not running
+	// (armed, without the running element): while it runs, routing sends
+	// what it captures into the TUN, and the forward hook also sees
+	// bridged traffic (br_netfilter, which Docker loads), such as one
+	// container's to another on docker0, which must pass.
+	whenDown := func(chain string) []expr.Any {
+		e := append(immediate(aliveKey), &expr.Lookup{SourceRegister: 1, SetName: alive.Name, SetID: alive.ID})
+		e = append(e, immediate(runningKey)...)
+		return append(e, &expr.Lookup{SourceRegister: 1, SetName: alive.Name, SetID: alive.ID, Invert: true},
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: chain})
 	}
 	captured := CapturedPrefixes(s)
@@ -261,7 +276,7 @@ func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 	fwd := g.chain("forward", nftables.ChainHookForward, nftables.ChainPriorityFilter, nftables.ChainTypeFilter)
 	for _, iface := range s.From {
 		g.rule(fwd, ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, iface), ifname(expr.MetaKeyOIFNAME, expr.CmpOpNeq, g.tun),
-			whenArmed(capturedFromChain))
+			whenDown(capturedFromChain))
 	}
 	if !s.Auto {
 		return
@@ -312,7 +327,7 @@ func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 	// Forwarded the same way as the host's own traffic: link-local
 	// destinations are not captured for it.
 	g.rule(fwd, ifname(expr.MetaKeyIIFNAME, expr.CmpOpNeq, g.tun), ifname(expr.MetaKeyOIFNAME, expr.CmpOpNeq, g.tun),
-		whenArmed(capturedChain))
+		whenDown(capturedChain))
 }
 
 // capturedChain adds a chain that refuses packets to the prefixes of
@@ -342,6 +357,14 @@ const (
 	aliveInterval = time.Second
 )
 
+// The alive set's elements: aliveKey arms the refusals; runningKey, which
+// a running tunfw refreshes and which times out after aliveTimeout, says
+// that tunfw runs (the forward chain refuses only without it).
+const (
+	aliveKey   = 1
+	runningKey = 2
+)
+
 func aliveSetOf(t *nftables.Table) *nftables.Set {
 	return &nftables.Set{Table: t, Name: aliveSet, KeyType: nftables.TypeMark, HasTimeout: true}
 }
@@ -349,7 +372,7 @@ func aliveSetOf(t *nftables.Table) *nftables.Set {
 // aliveElement is the element that arms the output filter: with fail =
 // "closed" for good, otherwise for aliveTimeout.
 func aliveElement(failClosed bool) nftables.SetElement {
-	e := nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(1)}
+	e := nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(aliveKey)}
 	if !failClosed {
 		e.Timeout = aliveTimeout
 	}
@@ -357,18 +380,23 @@ func aliveElement(failClosed bool) nftables.SetElement {
 }
 
 // armGuard arms the output filter of tunfw's table, or renews the timeout
-// of a fail = "open" one. The set is flushed and the element added in one
+// of a fail = "open" one, and says whether tunfw runs (the running element,
+// renewed too). The set is flushed and the elements added in one
 // transaction: a live element is never missing, and one that has already
 // timed out (tunfw stalled for longer than aliveTimeout) comes back;
 // deleting it would fail the whole transaction.
-func armGuard(s Settings, failClosed bool) error {
+func armGuard(s Settings, failClosed, running bool) error {
 	c, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("open nftables netlink socket: %w", err)
 	}
 	set := aliveSetOf(guardTable(s))
 	c.FlushSet(set)
-	if err := c.SetAddElements(set, []nftables.SetElement{aliveElement(failClosed)}); err != nil {
+	elems := []nftables.SetElement{aliveElement(failClosed)}
+	if running {
+		elems = append(elems, nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(runningKey), Timeout: aliveTimeout})
+	}
+	if err := c.SetAddElements(set, elems); err != nil {
 		return fmt.Errorf("arm nftables set %s: %w", aliveSet, err)
 	}
 	if err := c.Flush(); err != nil {

@@ -83,10 +83,11 @@ type policy struct {
 	onAliveErr           func(error) // see Device.OnGuardError
 }
 
-// keepAlive refreshes the alive element of the nftables table until
-// stopAlive is closed. A failed refresh is retried at the next tick; the
-// element outlives several.
-func (p *policy) keepAlive() {
+// keepAlive refreshes the elements of the nftables table's alive set (the
+// running one, and with fail = "open" the alive one) until stopAlive is
+// closed. A failed refresh is retried at the next tick; the elements
+// outlive several.
+func (p *policy) keepAlive(failClosed bool) {
 	p.stopAlive, p.aliveDone = make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(p.aliveDone)
@@ -98,7 +99,7 @@ func (p *policy) keepAlive() {
 			case <-p.stopAlive:
 				return
 			case <-t.C:
-				err := armGuard(p.s, false)
+				err := armGuard(p.s, failClosed, true)
 				if (err != nil) != failing && p.onAliveErr != nil {
 					p.onAliveErr(err)
 				}
@@ -265,11 +266,12 @@ func (p *policy) install(idx int, tunName string, noIPv6, failClosed bool) (Left
 	if p.guard {
 		// Only now: the connections open at start are marked and the rules
 		// capture what is not, so nothing that has to pass is refused.
-		if err := armGuard(s, failClosed); err != nil {
+		// The kill switch alone (no device) says tunfw is not running.
+		if err := armGuard(s, failClosed, idx != 0); err != nil {
 			return left, err
 		}
-		if !failClosed {
-			p.keepAlive()
+		if idx != 0 {
+			p.keepAlive(failClosed)
 		}
 	}
 	stale, err := p.removeStale(idx)
