@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -42,5 +43,40 @@ func TestOutboundFollowsDefaultRoute(t *testing.T) {
 		if out, err := topo.Host.Cmd("ping", "-c", "1", "-W", "3", a.String()).CombinedOutput(); err != nil {
 			t.Errorf("ping %s after the default route moved: %v\n%s", a, err, out)
 		}
+	}
+}
+
+// TestOutboundNeverTheTUN: with include = ["0.0.0.0/0"] (no auto) the TUN
+// holds a default route of its own, of a lower metric than the uplink's;
+// a route change must not make tunfw bind its own sockets to the TUN,
+// which would loop them into itself.
+func TestOutboundNeverTheTUN(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	at := netip.AddrPortFrom(topo.ServiceV4, 9401)
+	startTCPEcho(t, topo.Server, at)
+	// The uplink's default route with a DHCP-like metric.
+	topo.Host.Run(t, "ip", "route", "del", "default")
+	topo.Host.Run(t, "ip", "route", "add", "default", "via", topo.ServerV4.String(), "dev", topo.HostIf, "metric", "100")
+	cfg := writeConfig(t, `
+[tun]
+name = "tunfw0"
+mtu = 1500
+addresses = ["198.18.0.1/30"]
+[route]
+include = ["0.0.0.0/0"]
+`)
+	fw := startTunfw(t, topo.Host, cfg)
+	if err := tcpEcho(topo.Host, at.String(), 5*time.Second); err != nil {
+		t.Fatalf("echo through tunfw: %v", err)
+	}
+	// Any route change makes tunfw look at the default routes again.
+	topo.Host.Run(t, "ip", "route", "add", "192.0.2.0/24", "via", topo.ServerV4.String(), "dev", topo.HostIf)
+	topo.Host.Run(t, "ip", "route", "del", "192.0.2.0/24")
+	if err := tcpEcho(topo.Host, at.String(), 5*time.Second); err != nil {
+		t.Errorf("echo through tunfw after a route change: %v", err)
+	}
+	if strings.Contains(fw.log(), "outbound_v4=tunfw0") {
+		t.Errorf("tunfw bound its own sockets to the TUN:\n%s", fw.log())
 	}
 }

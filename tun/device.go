@@ -202,8 +202,11 @@ func (d *Device) CloseKeepKillSwitch() error {
 }
 
 // DefaultRouteInterface returns the interface of the main table's default
-// route for the family of v4 (true: IPv4), or "" if there is none.
-func DefaultRouteInterface(v4 bool) (string, error) {
+// route for the family of v4 (true: IPv4), or "" if there is none: of
+// several, the one with the lowest metric, the kernel's choice. Routes
+// through the interface skip (the TUN: include = ["0.0.0.0/0"] puts a
+// default route there) do not count.
+func DefaultRouteInterface(v4 bool, skip string) (string, error) {
 	family := netlink.FAMILY_V6
 	if v4 {
 		family = netlink.FAMILY_V4
@@ -212,6 +215,8 @@ func DefaultRouteInterface(v4 bool) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("list routes: %w", err)
 	}
+	var best string
+	var bestPrio int
 	for _, r := range routes {
 		if r.Dst != nil && r.Dst.IP != nil {
 			if ones, _ := r.Dst.Mask.Size(); ones != 0 {
@@ -222,16 +227,18 @@ func DefaultRouteInterface(v4 bool) (string, error) {
 		if idx == 0 && len(r.MultiPath) > 0 {
 			idx = r.MultiPath[0].LinkIndex
 		}
-		if idx == 0 {
+		if idx == 0 || (best != "" && r.Priority >= bestPrio) {
 			continue
 		}
 		l, err := netlink.LinkByIndex(idx)
 		if err != nil {
 			return "", fmt.Errorf("link of default route: %w", err)
 		}
-		return l.Attrs().Name, nil
+		if name := l.Attrs().Name; name != skip {
+			best, bestPrio = name, r.Priority
+		}
 	}
-	return "", nil
+	return best, nil
 }
 
 func prefixIPNet(p netip.Prefix) *net.IPNet {

@@ -139,7 +139,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	go watchMemory(ctx, st, mem, cfg.Net.MTU, log)
 	if cfg.Net.Outbound == "" && (dial.IfaceV4 != "" || dial.IfaceV6 != "") {
 		// Bound to the default route's interfaces: follow them.
-		if err := tun.FollowDefaultRoute(ctx, dial.IfaceV4, dial.IfaceV6, st.SetOutboundInterfaces, log); err != nil {
+		if err := tun.FollowDefaultRoute(ctx, dev.InterfaceName(), dial.IfaceV4, dial.IfaceV6, st.SetOutboundInterfaces, log); err != nil {
 			log.Warn("tunfw's own connections stay on the default route's interface of now if it moves", "err", err)
 		}
 	}
@@ -187,8 +187,8 @@ func resolveOutbound(s tun.Settings) (dial.Outbound, error) {
 		return o, nil
 	}
 	var err4, err6 error
-	o.IfaceV4, err4 = tun.DefaultRouteInterface(true)
-	o.IfaceV6, err6 = tun.DefaultRouteInterface(false)
+	o.IfaceV4, err4 = tun.DefaultRouteInterface(true, s.Name)
+	o.IfaceV6, err6 = tun.DefaultRouteInterface(false, s.Name)
 	if err := errors.Join(err4, err6); err != nil {
 		return o, fmt.Errorf("find default route interface: %w", err)
 	}
