@@ -111,7 +111,7 @@ const refuseChain = "refuse"
 // earlier run was there. The output filter is armed at once only if that
 // table was there and failClosed (a kill switch is replaced); otherwise
 // armGuard arms it.
-func installGuard(s Settings, tunName string, failClosed bool) (replaced bool, err error) {
+func installGuard(s Settings, tunName string, noIPv6, failClosed bool) (replaced bool, err error) {
 	c, err := nftables.New()
 	if err != nil {
 		return false, fmt.Errorf("open nftables netlink socket: %w", err)
@@ -124,7 +124,7 @@ func installGuard(s Settings, tunName string, failClosed bool) (replaced bool, e
 	c.DelTable(t)
 	c.AddTable(t)
 	g := guardBuilder{c: c, t: t, mark: s.FWMark, tun: tunName}
-	g.build(s, failClosed, failClosed && replaced)
+	g.build(s, noIPv6, failClosed, failClosed && replaced)
 	if err := c.Flush(); err != nil {
 		return replaced, fmt.Errorf("install nftables table inet %s: %w", t.Name, err)
 	}
@@ -215,7 +215,7 @@ func (g *guardBuilder) rule(ch *nftables.Chain, exprs ...[]expr.Any) {
 	g.c.AddRule(&nftables.Rule{Table: g.t, Chain: ch, Exprs: all})
 }
 
-func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
+func (g *guardBuilder) build(s Settings, noIPv6, failClosed, armed bool) {
 	pre := g.chain("prerouting", nftables.ChainHookPrerouting, nftables.ChainPriorityRaw, nftables.ChainTypeFilter)
 	if s.Auto {
 		// The host's own flows through the TUN, from the TUN's address
@@ -261,18 +261,21 @@ func (g *guardBuilder) build(s Settings, failClosed, armed bool) {
 		return append(e, &expr.Lookup{SourceRegister: 1, SetName: alive.Name, SetID: alive.ID, Invert: true},
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: chain})
 	}
-	captured := CapturedPrefixes(s)
+	// What routing captures: without IPv6 in the namespace, no v6 prefix.
+	captured := slices.DeleteFunc(CapturedPrefixes(s), func(p netip.Prefix) bool { return p.Addr().Is6() && noIPv6 })
 	// What the host forwards for others (gateway clients; with auto, any
 	// host routed through it) leaves outside the TUN to a captured
 	// destination only where tunfw's table has no route into it for them:
 	// while tunfw is down, which is when the kill switch must block it.
 	// Gateway clients' link-local destinations are captured too.
-	fromCaptured := captured
-	linkLocal := slices.ContainsFunc(captured, func(p netip.Prefix) bool { return p.Addr().Is4() })
-	if linkLocal {
-		fromCaptured = append(slices.Clone(captured), linkLocal4)
+	if len(s.From) > 0 {
+		fromCaptured := captured
+		linkLocal := slices.ContainsFunc(captured, func(p netip.Prefix) bool { return p.Addr().Is4() })
+		if linkLocal {
+			fromCaptured = append(slices.Clone(captured), linkLocal4)
+		}
+		g.capturedChain(capturedFromChain, fromCaptured, linkLocal)
 	}
-	g.capturedChain(capturedFromChain, fromCaptured, linkLocal)
 	fwd := g.chain("forward", nftables.ChainHookForward, nftables.ChainPriorityFilter, nftables.ChainTypeFilter)
 	for _, iface := range s.From {
 		g.rule(fwd, ifname(expr.MetaKeyIIFNAME, expr.CmpOpEq, iface), ifname(expr.MetaKeyOIFNAME, expr.CmpOpNeq, g.tun),

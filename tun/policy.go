@@ -209,7 +209,7 @@ func (p *policy) install(idx int, tunName string, noIPv6, failClosed bool) (Left
 		captured = append(captured, linkLocal4)
 	}
 	if s.NFTables {
-		replaced, err := installGuard(s, tunName, failClosed)
+		replaced, err := installGuard(s, tunName, noIPv6, failClosed)
 		if err != nil {
 			return left, fmt.Errorf("%w: host capture needs nftables (nf_tables with conntrack, fib and reject in the kernel); "+
 				"set route.nftables = false to run without it (see README: Host capture)", err)
