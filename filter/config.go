@@ -74,16 +74,19 @@ type compiler struct {
 	portMemo map[string]*portSet
 }
 
-// memoKey identifies a key's list of entries.
+// memoKey identifies a key's list of entries: each with its type, strings
+// quoted, so that no two different lists (a string holding a separator,
+// "int64:80" and 80) share a key, and an invalid list never borrows a
+// valid one's compiled set.
 func memoKey(entries []any) string {
 	var b strings.Builder
 	for _, e := range entries {
 		if s, ok := e.(string); ok {
-			b.WriteString(s)
+			b.WriteString(strconv.Quote(s))
 		} else {
 			fmt.Fprintf(&b, "%T:%v", e, e)
 		}
-		b.WriteByte(0)
+		b.WriteByte(',')
 	}
 	return b.String()
 }

@@ -336,3 +336,18 @@ func TestMergeRanges(t *testing.T) {
 		t.Errorf("v6: %v, want %v", r6, want)
 	}
 }
+
+// TestSharedSetsDoNotHideErrors: a list that is invalid is reported even
+// when it looks like a valid list compiled before (they shared a compiled
+// set, and the second's errors went unreported).
+func TestSharedSetsDoNotHideErrors(t *testing.T) {
+	for _, c := range []struct{ name, valid, invalid, key string }{
+		{"port", `dst_port = [80]`, `dst_port = ["int64:80"]`, "rule[2].dst_port"},
+		{"address", `dst = ["10.0.0.1", "10.0.0.2"]`, "dst = [\"10.0.0.1\\u000010.0.0.2\"]", "rule[2].dst"},
+	} {
+		src := "[[rule]]\naction = \"allow\"\nproto = \"tcp\"\n" + c.valid + "\n[[rule]]\naction = \"deny\"\nproto = \"tcp\"\n" + c.invalid + "\n"
+		if _, err := compileTOML(t, src); err == nil || !strings.Contains(err.Error(), c.key+":") {
+			t.Errorf("%s: %v, want an error for %s", c.name, err, c.key)
+		}
+	}
+}
