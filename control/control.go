@@ -246,6 +246,9 @@ func (s *Server) serveConn(ctx context.Context, c *net.UnixConn) {
 		return
 	}
 	resp := s.handler(ctx, req)
+	// The reply has its own time, however long the handler took (a
+	// reload of a large config).
+	c.SetDeadline(time.Now().Add(ioTimeout))
 	if resp.OK && resp.Stream != nil {
 		if err := stream(progressWriter{c}, resp.Stream); err != nil {
 			s.log.Warn("control answer cut short", "cmd", req.Cmd, "err", err)

@@ -736,9 +736,10 @@ func (e *Engine) Closing(r FlowRef) {
 	e.mu.Unlock()
 }
 
-// Forget removes the flow k whatever its identity, e.g. when the stack
-// closed it (dial failed, relay ended). Prefer Release, which cannot
-// remove a newer flow reusing the key.
+// Forget removes the flow k whatever its identity: for the read loop,
+// which made the flow with the packet it handles (a SYN deferred, an echo
+// request with no identifier left). Anything acting later uses Release,
+// which cannot remove a newer flow reusing the key.
 func (e *Engine) Forget(k FlowKey) {
 	e.mu.Lock()
 	if f := e.flows[k]; f != nil {

@@ -145,7 +145,9 @@ func (e *Engine) EachFlow(now int64, fn func(fi *FlowInfo)) {
 				Proto: protoName(k.Proto), Src: k.Src, Dst: k.Dst,
 				State: stateNames[f.state], Rule: f.rs.RuleName(f.dec.Rule), Verdict: f.act.String(),
 				Monitor: f.monitored,
-				Age:     time.Duration(now - f.first), Idle: time.Duration(now - f.last),
+				// A paced listing runs for seconds past now: a flow
+				// made since is 0 old, not negative.
+				Age: time.Duration(max(0, now-f.first)), Idle: time.Duration(max(0, now-f.last)),
 				PacketsIn: f.pktsIn, BytesIn: f.bytesIn, PacketsOut: f.pktsOut, BytesOut: f.bytesOut,
 			})
 		}

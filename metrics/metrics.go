@@ -113,7 +113,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	counter(c.flowsCreated, ctr.FlowsCreated)
 	counter(c.packets, ctr.Forwarded, "forward")
-	counter(c.packets, ctr.Denied+ctr.NoFlow+ctr.Malformed+ctr.Fragment+ctr.Unsupported+ctr.Deferred, "drop")
+	// Deferred SYNs were counted as forwarded by the filter before the
+	// stack dropped them: only their drop reason says so.
+	counter(c.packets, ctr.Denied+ctr.NoFlow+ctr.Malformed+ctr.Fragment+ctr.Unsupported, "drop")
 	counter(c.packets, ctr.Rejected+ctr.Limit, "reject")
 	counter(c.packets, ctr.Replies, "reply")
 	for _, r := range []struct {
