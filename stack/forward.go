@@ -33,13 +33,14 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	dst := netip.AddrPortFrom(addrFromTCPIP(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(addrFromTCPIP(id.RemoteAddress), id.RemotePort)
 	key := filter.FlowKey{Proto: filter.ProtoTCP, Src: src, Dst: dst}
-	defer s.recoverFlow(key)
+	flow := filter.FlowRef{Key: key}
+	defer s.recoverFlow(&flow)
 	// This connection's identity in the flow table: the relay releases
 	// the flow by it, and so does every way out below that resets the
 	// client, so a refused connection leaves the table at once. Where the
 	// client is told nothing (dial timeout) the flow stays for its
 	// retransmitted SYN until tcp_handshake.
-	flow := filter.FlowRef{Key: key, ID: s.eng.Claim(key)}
+	flow.ID = s.eng.Claim(key)
 	if flow.ID == 0 {
 		// The flow left the table (expired, released) before gVisor
 		// handed its SYN over: no flow, no connection.
@@ -188,17 +189,19 @@ func addrOf(a tcpip.Address) netip.Addr {
 // a panic into the end of that flow alone: it is logged with its stack and
 // counted, and every other flow and the firewall go on. Once the relay
 // runs, its pumps recover the same way and also close the flow.
-func (s *Stack) recoverFlow(key filter.FlowKey) {
+// The flow is named by its identity (as far as the handler got), so that
+// a newer flow on the tuple is left alone.
+func (s *Stack) recoverFlow(flow *filter.FlowRef) {
 	if r := recover(); r != nil {
-		s.flowPanicked(key, r)
+		s.flowPanicked(*flow, r)
 	}
 }
 
-func (s *Stack) flowPanicked(key filter.FlowKey, r any) {
+func (s *Stack) flowPanicked(flow filter.FlowRef, r any) {
 	s.panics.Add(1)
-	s.log.Error("flow handler panicked; closing that flow", "proto", key.Proto, "src", key.Src, "dst", key.Dst,
+	s.log.Error("flow handler panicked; closing that flow", "flow", flow.Key.String(),
 		"panic", fmt.Sprint(r), "stack", string(debug.Stack()))
-	s.eng.Forget(key)
+	s.eng.Release(flow, s.now())
 }
 
 // tracked is how to close the relay of one flow.

@@ -43,7 +43,7 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 		},
 		idle:    func() bool { return true },
 		end:     func() { s.untrack(bad) },
-		onPanic: func(v any) { closeFn(); s.flowPanicked(bad, v) },
+		onPanic: func(v any) { closeFn(); s.flowPanicked(filter.FlowRef{Key: bad}, v) },
 	}
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -72,7 +72,8 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		defer s.recoverFlow(bad)
+		ref := filter.FlowRef{Key: bad}
+		defer s.recoverFlow(&ref)
 		panic("before dial")
 	}()
 	wg.Wait()

@@ -94,7 +94,7 @@ func (s *Stack) startRelay(flow filter.FlowRef, client *gonet.TCPConn, wq *waite
 	r.fromUp.init(r.toCliBufs.get, func(bp *[]byte) { r.toCliBufs.put(bp, 0) }, 0)
 	r.fromUp.wait = true
 	r.left.Store(2)
-	onPanic := func(v any) { r.abort(); s.flowPanicked(key, v) }
+	onPanic := func(v any) { r.abort(); s.flowPanicked(flow, v) }
 	r.toUp = pump{drain: r.drainToUp, idle: r.toUpIdle, end: r.directionEnded, onPanic: onPanic}
 	r.toClient = pump{drain: r.drainToClient, idle: r.toClientIdle, end: r.directionEnded, onPanic: onPanic}
 	s.wg.Add(1)

@@ -286,7 +286,7 @@ func (s *Stack) udpOpener() {
 // openUDP connects a socket for flow f, sends what it held and starts
 // relaying its replies.
 func (s *Stack) openUDP(f *udpFlow) {
-	defer s.recoverFlow(f.key)
+	defer s.recoverFlow(&f.ref)
 	conn, raw, err := s.dialUDP(f.key)
 	src := f.key.Src.Addr()
 	s.udpMu.Lock()
@@ -417,7 +417,7 @@ const udpReplyBatch = 32
 func (s *Stack) udpReplies(f *udpFlow) {
 	defer s.wg.Done()
 	defer s.closeUDP(f)
-	defer s.recoverFlow(f.key)
+	defer s.recoverFlow(&f.ref)
 	ipLen := header.IPv4MinimumSize
 	if f.key.Dst.Addr().Is6() {
 		ipLen = header.IPv6MinimumSize
