@@ -84,13 +84,14 @@ func (d *pendingDial) release() {
 const releaseWait = time.Second
 
 // waitReleased waits until the handler of d, which was stopped, released
-// its socket, or releaseWait passed.
-func waitReleased(d *pendingDial) {
+// its socket, or releaseWait passed, or ctx (the waiting dial's own) ended.
+func waitReleased(ctx context.Context, d *pendingDial) {
 	t := time.NewTimer(releaseWait)
 	defer t.Stop()
 	select {
 	case <-d.released:
 	case <-t.C:
+	case <-ctx.Done():
 	}
 }
 

@@ -63,7 +63,7 @@ func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	if v != nil {
 		// The new socket is opened once the evicted one is closed.
 		stopDial(v)
-		waitReleased(v)
+		waitReleased(ctx, v)
 	}
 	up, err := s.dialer.DialContext(ctx, "tcp", dst.String())
 	if err != nil {

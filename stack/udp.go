@@ -180,7 +180,15 @@ func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
 		return
 	}
 	if !f.queued && !s.queueOpen(f) {
+		// Never queued, it holds nothing: it leaves at once, as one
+		// refused by startUDP does, so a burst past the openers' queue
+		// does not fill the client's share with empty flows.
 		s.udp.openBusy.Add(1)
+		s.udpMu.Lock()
+		s.removeUDPLocked(f)
+		s.udpMu.Unlock()
+		s.untrackFlow(f.ref)
+		s.eng.Release(f.ref, now)
 		return
 	}
 	s.holdUDP(f, payload)
