@@ -103,12 +103,15 @@ func (s *Stack) udpDrops() map[string]uint64 {
 // udpFlow is one relayed UDP flow. Its socket is opened by an opener
 // goroutine; until then (ready false) its datagrams wait in held.
 type udpFlow struct {
-	key   filter.FlowKey
-	ref   filter.FlowRef // the engine's flow: released by its identity, never a newer one's
-	conn  *net.UDPConn   // set before ready
-	raw   syscall.RawConn
-	last  atomic.Int64 // engine clock of the last datagram either way
-	ready atomic.Bool  // the socket is open and held was sent
+	key  filter.FlowKey
+	ref  filter.FlowRef // the engine's flow: released by its identity, never a newer one's
+	conn *net.UDPConn   // set before ready
+	raw  syscall.RawConn
+	last atomic.Int64 // engine clock of the last datagram either way
+	// errTaken: a send returned the socket's pending ICMP error, whose
+	// queued copy the reply loop must look for.
+	errTaken atomic.Bool
+	ready    atomic.Bool // the socket is open and held was sent
 
 	// mu guards the hand-over from the opener to the read loop.
 	mu        sync.Mutex
@@ -143,6 +146,7 @@ func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udp
 	f.send = func(fd uintptr) bool {
 		_, f.sendErr = unix.Write(int(fd), f.sendBuf)
 		if pendingICMPError(f.sendErr) {
+			f.errTaken.Store(true)
 			_, f.sendErr = unix.Write(int(fd), f.sendBuf)
 		}
 		return true // never wait: a full buffer drops the datagram
@@ -150,6 +154,7 @@ func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udp
 	f.sendGSO = func(fd uintptr) bool {
 		_, f.sendErr = unix.SendmsgN(int(fd), f.sendBuf, f.oob, nil, 0)
 		if pendingICMPError(f.sendErr) {
+			f.errTaken.Store(true)
 			_, f.sendErr = unix.SendmsgN(int(fd), f.sendBuf, f.oob, nil, 0)
 		}
 		return true
@@ -449,11 +454,11 @@ func (s *Stack) udpReplies(f *udpFlow) {
 			return
 		}
 		f.conn.SetReadDeadline(time.Now().Add(time.Duration(left)))
-		// The first datagram: wait in the netpoller for it. An error
-		// queued while this goroutine was busy (a send took the pending
-		// error, and the netpoller's edge went before this Read) is
-		// looked for once first, as if woken.
-		r.wait, r.woken = true, true
+		// The first datagram: wait in the netpoller for it. When a send
+		// took the socket's pending error, its queued ICMP error may have
+		// woken nobody (the netpoller's edge went before this Read): it
+		// is looked for once first, as if woken.
+		r.wait, r.woken = true, f.errTaken.Swap(false)
 		err := f.raw.Read(r.read)
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
