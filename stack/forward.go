@@ -30,8 +30,8 @@ const maxInFlightDials = MaxPendingDialsCap
 // new SYN evict a dial nobody answered.
 func (s *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
-	dst := netip.AddrPortFrom(addrFromTCPIP(id.LocalAddress), id.LocalPort)
-	src := netip.AddrPortFrom(addrFromTCPIP(id.RemoteAddress), id.RemotePort)
+	dst := netip.AddrPortFrom(addrOf(id.LocalAddress), id.LocalPort)
+	src := netip.AddrPortFrom(addrOf(id.RemoteAddress), id.RemotePort)
 	key := filter.FlowKey{Proto: filter.ProtoTCP, Src: src, Dst: dst}
 	flow := filter.FlowRef{Key: key}
 	defer s.recoverFlow(&flow)
@@ -176,8 +176,7 @@ func (s *Stack) screenSYNs(fwd func(stack.TransportEndpointID, *stack.PacketBuff
 	}
 }
 
-// addrOf converts a gVisor address without allocating (addrFromTCPIP's
-// AsSlice does).
+// addrOf converts a gVisor address without allocating (AsSlice would).
 func addrOf(a tcpip.Address) netip.Addr {
 	if a.Len() == 4 {
 		return netip.AddrFrom4(a.As4())
@@ -209,15 +208,6 @@ type tracked struct {
 	id    filter.FlowID // 0: whichever flow has the key
 	close func()
 }
-
-// track records how to close the relay of flow key, for CloseFlows.
-func (s *Stack) track(key filter.FlowKey, closeFn func()) {
-	s.trackFlow(filter.FlowRef{Key: key}, closeFn)
-}
-
-// untrack forgets the relay of key whatever its flow's identity; prefer
-// untrackFlow.
-func (s *Stack) untrack(key filter.FlowKey) { s.untrackFlow(filter.FlowRef{Key: key}) }
 
 // trackFlow records how to close the relay of flow r, for CloseFlows. A
 // relay for the same key, ending, is replaced: it untracks only itself.

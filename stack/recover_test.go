@@ -29,12 +29,12 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 	bad := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1000"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
 	good := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1001"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
 	var badClosed, goodClosed bool
-	s.track(good, func() { goodClosed = true })
+	s.trackFlow(filter.FlowRef{Key: good}, func() { goodClosed = true })
 
 	// A relay direction whose copy panics, wired as startRelay wires it:
 	// its end untracks the flow, its panic hook closes it.
 	closeFn := func() { badClosed = true }
-	s.track(bad, closeFn)
+	s.trackFlow(filter.FlowRef{Key: bad}, closeFn)
 	p := pump{
 		drain: func() bool {
 			var m map[string]int
@@ -42,7 +42,7 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 			return true
 		},
 		idle:    func() bool { return true },
-		end:     func() { s.untrack(bad) },
+		end:     func() { s.untrackFlow(filter.FlowRef{Key: bad}) },
 		onPanic: func(v any) { closeFn(); s.flowPanicked(filter.FlowRef{Key: bad}, v) },
 	}
 	var wg sync.WaitGroup

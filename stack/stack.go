@@ -480,8 +480,3 @@ func appendPacket(dst []byte, pb *stack.PacketBuffer) []byte {
 }
 
 func bufferFrom(b []byte) buffer.Buffer { return buffer.MakeWithData(b) }
-
-func addrFromTCPIP(a tcpip.Address) netip.Addr {
-	ad, _ := netip.AddrFromSlice(a.AsSlice())
-	return ad
-}

@@ -59,7 +59,7 @@ func (d *Dialer) SetInterfaces(v4, v6 string) { d.ifaces.Store(&[2]string{v4, v6
 
 // iface returns the interface sockets of network are bound to, "" for none.
 func (d *Dialer) iface(network string) string {
-	if network == "tcp6" || network == "udp6" || network == "ip6" || network == "ip6:ipv6-icmp" {
+	if network == "tcp6" || network == "udp6" || network == "ip6" {
 		return d.ifaces.Load()[1]
 	}
 	return d.ifaces.Load()[0]

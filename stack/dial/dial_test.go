@@ -16,7 +16,7 @@ func TestControlMarksAndBinds(t *testing.T) {
 	if v4, v6 := d.Interfaces(); v4 != "lo" || v6 != "" {
 		t.Fatalf("interfaces %q %q", v4, v6)
 	}
-	if d.iface("udp6") != "" || d.iface("tcp4") != "lo" || d.iface("ip6:ipv6-icmp") != "" {
+	if d.iface("udp6") != "" || d.iface("tcp4") != "lo" || d.iface("ip6") != "" {
 		t.Errorf("interface by network: udp6 %q, tcp4 %q", d.iface("udp6"), d.iface("tcp4"))
 	}
 	d.SetInterfaces("", "lo")
