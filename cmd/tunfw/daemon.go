@@ -38,8 +38,11 @@ type daemon struct {
 
 	preexisting int // connections open at start, left unjudged (host capture)
 
-	// listMu serialises `tunfw flows` (listing.go).
-	listMu sync.Mutex
+	// listing holds the one `tunfw flows` that runs at a time
+	// (listing.go), which another waits for up to listWait; both set by
+	// newDaemon.
+	listing  chan struct{}
+	listWait time.Duration
 
 	reloadsOK, reloadsFailed atomic.Uint64
 	ctrl                     *control.Server
@@ -339,7 +342,8 @@ func (a flowsArgs) matcher() (func(filter.FlowInfo) bool, error) {
 // newDaemon opens the control socket and the metrics port, before anything
 // touches the network, so a socket or port in use fails the start cleanly.
 func newDaemon(cfg *Config, log *slog.Logger) (*daemon, error) {
-	d := &daemon{log: log, start: time.Now(), cfg: cfg}
+	d := &daemon{log: log, start: time.Now(), cfg: cfg,
+		listing: make(chan struct{}, 1), listWait: 10 * time.Second}
 	var err error
 	if d.ctrl, err = control.Listen(cfg.ControlSocket, d.handle, log); err != nil {
 		return nil, err

@@ -41,10 +41,16 @@ const flowsChunk = 512
 // flows answers `tunfw flows`: the flows match accepts, in the table's
 // order, streamed to the client.
 func (d *daemon) flows(match func(filter.FlowInfo) bool) control.Response {
+	// One listing at a time: each takes up to half a CPU. A request that
+	// finds one running waits a bounded time (the running one's client may
+	// read slowly for long), then is told so.
+	select {
+	case d.listing <- struct{}{}:
+	case <-time.After(d.listWait):
+		return control.Response{Error: "another `tunfw flows` is running; try again when it is done"}
+	}
 	return control.Response{OK: true, Stream: func(w io.Writer) error {
-		// One listing at a time: each takes up to half a CPU.
-		d.listMu.Lock()
-		defer d.listMu.Unlock()
+		defer func() { <-d.listing }()
 		l := listing{w: w, paced: true}
 		d.eng.EachFlow(d.now(), func(fi *filter.FlowInfo) {
 			if l.err == nil && match(*fi) {

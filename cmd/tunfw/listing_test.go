@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"io"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -94,5 +96,30 @@ func TestListingWritesChunks(t *testing.T) {
 	}
 	if err := l.end(); err == nil || w.writes != 2 || l.n != flowsChunk+flowsChunk {
 		t.Errorf("after a failed write: err %v, %d writes, %d flows encoded; want an error, 2 writes, %d flows", err, w.writes, l.n, 2*flowsChunk)
+	}
+}
+
+// TestOneListingAtATime: a listing requested while another streams to a
+// client that reads slowly waits a bounded time and is told why, instead
+// of waiting for as long as that client takes.
+func TestOneListingAtATime(t *testing.T) {
+	d, _ := reloadDaemon(t, reloadBase)
+	d.listing, d.listWait = make(chan struct{}, 1), 50*time.Millisecond
+	first := d.flows(func(filter.FlowInfo) bool { return true })
+	if !first.OK || first.Stream == nil {
+		t.Fatalf("first listing: %+v", first)
+	}
+	start := time.Now()
+	second := d.flows(func(filter.FlowInfo) bool { return true })
+	if second.OK || !strings.Contains(second.Error, "another `tunfw flows` is running") || time.Since(start) > 5*time.Second {
+		t.Errorf("second listing while the first runs: %+v after %v", second, time.Since(start))
+	}
+	if err := first.Stream(io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if third := d.flows(func(filter.FlowInfo) bool { return true }); !third.OK {
+		t.Errorf("a listing after the first ended: %+v", third)
+	} else {
+		third.Stream(io.Discard)
 	}
 }
