@@ -123,8 +123,11 @@ type tokenBucket struct {
 	credit, lastTime int64
 }
 
-// init sets the rate (n a second) and the burst, and fills the bucket.
+// init sets the rate (n a second) and the burst, and fills the bucket. It
+// may be called while the bucket is in use.
 func (b *tokenBucket) init(n, burst int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	b.interval = int64(1e9) / int64(n)
 	b.burst = b.interval * int64(burst)
 	b.credit = b.burst
