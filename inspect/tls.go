@@ -31,8 +31,9 @@ const (
 // into *scratch and the name is a slice of scratch.
 //
 // The status is NeedMore while the ClientHello is incomplete; NoName when
-// the stream is not TLS (the first record is not a handshake record, or the
-// first handshake message is not a ClientHello) or the ClientHello has no
+// the stream is not TLS (its first byte is not 0x16, a handshake record,
+// its second not 3, TLS's major version, or the first handshake message is
+// not a ClientHello) or the ClientHello has no
 // server_name; Invalid when lengths are inconsistent, a record of another
 // type comes before the ClientHello ends, the ClientHello is longer than
 // MaxHello, or it names two host names.
