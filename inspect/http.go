@@ -10,8 +10,9 @@ import "bytes"
 // name returned is a slice of stream.
 //
 // The status is NeedMore until the header block ends; the caller bounds how
-// long it waits. NoName when the stream is not an HTTP/1.x request (an
-// unknown method, a version other than HTTP/1.x), when the request has no
+// long it waits. NoName when the stream is not an HTTP/1.x request (a
+// method other than GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE
+// and PATCH, told from the first bytes; a version other than HTTP/1.x), when the request has no
 // Host or an empty one, and when the host is an IP literal (v4, [v6], or a
 // host ending in a numeric label, which URL parsers take for IPv4). Invalid
 // when the request breaks rules a server enforces: two Host headers, a
