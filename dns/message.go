@@ -92,6 +92,7 @@ var (
 	ErrCNAMELoop   = errors.New("dns: CNAME chain loops")
 	ErrCNAMEChain  = fmt.Errorf("dns: CNAME chain longer than %d", maxChain)
 	ErrName        = errors.New("dns: question name has a dot or unprintable byte in a label")
+	ErrCNAMEs      = fmt.Errorf("dns: more than %d CNAME records", maxCNAMEs)
 )
 
 // Learn reads a response and calls fn for each address of the A and AAAA
@@ -103,7 +104,8 @@ var (
 //
 // Records for other names are ignored: a resolver may not vouch for an
 // address under a name the question did not lead to. A chain longer than
-// 8 CNAMEs or one that loops is an error. So is a malformed message, and
+// 8 CNAMEs, one that loops, or more than 16 CNAME records in all are
+// errors. So is a malformed message, and
 // fn is not called then: every record is read before the first call.
 // Responses with an error code teach nothing and are not errors.
 func Learn(msg []byte, fn func(name string, addr netip.Addr, ttl time.Duration)) error {
@@ -134,37 +136,66 @@ func Learn(msg []byte, fn func(name string, addr netip.Addr, ttl time.Duration))
 		return ErrName
 	}
 
-	// Follow the chain one link per walk over the answers; the first walk
-	// also reads every record so that a malformed one fails before fn is
-	// called. At most maxChain+2 walks over at most 64 KiB.
-	var seen [maxChain + 1]dnsmessage.Name
-	seen[0] = q.Name
-	ttl := uint32(math.MaxUint32)
-	depth := 0
+	// The first walk reads every record, so that a malformed one fails
+	// before fn is called, and keeps the CNAMEs; the second reports the
+	// addresses of the name the chain ends at.
+	var links [maxCNAMEs]cnameLink
+	n := 0
+	var w answerWalk
+	if err := w.start(msg); err != nil {
+		return err
+	}
 	for {
-		next, cttl, found, err := findCNAME(msg, &seen[depth], depth == 0)
+		h, ok, err := w.next()
 		if err != nil {
 			return err
 		}
-		if !found {
+		if !ok {
 			break
 		}
-		if depth == maxChain {
-			return ErrCNAMEChain
+		var target dnsmessage.Name
+		if _, err := w.body(&h, &target); err != nil {
+			return err
 		}
-		for i := range depth + 1 {
-			if sameName(&seen[i], &next) {
-				return ErrCNAMELoop
-			}
+		if h.Type != dnsmessage.TypeCNAME || h.Class != dnsmessage.ClassINET {
+			continue
 		}
-		ttl = min(ttl, cttl)
-		depth++
-		seen[depth] = next
+		if n == len(links) {
+			return ErrCNAMEs
+		}
+		links[n] = cnameLink{owner: h.Name, target: target, ttl: h.TTL}
+		n++
 	}
 
-	target := &seen[depth]
+	var chain [maxChain + 1]*dnsmessage.Name
+	chain[0] = &q.Name
+	ttl := uint32(math.MaxUint32)
+	depth := 0
+Follow:
+	for {
+		for i := range links[:n] {
+			l := &links[i]
+			if !sameName(&l.owner, chain[depth]) {
+				continue
+			}
+			if depth == maxChain {
+				return ErrCNAMEChain
+			}
+			for _, c := range chain[:depth+1] {
+				if sameName(c, &l.target) {
+					return ErrCNAMELoop
+				}
+			}
+			ttl = min(ttl, l.ttl)
+			depth++
+			chain[depth] = &l.target
+			continue Follow
+		}
+		break
+	}
+
+	target := chain[depth]
 	var name string // allocated once, at the first address
-	var w answerWalk
 	if err := w.start(msg); err != nil {
 		return err
 	}
@@ -173,25 +204,13 @@ func Learn(msg []byte, fn func(name string, addr netip.Addr, ttl time.Duration))
 		if err != nil || !ok {
 			return err
 		}
-		if h.Class != dnsmessage.ClassINET || !sameName(&h.Name, target) || h.Type != dnsmessage.TypeA && h.Type != dnsmessage.TypeAAAA {
-			if err := w.p.SkipAnswer(); err != nil {
-				return w.fail(&h, err)
-			}
-			continue
+		var scratch dnsmessage.Name
+		addr, err := w.body(&h, &scratch)
+		if err != nil {
+			return err
 		}
-		var addr netip.Addr
-		if h.Type == dnsmessage.TypeA {
-			r, err := w.p.AResource()
-			if err != nil {
-				return w.fail(&h, err)
-			}
-			addr = netip.AddrFrom4(r.A)
-		} else {
-			r, err := w.p.AAAAResource()
-			if err != nil {
-				return w.fail(&h, err)
-			}
-			addr = netip.AddrFrom16(r.AAAA)
+		if !addr.IsValid() || h.Class != dnsmessage.ClassINET || !sameName(&h.Name, target) {
+			continue
 		}
 		if name == "" {
 			name = string(qname)
@@ -200,50 +219,14 @@ func Learn(msg []byte, fn func(name string, addr netip.Addr, ttl time.Duration))
 	}
 }
 
-// findCNAME returns the target of the first CNAME record for owner in the
-// answer section. With all, it reads every record to the end of the
-// answers (checking them) instead of stopping at the first match.
-func findCNAME(msg []byte, owner *dnsmessage.Name, all bool) (target dnsmessage.Name, ttl uint32, found bool, err error) {
-	var w answerWalk
-	if err := w.start(msg); err != nil {
-		return target, 0, false, err
-	}
-	for {
-		h, ok, err := w.next()
-		if err != nil || !ok {
-			return target, ttl, found, err
-		}
-		if !found && h.Type == dnsmessage.TypeCNAME && h.Class == dnsmessage.ClassINET && sameName(&h.Name, owner) {
-			r, err := w.p.CNAMEResource()
-			if err != nil {
-				return target, 0, false, w.fail(&h, err)
-			}
-			target, ttl, found = r.CNAME, h.TTL, true
-			if !all {
-				return target, ttl, found, nil
-			}
-			continue
-		}
-		if !all {
-			err = w.p.SkipAnswer()
-		} else {
-			// Read the bodies Learn reads, so that the first walk fails
-			// on a malformed one.
-			switch h.Type {
-			case dnsmessage.TypeA:
-				_, err = w.p.AResource()
-			case dnsmessage.TypeAAAA:
-				_, err = w.p.AAAAResource()
-			case dnsmessage.TypeCNAME:
-				_, err = w.p.CNAMEResource()
-			default:
-				err = w.p.SkipAnswer()
-			}
-		}
-		if err != nil {
-			return target, 0, false, w.fail(&h, err)
-		}
-	}
+// maxCNAMEs bounds the CNAME records of one answer: a chain of maxChain
+// with room for a few more than real resolvers send.
+const maxCNAMEs = 2 * maxChain
+
+// cnameLink is a CNAME record: owner is an alias of target.
+type cnameLink struct {
+	owner, target dnsmessage.Name
+	ttl           uint32
 }
 
 // answerWalk walks the answer section of a response. (A loop over a
@@ -274,6 +257,43 @@ func (w *answerWalk) next() (h dnsmessage.ResourceHeader, ok bool, err error) {
 		return h, false, fmt.Errorf("dns: reading answer record: %w", err)
 	}
 	return h, true, nil
+}
+
+// body reads the data of the record whose header next returned: the
+// address of an A or AAAA record, the target of a CNAME (into target).
+// Both walks read every record the same way so that the first, which
+// checks them all, fails wherever the second would: dnsmessage reads an A
+// record's 4 bytes but does not check its length field, while skipping a
+// record checks the length field only.
+func (w *answerWalk) body(h *dnsmessage.ResourceHeader, target *dnsmessage.Name) (netip.Addr, error) {
+	var addr netip.Addr
+	var err error
+	switch h.Type {
+	case dnsmessage.TypeA:
+		var r dnsmessage.AResource
+		if h.Length != 4 {
+			return addr, w.fail(h, fmt.Errorf("record data of %d bytes", h.Length))
+		}
+		r, err = w.p.AResource()
+		addr = netip.AddrFrom4(r.A)
+	case dnsmessage.TypeAAAA:
+		var r dnsmessage.AAAAResource
+		if h.Length != 16 {
+			return addr, w.fail(h, fmt.Errorf("record data of %d bytes", h.Length))
+		}
+		r, err = w.p.AAAAResource()
+		addr = netip.AddrFrom16(r.AAAA)
+	case dnsmessage.TypeCNAME:
+		var r dnsmessage.CNAMEResource
+		r, err = w.p.CNAMEResource()
+		*target = r.CNAME
+	default:
+		err = w.p.SkipAnswer()
+	}
+	if err != nil {
+		return netip.Addr{}, w.fail(h, err)
+	}
+	return addr, nil
 }
 
 func (w *answerWalk) fail(h *dnsmessage.ResourceHeader, err error) error {

@@ -1,7 +1,9 @@
 package dns
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"testing"
@@ -181,6 +183,18 @@ func TestLearnLoops(t *testing.T) {
 	if got, err := learnAll(chain(maxChain + 1)); !errors.Is(err, ErrCNAMEChain) || len(got) != 0 {
 		t.Errorf("chain of %d: %v, %v", maxChain+1, got, err)
 	}
+	// CNAMEs off the chain count towards the bound on CNAME records.
+	answers := []rr{{name: "a.test.", ttl: 60, addr: ip4}}
+	for i := range maxCNAMEs {
+		answers = append(answers, rr{name: fmt.Sprintf("x%d.test.", i), ttl: 60, target: "y.test."})
+	}
+	if got, err := learnAll(buildResponse(t, "a.test.", dnsmessage.TypeA, true, answers...)); err != nil || len(got) != 1 {
+		t.Errorf("%d CNAMEs: %v, %v", maxCNAMEs, got, err)
+	}
+	answers = append(answers, rr{name: "z.test.", ttl: 60, target: "y.test."})
+	if got, err := learnAll(buildResponse(t, "a.test.", dnsmessage.TypeA, true, answers...)); !errors.Is(err, ErrCNAMEs) || len(got) != 0 {
+		t.Errorf("%d CNAMEs: %v, %v", maxCNAMEs+1, got, err)
+	}
 }
 
 // TestLearnTruncated: every cut of a response is an error or (cut at a
@@ -202,6 +216,16 @@ func TestLearnTruncated(t *testing.T) {
 	bad[len(bad)-17] = 0xff // RDLENGTH high byte of the AAAA record
 	if got, err := learnAll(bad); err == nil || len(got) != 0 {
 		t.Errorf("long rdlength: %v, %v", got, err)
+	}
+	// An A record whose length field says 0 (dnsmessage would read the 4
+	// bytes after it anyway), before an A record that is fine.
+	two := buildResponse(t, "a.test.", dnsmessage.TypeA, false,
+		rr{name: "other.test.", ttl: 60, addr: ip4},
+		rr{name: "a.test.", ttl: 60, addr: ip4})
+	i := bytes.Index(two, []byte{0, 4, 1, 2, 3, 4}) // RDLENGTH and data of the first
+	two[i+1] = 0
+	if got, err := learnAll(two); err == nil || len(got) != 0 {
+		t.Errorf("A of 0 bytes: %v, %v", got, err)
 	}
 }
 
