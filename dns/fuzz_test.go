@@ -59,7 +59,7 @@ func FuzzQuestion(f *testing.F) {
 		}
 		var p dnsmessage.Parser
 		h, err := p.Start(msg)
-		if err != nil || h.ID != id || h.Response {
+		if err != nil || h.ID != id || h.Response || h.OpCode != 0 {
 			t.Fatalf("Question read %q from a message dnsmessage reads as %+v, %v", name, h, err)
 		}
 		q, err := p.Question()

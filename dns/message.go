@@ -27,13 +27,15 @@ const ednsUDPSize = 1232
 // type. The name is written into buf as text, lowercased, without the
 // trailing dot ("" for the root), and returned as a slice of buf. ok is
 // false for a message that does not parse as far as its first question, a
-// response, or a name that text cannot name plainly: a label holding a
-// dot (dnsmessage refuses those) or a byte outside printable ASCII. A rule
-// could not match such a name and a log line should not print it.
+// response, a message that is not a standard query (opcode QUERY: Answer
+// answers no other), or a name that text cannot name plainly: a label
+// holding a dot (dnsmessage refuses those) or a byte outside printable
+// ASCII. A rule could not match such a name and a log line should not
+// print it.
 func Question(msg []byte, buf *[255]byte) (id uint16, name []byte, qtype uint16, ok bool) {
 	var p dnsmessage.Parser
 	h, err := p.Start(msg)
-	if err != nil || h.Response {
+	if err != nil || h.Response || h.OpCode != 0 {
 		return 0, nil, 0, false
 	}
 	q, err := p.Question()
@@ -105,9 +107,9 @@ var (
 // Records for other names are ignored: a resolver may not vouch for an
 // address under a name the question did not lead to. A chain longer than
 // 8 CNAMEs, one that loops, or more than 16 CNAME records in all are
-// errors. So is a malformed message, and
-// fn is not called then: every record is read before the first call.
-// Responses with an error code teach nothing and are not errors.
+// errors. So is a malformed message, and fn is not called then: every
+// record is read before the first call. Responses with an error code
+// teach nothing and are not errors.
 func Learn(msg []byte, fn func(name string, addr netip.Addr, ttl time.Duration)) error {
 	var p dnsmessage.Parser
 	h, err := p.Start(msg)

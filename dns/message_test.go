@@ -42,6 +42,11 @@ func TestQuestion(t *testing.T) {
 	if _, _, _, ok := Question(resp, &buf); ok {
 		t.Error("a response was read as a query")
 	}
+	notify := slices.Clone(q)
+	notify[2] |= 4 << 3 // opcode NOTIFY
+	if _, _, _, ok := Question(notify, &buf); ok {
+		t.Error("a NOTIFY was read as a query")
+	}
 	noq := q[:12:12]
 	noq[4], noq[5] = 0, 0 // QDCOUNT 0
 	if _, _, _, ok := Question(noq, &buf); ok {
