@@ -475,13 +475,8 @@ func (q *QUICInitial) store(off int, data []byte) bool {
 	if end > len(q.crypto) {
 		q.grow(end)
 	}
-	if q.anyReceived(off, end) {
-		for i, c := range data {
-			j := off + i
-			if q.have[j>>3]&(1<<(j&7)) != 0 && q.crypto[j] != c {
-				return false
-			}
-		}
+	if q.anyReceived(off, end) && !q.sameAsReceived(off, data) {
+		return false
 	}
 	copy(q.crypto[off:], data)
 	q.markReceived(off, end)
@@ -525,6 +520,27 @@ func (q *QUICInitial) anyReceived(off, end int) bool {
 		}
 	}
 	return false
+}
+
+// sameAsReceived reports whether data, at offset off, matches the bytes
+// of the stream received so far. Retransmissions repeat whole packets, so
+// runs of received bytes are compared eight at a time.
+func (q *QUICInitial) sameAsReceived(off int, data []byte) bool {
+	for i := 0; i < len(data); {
+		j := off + i
+		if j&7 == 0 && i+8 <= len(data) && q.have[j>>3] == 0xff {
+			if string(q.crypto[j:j+8]) != string(data[i:i+8]) {
+				return false
+			}
+			i += 8
+			continue
+		}
+		if q.have[j>>3]&(1<<(j&7)) != 0 && q.crypto[j] != data[i] {
+			return false
+		}
+		i++
+	}
+	return true
 }
 
 // markReceived sets the bits of crypto[off:end] in the map.

@@ -381,6 +381,7 @@ func TestQUICInitialFrames(t *testing.T) {
 		{"across packets, overlapping", [][]byte{cryptoFrame(40, hello[40:]), cryptoFrame(0, hello[:60])}, Found},
 		{"gap", [][]byte{cryptoFrame(0, hello[:10]), cryptoFrame(11, hello[11:])}, NeedMore},
 		{"overlap that differs", [][]byte{cryptoFrame(0, hello[:60]), cryptoFrame(30, cat([]byte{hello[30] ^ 1}, hello[31:]))}, Invalid},
+		{"repeat that differs", [][]byte{cryptoFrame(0, hello[:60]), cryptoFrame(0, cat(hello[:17], []byte{hello[17] ^ 1}, hello[18:]))}, Invalid},
 		{"no server_name", [][]byte{cryptoFrame(0, quicHello("", 100))}, NoName},
 		{"not a ClientHello", [][]byte{cryptoFrame(0, cat([]byte{2}, hello[1:]))}, Invalid},
 		{"ClientHello over the bound", [][]byte{cryptoFrame(0, []byte{1, 0, 0x40, 0x00})}, NoName},
