@@ -411,6 +411,15 @@ func TestQUICInitialFrames(t *testing.T) {
 	if _, name, st := feed(t, cat(a, b, []byte{0, 0, 0})); st != Found || name != "frames.example" {
 		t.Errorf("coalesced: %q, %v", name, st)
 	}
+	// 0-RTT packets are skipped, even before any Initial: a client may
+	// send them right behind its Initial, and the network reorder them.
+	zeroRTT := cat([]byte{0xd0, 0, 0, 0, 1, 8}, dcid, []byte{0, 0x40, 20}, make([]byte, 20))
+	if _, _, st := feed(t, zeroRTT); st != NeedMore {
+		t.Errorf("0-RTT alone: %v, want need-more", st)
+	}
+	if _, name, st := feed(t, zeroRTT, cat(a, zeroRTT), b); st != Found || name != "frames.example" {
+		t.Errorf("with 0-RTT: %q, %v", name, st)
+	}
 	// A packet of another connection in a later datagram.
 	other := quicSeal(t, unhex(t, "0706050403020100"), 1, cryptoFrame(70, hello[70:]))
 	if _, _, st := feed(t, a, other); st != Invalid {
