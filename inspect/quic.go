@@ -9,7 +9,7 @@ import (
 )
 
 // QUICMaxCrypto bounds the CRYPTO stream bytes a QUICInitial keeps. A
-// ClientHello longer than this, or CRYPTO data past it, gives NoName: the
+// ClientHello longer than this, or CRYPTO data past it, gives Invalid: the
 // flow is judged without a name rather than by holding more of it.
 const QUICMaxCrypto = 16 << 10
 
@@ -397,7 +397,7 @@ func (q *QUICInitial) frames(p []byte) Status {
 				return Invalid
 			}
 			if off+n > QUICMaxCrypto {
-				return NoName
+				return Invalid // as TLSServerName: a padded hello must not hide its name
 			}
 			if !q.store(int(off), rest[:n]) {
 				return Invalid
@@ -568,12 +568,12 @@ func (q *QUICInitial) hello() Status {
 	}
 	n := 4 + (int(q.crypto[1])<<16 | int(q.crypto[2])<<8 | int(q.crypto[3]))
 	if n > QUICMaxCrypto {
-		return NoName
+		return Invalid
 	}
 	if q.contig < n {
 		return NeedMore
 	}
-	name, st := quicHelloServerName(q.crypto[:n])
+	name, st := ClientHelloServerName(q.crypto[:n])
 	switch st {
 	case Found:
 		q.name = name
