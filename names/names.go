@@ -8,9 +8,11 @@
 //
 // A Set is built once (Add, ReadList) and then read by any number of
 // goroutines at once without locks. It keeps its names in one byte arena
-// and finds them through an open-addressing table of arena offsets, so a
-// million names cost tens of MiB rather than the hundreds a map of strings
-// would, and Match allocates nothing.
+// and finds them through an open-addressing table of arena offsets and
+// hashes: a million names of a block list cost about 40 MiB (a
+// map[string]struct{} of them, without the patterns, about 50), and Match
+// looks a name up in any case, with all its parents, without allocating or
+// copying it.
 package names
 
 import (
@@ -196,7 +198,7 @@ func (s *Set) insert(key []byte, flag byte) error {
 			return nil
 		}
 	}
-	if len(s.arena)+2+len(key) > maxArena {
+	if uint64(len(s.arena))+2+uint64(len(key)) > maxArena {
 		return errFull
 	}
 	off := len(s.arena)
