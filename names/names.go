@@ -269,8 +269,9 @@ func (s *Set) hash(key []byte) uint32 {
 // lies below one of its patterns. name is taken as a client sent it: in any
 // case, perhaps with a trailing dot, not validated. A name longer than 253
 // bytes (without the dot) matches nothing; otherwise Match judges only by
-// labels, so "a b.example.com" is below "*.example.com", while no name with
-// bytes Normalize refuses equals a name of the set.
+// labels, so "a b.example.com" is below "*.example.com" (a bad byte low in
+// a name does not slip it past a pattern), while no name with bytes
+// Normalize refuses equals a name of the set.
 //
 // Match allocates nothing and costs one table lookup per label of name,
 // however large the set.
