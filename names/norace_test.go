@@ -1,0 +1,5 @@
+//go:build !race
+
+package names
+
+const raceEnabled = false
