@@ -1,8 +1,9 @@
 // Package inspect reads the name a client asks for from the first bytes of
 // its flow: the server_name of a TLS ClientHello, the Host header of an
 // HTTP/1.x request, the server_name of the ClientHello inside a QUIC
-// Initial. The parsers copy nothing and allocate nothing: a name they
-// return is a slice of the caller's bytes, valid as long as those are.
+// Initial. The TLS and HTTP parsers allocate nothing: a name they return
+// is a slice of the caller's bytes (or of its scratch buffer). The QUIC
+// reader decrypts, so it holds its own buffers, set up once per flow.
 //
 // A parser is given everything the client has sent so far and answers
 // whether it found the name, needs more bytes, or can tell that none will
