@@ -4,12 +4,15 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
 	"sort"
 	"strconv"
 	"strings"
 
 	"github.com/tunfw/tunfw/internal/config"
+	"github.com/tunfw/tunfw/names"
 )
 
 // Options is the [filter] section.
@@ -22,6 +25,9 @@ type Options struct {
 	// does; recheck runs them through the new rules and closes those now
 	// denied or rejected.
 	OnReload string `toml:"on_reload"`
+	// Dir is the directory a [sets] list file named by a relative path
+	// is read from: the config file's. Set by the loader, not the file.
+	Dir string `toml:"-"`
 }
 
 // RuleConfig is one [[rule]] table as decoded from TOML. Fields are `any`
@@ -35,6 +41,9 @@ type RuleConfig struct {
 	Dst     any    `toml:"dst"`
 	SrcPort any    `toml:"src_port"`
 	DstPort any    `toml:"dst_port"`
+	// Domain lists the names (exact, or "*.suffix") the flow's name must
+	// match, or "@set"s of names.
+	Domain any `toml:"domain"`
 }
 
 // setKind is what a [sets] entry holds.
@@ -44,6 +53,7 @@ const (
 	setEmpty setKind = iota // usable as either kind
 	setAddrs
 	setPorts
+	setNames
 )
 
 func (k setKind) String() string {
@@ -52,15 +62,18 @@ func (k setKind) String() string {
 		return "addresses"
 	case setPorts:
 		return "ports"
+	case setNames:
+		return "names"
 	}
 	return "nothing"
 }
 
-// compiledSet is a parsed [sets] entry; only one of addrs/ports is set.
+// compiledSet is a parsed [sets] entry; only the field of its kind is set.
 type compiledSet struct {
 	kind  setKind
 	addrs []netip.Prefix
 	ports []portRange
+	names *names.Set
 }
 
 // compiler collects every error of a Compile run.
@@ -72,6 +85,8 @@ type compiler struct {
 	// large set used by many rules is held, and indexed, once.
 	addrMemo map[string]*addrSet
 	portMemo map[string]*portSet
+	nameMemo map[string]*nameSet
+	dir      string // where relative list files are read from
 }
 
 // memoKey identifies a key's list of entries: each with its type, strings
@@ -100,7 +115,8 @@ func (c *compiler) errorf(key, format string, args ...any) {
 // returns an errors.Join of one *config.FieldError per problem found, keyed
 // "filter.default", "sets.NAME", "rule[N].KEY" (N 1-based), ...
 func Compile(opts Options, sets map[string]any, rules []RuleConfig) (*Ruleset, error) {
-	c := &compiler{sets: make(map[string]*compiledSet, len(sets)), addrMemo: map[string]*addrSet{}, portMemo: map[string]*portSet{}}
+	c := &compiler{sets: make(map[string]*compiledSet, len(sets)), addrMemo: map[string]*addrSet{},
+		portMemo: map[string]*portSet{}, nameMemo: map[string]*nameSet{}, dir: opts.Dir}
 	rs := &Ruleset{}
 
 	if opts.Default == "" {
@@ -167,6 +183,9 @@ func Compile(opts Options, sets map[string]any, rules []RuleConfig) (*Ruleset, e
 	if len(c.errs) > 0 {
 		return nil, errors.Join(c.errs...)
 	}
+	for i := range rs.rules {
+		rs.hasDomains = rs.hasDomains || rs.rules[i].domains != nil
+	}
 	rs.buildIndex()
 	rs.initStats()
 	return rs, nil
@@ -208,50 +227,64 @@ func asInt(v any) (int64, bool) {
 	return 0, false
 }
 
-// looksLikeAddr decides how a set entry string is read: addresses always
-// hold '.' or ':', ports and port ranges never do.
-func looksLikeAddr(s string) bool { return strings.ContainsAny(s, ".:") }
+// looksLikeAddr decides how a set entry string is read: addresses hold
+// ':' or '/', or only digits and dots; ports and port ranges only digits
+// and '-'; anything else is a name.
+func looksLikeAddr(s string) bool {
+	return strings.ContainsAny(s, ":/") || (strings.Contains(s, ".") && strings.Trim(s, "0123456789.") == "")
+}
+
+func looksLikePort(s string) bool { return strings.Trim(s, "0123456789- ") == "" }
+
+// entryKind classifies one set entry.
+func entryKind(e any) setKind {
+	s, ok := e.(string)
+	switch {
+	case !ok:
+		return setPorts // integers; anything else fails as a port
+	case looksLikeAddr(s):
+		return setAddrs
+	case looksLikePort(s):
+		return setPorts
+	}
+	return setNames
+}
 
 func (c *compiler) compileSet(name string, v any) {
 	key := "sets." + name
 	s := &compiledSet{}
 	c.sets[name] = s
 	ok := true
+	if file, isFile := v.(map[string]any); isFile {
+		if !c.readListSet(key, s, file) {
+			c.sets[name] = nil
+		}
+		return
+	}
 	for _, e := range list(v) {
-		var kind setKind
-		switch x := e.(type) {
-		case string:
-			if strings.HasPrefix(x, "@") {
-				c.errorf(key, "%q: sets do not nest (list the entries instead)", x)
+		if x, isStr := e.(string); isStr && strings.HasPrefix(x, "@") {
+			c.errorf(key, "%q: sets do not nest (list the entries instead)", x)
+			ok = false
+			continue
+		}
+		kind := entryKind(e)
+		switch kind {
+		case setAddrs:
+			p, err := parseAddr(e.(string))
+			if err != nil {
+				c.errorf(key, "%v", err)
 				ok = false
 				continue
 			}
-			if looksLikeAddr(x) {
-				kind = setAddrs
-				p, err := parseAddr(x)
-				if err != nil {
-					c.errorf(key, "%v", err)
-					ok = false
-					continue
-				}
-				s.addrs = append(s.addrs, p)
-			} else {
-				kind = setPorts
-				r, err := parsePort(x)
-				if err != nil {
-					c.errorf(key, "%v", err)
-					ok = false
-					continue
-				}
-				s.ports = append(s.ports, r)
-			}
-		default:
+			s.addrs = append(s.addrs, p)
+		case setPorts:
 			if _, isInt := asInt(e); !isInt {
-				c.errorf(key, "%v (%T) is not an IP address, CIDR, port or port range", e, e)
-				ok = false
-				continue
+				if _, isStr := e.(string); !isStr {
+					c.errorf(key, "%v (%T) is not an IP address, CIDR, port, port range or name", e, e)
+					ok = false
+					continue
+				}
 			}
-			kind = setPorts
 			r, err := parsePort(e)
 			if err != nil {
 				c.errorf(key, "%v", err)
@@ -259,22 +292,53 @@ func (c *compiler) compileSet(name string, v any) {
 				continue
 			}
 			s.ports = append(s.ports, r)
+		case setNames:
+			if s.names == nil {
+				s.names = &names.Set{}
+			}
+			if err := s.names.Add(e.(string)); err != nil {
+				c.errorf(key, "%v", err)
+				ok = false
+				continue
+			}
 		}
 		if s.kind == setEmpty {
 			s.kind = kind
 		} else if s.kind != kind {
-			c.errorf(key, "mixes addresses and ports (a set holds one kind)")
+			c.errorf(key, "mixes %s and %s (a set holds one kind)", s.kind, kind)
 			ok = false
 			break
 		}
 	}
 	if !ok {
-		s.kind = setEmpty
-		s.addrs, s.ports = nil, nil
 		// nil marks "known but invalid": rules using it get no second,
 		// misleading error.
 		c.sets[name] = nil
 	}
+}
+
+// readListSet fills s from the list file a set names ({ file = "PATH" }).
+func (c *compiler) readListSet(key string, s *compiledSet, t map[string]any) bool {
+	path, isStr := t["file"].(string)
+	if !isStr || path == "" || len(t) != 1 {
+		c.errorf(key, `a set is a list, or { file = "PATH" } naming a list of names`)
+		return false
+	}
+	if !filepath.IsAbs(path) && c.dir != "" {
+		path = filepath.Join(c.dir, path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		c.errorf(key, "%v", err)
+		return false
+	}
+	defer f.Close()
+	s.kind, s.names = setNames, &names.Set{}
+	if _, err := s.names.ReadList(f, path); err != nil {
+		c.errorf(key, "%v", err)
+		return false
+	}
+	return true
 }
 
 // parseAddr parses an IP or canonical CIDR; a bare IP is a /32 or /128.
@@ -459,6 +523,54 @@ func (c *compiler) compilePortList(key string, entries []any) (*portSet, bool) {
 	return &portSet{ranges: mergeRanges(rs)}, ok
 }
 
+// compileNames compiles a domain key; absent (nil) means any name. Keys
+// with the same entries share one compiled set.
+func (c *compiler) compileNames(key string, v any) (*nameSet, bool) {
+	if v == nil {
+		return nil, true
+	}
+	entries := list(v)
+	mk := memoKey(entries)
+	if s, ok := c.nameMemo[mk]; ok {
+		return s, true
+	}
+	if len(entries) == 0 {
+		c.errorf(key, "empty list (omit the key to match any name)")
+		return nil, false
+	}
+	ns, ok := &nameSet{}, true
+	var inline *names.Set
+	for _, e := range entries {
+		s, isStr := e.(string)
+		if !isStr {
+			c.errorf(key, "%v (%T) is not a name (want a string)", e, e)
+			ok = false
+			continue
+		}
+		if strings.HasPrefix(s, "@") {
+			set, good := c.setRef(key, s, setNames)
+			if !good {
+				ok = false
+			} else if set != nil && set.names != nil {
+				ns.sets = append(ns.sets, set.names)
+			}
+			continue
+		}
+		if inline == nil {
+			inline = &names.Set{}
+			ns.sets = append(ns.sets, inline)
+		}
+		if err := inline.Add(s); err != nil {
+			c.errorf(key, "%v", err)
+			ok = false
+		}
+	}
+	if ok {
+		c.nameMemo[mk] = ns
+	}
+	return ns, ok
+}
+
 func (c *compiler) compileProto(key string, v any) (uint8, bool) {
 	if v == nil {
 		return protoAny, true
@@ -525,6 +637,12 @@ func (c *compiler) compileRule(n int, rc *RuleConfig) (rule, bool) {
 	if r.dstPort, good = c.compilePorts(key("dst_port"), rc.DstPort); !good {
 		ok = false
 	}
+	if r.domains, good = c.compileNames(key("domain"), rc.Domain); !good {
+		ok = false
+	}
+	// DNS blocking answers queries for a rule's names only when nothing
+	// but the client's address narrows the rule (ruleset.go, BlockedName).
+	r.nameOnly = rc.Domain != nil && rc.Proto == nil && rc.Dst == nil && rc.SrcPort == nil && rc.DstPort == nil
 	// A port condition can only hold for protocols with ports: it narrows
 	// "any" (or tcp+icmp) to the port-carrying ones, and a rule left with
 	// none is a mistake.

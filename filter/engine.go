@@ -72,6 +72,11 @@ type Decision struct {
 	// NoRule when no rule was involved.
 	Rule   int
 	Reason DropReason // ReasonNone when forwarded
+	// Peek: the flow is forwarded but not judged yet. Its verdict depends
+	// on its name, which the stack reads from the client's first bytes
+	// (completing a TCP handshake, holding a UDP datagram) before it
+	// dials, then calls Decide. Rule is NoRule until then.
+	Peek bool
 }
 
 // FlowKey identifies a flow as seen from the client (the TUN side). For
@@ -134,6 +139,13 @@ type EngineOptions struct {
 	// LocalAddrs are the TUN's own addresses: a packet read from the TUN
 	// that is addressed to one of them is dropped as malformed.
 	LocalAddrs []netip.Addr
+	// Names returns the name DNS answers tunfw forwarded gave addr for
+	// client, if one is known and within its TTL; nil: no DNS names.
+	Names func(client, addr netip.Addr) (string, bool)
+	// Peekable reports whether the stack can read the name of p's flow
+	// from its first bytes (a TCP port where the client speaks first,
+	// QUIC); nil: no flow is peeked, names come from DNS only.
+	Peekable func(p *Packet) bool
 }
 
 // Counters is a snapshot of the Engine's counters.
@@ -144,7 +156,12 @@ type Counters struct {
 	Denied, Rejected, NoFlow, Malformed, Fragment, Unsupported, Limit, Deferred uint64
 	Monitored                                                                   uint64 // flows forwarded only because of monitor mode
 	FlowsCreated                                                                uint64
-	FlowsActive                                                                 int
+	// Peeked counts flows whose verdict waited for their name
+	// (Decision.Peek).
+	Peeked uint64
+	// DNSBlocked counts DNS queries tunfw answered itself (BlockQuery).
+	DNSBlocked  uint64
+	FlowsActive int
 	// FlowsByState counts active flows by state name (new, established,
 	// closing, closed).
 	FlowsByState map[string]int
@@ -185,6 +202,10 @@ type flow struct {
 	pktsOut   uint64
 	bytesIn   uint64
 	bytesOut  uint64
+	// name is the flow's name and nameFrom where it came from; set when
+	// the flow is judged, for listings and logs.
+	name     string
+	nameFrom NameFrom
 	// cliAck is the acknowledgement number of the client's latest TCP
 	// segment (hasAck: one was seen): the sequence number a reset must
 	// carry for the client to accept it when its window is closed.
@@ -200,6 +221,8 @@ const (
 	ctrReplies = int(numReasons) + iota
 	ctrMonitored
 	ctrFlowsCreated
+	ctrPeeked
+	ctrDNSBlocked
 	ctrBytesIn
 	ctrBytesOut
 	numCtrs
@@ -221,6 +244,12 @@ type Engine struct {
 	// local are tunfw's own addresses on the TUN: a packet to one of them
 	// is malformed (see badAddresses). Read-only after NewEngine.
 	local []netip.Addr
+	// names and peekable are EngineOptions.Names and Peekable.
+	names    func(client, addr netip.Addr) (string, bool)
+	peekable func(p *Packet) bool
+	// peeking counts the packets of flows not judged yet (Decision.Peek);
+	// Decide moves them to the rule that judges the flow.
+	peeking ruleCounters
 	// ctr counts packets, bytes and drops (indexed by the ctr*
 	// constants and by DropReason), read without the table's lock.
 	ctr [numCtrs]atomic.Uint64
@@ -253,11 +282,13 @@ const walkBatch = 1024
 // NewEngine returns an Engine judging new flows with rs.
 func NewEngine(rs *Ruleset, opts EngineOptions) *Engine {
 	e := &Engine{
-		log:    opts.Logger,
-		local:  append([]netip.Addr(nil), opts.LocalAddrs...),
-		flows:  make(map[FlowKey]*flow),
-		perSrc: make(map[netip.Addr]int),
-		tombs:  tombstones{byKey: make(map[FlowKey]tomb)},
+		log:      opts.Logger,
+		local:    append([]netip.Addr(nil), opts.LocalAddrs...),
+		names:    opts.Names,
+		peekable: opts.Peekable,
+		flows:    make(map[FlowKey]*flow),
+		perSrc:   make(map[netip.Addr]int),
+		tombs:    tombstones{byKey: make(map[FlowKey]tomb)},
 	}
 	if e.log == nil {
 		e.log = slog.Default()
@@ -330,11 +361,11 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 		key = KeyOf(p)
 	case p.isICMP():
 		if req, _ := p.icmpEcho(); !req {
-			return e.count(Decision{VerdictDrop, NoRule, ReasonUnsupported})
+			return e.count(Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: ReasonUnsupported})
 		}
 		key = KeyOf(p)
 	default:
-		return e.count(Decision{VerdictDrop, NoRule, ReasonUnsupported})
+		return e.count(Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: ReasonUnsupported})
 	}
 
 	e.mu.Lock()
@@ -365,7 +396,7 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 		if t, ok := e.tombs.byKey[key]; ok {
 			e.mu.Unlock()
 			e.ctr[ctrBytesIn].Add(uint64(p.Len))
-			return e.count(Decision{VerdictForward, t.rule, ReasonNone})
+			return e.count(Decision{Verdict: VerdictForward, Rule: t.rule, Reason: ReasonNone})
 		}
 	}
 	pol := e.policy.Load()
@@ -375,13 +406,13 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 	e.mu.Unlock()
 
 	if p.Proto == ProtoTCP && !syn {
-		return e.count(Decision{VerdictDrop, NoRule, ReasonNoFlow})
+		return e.count(Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: ReasonNoFlow})
 	}
 	if r := e.badAddresses(p); r != ReasonNone {
-		return e.count(Decision{VerdictDrop, NoRule, r})
+		return e.count(Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: r})
 	}
 	if full { // fail fast, before running the rules
-		return e.count(Decision{VerdictReject, NoRule, ReasonLimit})
+		return e.count(Decision{Verdict: VerdictReject, Rule: NoRule, Reason: ReasonLimit})
 	}
 	return e.newFlow(pol.rules, key, p, now)
 }
@@ -390,21 +421,20 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 // verdict. Only Inbound inserts flows, so the table cannot have grown since
 // Inbound's check.
 func (e *Engine) newFlow(rs *Ruleset, key FlowKey, p *Packet, now int64) Decision {
-	act, ri := rs.Match(p)
-	d := Decision{Verdict: VerdictForward, Rule: ri}
-	switch act {
-	case Deny:
-		d.Verdict, d.Reason = VerdictDrop, ReasonDenied
-	case Reject:
-		d.Verdict, d.Reason = VerdictReject, ReasonRejected
+	var name string
+	var from NameFrom
+	if rs.hasDomains {
+		if e.peekable != nil && e.peekable(p) && rs.NeedsName(p) {
+			return e.peekFlow(rs, key, p, now)
+		}
+		name, from = e.dnsName(p.Src, p.Dst)
 	}
-	monitored := rs.monitor && d.Verdict != VerdictForward
-	if monitored {
-		d.Verdict, d.Reason = VerdictForward, ReasonNone
-	}
+	act, ri := rs.MatchName(p, name)
+	d, monitored := decision(rs, act, ri)
 	st := rs.counters(ri)
 	f := &flow{key: key, dec: d, act: act, monitored: monitored, rs: rs, st: st,
 		first: now, last: now, pktsIn: 1, bytesIn: uint64(p.Len)}
+	f.name, f.nameFrom = name, from
 
 	e.mu.Lock()
 	if e.policy.Load().rules != rs {
@@ -433,9 +463,105 @@ func (e *Engine) newFlow(rs *Ruleset, key FlowKey, p *Packet, now int64) Decisio
 		e.ctr[ctrBytesIn].Add(uint64(p.Len))
 	}
 	if rs.log == LogAll || (rs.log == LogDeny && act != Allow) {
-		e.logFlow(rs, act, ri, key, monitored, now)
+		e.logFlow(rs, act, ri, key, monitored, f.name, f.nameFrom, now)
 	}
 	return e.count(d)
+}
+
+// decision is the verdict of act by rule ri of rs, and whether monitor
+// mode changed it.
+func decision(rs *Ruleset, act Action, ri int) (d Decision, monitored bool) {
+	d = Decision{Verdict: VerdictForward, Rule: ri}
+	switch act {
+	case Deny:
+		d.Verdict, d.Reason = VerdictDrop, ReasonDenied
+	case Reject:
+		d.Verdict, d.Reason = VerdictReject, ReasonRejected
+	}
+	monitored = rs.monitor && d.Verdict != VerdictForward
+	if monitored {
+		d.Verdict, d.Reason = VerdictForward, ReasonNone
+	}
+	return d, monitored
+}
+
+// dnsName is the name DNS gave dst for client src, if any.
+func (e *Engine) dnsName(src, dst netip.Addr) (string, NameFrom) {
+	if e.names != nil {
+		if n, ok := e.names(src, dst); ok {
+			return n, NameDNS
+		}
+	}
+	return "", NameNone
+}
+
+// peekFlow records a flow whose verdict waits for its name (Decision.Peek).
+func (e *Engine) peekFlow(rs *Ruleset, key FlowKey, p *Packet, now int64) Decision {
+	d := Decision{Verdict: VerdictForward, Rule: NoRule, Peek: true}
+	f := &flow{key: key, dec: d, rs: rs, st: &e.peeking, first: now, last: now, pktsIn: 1, bytesIn: uint64(p.Len)}
+	e.mu.Lock()
+	if e.policy.Load().rules != rs {
+		e.mu.Unlock()
+		return e.Inbound(p, now) // as in newFlow
+	}
+	if old := e.flows[key]; old != nil {
+		e.removeLocked(old)
+	}
+	e.insertLocked(f)
+	e.mu.Unlock()
+	e.peeking.packets.Add(1)
+	e.peeking.bytes.Add(uint64(p.Len))
+	e.ctr[ctrFlowsCreated].Add(1)
+	e.ctr[ctrPeeked].Add(1)
+	e.ctr[ctrBytesIn].Add(uint64(p.Len))
+	return e.count(d)
+}
+
+// Decide judges a flow that Inbound left to its name (Decision.Peek),
+// once the stack has read name from its first bytes (from says how; ""
+// with NameNone when none was found, at the timeout or the byte limit).
+// A name read from the flow wins over one DNS gave; without one, the DNS
+// name decides. The flow is judged by the rules in force now. Its later
+// packets follow the verdict: for a denied flow the stack closes its side
+// without a word (Outbound then reports its packets as not to be
+// written), for a rejected one with a RST. A flow that is gone, or was
+// not waiting, gets VerdictDrop with ReasonNoFlow.
+func (e *Engine) Decide(r FlowRef, name string, from NameFrom, now int64) Decision {
+	gone := Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: ReasonNoFlow}
+	e.mu.Lock()
+	f := e.flows[r.Key]
+	ok := f != nil && f.id == r.ID && f.dec.Peek
+	e.mu.Unlock()
+	if !ok {
+		return gone
+	}
+	if name == "" {
+		name, from = e.dnsName(r.Key.Src.Addr(), r.Key.Dst.Addr())
+	}
+	rs := e.policy.Load().rules
+	p := r.Key.firstPacket()
+	act, ri := rs.MatchName(&p, name)
+	d, monitored := decision(rs, act, ri)
+	st := rs.counters(ri)
+	e.mu.Lock()
+	if e.flows[r.Key] != f || f.id != r.ID || !f.dec.Peek {
+		e.mu.Unlock()
+		return gone
+	}
+	f.dec, f.act, f.monitored, f.rs, f.st = d, act, monitored, rs, st
+	f.name, f.nameFrom = name, from
+	pkts, bytes := f.pktsIn+f.pktsOut, f.bytesIn+f.bytesOut
+	e.mu.Unlock()
+	st.flows.Add(1)
+	st.packets.Add(pkts)
+	st.bytes.Add(bytes)
+	if monitored {
+		e.ctr[ctrMonitored].Add(1)
+	}
+	if rs.log == LogAll || (rs.log == LogDeny && act != Allow) {
+		e.logFlow(rs, act, ri, r.Key, monitored, name, from, now)
+	}
+	return d
 }
 
 // badAddresses checks the addresses of a new flow's first packet: a source
@@ -463,7 +589,7 @@ func (e *Engine) badAddresses(p *Packet) DropReason {
 func isBroadcast4(a netip.Addr) bool { return a.Is4() && a.As4() == [4]byte{255, 255, 255, 255} }
 
 // logFlow writes the one log line of a new-flow decision.
-func (e *Engine) logFlow(rs *Ruleset, act Action, ri int, key FlowKey, monitored bool, now int64) {
+func (e *Engine) logFlow(rs *Ruleset, act Action, ri int, key FlowKey, monitored bool, name string, from NameFrom, now int64) {
 	ctx := context.Background()
 	if !e.log.Enabled(ctx, slog.LevelInfo) {
 		return
@@ -475,7 +601,7 @@ func (e *Engine) logFlow(rs *Ruleset, act Action, ri int, key FlowKey, monitored
 	if !ok {
 		return
 	}
-	attrs := make([]slog.Attr, 0, 7)
+	attrs := make([]slog.Attr, 0, 9)
 	attrs = append(attrs,
 		slog.String("verdict", act.String()),
 		slog.String("rule", rs.RuleName(ri)),
@@ -497,6 +623,9 @@ func (e *Engine) logFlow(rs *Ruleset, act Action, ri int, key FlowKey, monitored
 			slog.String("dst", key.Dst.Addr().String()),
 			slog.Int("id", int(key.Src.Port())))
 	}
+	if from != NameNone {
+		attrs = append(attrs, slog.String("name", name), slog.String("name_from", from.String()))
+	}
 	if monitored {
 		attrs = append(attrs, slog.Bool("monitor", true))
 	}
@@ -509,29 +638,48 @@ func (e *Engine) logSuppressed(n uint64) {
 	e.log.Warn("flow log lines suppressed by the rate limit", "suppressed", n, "log_rate", e.policy.Load().limits.LogRate)
 }
 
+// OutboundResult says what Outbound found for a packet the stack writes.
+type OutboundResult uint8
+
+// Outbound results.
+const (
+	// OutboundNoFlow: the packet matches no flow; the caller writes it
+	// anyway (e.g. the stack's RST for a refused connection).
+	OutboundNoFlow OutboundResult = iota
+	// OutboundFlow: accounted to its flow; the caller writes it.
+	OutboundFlow
+	// OutboundSilenced: its flow was denied after its name was read
+	// (Decide): deny is silence, so the caller drops the packet (the
+	// stack's RST as it closes its side).
+	OutboundSilenced
+)
+
 // Outbound accounts a packet the stack writes to the TUN (a reply to a
 // client): it finds the flow by the reversed tuple and updates its TCP
-// state, counters and last-seen time. It returns false if the packet
-// matches no flow; the caller writes it anyway (e.g. the stack's RST for a
-// refused connection). It does not allocate.
-func (e *Engine) Outbound(p *Packet, now int64) bool {
+// state, counters and last-seen time, and says whether to write it. It
+// does not allocate.
+func (e *Engine) Outbound(p *Packet, now int64) OutboundResult {
 	var key FlowKey
 	switch {
 	case p.Proto == ProtoTCP || p.Proto == ProtoUDP:
 		key = KeyOf(p).Reverse()
 	case p.isICMP():
 		if _, rep := p.icmpEcho(); !rep {
-			return false
+			return OutboundNoFlow
 		}
 		key = FlowKey{p.Proto, netip.AddrPortFrom(p.Dst, p.SrcPort), netip.AddrPortFrom(p.Src, 0)}
 	default:
-		return false
+		return OutboundNoFlow
 	}
 	e.mu.Lock()
 	f := e.flows[key]
 	if f == nil {
 		e.mu.Unlock()
-		return false
+		return OutboundNoFlow
+	}
+	if f.dec.Verdict == VerdictDrop {
+		e.mu.Unlock()
+		return OutboundSilenced
 	}
 	f.last = now
 	f.pktsOut++
@@ -557,7 +705,7 @@ func (e *Engine) Outbound(p *Packet, now int64) bool {
 	e.mu.Unlock()
 	e.ctr[ctrReplies].Add(1)
 	e.ctr[ctrBytesOut].Add(uint64(p.Len))
-	return true
+	return OutboundFlow
 }
 
 // Recheck runs every existing flow through the current ruleset as if its
@@ -588,20 +736,24 @@ func (e *Engine) Recheck() []FlowRef {
 		ri  int
 	}
 	acts := make([]verdict, 0, walkBatch)
+	names := make([]string, 0, walkBatch)
 	for i := 0; ; {
-		batch, acts = batch[:0], acts[:0]
+		batch, acts, names = batch[:0], acts[:0], names[:0]
 		e.mu.Lock()
 		for ; i < len(e.slots) && len(batch) < walkBatch; i++ {
-			if f := e.slots[i]; f != nil && f.dec.Verdict == VerdictForward {
+			// A flow waiting for its name is judged by the new rules
+			// when Decide comes.
+			if f := e.slots[i]; f != nil && f.dec.Verdict == VerdictForward && !f.dec.Peek {
 				batch = append(batch, f)
+				names = append(names, f.name)
 			}
 		}
 		more := i < len(e.slots)
 		e.mu.Unlock()
 		yieldBatch(more)
-		for _, f := range batch {
+		for j, f := range batch {
 			p := f.key.firstPacket() // a flow's key never changes
-			act, ri := rs.Match(&p)
+			act, ri := rs.MatchName(&p, names[j])
 			acts = append(acts, verdict{act, ri})
 		}
 		e.mu.Lock()
@@ -827,6 +979,8 @@ func (e *Engine) Counters() Counters {
 		Deferred:     e.ctr[ReasonDeferred].Load(),
 		Monitored:    e.ctr[ctrMonitored].Load(),
 		FlowsCreated: e.ctr[ctrFlowsCreated].Load(),
+		Peeked:       e.ctr[ctrPeeked].Load(),
+		DNSBlocked:   e.ctr[ctrDNSBlocked].Load(),
 		FlowsActive:  active,
 	}
 }

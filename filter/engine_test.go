@@ -34,7 +34,7 @@ func in(e *Engine, x pk, now int64) Decision {
 
 func out(e *Engine, x pk, now int64) bool {
 	p, _ := parsed(x)
-	return e.Outbound(p, now)
+	return e.Outbound(p, now) == OutboundFlow
 }
 
 func TestEngineFlowVerdictKept(t *testing.T) {
@@ -46,7 +46,7 @@ dst_port = 22
 `, EngineOptions{})
 	syn := tcp("10.0.0.2", 40000, "1.1.1.1", 443, TCPSyn)
 	ack := tcp("10.0.0.2", 40000, "1.1.1.1", 443, TCPAck)
-	if d := in(e, syn, 0); d != (Decision{VerdictForward, -1, ReasonNone}) {
+	if d := in(e, syn, 0); d != (Decision{Verdict: VerdictForward, Rule: -1, Reason: ReasonNone}) {
 		t.Fatalf("SYN: %+v", d)
 	}
 	// Swap to rules that deny everything: the flow keeps its verdict.
@@ -55,7 +55,7 @@ dst_port = 22
 		t.Errorf("established after swap: %+v", d)
 	}
 	// A new flow sees the new rules.
-	if d := in(e, tcp("10.0.0.2", 40001, "1.1.1.1", 443, TCPSyn), sec); d != (Decision{VerdictDrop, -1, ReasonDenied}) {
+	if d := in(e, tcp("10.0.0.2", 40001, "1.1.1.1", 443, TCPSyn), sec); d != (Decision{Verdict: VerdictDrop, Rule: -1, Reason: ReasonDenied}) {
 		t.Errorf("new flow after swap: %+v", d)
 	}
 	if e.rules().Default() != Deny {
@@ -70,7 +70,7 @@ dst_port = 22
 	e.Swap(mustCompile(t, "[[rule]]\naction = \"reject\"\nproto = \"udp\"\n"))
 	u := udp("10.0.0.2", 5000, "8.8.8.8", 53)
 	for i := range 3 {
-		if d := in(e, u, 3*sec); d != (Decision{VerdictReject, 0, ReasonRejected}) {
+		if d := in(e, u, 3*sec); d != (Decision{Verdict: VerdictReject, Rule: 0, Reason: ReasonRejected}) {
 			t.Errorf("udp %d: %+v", i, d)
 		}
 	}
@@ -100,14 +100,14 @@ func TestEngineUnsupportedAndNoFlow(t *testing.T) {
 		p    pk
 		want Decision
 	}{
-		{"tcp ack without flow", tcp("10.0.0.2", 1, "1.1.1.1", 80, TCPAck), Decision{VerdictDrop, NoRule, ReasonNoFlow}},
-		{"tcp syn-ack without flow", tcp("10.0.0.2", 1, "1.1.1.1", 80, TCPSyn|TCPAck), Decision{VerdictDrop, NoRule, ReasonNoFlow}},
-		{"gre", pk{src: "10.0.0.2", dst: "1.1.1.1", proto: 47}, Decision{VerdictDrop, NoRule, ReasonUnsupported}},
-		{"icmp unreachable", pk{src: "10.0.0.2", dst: "1.1.1.1", proto: ProtoICMP, icmpType: 3}, Decision{VerdictDrop, NoRule, ReasonUnsupported}},
-		{"icmp echo reply", pk{src: "10.0.0.2", dst: "1.1.1.1", proto: ProtoICMP, icmpType: 0}, Decision{VerdictDrop, NoRule, ReasonUnsupported}},
-		{"icmpv6 neighbor solicitation", pk{src: "fd00::2", dst: "fd00::1", proto: ProtoICMPv6, icmpType: 135}, Decision{VerdictDrop, NoRule, ReasonUnsupported}},
-		{"icmp echo", ping("10.0.0.2", "1.1.1.1", 9), Decision{VerdictForward, -1, ReasonNone}},
-		{"icmpv6 echo", ping("fd00::2", "2001:db8::1", 9), Decision{VerdictForward, -1, ReasonNone}},
+		{"tcp ack without flow", tcp("10.0.0.2", 1, "1.1.1.1", 80, TCPAck), Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: ReasonNoFlow}},
+		{"tcp syn-ack without flow", tcp("10.0.0.2", 1, "1.1.1.1", 80, TCPSyn|TCPAck), Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: ReasonNoFlow}},
+		{"gre", pk{src: "10.0.0.2", dst: "1.1.1.1", proto: 47}, Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: ReasonUnsupported}},
+		{"icmp unreachable", pk{src: "10.0.0.2", dst: "1.1.1.1", proto: ProtoICMP, icmpType: 3}, Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: ReasonUnsupported}},
+		{"icmp echo reply", pk{src: "10.0.0.2", dst: "1.1.1.1", proto: ProtoICMP, icmpType: 0}, Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: ReasonUnsupported}},
+		{"icmpv6 neighbor solicitation", pk{src: "fd00::2", dst: "fd00::1", proto: ProtoICMPv6, icmpType: 135}, Decision{Verdict: VerdictDrop, Rule: NoRule, Reason: ReasonUnsupported}},
+		{"icmp echo", ping("10.0.0.2", "1.1.1.1", 9), Decision{Verdict: VerdictForward, Rule: -1, Reason: ReasonNone}},
+		{"icmpv6 echo", ping("fd00::2", "2001:db8::1", 9), Decision{Verdict: VerdictForward, Rule: -1, Reason: ReasonNone}},
 	}
 	for _, tt := range tests {
 		if d := in(e, tt.p, 0); d != tt.want {
@@ -220,7 +220,7 @@ func TestEngineMaxFlows(t *testing.T) {
 	e, _ := newTestEngine(t, "", EngineOptions{Limits: EngineLimits{MaxFlows: 2}})
 	in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 0)
 	in(e, tcp("10.0.0.2", 2, "8.8.8.8", 53, TCPSyn), 0)
-	if d := in(e, udp("10.0.0.2", 3, "8.8.8.8", 53), 0); d != (Decision{VerdictReject, NoRule, ReasonLimit}) {
+	if d := in(e, udp("10.0.0.2", 3, "8.8.8.8", 53), 0); d != (Decision{Verdict: VerdictReject, Rule: NoRule, Reason: ReasonLimit}) {
 		t.Errorf("over limit: %+v", d)
 	}
 	// Existing flows are untouched.
@@ -255,10 +255,10 @@ proto = "icmp"
 	}{{"none", 0}, {"deny", 2}, {"all", 3}} {
 		e, logs := newTestEngine(t, strings.Replace(rules, "%s", tc.level, 1), EngineOptions{})
 		for range 2 {
-			if d := in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 0); d != (Decision{VerdictForward, 0, ReasonNone}) {
+			if d := in(e, udp("10.0.0.2", 1, "8.8.8.8", 53), 0); d != (Decision{Verdict: VerdictForward, Rule: 0, Reason: ReasonNone}) {
 				t.Errorf("monitored deny: %+v", d)
 			}
-			if d := in(e, ping("fd00::2", "2001:db8::1", 7), 0); d != (Decision{VerdictForward, 1, ReasonNone}) {
+			if d := in(e, ping("fd00::2", "2001:db8::1", 7), 0); d != (Decision{Verdict: VerdictForward, Rule: 1, Reason: ReasonNone}) {
 				t.Errorf("monitored reject: %+v", d)
 			}
 			in(e, udp("10.0.0.2", 1, "8.8.8.8", 54), 0)

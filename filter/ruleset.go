@@ -89,6 +89,9 @@ type Ruleset struct {
 	// shared with the previous ruleset for rules of the same name.
 	stats []*ruleCounters
 	idx   ruleIndex // built by buildIndex; Match uses it (index.go)
+	// hasDomains: some rule has a domain key, so flows may need a name
+	// (names.go); without, judging a flow costs what it always did.
+	hasDomains bool
 }
 
 // rule is one compiled [[rule]]. Absent keys are "any" sets. The sets are
@@ -100,6 +103,12 @@ type rule struct {
 	protos           uint8
 	src, dst         *addrSet
 	srcPort, dstPort *portSet
+	// domains are the names the flow's name must match; nil: any name,
+	// known or not.
+	domains *nameSet
+	// nameOnly: the rule has domain and no condition but src, so a DNS
+	// query for one of its names stands for the flow (BlockedName).
+	nameOnly bool
 }
 
 // u128 is an IPv6 address as a number, for cheap comparisons.

@@ -87,19 +87,32 @@ func (e *Engine) RuleStats() []RuleStat {
 
 // FlowInfo is a snapshot of one flow table entry.
 type FlowInfo struct {
-	Proto      string         `json:"proto"` // tcp, udp, icmp
-	Src        netip.AddrPort `json:"src"`   // for icmp, the port is the echo id
-	Dst        netip.AddrPort `json:"dst"`
-	State      string         `json:"state"` // new, established, closing, closed
-	Rule       string         `json:"rule"`
-	Verdict    string         `json:"verdict"` // allow, deny, reject
-	Monitor    bool           `json:"monitor,omitempty"`
-	Age        time.Duration  `json:"age_ns"`
-	Idle       time.Duration  `json:"idle_ns"`
-	PacketsIn  uint64         `json:"packets_in"` // client -> destination
-	BytesIn    uint64         `json:"bytes_in"`
-	PacketsOut uint64         `json:"packets_out"` // destination -> client
-	BytesOut   uint64         `json:"bytes_out"`
+	Proto   string         `json:"proto"` // tcp, udp, icmp
+	Src     netip.AddrPort `json:"src"`   // for icmp, the port is the echo id
+	Dst     netip.AddrPort `json:"dst"`
+	State   string         `json:"state"` // new, established, closing, closed
+	Rule    string         `json:"rule"`
+	Verdict string         `json:"verdict"` // allow, deny, reject
+	Monitor bool           `json:"monitor,omitempty"`
+	// Name is the name the flow was judged by (or known by) and NameFrom
+	// where it came from: sni, host, quic or dns; empty when none.
+	Name       string        `json:"name,omitempty"`
+	NameFrom   string        `json:"name_from,omitempty"`
+	Age        time.Duration `json:"age_ns"`
+	Idle       time.Duration `json:"idle_ns"`
+	PacketsIn  uint64        `json:"packets_in"` // client -> destination
+	BytesIn    uint64        `json:"bytes_in"`
+	PacketsOut uint64        `json:"packets_out"` // destination -> client
+	BytesOut   uint64        `json:"bytes_out"`
+}
+
+// verdictName is what a listing shows as a flow's verdict: its rule's
+// action, or "peek" while its name is being read.
+func verdictName(f *flow) string {
+	if f.dec.Peek {
+		return "peek"
+	}
+	return f.act.String()
 }
 
 var stateNames = [numStates]string{"new", "established", "closing", "closed"}
@@ -143,8 +156,8 @@ func (e *Engine) EachFlow(now int64, fn func(fi *FlowInfo)) {
 			k := &f.key
 			batch = append(batch, FlowInfo{
 				Proto: protoName(k.Proto), Src: k.Src, Dst: k.Dst,
-				State: stateNames[f.state], Rule: f.rs.RuleName(f.dec.Rule), Verdict: f.act.String(),
-				Monitor: f.monitored,
+				State: stateNames[f.state], Rule: f.rs.RuleName(f.dec.Rule), Verdict: verdictName(f),
+				Monitor: f.monitored, Name: f.name, NameFrom: f.nameFrom.String(),
 				// A paced listing runs for seconds past now: a flow
 				// made since is 0 old, not negative.
 				Age: time.Duration(max(0, now-f.first)), Idle: time.Duration(max(0, now-f.last)),

@@ -1,0 +1,338 @@
+package filter
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/BurntSushi/toml"
+)
+
+const nameRules = `
+[filter]
+default = "deny"
+
+[sets]
+ads = ["doubleclick.net", "*.doubleclick.net"]
+
+[[rule]]
+name = "no-ads"
+action = "reject"
+domain = "@ads"
+
+[[rule]]
+name = "github"
+action = "allow"
+proto = "tcp"
+dst_port = 443
+domain = ["github.com", "*.github.com"]
+
+[[rule]]
+name = "dns"
+action = "allow"
+proto = "udp"
+dst_port = 53
+
+[[rule]]
+name = "lan"
+action = "allow"
+dst = "10.0.0.0/8"
+`
+
+func TestMatchName(t *testing.T) {
+	rs := mustCompile(t, nameRules)
+	if !rs.HasNameRules() {
+		t.Fatal("HasNameRules false for a ruleset with domain keys")
+	}
+	web, _ := parsed(tcp("192.0.2.1", 40000, "198.51.100.7", 443, TCPSyn))
+	for _, c := range []struct {
+		name string
+		want string
+	}{
+		{"github.com", "github"},
+		{"API.GitHub.com.", "github"},
+		{"a.b.github.com", "github"},
+		{"notgithub.com", "default"},
+		{"", "default"},
+		{"ad.doubleclick.net", "no-ads"},
+		{"doubleclick.net", "no-ads"},
+	} {
+		_, ri := rs.MatchName(web, c.name)
+		if got := rs.RuleName(ri); got != c.want {
+			t.Errorf("MatchName(%q) = %s, want %s", c.name, got, c.want)
+		}
+	}
+	// A domain rule never matches a flow whose other keys do not.
+	other, _ := parsed(tcp("192.0.2.1", 40000, "198.51.100.7", 80, TCPSyn))
+	if _, ri := rs.MatchName(other, "github.com"); rs.RuleName(ri) != "default" {
+		t.Errorf("port 80 flow named github.com took %s, want default", rs.RuleName(ri))
+	}
+	// The name does not matter once a rule without one matched first.
+	lan, _ := parsed(tcp("192.0.2.1", 40000, "10.1.2.3", 443, TCPSyn))
+	if _, ri := rs.MatchName(lan, "ad.doubleclick.net"); rs.RuleName(ri) != "no-ads" {
+		t.Errorf("lan flow named an ad took %s, want no-ads (it comes first)", rs.RuleName(ri))
+	}
+}
+
+func TestNeedsName(t *testing.T) {
+	rs := mustCompile(t, nameRules)
+	for _, c := range []struct {
+		p    pk
+		want bool
+	}{
+		{tcp("192.0.2.1", 40000, "198.51.100.7", 443, TCPSyn), true}, // github or ads decide
+		{tcp("192.0.2.1", 40000, "198.51.100.7", 80, TCPSyn), true},  // ads reject vs default deny
+		{udp("192.0.2.1", 40000, "198.51.100.7", 53), true},          // ads reject vs dns allow
+	} {
+		p, _ := parsed(c.p)
+		if got := rs.NeedsName(p); got != c.want {
+			t.Errorf("NeedsName(%v) = %v, want %v", KeyOf(p), got, c.want)
+		}
+	}
+	// Without domain keys nothing needs a name.
+	plain := mustCompile(t, matchConfig)
+	p, _ := parsed(tcp("192.0.2.1", 40000, "198.51.100.7", 443, TCPSyn))
+	if plain.NeedsName(p) {
+		t.Error("NeedsName true for a ruleset without domain keys")
+	}
+	// Name rules that cannot change the verdict need no name: a deny by
+	// name before a default deny.
+	same := mustCompile(t, `
+[filter]
+default = "deny"
+[[rule]]
+name = "ads"
+action = "deny"
+domain = "*.ads.example"
+[[rule]]
+name = "ssh"
+action = "allow"
+proto = "tcp"
+dst_port = 22
+`)
+	if p, _ := parsed(tcp("192.0.2.1", 40000, "198.51.100.7", 443, TCPSyn)); same.NeedsName(p) {
+		t.Error("a deny-by-name before a default deny makes the flow wait for its name")
+	}
+	if p, _ := parsed(tcp("192.0.2.1", 40000, "198.51.100.7", 22, TCPSyn)); !same.NeedsName(p) {
+		t.Error("a deny-by-name before an allow does not make the flow wait for its name")
+	}
+}
+
+func TestBlockedName(t *testing.T) {
+	rs := mustCompile(t, nameRules)
+	src := netip.MustParseAddr("192.0.2.1")
+	if ri, ok := rs.BlockedName(src, "x.doubleclick.net"); !ok || rs.RuleName(ri) != "no-ads" {
+		t.Errorf("BlockedName(x.doubleclick.net) = %d %v, want no-ads true", ri, ok)
+	}
+	// github has proto and dst_port: a query for it is not the flow.
+	if _, ok := rs.BlockedName(src, "github.com"); ok {
+		t.Error("a name whose rule has other conditions is blocked at DNS")
+	}
+	allowFirst := mustCompile(t, `
+[[rule]]
+name = "ok"
+action = "allow"
+domain = "good.doubleclick.net"
+[[rule]]
+name = "ads"
+action = "deny"
+domain = "*.doubleclick.net"
+src = "192.0.2.0/24"
+`)
+	if _, ok := allowFirst.BlockedName(src, "good.doubleclick.net"); ok {
+		t.Error("an allow-by-name before the deny does not win")
+	}
+	if _, ok := allowFirst.BlockedName(src, "bad.doubleclick.net"); !ok {
+		t.Error("deny by name with a src condition does not block at DNS")
+	}
+	if _, ok := allowFirst.BlockedName(netip.MustParseAddr("198.18.0.1"), "bad.doubleclick.net"); ok {
+		t.Error("deny by name blocks a client its src does not cover")
+	}
+}
+
+func TestNameSetsConfig(t *testing.T) {
+	dir := t.TempDir()
+	list := filepath.Join(dir, "block.txt")
+	if err := os.WriteFile(list, []byte("# ads\ntracker.example\n\nads.example\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	src := `
+[sets]
+block = { file = "block.txt" }
+mixed = ["example.com", "10.0.0.1"]
+bad = ["exa mple.com"]
+ports = [80]
+missing = { file = "nope.txt" }
+
+[[rule]]
+action = "deny"
+domain = "@block"
+
+[[rule]]
+action = "deny"
+domain = "@ports"
+
+[[rule]]
+action = "deny"
+domain = ["ok.example", 7]
+
+[[rule]]
+action = "deny"
+domain = []
+`
+	var fc fileConfig
+	if _, err := toml.Decode(src, &fc); err != nil {
+		t.Fatal(err)
+	}
+	fc.Filter.Dir = dir
+	_, err := Compile(fc.Filter, fc.Sets, fc.Rule)
+	if err == nil {
+		t.Fatal("Compile accepted bad name sets")
+	}
+	for _, want := range []string{
+		"sets.mixed: mixes names and addresses",
+		"sets.bad:",
+		"sets.missing:",
+		`rule[2].domain: set "@ports" holds ports, not names`,
+		"rule[3].domain: 7 (int64) is not a name",
+		"rule[4].domain: empty list",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("errors lack %q:\n%v", want, err)
+		}
+	}
+	if strings.Contains(err.Error(), "sets.block") || strings.Contains(err.Error(), "rule[1]") {
+		t.Errorf("the valid list file set was reported:\n%v", err)
+	}
+
+	// The list file's names match through the set.
+	var ok fileConfig
+	if _, err := toml.Decode("[sets]\nblock = { file = \"block.txt\" }\n[[rule]]\nname = \"b\"\naction = \"deny\"\ndomain = \"@block\"\n", &ok); err != nil {
+		t.Fatal(err)
+	}
+	ok.Filter.Dir = dir
+	rs, err := Compile(ok.Filter, ok.Sets, ok.Rule)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, _ := parsed(tcp("192.0.2.1", 1, "198.51.100.7", 443, TCPSyn))
+	if _, ri := rs.MatchName(p, "ads.example"); rs.RuleName(ri) != "b" {
+		t.Errorf("a name from the list file did not match its rule")
+	}
+}
+
+func TestEnginePeekAndDecide(t *testing.T) {
+	dnsNames := map[[2]netip.Addr]string{}
+	opts := EngineOptions{
+		Names: func(c, a netip.Addr) (string, bool) { n, ok := dnsNames[[2]netip.Addr{c, a}]; return n, ok },
+		Peekable: func(p *Packet) bool {
+			return p.Proto == ProtoTCP && p.DstPort == 443
+		},
+	}
+	e, logs := newTestEngine(t, strings.Replace(nameRules, `default = "deny"`, "default = \"deny\"\nlog = \"all\"", 1), opts)
+	syn := tcp("192.0.2.1", 40000, "198.51.100.7", 443, TCPSyn)
+	d := in(e, syn, 1)
+	if d.Verdict != VerdictForward || !d.Peek || d.Rule != NoRule {
+		t.Fatalf("SYN of a flow a name decides: %+v, want forward+peek", d)
+	}
+	// The handshake and first bytes go to the stack meanwhile.
+	if d := in(e, tcp("192.0.2.1", 40000, "198.51.100.7", 443, TCPAck), 2); d.Verdict != VerdictForward {
+		t.Fatalf("ACK while peeking: %+v", d)
+	}
+	if fl := e.Flows(3); len(fl) != 1 || fl[0].Verdict != "peek" {
+		t.Fatalf("listing while peeking: %+v", fl)
+	}
+	key := KeyOf(mustParsed(syn))
+	id := e.Claim(key)
+	if got := e.Decide(FlowRef{key, id + 1}, "github.com", NameSNI, 3); got.Reason != ReasonNoFlow {
+		t.Errorf("Decide with a stale identity: %+v, want no-flow", got)
+	}
+	got := e.Decide(FlowRef{key, id}, "ad.doubleclick.net", NameSNI, 3)
+	if got.Verdict != VerdictReject || got.Peek || e.ruleName(got) != "no-ads" {
+		t.Fatalf("Decide(ad) = %+v, want reject by no-ads", got)
+	}
+	if again := e.Decide(FlowRef{key, id}, "github.com", NameSNI, 4); again.Reason != ReasonNoFlow {
+		t.Errorf("second Decide on a judged flow: %+v, want no-flow", again)
+	}
+	if d := in(e, tcp("192.0.2.1", 40000, "198.51.100.7", 443, TCPAck), 5); d.Verdict != VerdictReject {
+		t.Errorf("packet after a reject by name: %+v", d)
+	}
+	fl := e.Flows(6)
+	if len(fl) != 1 || fl[0].Name != "ad.doubleclick.net" || fl[0].NameFrom != "sni" || fl[0].Rule != "no-ads" {
+		t.Errorf("listing after Decide: %+v", fl)
+	}
+	if !strings.Contains(logs.String(), "name=ad.doubleclick.net name_from=sni") {
+		t.Errorf("decision log lacks the name:\n%s", logs)
+	}
+	if c := e.Counters(); c.Peeked != 1 {
+		t.Errorf("Counters.Peeked = %d, want 1", c.Peeked)
+	}
+
+	// No name read: the DNS name decides; without one, the rules without.
+	syn2 := tcp("192.0.2.1", 40001, "198.51.100.8", 443, TCPSyn)
+	in(e, syn2, 10)
+	k2 := KeyOf(mustParsed(syn2))
+	dnsNames[[2]netip.Addr{k2.Src.Addr(), k2.Dst.Addr()}] = "www.github.com"
+	if got := e.Decide(FlowRef{k2, e.Claim(k2)}, "", NameNone, 11); got.Verdict != VerdictForward || e.ruleName(got) != "github" {
+		t.Errorf("Decide without a read name, DNS knows it: %+v", got)
+	}
+	syn3 := tcp("192.0.2.1", 40002, "198.51.100.9", 443, TCPSyn)
+	in(e, syn3, 12)
+	k3 := KeyOf(mustParsed(syn3))
+	if got := e.Decide(FlowRef{k3, e.Claim(k3)}, "", NameNone, 13); got.Verdict != VerdictDrop || got.Reason != ReasonDenied {
+		t.Errorf("Decide with no name at all: %+v, want the default deny", got)
+	}
+	// Deny is silence: what the stack sends as it closes its side of the
+	// denied flow is not written.
+	if r := e.Outbound(mustParsed(tcp("198.51.100.9", 443, "192.0.2.1", 40002, TCPRst|TCPAck)), 14); r != OutboundSilenced {
+		t.Errorf("Outbound for a flow denied by name: %v, want OutboundSilenced", r)
+	}
+	if r := e.Outbound(mustParsed(tcp("198.51.100.8", 443, "192.0.2.1", 40001, TCPAck)), 14); r != OutboundFlow {
+		t.Errorf("Outbound for a flow allowed by name: %v, want OutboundFlow", r)
+	}
+
+	// A flow that cannot be peeked takes its DNS name at once.
+	udpFlow := udp("192.0.2.1", 5000, "198.51.100.10", 53)
+	dnsNames[[2]netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("198.51.100.10")}] = "x.doubleclick.net"
+	if d := in(e, udpFlow, 14); d.Peek || d.Verdict != VerdictReject {
+		t.Errorf("UDP flow with a DNS name of an ad: %+v, want reject without peek", d)
+	}
+}
+
+func mustParsed(x pk) *Packet { p, _ := parsed(x); return p }
+
+func (e *Engine) ruleName(d Decision) string { return e.policy.Load().rules.RuleName(d.Rule) }
+
+func TestExplain(t *testing.T) {
+	rs := mustCompile(t, nameRules)
+	src := netip.MustParseAddrPort("192.0.2.1:40000")
+	// By name, destination address unknown: github decides; tunfw would
+	// peek (the ads rule rejects where the default denies).
+	ex := rs.Explain(ExplainQuery{Proto: ProtoTCP, Src: src, Dst: netip.AddrPortFrom(netip.Addr{}, 443),
+		Name: "www.github.com", NameFrom: "given", Peekable: true})
+	if ex.Verdict != "allow" || ex.Rule != "github" || !ex.Peek || len(ex.Rules) != 2 {
+		t.Fatalf("explain github: %+v", ex)
+	}
+	if ex.Rules[0].Matched || !strings.Contains(ex.Rules[0].Why, "not in its domain") || !ex.Rules[1].Matched {
+		t.Errorf("explain github rules: %+v", ex.Rules)
+	}
+	// An address in lan, no name: lan allows; the ads rule comes first
+	// and rejects, so a name could change it.
+	ex = rs.Explain(ExplainQuery{Proto: ProtoTCP, Src: src, Dst: netip.MustParseAddrPort("10.1.1.1:22"), Peekable: true})
+	if ex.Verdict != "allow" || ex.Rule != "lan" || !ex.Peek {
+		t.Errorf("explain lan: %+v", ex)
+	}
+	if ex.Rules[0].Why != "the flow's name is not known" || !strings.Contains(ex.Rules[1].Why, "dst_port 22") {
+		t.Errorf("explain lan rules: %+v", ex.Rules)
+	}
+	// Denied: no rule matches an ICMP flow to elsewhere but ads, by name.
+	ex = rs.Explain(ExplainQuery{Proto: ProtoICMP, Src: netip.AddrPortFrom(src.Addr(), 0), Dst: netip.MustParseAddrPort("198.51.100.1:0")})
+	if ex.Verdict != "deny" || ex.Rule != "default" || ex.Peek {
+		t.Errorf("explain icmp: %+v", ex)
+	}
+	if w := ex.Rules[1].Why; !strings.Contains(w, "proto icmp is not tcp") {
+		t.Errorf("explain icmp, github: %q", w)
+	}
+}
