@@ -28,14 +28,14 @@ type clientFlags struct {
 	socket string
 	json   bool
 	// flows filters
-	proto, src, dst, state string
+	proto, src, dst, state, name string
 }
 
 // cmdClient runs status, flows, stats or reload against the control socket.
 func cmdClient(name string, args []string, stdout, stderr io.Writer) int {
 	summaries := map[string]string{
 		"status": "Show a running tunfw's version, uptime, config, mode, flows by state and verdict totals.",
-		"flows":  "List the flow table: proto, src, dst, state, rule, verdict, age, bytes each way.",
+		"flows":  "List the flow table: proto, src, dst, name (and where it came from), state, rule, verdict, age, bytes each way.",
 		"stats":  "Show per-rule flows, packets and bytes, and packets dropped by reason.",
 		"reload": "Re-read the config file. If it is invalid, tunfw keeps its rules and this exits 1 listing every error.",
 	}
@@ -50,6 +50,7 @@ func cmdClient(name string, args []string, stdout, stderr io.Writer) int {
 		fs.StringVar(&f.src, "src", "", "only flows from this address or CIDR")
 		fs.StringVar(&f.dst, "dst", "", "only flows to this address or CIDR")
 		fs.StringVar(&f.state, "state", "", "only flows in this state: new, established, closing or closed")
+		fs.StringVar(&f.name, "name", "", "only flows of this `name` (\"*.example.com\": every name below it)")
 	}
 	if code, stop := parseFlags(fs, args, stderr); stop {
 		return code
@@ -64,7 +65,7 @@ func cmdClient(name string, args []string, stdout, stderr io.Writer) int {
 	}
 	req := control.Request{Cmd: name}
 	if name == "flows" {
-		req.Args, _ = json.Marshal(flowsArgs{Proto: f.proto, Src: f.src, Dst: f.dst, State: f.state})
+		req.Args, _ = json.Marshal(flowsArgs{Proto: f.proto, Src: f.src, Dst: f.dst, State: f.state, Name: f.name})
 	}
 	if name == "flows" {
 		idlePriority()
@@ -189,7 +190,7 @@ func printFlows(w io.Writer, data []byte) int {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	// IN and OUT as in --json (bytes_in, bytes_out) and the metrics
 	// (tunfw_bytes_total{direction}): in is what the client sent.
-	fmt.Fprintln(tw, "PROTO\tSRC\tDST\tSTATE\tRULE\tVERDICT\tAGE\tBYTES IN\tBYTES OUT")
+	fmt.Fprintln(tw, "PROTO\tSRC\tDST\tNAME\tSTATE\tRULE\tVERDICT\tAGE\tBYTES IN\tBYTES OUT")
 	for _, f := range flows {
 		src, dst := f.Src.String(), f.Dst.String()
 		if f.Proto == "icmp" {
@@ -200,7 +201,11 @@ func printFlows(w io.Writer, data []byte) int {
 		if f.Monitor {
 			v += " (monitor)"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", f.Proto, src, dst, f.State, f.Rule, v,
+		name := "-"
+		if f.Name != "" {
+			name = f.Name + " (" + f.NameFrom + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", f.Proto, src, dst, name, f.State, f.Rule, v,
 			f.Age.Round(time.Second), f.BytesIn, f.BytesOut)
 	}
 	tw.Flush()

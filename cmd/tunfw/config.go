@@ -6,6 +6,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"slices"
@@ -19,7 +20,9 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/tunfw/tunfw"
 	"github.com/tunfw/tunfw/control"
+	"github.com/tunfw/tunfw/dns"
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/inspect"
 	"github.com/tunfw/tunfw/internal/config"
 	"github.com/tunfw/tunfw/metrics"
 	"github.com/tunfw/tunfw/stack"
@@ -46,6 +49,8 @@ type fileLayout struct {
 	Control toml.Primitive   `toml:"control"`
 	Metrics toml.Primitive   `toml:"metrics"`
 	Stack   toml.Primitive   `toml:"stack"`
+	Inspect toml.Primitive   `toml:"inspect"`
+	DNS     toml.Primitive   `toml:"dns"`
 }
 
 // Config is a loaded, validated config file.
@@ -63,6 +68,10 @@ type Config struct {
 	Metrics metrics.Config
 	// Stack is the [stack] section.
 	Stack stack.Config
+	// Inspect is the [inspect] section: reading flows' names.
+	Inspect inspect.Options
+	// DNS is the [dns] section: snooping and blocking.
+	DNS dns.Options
 	// Memory is [limits] memory in bytes; 0 sizes it from the machine
 	// at start (memory.go).
 	Memory int64
@@ -248,6 +257,8 @@ func parseConfig(source string, data []byte) (*Config, error) {
 		mem   memoryConfig
 		cc    control.Config
 		mc    metrics.Config
+		ic    inspect.Config
+		dc    dns.Config
 		sc    = stack.DefaultConfig() // keys left out keep their default
 	)
 	// Decoding a table stops at its first error (in map order), so keys
@@ -265,6 +276,9 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	decode("tun", layout.Tun, &tc)
 	decode("route", layout.Route, &rc)
 	decode("filter", layout.Filter, &fo)
+	if source != embeddedSource {
+		fo.Dir = filepath.Dir(source) // list files are read beside the config
+	}
 	decode("sets", layout.Sets, &sets)
 	// [limits] is shared: the flow table's keys are filter's, the dial
 	// keys stack's, limits.memory this command's.
@@ -274,6 +288,8 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	decode("control", layout.Control, &cc)
 	decode("metrics", layout.Metrics, &mc)
 	decode("stack", layout.Stack, &sc)
+	decode("inspect", layout.Inspect, &ic)
+	decode("dns", layout.DNS, &dc)
 	for i, p := range layout.Rule {
 		if err := md.PrimitiveDecode(p, &rules[i]); err != nil {
 			add(err)
@@ -281,6 +297,9 @@ func parseConfig(source string, data []byte) (*Config, error) {
 		}
 	}
 	for _, k := range unknownKeys(md) {
+		if len(k) > 2 && k[0] == "sets" {
+			continue // a list file set's keys: filter checks them (sets.NAME)
+		}
 		if len(k) == 2 && slices.ContainsFunc(failed[k[0]], func(v any) bool { return hasTOMLKey(v, k[1]) }) {
 			continue
 		}
@@ -305,6 +324,10 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	cfg.Memory, err = mem.validate()
 	add(err)
 	cfg.ControlSocket, err = cc.Validate()
+	add(err)
+	cfg.Inspect, err = ic.Validate()
+	add(err)
+	cfg.DNS, err = dc.Validate()
 	add(err)
 	add(mc.Validate())
 	add(sc.Validate())

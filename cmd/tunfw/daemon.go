@@ -20,6 +20,7 @@ import (
 	"github.com/tunfw/tunfw/control"
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/metrics"
+	"github.com/tunfw/tunfw/names"
 	"github.com/tunfw/tunfw/stack"
 	"github.com/tunfw/tunfw/tun"
 )
@@ -43,6 +44,10 @@ type daemon struct {
 	// newDaemon.
 	listing  chan struct{}
 	listWait time.Duration
+
+	// dnsName is the name DNS answers tunfw forwarded gave an address for
+	// a client (the engine's EngineOptions.Names); nil without snooping.
+	dnsName func(client, addr netip.Addr) (string, bool)
 
 	reloadsOK, reloadsFailed atomic.Uint64
 	ctrl                     *control.Server
@@ -221,6 +226,7 @@ type flowsArgs struct {
 	Src   string `json:"src,omitempty"` // address or prefix
 	Dst   string `json:"dst,omitempty"`
 	State string `json:"state,omitempty"`
+	Name  string `json:"name,omitempty"` // a name or "*.suffix"
 }
 
 // handle answers a control request.
@@ -258,6 +264,21 @@ func (d *daemon) handle(_ context.Context, req control.Request) control.Response
 			return control.Response{Error: err.Error()}
 		}
 		return d.flows(match)
+	case "explain":
+		var a explainArgs
+		if err := json.Unmarshal(req.Args, &a); err != nil {
+			return control.Response{Error: "bad explain arguments: " + err.Error()}
+		}
+		q, err := a.query()
+		if err != nil {
+			return control.Response{Error: err.Error()}
+		}
+		if q.Name == "" && d.dnsName != nil {
+			if n, ok := d.dnsName(q.Src.Addr(), q.Dst.Addr()); ok {
+				q.Name, q.NameFrom = n, filter.NameDNS.String()
+			}
+		}
+		return control.OK(d.config().Rules.Explain(q))
 	case "reload":
 		res, err := d.reload()
 		if err != nil {
@@ -265,7 +286,7 @@ func (d *daemon) handle(_ context.Context, req control.Request) control.Response
 		}
 		return control.OK(res)
 	}
-	return control.Response{Error: fmt.Sprintf("unknown command %q (want status, flows, stats or reload)", req.Cmd)}
+	return control.Response{Error: fmt.Sprintf("unknown command %q (want status, flows, stats, explain or reload)", req.Cmd)}
 }
 
 func (d *daemon) captureStatus(cfg *Config) *captureStatus {
@@ -331,8 +352,16 @@ func (a flowsArgs) matcher() (func(filter.FlowInfo) bool, error) {
 	default:
 		return nil, fmt.Errorf("--state %q: want new, established, closing or closed", a.State)
 	}
+	var name *names.Set
+	if a.Name != "" {
+		name = &names.Set{}
+		if err := name.Add(a.Name); err != nil {
+			return nil, fmt.Errorf("--name: %v", err)
+		}
+	}
 	return func(f filter.FlowInfo) bool {
-		return (a.Proto == "" || f.Proto == a.Proto) &&
+		return (name == nil || name.MatchString(f.Name)) &&
+			(a.Proto == "" || f.Proto == a.Proto) &&
 			(a.State == "" || f.State == a.State) &&
 			(!src.IsValid() || src.Contains(f.Src.Addr())) &&
 			(!dst.IsValid() || dst.Contains(f.Dst.Addr()))

@@ -6,6 +6,7 @@
 //
 //	tunfw up      [-c FILE] [--log-format text|json] [--log-level LEVEL]
 //	tunfw check   [-c FILE]
+//	tunfw explain [-c FILE] [--json] PROTO SRC DST
 //	tunfw down    [-c FILE] [--block]
 //	tunfw version
 package main
@@ -36,10 +37,13 @@ Usage:
                             tunfw left; --block installs the kill switch instead
   tunfw check   [-c FILE]   validate a config file; exit 1 listing every error
   tunfw status  [--json]    a running tunfw's state: uptime, mode, flows, verdicts
-  tunfw flows   [--json] [--proto P] [--src CIDR] [--dst CIDR] [--state S]
+  tunfw flows   [--json] [--proto P] [--src CIDR] [--dst CIDR] [--state S] [--name N]
                             the flow table
   tunfw stats   [--json]    per-rule counters and drops by reason
   tunfw reload              re-read the config; exit 1 (rules kept) if invalid
+  tunfw explain [-c FILE] [--json] PROTO SRC DST
+                            how the rules judge a flow, rule by rule, e.g.
+                            tunfw explain tcp 198.18.0.1:40000 www.example.com:443
   tunfw version             print the version
 
 -c/--config defaults to /etc/tunfw/config.toml; when that file does not exist
@@ -68,6 +72,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdDown(args[1:], stdout, stderr)
 	case "status", "flows", "stats", "reload":
 		return cmdClient(args[0], args[1:], stdout, stderr)
+	case "explain":
+		return cmdExplain(args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintf(stdout, "tunfw %s\n", versionString())
 		return 0

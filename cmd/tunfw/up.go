@@ -6,10 +6,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os/signal"
 	"syscall"
+	"time"
 
+	"github.com/tunfw/tunfw/dns"
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/inspect"
 	"github.com/tunfw/tunfw/stack"
 	"github.com/tunfw/tunfw/stack/dial"
 	"github.com/tunfw/tunfw/tun"
@@ -110,6 +114,16 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	for _, a := range cfg.Net.Addresses {
 		engOpts.LocalAddrs = append(engOpts.LocalAddrs, a.Addr())
 	}
+	// Names: DNS answers tunfw forwards name their addresses (per
+	// client), and TLS, HTTP and QUIC flows are read for theirs when a
+	// rule by name needs it.
+	var nameTable *dns.Table
+	if cfg.DNS.Snoop {
+		nameTable = dns.NewTable(cfg.DNS.MaxNames)
+		d.dnsName = func(client, addr netip.Addr) (string, bool) { return nameTable.Lookup(client, addr, time.Now()) }
+		engOpts.Names = d.dnsName
+	}
+	engOpts.Peekable = func(p *filter.Packet) bool { return inspect.CanPeek(p.Proto, p.DstPort) }
 	eng := filter.NewEngine(cfg.Rules, engOpts)
 	dial := out
 	if cfg.Net.PolicyRouting() && cfg.Net.Outbound == "" {
