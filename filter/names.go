@@ -154,3 +154,12 @@ func (e *Engine) BlockQuery(src netip.Addr, name string, now int64) bool {
 	}
 	return true
 }
+
+// Peeking reports whether flow r waits for its name (Decision.Peek): the
+// stack reads its first bytes and calls Decide before it dials.
+func (e *Engine) Peeking(r FlowRef) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	f := e.flows[r.Key]
+	return f != nil && f.id == r.ID && f.dec.Peek
+}

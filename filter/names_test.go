@@ -246,6 +246,9 @@ func TestEnginePeekAndDecide(t *testing.T) {
 	}
 	key := KeyOf(mustParsed(syn))
 	id := e.Claim(key)
+	if !e.Peeking(FlowRef{key, id}) || e.Peeking(FlowRef{key, id + 1}) {
+		t.Errorf("Peeking: want true for the flow's identity only")
+	}
 	if got := e.Decide(FlowRef{key, id + 1}, "github.com", NameSNI, 3); got.Reason != ReasonNoFlow {
 		t.Errorf("Decide with a stale identity: %+v, want no-flow", got)
 	}
