@@ -17,8 +17,8 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/internal/gaddr"
 	"golang.org/x/sys/unix"
-	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
@@ -381,8 +381,8 @@ func (pg *Forwarder) reply(src netip.Addr, msg, out []byte) {
 			TotalLength: uint16(total),
 			TTL:         64,
 			Protocol:    uint8(header.ICMPv4ProtocolNumber),
-			SrcAddr:     tcpipAddr(src),
-			DstAddr:     tcpipAddr(e.flow.src),
+			SrcAddr:     gaddr.To(src),
+			DstAddr:     gaddr.To(e.flow.src),
 		})
 		ip.SetChecksum(^ip.CalculateChecksum())
 		binary.BigEndian.PutUint16(icmp[2:4], ^checksum.Checksum(icmp, 0))
@@ -392,14 +392,14 @@ func (pg *Forwarder) reply(src netip.Addr, msg, out []byte) {
 			PayloadLength:     uint16(len(icmp)),
 			TransportProtocol: header.ICMPv6ProtocolNumber,
 			HopLimit:          64,
-			SrcAddr:           tcpipAddr(src),
-			DstAddr:           tcpipAddr(e.flow.src),
+			SrcAddr:           gaddr.To(src),
+			DstAddr:           gaddr.To(e.flow.src),
 		})
 		h := header.ICMPv6(icmp)
 		h.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{
 			Header: h,
-			Src:    tcpipAddr(src),
-			Dst:    tcpipAddr(e.flow.src),
+			Src:    gaddr.To(src),
+			Dst:    gaddr.To(e.flow.src),
 		}))
 	}
 	var p filter.Packet
@@ -458,12 +458,4 @@ func (pg *Forwarder) Drops(m map[string]uint64) {
 	m["echo-no-id"] = pg.noID.Load()
 	m["echo-source-limit"] = pg.srcLimit.Load()
 	m["echo-send"] = pg.sendDrops.Load()
-}
-
-// tcpipAddr converts a netip.Addr for gVisor without allocating.
-func tcpipAddr(a netip.Addr) tcpip.Address {
-	if a.Is4() {
-		return tcpip.AddrFrom4(a.As4())
-	}
-	return tcpip.AddrFrom16(a.As16())
 }

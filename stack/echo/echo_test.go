@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/internal/gaddr"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
@@ -126,7 +127,7 @@ func TestEchoSendDoesNotAllocate(t *testing.T) {
 	pkt := make([]byte, header.IPv4MinimumSize+8+32)
 	ip := header.IPv4(pkt)
 	ip.Encode(&header.IPv4Fields{TotalLength: uint16(len(pkt)), TTL: 64, Protocol: uint8(header.ICMPv4ProtocolNumber),
-		SrcAddr: tcpipAddr(netip.MustParseAddr("127.0.0.2")), DstAddr: tcpipAddr(netip.MustParseAddr("127.0.0.1"))})
+		SrcAddr: gaddr.To(netip.MustParseAddr("127.0.0.2")), DstAddr: gaddr.To(netip.MustParseAddr("127.0.0.1"))})
 	ip.SetChecksum(^ip.CalculateChecksum())
 	icmp := pkt[header.IPv4MinimumSize:]
 	icmp[0] = byte(header.ICMPv4Echo)
