@@ -20,8 +20,7 @@ func testEngineStack(t *testing.T, lim filter.EngineLimits) *Stack {
 	}
 	eng := filter.NewEngine(rs, filter.EngineOptions{})
 	eng.SetLimits(lim)
-	return &Stack{eng: eng, epoch: time.Now(), log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		conns: make(map[filter.FlowKey]tracked), dials: newDialPool()}
+	return &Stack{eng: eng, epoch: time.Now(), log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 }
 
 // TestPerSourceBound: one client's share of UDP or echo flows is a quarter

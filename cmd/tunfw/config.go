@@ -25,7 +25,7 @@ import (
 	"github.com/tunfw/tunfw/inspect"
 	"github.com/tunfw/tunfw/internal/config"
 	"github.com/tunfw/tunfw/metrics"
-	"github.com/tunfw/tunfw/stack"
+	"github.com/tunfw/tunfw/stack/tcpfwd"
 	"github.com/tunfw/tunfw/tun"
 )
 
@@ -61,13 +61,13 @@ type Config struct {
 	Rules  *filter.Ruleset
 	Limits filter.EngineLimits
 	// Dial are [limits]'s keys on setting up TCP connections.
-	Dial stack.DialLimits
+	Dial tcpfwd.DialLimits
 	// ControlSocket is the control socket's path.
 	ControlSocket string
 	// Metrics is the [metrics] section.
 	Metrics metrics.Config
 	// Stack is the [stack] section.
-	Stack stack.Config
+	Stack tcpfwd.Config
 	// Inspect is the [inspect] section: reading flows' names.
 	Inspect inspect.Options
 	// DNS is the [dns] section: snooping and blocking.
@@ -253,13 +253,13 @@ func parseConfig(source string, data []byte) (*Config, error) {
 		sets  map[string]any
 		rules = make([]filter.RuleConfig, len(layout.Rule))
 		lim   filter.Limits
-		dial  stack.LimitsConfig
+		dial  tcpfwd.LimitsConfig
 		mem   memoryConfig
 		cc    control.Config
 		mc    metrics.Config
 		ic    inspect.Config
 		dc    dns.Config
-		sc    = stack.DefaultConfig() // keys left out keep their default
+		sc    = tcpfwd.DefaultConfig() // keys left out keep their default
 	)
 	// Decoding a table stops at its first error (in map order), so keys
 	// it had not reached stay undecoded: failed tells unknownKeys which
@@ -281,7 +281,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	}
 	decode("sets", layout.Sets, &sets)
 	// [limits] is shared: the flow table's keys are filter's, the dial
-	// keys stack's, limits.memory this command's.
+	// keys tcpfwd's, limits.memory this command's.
 	decode("limits", layout.Limits, &lim)
 	decode("limits", layout.Limits, &dial)
 	decode("limits", layout.Limits, &mem)

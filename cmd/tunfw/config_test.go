@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/tunfw/tunfw"
-	"github.com/tunfw/tunfw/stack"
+	"github.com/tunfw/tunfw/stack/tcpfwd"
 	"github.com/tunfw/tunfw/tun"
 )
 
@@ -200,7 +200,7 @@ func TestStackSectionDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := stack.DefaultConfig()
+	want := tcpfwd.DefaultConfig()
 	want.CongestionControl = "cubic"
 	want.ReceiveBufferMax = 16 << 20
 	if cfg.Stack != want {
@@ -210,7 +210,7 @@ func TestStackSectionDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Stack != stack.DefaultConfig() {
+	if cfg.Stack != tcpfwd.DefaultConfig() {
 		t.Errorf("no [stack]: got %+v, want the defaults", cfg.Stack)
 	}
 }
@@ -219,7 +219,7 @@ func TestStackSectionDefaults(t *testing.T) {
 // start warns with their config keys (it named Go fields: "FailClosed
 // changed"), and every such field has a key to name.
 func TestRestartOnlyNamesKeys(t *testing.T) {
-	for _, typ := range []reflect.Type{reflect.TypeOf(tun.Settings{}), reflect.TypeOf(stack.Config{})} {
+	for _, typ := range []reflect.Type{reflect.TypeOf(tun.Settings{}), reflect.TypeOf(tcpfwd.Config{})} {
 		for i := 0; i < typ.NumField(); i++ {
 			if f := typ.Field(i); f.Tag.Get("key") == "" && f.Tag.Get("toml") == "" {
 				t.Errorf("%s.%s has no config key to name in a reload warning", typ, f.Name)

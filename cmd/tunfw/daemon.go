@@ -98,7 +98,7 @@ func (d *daemon) reload() (reloadResult, error) {
 	}
 	res := reloadResult{Rules: cfg.Rules.Len(), Warnings: restartOnly(old, cfg)}
 	d.eng.Apply(cfg.Rules, cfg.Limits)
-	d.st.SetDialLimits(cfg.Dial)
+	d.st.TCP().SetDialLimits(cfg.Dial)
 	if cfg.Rules.RecheckOnReload() {
 		res.Cut = d.st.CloseFlows(d.eng.Recheck())
 	}
@@ -216,7 +216,7 @@ type statsInfo struct {
 	// them through, by reason (stack.Stack.Drops).
 	StackDrops map[string]uint64 `json:"stack_drops"`
 	// ICMPErrors counts the ICMP errors from the network relayed to
-	// clients of UDP flows, by kind (stack.Stack.ICMPErrors).
+	// clients of UDP flows, by kind (udpfwd.Forwarder.ICMPErrors).
 	ICMPErrors map[string]uint64 `json:"icmp_errors_relayed"`
 }
 
@@ -313,9 +313,9 @@ func (d *daemon) stats() statsInfo {
 		},
 		Forwarded: c.Forwarded, Replies: c.Replies, BytesIn: c.BytesIn, BytesOut: c.BytesOut,
 		FlowsCreated: c.FlowsCreated, TUNReadErrs: r, TUNWriteErrs: w, ControlRefuse: d.ctrl.Refused(),
-		UDPQueueDrops: d.st.UDPWriteDrops(), FlowPanics: d.st.Panics(),
-		PendingDials: d.st.PendingDials(), DialFailures: d.st.DialFailures(),
-		StackDrops: d.st.Drops(), ICMPErrors: d.st.ICMPErrors(),
+		UDPQueueDrops: d.st.UDP().WriteDrops(), FlowPanics: d.st.Panics(),
+		PendingDials: d.st.TCP().PendingDials(), DialFailures: d.st.TCP().DialFailures(),
+		StackDrops: d.st.Drops(), ICMPErrors: d.st.UDP().ICMPErrors(),
 	}
 }
 
@@ -397,11 +397,11 @@ func (d *daemon) serve(ctx context.Context, eng *filter.Engine, st *stack.Stack,
 			Reloads:        func() (uint64, uint64) { return d.reloadsOK.Load(), d.reloadsFailed.Load() },
 			TUNErrors:      st.TUNErrors,
 			ControlRefused: d.ctrl.Refused,
-			DialFailures:   st.DialFailures,
-			PendingDials:   st.PendingDials,
+			DialFailures:   st.TCP().DialFailures,
+			PendingDials:   st.TCP().PendingDials,
 			StackDrops:     st.Drops,
 			FlowPanics:     st.Panics,
-			ICMPErrors:     st.ICMPErrors,
+			ICMPErrors:     st.UDP().ICMPErrors,
 		}, d.log)
 	}
 	hup := make(chan os.Signal, 1)

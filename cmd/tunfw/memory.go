@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/internal/config"
-	"github.com/tunfw/tunfw/stack"
+	"github.com/tunfw/tunfw/stack/tcpfwd"
 )
 
 // memoryConfig is the [limits] key this file owns: the memory budget. The
@@ -125,8 +125,8 @@ type memoryPlan struct {
 	From   string // "limits.memory", or how the default was sized
 	// Stack is [stack] with each connection's buffers bounded so that
 	// max_flows connections with full buffers fit in the budget (but not
-	// below stack.FlowBufferFloor).
-	Stack stack.Config
+	// below tcpfwd.FlowBufferFloor).
+	Stack tcpfwd.Config
 	// PerFlow is the budget's share of one flow: budget / max_flows.
 	PerFlow int64
 	// WorstCase is max_flows connections with full buffers.
@@ -141,7 +141,7 @@ type memoryPlan struct {
 // quarter of the machine's memory, or three quarters of the cgroup's limit
 // (the cgroup is charged for the kernel's socket memory too, the rest of a
 // machine is for other programs).
-func planMemory(budget int64, maxFlows, mtu int, sc stack.Config, machine int64, machineFrom string) memoryPlan {
+func planMemory(budget int64, maxFlows, mtu int, sc tcpfwd.Config, machine int64, machineFrom string) memoryPlan {
 	p := memoryPlan{Budget: budget, From: "limits.memory"}
 	if budget == 0 {
 		switch {
@@ -156,7 +156,7 @@ func planMemory(budget int64, maxFlows, mtu int, sc stack.Config, machine int64,
 	}
 	maxFlows = max(maxFlows, 1)
 	p.PerFlow = p.Budget / int64(maxFlows)
-	p.Stack = sc.Bounded(p.PerFlow, stack.FlowBufferFloor(mtu))
+	p.Stack = sc.Bounded(p.PerFlow, tcpfwd.FlowBufferFloor(mtu))
 	p.WorstCase = int64(maxFlows) * int64(p.Stack.ReceiveBufferMax+p.Stack.SendBufferMax)
 	p.UDPReceiveBuffer = int(min(max(p.PerFlow, 256<<10), 4<<20))
 	return p
@@ -214,7 +214,7 @@ func goMemoryInUse(s []metrics.Sample) int64 {
 
 // bufferSetter is the part of the stack the pressure watcher changes.
 type bufferSetter interface {
-	SetBufferSizes(stack.Config) error
+	SetBufferSizes(tcpfwd.Config) error
 }
 
 // watchMemory applies memory pressure to st once a second until ctx ends:
@@ -223,7 +223,7 @@ type bufferSetter interface {
 // back when the pressure is gone.
 func watchMemory(ctx context.Context, st bufferSetter, p memoryPlan, mtu int, log *slog.Logger) {
 	samples := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/heap/stacks:bytes"}}
-	low := p.Stack.Bounded(0, stack.FlowBufferFloor(mtu))
+	low := p.Stack.Bounded(0, tcpfwd.FlowBufferFloor(mtu))
 	if low == p.Stack {
 		return // nothing to lower
 	}

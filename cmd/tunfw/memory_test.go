@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tunfw/tunfw/stack"
+	"github.com/tunfw/tunfw/stack/tcpfwd"
 )
 
 func TestParseSize(t *testing.T) {
@@ -48,7 +48,7 @@ func TestMemoryConfigKey(t *testing.T) {
 }
 
 func TestPlanMemory(t *testing.T) {
-	sc := stack.DefaultConfig()
+	sc := tcpfwd.DefaultConfig()
 	// Sized from the machine: a quarter of MemTotal, 3/4 of a cgroup limit.
 	if p := planMemory(0, 100, 1500, sc, 16<<30, "MemTotal"); p.Budget != 4<<30 || p.Stack != sc {
 		t.Errorf("16 GiB machine, 100 flows: %+v; want 4 GiB and the [stack] buffers untouched", p)
@@ -66,7 +66,7 @@ func TestPlanMemory(t *testing.T) {
 	}
 	// Too many flows for the budget: the floor, and the worst case says so.
 	p = planMemory(512<<20, 262144, 1500, sc, 16<<30, "MemTotal")
-	if p.Stack.ReceiveBufferMax != stack.FlowBufferFloor(1500) || p.WorstCase <= p.Budget || p.UDPReceiveBuffer != 256<<10 {
+	if p.Stack.ReceiveBufferMax != tcpfwd.FlowBufferFloor(1500) || p.WorstCase <= p.Budget || p.UDPReceiveBuffer != 256<<10 {
 		t.Errorf("512 MiB, 262144 flows: %+v", p)
 	}
 }
@@ -77,7 +77,7 @@ func TestApplyMemoryBudget(t *testing.T) {
 	old := debug.SetMemoryLimit(-1)
 	t.Cleanup(func() { debug.SetMemoryLimit(old) })
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	cfg := &Config{Memory: 300 << 20, Stack: stack.DefaultConfig()}
+	cfg := &Config{Memory: 300 << 20, Stack: tcpfwd.DefaultConfig()}
 	cfg.Net.MTU = 1500
 	cfg.Limits.MaxFlows = 1000
 	t.Setenv("GOMEMLIMIT", "")
@@ -107,21 +107,21 @@ func TestUnderPressure(t *testing.T) {
 	}
 }
 
-type fakeStack struct{ set chan stack.Config }
+type fakeStack struct{ set chan tcpfwd.Config }
 
-func (f fakeStack) SetBufferSizes(c stack.Config) error { f.set <- c; return nil }
+func (f fakeStack) SetBufferSizes(c tcpfwd.Config) error { f.set <- c; return nil }
 
 // TestWatchMemory: over the budget, the stack's buffers go to the floor.
 func TestWatchMemory(t *testing.T) {
-	p := planMemory(1<<40, 10, 1500, stack.DefaultConfig(), 0, "")
+	p := planMemory(1<<40, 10, 1500, tcpfwd.DefaultConfig(), 0, "")
 	p.Budget = 1 << 10 // far below what this test process holds
-	f := fakeStack{set: make(chan stack.Config, 1)}
+	f := fakeStack{set: make(chan tcpfwd.Config, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go watchMemory(ctx, f, p, 1500, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	select {
 	case c := <-f.set:
-		if c.ReceiveBufferMax != stack.FlowBufferFloor(1500) || c.SendBufferMax != stack.FlowBufferFloor(1500) {
+		if c.ReceiveBufferMax != tcpfwd.FlowBufferFloor(1500) || c.SendBufferMax != tcpfwd.FlowBufferFloor(1500) {
 			t.Errorf("under pressure the stack got %+v, want the floor", c)
 		}
 	case <-time.After(5 * time.Second):

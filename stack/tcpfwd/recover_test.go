@@ -1,4 +1,4 @@
-package stack
+package tcpfwd
 
 import (
 	"bytes"
@@ -16,25 +16,16 @@ import (
 // connections, is logged and counted, and leaves the other flows alone.
 func TestPanicClosesOnlyItsFlow(t *testing.T) {
 	var logs bytes.Buffer
-	rs, err := filter.Compile(filter.Options{}, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &Stack{
-		log:   slog.New(slog.NewTextHandler(&logs, nil)),
-		eng:   filter.NewEngine(rs, filter.EngineOptions{}),
-		conns: make(map[filter.FlowKey]tracked),
-		dials: newDialPool(),
-	}
+	s := stateOnly(testHost(t, slog.New(slog.NewTextHandler(&logs, nil))))
 	bad := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1000"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
 	good := filter.FlowKey{Proto: 6, Src: netip.MustParseAddrPort("10.0.0.2:1001"), Dst: netip.MustParseAddrPort("192.0.2.1:80")}
 	var badClosed, goodClosed bool
-	s.trackFlow(filter.FlowRef{Key: good}, func() { goodClosed = true })
+	s.tracker.Track(filter.FlowRef{Key: good}, func() { goodClosed = true })
 
 	// A relay direction whose copy panics, wired as startRelay wires it:
 	// its end untracks the flow, its panic hook closes it.
 	closeFn := func() { badClosed = true }
-	s.trackFlow(filter.FlowRef{Key: bad}, closeFn)
+	s.tracker.Track(filter.FlowRef{Key: bad}, closeFn)
 	p := pump{
 		drain: func() bool {
 			var m map[string]int
@@ -42,8 +33,8 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 			return true
 		},
 		idle:    func() bool { return true },
-		end:     func() { s.untrackFlow(filter.FlowRef{Key: bad}) },
-		onPanic: func(v any) { closeFn(); s.flowPanicked(filter.FlowRef{Key: bad}, v) },
+		end:     func() { s.tracker.Untrack(filter.FlowRef{Key: bad}) },
+		onPanic: func(v any) { closeFn(); s.guard.Panicked(filter.FlowRef{Key: bad}, v) },
 	}
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -73,7 +64,7 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 	go func() {
 		defer wg.Done()
 		ref := filter.FlowRef{Key: bad}
-		defer s.recoverFlow(&ref)
+		defer s.guard.Recover(&ref)
 		panic("before dial")
 	}()
 	wg.Wait()

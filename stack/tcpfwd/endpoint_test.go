@@ -1,12 +1,10 @@
-package stack
+package tcpfwd
 
 import (
 	"bytes"
-	"context"
 	"testing"
 
-	"github.com/tunfw/tunfw/filter"
-	wgtun "golang.zx2c4.com/wireguard/tun"
+	"github.com/tunfw/tunfw/stack/internal/race"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -31,7 +29,7 @@ func TestAppendPacket(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatalf("appendPacket gave %d bytes, want the %d of AsSlices", len(got), len(want))
 	}
-	if raceEnabled {
+	if race.Enabled {
 		t.Skip("allocation counts are meaningless under -race; make test checks them without it")
 	}
 	if n := testing.AllocsPerRun(100, func() { appendPacket(dst[:0], pb) }); n != 0 {
@@ -39,21 +37,11 @@ func TestAppendPacket(t *testing.T) {
 	}
 }
 
-// discardDevice is a TUN device that drops what is written to it.
-type discardDevice struct{ wgtun.Device }
-
-func (discardDevice) Write(bufs [][]byte, offset int) (int, error) { return len(bufs), nil }
-
-// TestWriteStackPacketsDoesNotAllocate checks the stack's whole outbound
-// path per packet (copy out, parse, engine accounting, device write, buffer
-// back to the pool) allocates nothing once the pool is warm.
-func TestWriteStackPacketsDoesNotAllocate(t *testing.T) {
-	rs, err := filter.Compile(filter.Options{}, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &Stack{dev: discardDevice{}, eng: filter.NewEngine(rs, filter.EngineOptions{}), ctx: context.Background()}
-	s.bufPool.New = func() any { b := make([]byte, tunOffset+maxIPPacket); return &b }
+// TestWritePacketsDoesNotAllocate checks the netstack's whole outbound
+// path per packet (copy out, parse, engine accounting, TUN write, buffer
+// back) allocates nothing once the pool is warm.
+func TestWritePacketsDoesNotAllocate(t *testing.T) {
+	s := stateOnly(testHost(t, nil))
 	payload := bytes.Repeat([]byte("x"), 1000)
 	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{ReserveHeaderBytes: 60, Payload: buffer.MakeWithData(payload)})
 	defer pb.DecRef()
@@ -66,11 +54,11 @@ func TestWriteStackPacketsDoesNotAllocate(t *testing.T) {
 		SrcAddr: tcpip.AddrFrom4([4]byte{203, 0, 113, 10}), DstAddr: tcpip.AddrFrom4([4]byte{198, 18, 0, 1}),
 	})
 	pkts := []*stack.PacketBuffer{pb, pb, pb}
-	s.writeStackPackets(pkts) // warm the pool and the scratch slices
-	if raceEnabled {
+	s.writePackets(pkts) // warm the pool and the scratch slices
+	if race.Enabled {
 		t.Skip("allocation counts are meaningless under -race; make test checks them without it")
 	}
-	if n := testing.AllocsPerRun(100, func() { s.writeStackPackets(pkts) }); n != 0 {
+	if n := testing.AllocsPerRun(100, func() { s.writePackets(pkts) }); n != 0 {
 		t.Errorf("writing 3 packets allocates %v times", n)
 	}
 }

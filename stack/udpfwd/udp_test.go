@@ -1,10 +1,7 @@
-package stack
+package udpfwd
 
 import (
 	"bytes"
-	"context"
-	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"syscall"
@@ -12,6 +9,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/internal/gaddr"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -44,7 +42,7 @@ func TestBuildUDPReply(t *testing.T) {
 		if p.Src != k.Dst.Addr() || p.SrcPort != k.Dst.Port() || p.Dst != k.Src.Addr() || p.DstPort != k.Src.Port() || p.PayloadLen != len(payload) {
 			t.Errorf("%v: reply %+v", k, p)
 		}
-		src, dst := tcpipAddr(p.Src), tcpipAddr(p.Dst)
+		src, dst := gaddr.To(p.Src), gaddr.To(p.Dst)
 		if k.Dst.Addr().Is4() && !header.IPv4(pkt).IsChecksumValid() {
 			t.Errorf("%v: bad IPv4 header checksum", k)
 		}
@@ -91,8 +89,7 @@ func TestForwardUDPSendDoesNotAllocate(t *testing.T) {
 // larger one that starts a new batch. The queue and flush allocate nothing.
 func TestUDPBatchKeepsDatagrams(t *testing.T) {
 	srv, c, raw := loopbackUDP(t)
-	s := &Stack{}
-	s.bufPool.New = func() any { b := make([]byte, tunOffset+maxIPPacket); return &b }
+	s := &Forwarder{h: Host{TUN: newTestTUN()}}
 	f := newUDPFlow(filter.FlowKey{}, c, raw)
 	var want [][]byte
 	for i, size := range []int{1200, 1200, 1200, 700, 1300, 1300} {
@@ -100,8 +97,8 @@ func TestUDPBatchKeepsDatagrams(t *testing.T) {
 		want = append(want, d)
 		s.queueUDP(f, d)
 	}
-	if f.out.segs != 2 || len(s.udpPending) != 2 {
-		t.Fatalf("batch holds %d datagrams, %d flows pending; want the last 2 (a new batch after the short one), 2", f.out.segs, len(s.udpPending))
+	if f.out.segs != 2 || len(s.pending) != 2 {
+		t.Fatalf("batch holds %d datagrams, %d flows pending; want the last 2 (a new batch after the short one), 2", f.out.segs, len(s.pending))
 	}
 	s.flushUDP()
 	buf := make([]byte, 65536)
@@ -126,7 +123,7 @@ func TestUDPBatchKeepsDatagrams(t *testing.T) {
 	}); n != 0 {
 		t.Errorf("queue and flush allocate %v times", n)
 	}
-	if drops := s.udpWriteDrops.Load(); drops != 0 {
+	if drops := s.writeDrops.Load(); drops != 0 {
 		t.Errorf("%d datagrams dropped", drops)
 	}
 }
@@ -141,8 +138,7 @@ func TestUDPBatchFallsBackWithoutGSO(t *testing.T) {
 	if serr != nil {
 		t.Skipf("SO_NO_CHECK: %v", serr)
 	}
-	s := &Stack{}
-	s.bufPool.New = func() any { b := make([]byte, tunOffset+maxIPPacket); return &b }
+	s := &Forwarder{h: Host{TUN: newTestTUN()}}
 	f := newUDPFlow(filter.FlowKey{}, c, raw)
 	for i := range 3 {
 		s.queueUDP(f, bytes.Repeat([]byte{byte('a' + i)}, 500))
@@ -162,7 +158,7 @@ func TestUDPBatchFallsBackWithoutGSO(t *testing.T) {
 			t.Fatalf("datagram %d: %d bytes of %q", i, n, buf[0])
 		}
 	}
-	if drops := s.udpWriteDrops.Load(); drops != 0 {
+	if drops := s.writeDrops.Load(); drops != 0 {
 		t.Errorf("%d datagrams dropped", drops)
 	}
 }
@@ -212,23 +208,14 @@ func TestUDPFlowOpensOffTheReadLoop(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Close() })
-	rs, err := filter.Compile(filter.Options{}, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	eng := filter.NewEngine(rs, filter.EngineOptions{})
-	s, err := New(Options{MTU: 1500, Engine: eng, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), MaxUDPFlowsPerSource: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
+	s := newTestForwarder(t, newTestTUN(), 2)
 	dst := srv.LocalAddr().(*net.UDPAddr).AddrPort()
 	client := netip.MustParseAddr("10.1.1.1")
 	// The engine would not forward to loopback: the datagrams go to the
 	// stack directly.
 	send := func(port uint16, payload string) {
 		pkt, p := udpPacket(t, netip.AddrPortFrom(client, port), dst, []byte(payload))
-		s.forwardUDP(&p, pkt, s.now())
+		s.Forward(&p, pkt, s.h.Now())
 		s.flushUDP()
 	}
 	recv := func(want string) {
@@ -247,15 +234,15 @@ func TestUDPFlowOpensOffTheReadLoop(t *testing.T) {
 		recv(m)
 	}
 	key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(client, 1000), Dst: dst}
-	s.udpMu.Lock()
-	f := s.udpFlows[key]
-	s.udpMu.Unlock()
+	s.mu.Lock()
+	f := s.flows[key]
+	s.mu.Unlock()
 	if f == nil || !f.ready.Load() {
 		t.Fatal("the flow's socket is not open")
 	}
 	pkt, p := udpPacket(t, key.Src, dst, []byte("steady"))
 	if n := testing.AllocsPerRun(50, func() {
-		s.forwardUDP(&p, pkt, s.now())
+		s.Forward(&p, pkt, s.h.Now())
 		s.flushUDP()
 	}); n != 0 {
 		t.Errorf("a datagram of an open flow allocates %v times", n)
@@ -267,12 +254,12 @@ func TestUDPFlowOpensOffTheReadLoop(t *testing.T) {
 	send(1001, "second flow")
 	recv("second flow")
 	send(1002, "third flow")
-	if n := s.Drops()["udp-source-limit"]; n != 1 {
+	if n := drops(s)["udp-source-limit"]; n != 1 {
 		t.Errorf("udp-source-limit drops: %d, want 1", n)
 	}
-	s.udpMu.Lock()
-	n := len(s.udpFlows)
-	s.udpMu.Unlock()
+	s.mu.Lock()
+	n := len(s.flows)
+	s.mu.Unlock()
 	if n != 2 {
 		t.Errorf("%d UDP flows relayed, want the 2 of the client's share", n)
 	}
@@ -281,9 +268,9 @@ func TestUDPFlowOpensOffTheReadLoop(t *testing.T) {
 	if n := s.CloseFlows([]filter.FlowRef{{Key: key}}); n != 1 {
 		t.Fatalf("CloseFlows closed %d relays, want 1", n)
 	}
-	s.udpMu.Lock()
-	_, still := s.udpFlows[key]
-	s.udpMu.Unlock()
+	s.mu.Lock()
+	_, still := s.flows[key]
+	s.mu.Unlock()
 	if still {
 		t.Error("the closed flow is still relayed")
 	}
@@ -299,38 +286,35 @@ func TestUDPFlowOpensOffTheReadLoop(t *testing.T) {
 // counted; each waiting flow holds at most udpHeld datagrams. UDP sockets
 // stop at maxSockets, and a flow refused then is not kept.
 func TestUDPOpenQueueBounded(t *testing.T) {
-	s := testEngineStack(t, filter.EngineLimits{MaxFlows: 1 << 20})
-	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s := newForwarder(testHost(t, filter.EngineLimits{MaxFlows: 1 << 20}, newTestTUN(), DefaultMaxPerSource))
 	t.Cleanup(s.cancel)
-	s.udpFlows = make(map[filter.FlowKey]*udpFlow)
-	s.initUDP(Options{})
 	dst := netip.MustParseAddrPort("192.0.2.1:53")
 	send := func(src netip.AddrPort) {
 		pkt, p := udpPacket(t, src, dst, []byte("datagram"))
-		s.forwardUDP(&p, pkt, 1)
+		s.Forward(&p, pkt, 1)
 	}
 	flows := func() int {
-		s.udpMu.Lock()
-		defer s.udpMu.Unlock()
-		return len(s.udpFlows)
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(s.flows)
 	}
 	client := netip.MustParseAddr("10.0.0.1")
 	for i := range udpOpenPerSource + 10 {
 		send(netip.AddrPortFrom(client, uint16(1000+i)))
 	}
 	// The refused flows hold nothing and leave: only the queued stay.
-	if n, busy := len(s.udpOpen), s.udp.openBusy.Load(); n != udpOpenPerSource || busy != 10 || flows() != udpOpenPerSource {
+	if n, busy := len(s.open), s.lim.openBusy.Load(); n != udpOpenPerSource || busy != 10 || flows() != udpOpenPerSource {
 		t.Fatalf("one client: %d flows queued, %d datagrams refused, %d flows; want %d, 10, %d", n, busy, flows(), udpOpenPerSource, udpOpenPerSource)
 	}
-	for i := 0; len(s.udpOpen) < udpOpenQueue; i++ {
+	for i := 0; len(s.open) < udpOpenQueue; i++ {
 		if i > udpOpenQueue {
-			t.Fatalf("the queue does not fill: %d", len(s.udpOpen))
+			t.Fatalf("the queue does not fill: %d", len(s.open))
 		}
 		send(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 1000))
 	}
-	busy := s.udp.openBusy.Load()
+	busy := s.lim.openBusy.Load()
 	send(netip.MustParseAddrPort("10.2.0.1:1000"))
-	if len(s.udpOpen) != udpOpenQueue || s.udp.openBusy.Load() != busy+1 {
+	if len(s.open) != udpOpenQueue || s.lim.openBusy.Load() != busy+1 {
 		t.Fatal("a flow was queued past udpOpenQueue")
 	}
 
@@ -339,22 +323,20 @@ func TestUDPOpenQueueBounded(t *testing.T) {
 	for range udpHeld + 3 {
 		send(src)
 	}
-	s.udpMu.Lock()
-	f := s.udpFlows[filter.FlowKey{Proto: filter.ProtoUDP, Src: src, Dst: dst}]
-	s.udpMu.Unlock()
-	if len(f.held) != udpHeld || s.udpWriteDrops.Load() != 4 { // and the first
-		t.Errorf("a waiting flow holds %d datagrams, %d dropped; want %d, 4", len(f.held), s.udpWriteDrops.Load(), udpHeld)
+	s.mu.Lock()
+	f := s.flows[filter.FlowKey{Proto: filter.ProtoUDP, Src: src, Dst: dst}]
+	s.mu.Unlock()
+	if len(f.held) != udpHeld || s.writeDrops.Load() != 4 { // and the first
+		t.Errorf("a waiting flow holds %d datagrams, %d dropped; want %d, 4", len(f.held), s.writeDrops.Load(), udpHeld)
 	}
 
 	// The bound on sockets.
-	s.udp.maxSockets = flows()
+	s.lim.maxSockets = flows()
 	send(netip.MustParseAddrPort("10.3.0.1:1000"))
-	if s.udp.socketLimit.Load() != 1 || flows() != s.udp.maxSockets {
-		t.Errorf("a flow past maxSockets was not refused (%d socket-limit drops)", s.udp.socketLimit.Load())
+	if s.lim.socketLimit.Load() != 1 || flows() != s.lim.maxSockets {
+		t.Errorf("a flow past maxSockets was not refused (%d socket-limit drops)", s.lim.socketLimit.Load())
 	}
-	s.connMu.Lock()
-	tracked := len(s.conns)
-	s.connMu.Unlock()
+	tracked := s.tracker.Len()
 	if tracked != flows() {
 		t.Errorf("%d flows tracked, want the %d kept: refused flows must not stay tracked", tracked, flows())
 	}
@@ -365,23 +347,15 @@ func TestUDPOpenQueueBounded(t *testing.T) {
 // releases only its own flow: the new one stays in the engine (the old
 // relay's cleanup removed it by its key).
 func TestUDPCloseKeepsNewerFlow(t *testing.T) {
-	rs, err := filter.Compile(filter.Options{}, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	eng := filter.NewEngine(rs, filter.EngineOptions{})
-	s, err := New(Options{MTU: 1500, Engine: eng, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
+	s := newTestForwarder(t, newTestTUN(), DefaultMaxPerSource)
+	eng := s.h.Engine
 	src, dst := netip.MustParseAddrPort("10.1.1.1:1000"), netip.MustParseAddrPort("192.0.2.1:53")
 	key := filter.FlowKey{Proto: filter.ProtoUDP, Src: src, Dst: dst}
 	_, p := udpPacket(t, src, dst, []byte("q"))
-	if d := eng.Inbound(&p, s.now()); d.Verdict != filter.VerdictForward {
+	if d := eng.Inbound(&p, s.h.Now()); d.Verdict != filter.VerdictForward {
 		t.Fatalf("engine verdict %v", d)
 	}
-	old := s.startUDP(key, s.now())
+	old := s.startUDP(key, s.h.Now())
 	if old == nil {
 		t.Fatal("no UDP flow")
 	}
@@ -393,7 +367,7 @@ func TestUDPCloseKeepsNewerFlow(t *testing.T) {
 	// The flow leaves the table (as when it expires) and the client's
 	// next datagram makes a new one.
 	eng.Forget(key)
-	if d := eng.Inbound(&p, s.now()); d.Verdict != filter.VerdictForward {
+	if d := eng.Inbound(&p, s.h.Now()); d.Verdict != filter.VerdictForward {
 		t.Fatalf("engine verdict %v", d)
 	}
 	s.closeUDP(old) // the old relay's reply loop ends late

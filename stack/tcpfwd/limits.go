@@ -1,4 +1,4 @@
-package stack
+package tcpfwd
 
 import (
 	"errors"
@@ -7,7 +7,7 @@ import (
 	"github.com/tunfw/tunfw/internal/config"
 )
 
-// LimitsConfig is the stack's part of the [limits] section: how TCP
+// LimitsConfig is the TCP forwarder's part of the [limits] section: how TCP
 // connections are set up. (The flow table's keys belong to filter.Limits.)
 type LimitsConfig struct {
 	// DialTimeout bounds one attempt to reach a TCP destination.
@@ -84,14 +84,14 @@ func (l DialLimits) withDefaults() DialLimits {
 
 // SetDialLimits changes how TCP connections are set up from now on (a
 // reload); dials under way keep their timeout.
-func (s *Stack) SetDialLimits(l DialLimits) {
+func (fw *Forwarder) SetDialLimits(l DialLimits) {
 	l = l.withDefaults()
-	s.dialLimits.Store(&l)
+	fw.dialLimits.Store(&l)
 }
 
 // DialLimits returns the dial limits in force.
-func (s *Stack) DialLimits() DialLimits {
-	if l := s.dialLimits.Load(); l != nil {
+func (fw *Forwarder) DialLimits() DialLimits {
+	if l := fw.dialLimits.Load(); l != nil {
 		return *l
 	}
 	return DialLimits{}.withDefaults()

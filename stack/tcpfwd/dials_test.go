@@ -1,4 +1,4 @@
-package stack
+package tcpfwd
 
 import (
 	"net/netip"
@@ -157,11 +157,7 @@ func TestDeferSYNAllocs(t *testing.T) {
 // TestScreenSYNsAllocs: the read loop's screening of a SYN nobody takes
 // allocates nothing, whether it defers the SYN (a flood) or passes it on.
 func TestScreenSYNsAllocs(t *testing.T) {
-	rs, err := filter.Compile(filter.Options{}, nil, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &Stack{eng: filter.NewEngine(rs, filter.EngineOptions{}), dials: newDialPool()}
+	s := stateOnly(testHost(t, nil))
 	s.SetDialLimits(DialLimits{MaxPending: 8, MaxPendingPerSource: 4})
 	passed := 0
 	screen := s.screenSYNs(func(stack.TransportEndpointID, *stack.PacketBuffer) bool { passed++; return true })

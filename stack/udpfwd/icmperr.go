@@ -1,4 +1,4 @@
-package stack
+package udpfwd
 
 import (
 	"encoding/binary"
@@ -8,6 +8,8 @@ import (
 	"unsafe"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/internal/gaddr"
+	"github.com/tunfw/tunfw/stack/internal/tunio"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -153,10 +155,10 @@ func (b *tokenBucket) allow(now int64) bool {
 // "port-unreachable", "prohibited", "too-big" (fragmentation needed / packet
 // too big), "time-exceeded" and "unreachable" (the other codes). Those
 // dropped by the rate limit count in Drops as "icmp-error-rate".
-func (s *Stack) ICMPErrors() map[string]uint64 {
+func (u *Forwarder) ICMPErrors() map[string]uint64 {
 	m := make(map[string]uint64, numICMPKinds)
 	for k := range numICMPKinds {
-		m[k.String()] = s.icmpErr.relayed[k].Load()
+		m[k.String()] = u.icmpErr.relayed[k].Load()
 	}
 	return m
 }
@@ -174,7 +176,7 @@ func setRecvErr(fd int, v6 bool) error {
 // read that may find an error, and reads with a raw recvmsg into buffers it
 // keeps, so reading allocates nothing.
 type errQueue struct {
-	s     *Stack
+	u     *Forwarder
 	f     *udpFlow
 	ipLen int
 	// room is the payload bytes an error can quote: what is left of 576
@@ -190,16 +192,16 @@ type errQueue struct {
 	bps  []*[]byte // their buffers
 }
 
-func newErrQueue(s *Stack, f *udpFlow) *errQueue {
+func newErrQueue(u *Forwarder, f *udpFlow) *errQueue {
 	ipLen, limit := header.IPv4MinimumSize, header.IPv4MinimumProcessableDatagramSize
 	if f.key.Dst.Addr().Is6() {
 		ipLen, limit = header.IPv6MinimumSize, header.IPv6MinimumMTU
 	}
-	if s.mtu > 0 {
-		limit = min(limit, s.mtu)
+	if u.h.MTU > 0 {
+		limit = min(limit, u.h.MTU)
 	}
 	return &errQueue{
-		s: s, f: f, ipLen: ipLen, room: max(0, limit-icmpQuoteOffset(ipLen)),
+		u: u, f: f, ipLen: ipLen, room: max(0, limit-icmpQuoteOffset(ipLen)),
 		pkts: make([][]byte, 0, icmpErrorBatch), bps: make([]*[]byte, 0, icmpErrorBatch),
 	}
 }
@@ -213,10 +215,10 @@ func icmpQuoteOffset(ipLen int) int {
 // drain reads the socket's error queue until it is empty and writes the
 // errors it relays to the TUN.
 func (q *errQueue) drain(fd int) {
-	off := tunOffset + icmpQuoteOffset(q.ipLen)
+	off := tunio.Headroom + icmpQuoteOffset(q.ipLen)
 	for range errQueueMax {
 		if q.bp == nil {
-			q.bp = q.s.bufPool.Get().(*[]byte)
+			q.bp = q.u.h.TUN.Buffer()
 		}
 		b := *q.bp
 		q.iov.Base = &b[off]
@@ -230,8 +232,8 @@ func (q *errQueue) drain(fd int) {
 		if errno != 0 {
 			break // EAGAIN: nothing (more) queued
 		}
-		if pkt := q.packet(b[tunOffset:], int(n)); pkt != nil {
-			q.pkts = append(q.pkts, b[:tunOffset+len(pkt)])
+		if pkt := q.packet(b[tunio.Headroom:], int(n)); pkt != nil {
+			q.pkts = append(q.pkts, b[:tunio.Headroom+len(pkt)])
 			q.bps = append(q.bps, q.bp)
 			q.bp = nil
 			if len(q.pkts) == cap(q.pkts) {
@@ -241,7 +243,7 @@ func (q *errQueue) drain(fd int) {
 	}
 	q.flush()
 	if q.bp != nil {
-		q.s.bufPool.Put(q.bp)
+		q.u.h.TUN.Release(q.bp)
 		q.bp = nil
 	}
 }
@@ -259,8 +261,8 @@ func (q *errQueue) packet(pkt []byte, n int) []byte {
 	if !ok {
 		return nil
 	}
-	if !q.s.icmpErr.limit.allow(q.s.now()) {
-		q.s.icmpErr.rateDrops.Add(1)
+	if !q.u.icmpErr.limit.allow(q.u.h.Now()) {
+		q.u.icmpErr.rateDrops.Add(1)
 		return nil
 	}
 	if !from.IsValid() || from.IsUnspecified() || from.IsMulticast() {
@@ -270,7 +272,7 @@ func (q *errQueue) packet(pkt []byte, n int) []byte {
 	if l == 0 {
 		return nil
 	}
-	q.s.icmpErr.relayed[kind].Add(1)
+	q.u.icmpErr.relayed[kind].Add(1)
 	return pkt[:l]
 }
 
@@ -279,11 +281,9 @@ func (q *errQueue) flush() {
 	if len(q.pkts) == 0 {
 		return
 	}
-	q.s.writeMu.Lock()
-	q.s.writeLocked(q.pkts)
-	q.s.writeMu.Unlock()
+	q.u.h.TUN.Write(q.pkts)
 	for i, bp := range q.bps {
-		q.s.bufPool.Put(bp)
+		q.u.h.TUN.Release(bp)
 		q.bps[i], q.pkts[i] = nil, nil
 	}
 	q.pkts, q.bps = q.pkts[:0], q.bps[:0]
@@ -354,8 +354,8 @@ func buildUDPError(pkt []byte, k filter.FlowKey, from netip.Addr, typ, code uint
 	if total > len(pkt) {
 		return 0
 	}
-	client, dst := tcpipAddr(k.Src.Addr()), tcpipAddr(k.Dst.Addr())
-	src := tcpipAddr(from)
+	client, dst := gaddr.To(k.Src.Addr()), gaddr.To(k.Dst.Addr())
+	src := gaddr.To(from)
 	// The quoted datagram, as the client sent it.
 	inner := pkt[ipLen+header.ICMPv4MinimumSize : total]
 	udp := header.UDP(inner[ipLen:])

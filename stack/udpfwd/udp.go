@@ -1,8 +1,14 @@
-package stack
+// Package udpfwd forwards the UDP flows the filter allows: each flow's
+// datagrams go out on a connected socket of its own, and its replies, and
+// the ICMP errors the network sends about it, come back to the client
+// through the TUN.
+package udpfwd
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -13,6 +19,11 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/dial"
+	"github.com/tunfw/tunfw/stack/internal/flows"
+	"github.com/tunfw/tunfw/stack/internal/gaddr"
+	"github.com/tunfw/tunfw/stack/internal/sockread"
+	"github.com/tunfw/tunfw/stack/internal/tunio"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -22,7 +33,7 @@ import (
 // engine does not already keep, so the read loop hands its payload straight
 // to the flow's connected socket, and one goroutine per flow wraps the
 // replies in IP and UDP headers for the client. Datagrams that come in a
-// burst travel in batches both ways (udpbatch.go, udpReplies): one GSO
+// burst travel in batches both ways (batch.go, udpReplies): one GSO
 // sendmsg out, one coalesced TUN write back.
 
 // DefaultUDPReceiveBuffer is the largest receive buffer of a flow's socket,
@@ -34,7 +45,7 @@ import (
 // flows a client can open do not each ask for megabytes. It is kernel
 // memory, used only while replies queue, and bounded overall by
 // net.ipv4.udp_mem.
-const DefaultUDPReceiveBuffer = 4 << 20
+const DefaultReceiveBuffer = 4 << 20
 
 // udpRcvBufStart is a new flow's receive buffer: the kernel's usual
 // default, room for a batch of full-size replies (udpReplyBatch) to queue
@@ -42,10 +53,10 @@ const DefaultUDPReceiveBuffer = 4 << 20
 const udpRcvBufStart = 256 << 10
 
 const (
-	// defaultMaxUDPPerSource bounds the UDP flows of one client address
-	// (see Stack.perSourceBound): a resolver's burst of queries from
-	// fresh ports fits.
-	defaultMaxUDPPerSource = 16384
+	// DefaultMaxPerSource bounds the UDP flows of one client address
+	// (see Host.MaxPerSource): a resolver's burst of queries from fresh
+	// ports fits.
+	DefaultMaxPerSource = 16384
 	// Sockets are opened off the read loop by udpOpeners goroutines (few:
 	// they must leave the cores to the read loop; one opens about 25,000
 	// sockets a second). At most udpOpenQueue flows wait for theirs,
@@ -60,10 +71,69 @@ const (
 	udpHeldBytes = 8 << 10
 )
 
-// udpLimits are the UDP bounds and drop counters of a Stack.
+// Host is what a Forwarder needs from the stack that runs it.
+type Host struct {
+	Engine *filter.Engine
+	Log    *slog.Logger
+	// Now is the engine's monotonic clock.
+	Now func() int64
+	// MTU is the TUN's; replies larger than it are dropped and counted.
+	MTU int
+	// Dialer opens the flows' sockets.
+	Dialer *dial.Dialer
+	// TUN takes the replies and ICMP errors, and lends the buffers the
+	// batches are built in.
+	TUN tunio.Writer
+	// TUNConn, when the device has a file, lets the forwarder ask whether
+	// more packets wait to be read (ReadDone); nil: batches are sent after
+	// every read.
+	TUNConn syscall.RawConn
+	// MaxPerSource returns how many UDP flows one client address may
+	// hold now.
+	MaxPerSource func() int
+	// ReceiveBuffer is the largest receive buffer of a flow's socket; 0
+	// means DefaultReceiveBuffer.
+	ReceiveBuffer int
+}
+
+// Forwarder relays the UDP flows the filter allows between the TUN and
+// connected sockets.
+type Forwarder struct {
+	h      Host
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // openers and reply loops
+
+	guard   flows.Guard
+	tracker flows.Tracker
+
+	// flows are the UDP flows being relayed, their number by client
+	// address, and the flows whose socket is being opened, by client
+	// address too (open is their queue).
+	mu      sync.Mutex
+	flows   map[filter.FlowKey]*udpFlow
+	perSrc  map[netip.Addr]int32
+	opening map[netip.Addr]int32
+	open    chan *udpFlow
+	lim     udpLimits
+
+	// writeDrops counts relayed datagrams dropped on a full queue.
+	writeDrops atomic.Uint64
+	// icmpErr counts and bounds the ICMP errors relayed to clients
+	// (icmperr.go).
+	icmpErr icmpErrors
+
+	// Read loop only: flows with datagrams waiting to be sent, and how to
+	// ask the TUN whether more packets wait (batch.go).
+	pending      []*udpFlow
+	tunPollFds   [1]unix.PollFd
+	tunPollReady bool
+	pollTUN      func(fd uintptr)
+}
+
+// udpLimits are the UDP bounds and drop counters of a Forwarder.
 type udpLimits struct {
-	rcvBuf       int
-	maxPerSource int // 0: the default
+	rcvBuf int
 	// maxSockets keeps UDP sockets to three quarters of the descriptors
 	// the process may open, so a flood cannot take those of TCP, the
 	// control socket and the TUN.
@@ -72,32 +142,74 @@ type udpLimits struct {
 	sourceLimit, socketLimit, openBusy, openFailed atomic.Uint64
 }
 
-func (s *Stack) initUDP(o Options) {
-	s.udpPerSrc = make(map[netip.Addr]int32)
-	s.udpOpening = make(map[netip.Addr]int32)
-	s.udpOpen = make(chan *udpFlow, udpOpenQueue)
-	s.udp.rcvBuf = o.UDPReceiveBuffer
-	if s.udp.rcvBuf <= 0 {
-		s.udp.rcvBuf = DefaultUDPReceiveBuffer
+// New starts a Forwarder's socket openers. Close stops them.
+func New(h Host) *Forwarder {
+	u := newForwarder(h)
+	for range udpOpeners {
+		u.wg.Add(1)
+		go u.opener()
 	}
-	s.udp.maxPerSource = o.MaxUDPFlowsPerSource
-	s.icmpErr.limit.init(icmpErrorsPerSecond, icmpErrorBurst)
-	s.udp.maxSockets = 1 << 20
-	var rl unix.Rlimit
-	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil && rl.Cur < 1<<22 {
-		s.udp.maxSockets = max(64, int(rl.Cur)-int(rl.Cur)/4)
-	}
+	return u
 }
 
-func (s *Stack) udpDrops() map[string]uint64 {
-	return map[string]uint64{
-		"udp-source-limit": s.udp.sourceLimit.Load(),
-		"udp-socket-limit": s.udp.socketLimit.Load(),
-		"udp-open-busy":    s.udp.openBusy.Load(),
-		"udp-open-failed":  s.udp.openFailed.Load(),
-		"udp-queue":        s.udpWriteDrops.Load(),
-		"icmp-error-rate":  s.icmpErr.rateDrops.Load(),
+// newForwarder makes a Forwarder without starting its openers.
+func newForwarder(h Host) *Forwarder {
+	u := &Forwarder{
+		h:       h,
+		flows:   make(map[filter.FlowKey]*udpFlow),
+		perSrc:  make(map[netip.Addr]int32),
+		opening: make(map[netip.Addr]int32),
+		open:    make(chan *udpFlow, udpOpenQueue),
+		guard:   flows.Guard{Engine: h.Engine, Log: h.Log, Now: h.Now},
 	}
+	u.ctx, u.cancel = context.WithCancel(context.Background())
+	u.pollTUN = u.pollTUNFd
+	u.lim.rcvBuf = h.ReceiveBuffer
+	if u.lim.rcvBuf <= 0 {
+		u.lim.rcvBuf = DefaultReceiveBuffer
+	}
+	u.icmpErr.limit.init(icmpErrorsPerSecond, icmpErrorBurst)
+	u.lim.maxSockets = 1 << 20
+	var rl unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil && rl.Cur < 1<<22 {
+		u.lim.maxSockets = max(64, int(rl.Cur)-int(rl.Cur)/4)
+	}
+	return u
+}
+
+// Drops adds, by reason, the datagrams the forwarder dropped after the
+// engine let them through: "udp-source-limit" (the client holds its share
+// of flows), "udp-socket-limit" (as many UDP sockets as tunfw may hold),
+// "udp-open-busy" (too many sockets being opened), "udp-open-failed" (the
+// socket could not be opened), "udp-queue" (the flow's queue was full) and
+// "icmp-error-rate" (an ICMP error past the rate limit, not relayed).
+func (u *Forwarder) Drops(m map[string]uint64) {
+	m["udp-source-limit"] = u.lim.sourceLimit.Load()
+	m["udp-socket-limit"] = u.lim.socketLimit.Load()
+	m["udp-open-busy"] = u.lim.openBusy.Load()
+	m["udp-open-failed"] = u.lim.openFailed.Load()
+	m["udp-queue"] = u.writeDrops.Load()
+	m["icmp-error-rate"] = u.icmpErr.rateDrops.Load()
+}
+
+// WriteDrops returns how many relayed datagrams were dropped because a
+// queue on the way was full.
+func (u *Forwarder) WriteDrops() uint64 { return u.writeDrops.Load() }
+
+// Panics returns how many flow handlers panicked and were recovered.
+func (u *Forwarder) Panics() uint64 { return u.guard.Panics() }
+
+// CloseFlows closes the sockets of the UDP flows refs names (the other
+// protocols' are not tracked here), as when they expired or a reload cut
+// them; a flow whose key now names a newer flow is left alone. It returns
+// how many it closed.
+func (u *Forwarder) CloseFlows(refs []filter.FlowRef) int { return u.tracker.Close(refs) }
+
+// Close stops the openers and closes every flow.
+func (u *Forwarder) Close() {
+	u.cancel()
+	u.closeFlows()
+	u.wg.Wait()
 }
 
 // udpFlow is one relayed UDP flow. Its socket is opened by an opener
@@ -126,7 +238,7 @@ type udpFlow struct {
 	oob           []byte // UDP_SEGMENT control message
 	sendErr       error
 
-	// Read loop only: datagrams waiting to be sent (udpbatch.go), and
+	// Read loop only: datagrams waiting to be sent (batch.go), and
 	// whether the socket takes GSO sends.
 	out udpBatch
 	gso bool
@@ -162,41 +274,41 @@ func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udp
 	return f
 }
 
-// forwardUDP sends the payload of an allowed datagram read from the TUN to
+// Forward sends the payload of an allowed datagram read from the TUN to
 // its destination. It runs on the read loop and never blocks: a new flow's
 // datagrams wait (bounded) while an opener makes its socket; a datagram
 // that finds the socket's buffer full is dropped and counted, as a router
 // would. The send may wait in the flow's batch until the read loop has read
-// what the TUN holds (udpbatch.go).
-func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
+// what the TUN holds (batch.go).
+func (u *Forwarder) Forward(p *filter.Packet, pkt []byte, now int64) {
 	key := filter.KeyOf(p)
-	s.udpMu.Lock()
-	f := s.udpFlows[key]
-	s.udpMu.Unlock()
+	u.mu.Lock()
+	f := u.flows[key]
+	u.mu.Unlock()
 	if f == nil {
-		if f = s.startUDP(key, now); f == nil {
+		if f = u.startUDP(key, now); f == nil {
 			return
 		}
 	}
 	f.last.Store(now)
 	payload := pkt[p.IPHeaderLen+header.UDPMinimumSize:][:p.PayloadLen] // the UDP length's, not the IP packet's
 	if f.ready.Load() {
-		s.queueUDP(f, payload)
+		u.queueUDP(f, payload)
 		return
 	}
-	if !f.queued && !s.queueOpen(f) {
+	if !f.queued && !u.queueOpen(f) {
 		// Never queued, it holds nothing: it leaves at once, as one
 		// refused by startUDP does, so a burst past the openers' queue
 		// does not fill the client's share with empty flows.
-		s.udp.openBusy.Add(1)
-		s.udpMu.Lock()
-		s.removeUDPLocked(f)
-		s.udpMu.Unlock()
-		s.untrackFlow(f.ref)
-		s.eng.Release(f.ref, now)
+		u.lim.openBusy.Add(1)
+		u.mu.Lock()
+		u.removeUDPLocked(f)
+		u.mu.Unlock()
+		u.tracker.Untrack(f.ref)
+		u.h.Engine.Release(f.ref, now)
 		return
 	}
-	s.holdUDP(f, payload)
+	u.holdUDP(f, payload)
 }
 
 // startUDP makes the flow of key's first datagram, unless its client holds
@@ -204,67 +316,67 @@ func (s *Stack) forwardUDP(p *filter.Packet, pkt []byte, now int64) {
 // datagram is dropped and counted, and the flow leaves the engine's table
 // (it holds nothing and counts against no limit; its next datagram tries
 // again).
-func (s *Stack) startUDP(key filter.FlowKey, now int64) *udpFlow {
+func (u *Forwarder) startUDP(key filter.FlowKey, now int64) *udpFlow {
 	src := key.Src.Addr()
-	ref := filter.FlowRef{Key: key, ID: s.eng.Claim(key)}
+	ref := filter.FlowRef{Key: key, ID: u.h.Engine.Claim(key)}
 	var f *udpFlow
 	var drop *atomic.Uint64
-	s.udpMu.Lock()
+	u.mu.Lock()
 	switch {
-	case s.ctx.Err() != nil:
-		drop = &s.udp.openFailed
-	case int(s.udpPerSrc[src]) >= s.perSourceBound(s.udp.maxPerSource, defaultMaxUDPPerSource):
-		drop = &s.udp.sourceLimit
-	case len(s.udpFlows) >= s.udp.maxSockets:
-		drop = &s.udp.socketLimit
+	case u.ctx.Err() != nil:
+		drop = &u.lim.openFailed
+	case int(u.perSrc[src]) >= u.h.MaxPerSource():
+		drop = &u.lim.sourceLimit
+	case len(u.flows) >= u.lim.maxSockets:
+		drop = &u.lim.socketLimit
 	default:
 		f = newUDPFlow(key, nil, nil)
 		f.ref = ref
 		f.last.Store(now)
-		s.udpFlows[key] = f
-		s.udpPerSrc[src]++
+		u.flows[key] = f
+		u.perSrc[src]++
 	}
-	s.udpMu.Unlock()
+	u.mu.Unlock()
 	if drop != nil {
 		// Refused before anything is made for it: a flood of new
 		// flows past the bounds costs little.
 		drop.Add(1)
-		s.eng.Release(ref, now)
+		u.h.Engine.Release(ref, now)
 		return nil
 	}
-	s.trackFlow(ref, func() { s.endUDP(f) })
+	u.tracker.Track(ref, func() { u.endUDP(f) })
 	return f
 }
 
 // queueOpen asks the openers for f's socket; false when too many flows, or
 // too many of f's client, wait for one already.
-func (s *Stack) queueOpen(f *udpFlow) bool {
+func (u *Forwarder) queueOpen(f *udpFlow) bool {
 	src := f.key.Src.Addr()
-	s.udpMu.Lock()
-	if s.udpOpening[src] < udpOpenPerSource {
+	u.mu.Lock()
+	if u.opening[src] < udpOpenPerSource {
 		select {
-		case s.udpOpen <- f:
-			s.udpOpening[src]++
+		case u.open <- f:
+			u.opening[src]++
 			f.queued = true
 		default:
 		}
 	}
-	s.udpMu.Unlock()
+	u.mu.Unlock()
 	return f.queued
 }
 
 // holdUDP keeps a datagram of a flow whose socket is being opened, or
 // sends it if the socket opened meanwhile.
-func (s *Stack) holdUDP(f *udpFlow, payload []byte) {
+func (u *Forwarder) holdUDP(f *udpFlow, payload []byte) {
 	f.mu.Lock()
 	if f.ready.Load() {
 		f.mu.Unlock()
-		s.queueUDP(f, payload)
+		u.queueUDP(f, payload)
 		return
 	}
 	if f.closed || len(f.held) == udpHeld || f.heldBytes+len(payload) > udpHeldBytes {
 		f.mu.Unlock()
-		s.udpWriteDrops.Add(1)
+		u.writeDrops.Add(1)
 		return
 	}
 	f.held = append(f.held, append([]byte(nil), payload...))
@@ -272,23 +384,16 @@ func (s *Stack) holdUDP(f *udpFlow, payload []byte) {
 	f.mu.Unlock()
 }
 
-func (s *Stack) startUDPOpeners() {
-	for range udpOpeners {
-		s.wg.Add(1)
-		go s.udpOpener()
-	}
-}
-
-// udpOpener opens the sockets of new flows, so that the read loop never
+// opener opens the sockets of new flows, so that the read loop never
 // waits for socket, setsockopt and connect calls or a goroutine start.
-func (s *Stack) udpOpener() {
-	defer s.wg.Done()
+func (u *Forwarder) opener() {
+	defer u.wg.Done()
 	for {
 		select {
-		case <-s.ctx.Done():
+		case <-u.ctx.Done():
 			return
-		case f := <-s.udpOpen:
-			s.openUDP(f)
+		case f := <-u.open:
+			u.openUDP(f)
 			// A flood keeps the openers busy: let a read loop that
 			// is ready run first, whatever the number of cores.
 			runtime.Gosched()
@@ -298,15 +403,15 @@ func (s *Stack) udpOpener() {
 
 // openUDP connects a socket for flow f, sends what it held and starts
 // relaying its replies.
-func (s *Stack) openUDP(f *udpFlow) {
-	defer s.recoverFlow(&f.ref)
-	conn, raw, err := s.dialUDP(f.key)
+func (u *Forwarder) openUDP(f *udpFlow) {
+	defer u.guard.Recover(&f.ref)
+	conn, raw, err := u.dialUDP(f.key)
 	src := f.key.Src.Addr()
-	s.udpMu.Lock()
-	if s.udpOpening[src]--; s.udpOpening[src] <= 0 {
-		delete(s.udpOpening, src)
+	u.mu.Lock()
+	if u.opening[src]--; u.opening[src] <= 0 {
+		delete(u.opening, src)
 	}
-	s.udpMu.Unlock()
+	u.mu.Unlock()
 	f.mu.Lock()
 	if err != nil || f.closed {
 		held := len(f.held)
@@ -318,34 +423,34 @@ func (s *Stack) openUDP(f *udpFlow) {
 			conn.Close()
 		}
 		if !byTable {
-			s.udp.openFailed.Add(uint64(held))
-			s.log.Debug("dial failed", "proto", "udp", "src", f.key.Src, "dst", f.key.Dst, "err", err)
-			s.udpMu.Lock()
-			s.removeUDPLocked(f)
-			s.udpMu.Unlock()
-			s.untrackFlow(f.ref)
-			s.eng.Release(f.ref, s.now())
+			u.lim.openFailed.Add(uint64(held))
+			u.h.Log.Debug("dial failed", "proto", "udp", "src", f.key.Src, "dst", f.key.Dst, "err", err)
+			u.mu.Lock()
+			u.removeUDPLocked(f)
+			u.mu.Unlock()
+			u.tracker.Untrack(f.ref)
+			u.h.Engine.Release(f.ref, u.h.Now())
 		}
 		return
 	}
 	f.conn, f.raw = conn, raw
 	for _, d := range f.held {
-		s.sendUDP(f, d)
+		u.sendUDP(f, d)
 	}
 	f.held, f.heldBytes = nil, 0
 	f.ready.Store(true)
 	f.mu.Unlock()
-	s.wg.Add(1) // this opener is counted in wg: it cannot be zero here
-	go s.udpReplies(f)
+	u.wg.Add(1) // this opener is counted in wg: it cannot be zero here
+	go u.udpReplies(f)
 }
 
 // dialUDP opens and connects the socket of flow key.
-func (s *Stack) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, error) {
+func (u *Forwarder) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, error) {
 	network := "udp4"
 	if key.Dst.Addr().Is6() {
 		network = "udp6"
 	}
-	c, err := s.dialer.DialContext(s.ctx, network, key.Dst.String())
+	c, err := u.h.Dialer.DialContext(u.ctx, network, key.Dst.String())
 	if err != nil {
 		return nil, nil, err
 	}
@@ -355,7 +460,7 @@ func (s *Stack) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, erro
 		uc.Close()
 		return nil, nil, err
 	}
-	s.setUDPRcvBuf(raw, min(udpRcvBufStart, s.udp.rcvBuf))
+	u.setUDPRcvBuf(raw, min(udpRcvBufStart, u.lim.rcvBuf))
 	var serr error
 	if err := raw.Control(func(fd uintptr) { serr = setRecvErr(int(fd), key.Dst.Addr().Is6()) }); err != nil || serr != nil {
 		uc.Close()
@@ -366,7 +471,7 @@ func (s *Stack) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, erro
 
 // setUDPRcvBuf sets the receive buffer of a flow's socket. Best effort:
 // without CAP_NET_ADMIN the default stays.
-func (s *Stack) setUDPRcvBuf(raw syscall.RawConn, size int) {
+func (u *Forwarder) setUDPRcvBuf(raw syscall.RawConn, size int) {
 	raw.Control(func(fd uintptr) {
 		unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size)
 	})
@@ -375,7 +480,7 @@ func (s *Stack) setUDPRcvBuf(raw syscall.RawConn, size int) {
 // endUDP releases flow f the moment it leaves the engine's table (expired,
 // cut by a reload) or the stack closes: its socket, its entry, its
 // tracking. Its reply goroutine sees the closed socket and ends.
-func (s *Stack) endUDP(f *udpFlow) {
+func (u *Forwarder) endUDP(f *udpFlow) {
 	f.mu.Lock()
 	f.closed = true
 	c := f.conn
@@ -383,35 +488,35 @@ func (s *Stack) endUDP(f *udpFlow) {
 	if c != nil {
 		c.Close()
 	}
-	s.udpMu.Lock()
-	s.removeUDPLocked(f)
-	s.udpMu.Unlock()
-	s.untrackFlow(f.ref)
+	u.mu.Lock()
+	u.removeUDPLocked(f)
+	u.mu.Unlock()
+	u.tracker.Untrack(f.ref)
 }
 
 // removeUDPLocked deletes f from the flows, if it is still there; udpMu
 // must be held.
-func (s *Stack) removeUDPLocked(f *udpFlow) {
-	if s.udpFlows[f.key] != f {
+func (u *Forwarder) removeUDPLocked(f *udpFlow) {
+	if u.flows[f.key] != f {
 		return
 	}
-	delete(s.udpFlows, f.key)
+	delete(u.flows, f.key)
 	src := f.key.Src.Addr()
-	if s.udpPerSrc[src]--; s.udpPerSrc[src] <= 0 {
-		delete(s.udpPerSrc, src)
+	if u.perSrc[src]--; u.perSrc[src] <= 0 {
+		delete(u.perSrc, src)
 	}
 }
 
-// closeUDPFlows releases every UDP flow, when the stack closes.
-func (s *Stack) closeUDPFlows() {
-	s.udpMu.Lock()
-	fs := make([]*udpFlow, 0, len(s.udpFlows))
-	for _, f := range s.udpFlows {
+// closeFlows releases every flow, when the forwarder closes.
+func (u *Forwarder) closeFlows() {
+	u.mu.Lock()
+	fs := make([]*udpFlow, 0, len(u.flows))
+	for _, f := range u.flows {
 		fs = append(fs, f)
 	}
-	s.udpMu.Unlock()
+	u.mu.Unlock()
 	for _, f := range fs {
-		s.endUDP(f)
+		u.endUDP(f)
 	}
 }
 
@@ -427,29 +532,29 @@ const udpReplyBatch = 32
 // sent to. Buffers are taken only while datagrams are there: after the
 // first one, what else the socket already holds (up to udpReplyBatch) is
 // read without waiting and written with it.
-func (s *Stack) udpReplies(f *udpFlow) {
-	defer s.wg.Done()
-	defer s.closeUDP(f)
-	defer s.recoverFlow(&f.ref)
+func (u *Forwarder) udpReplies(f *udpFlow) {
+	defer u.wg.Done()
+	defer u.closeUDP(f)
+	defer u.guard.Recover(&f.ref)
 	ipLen := header.IPv4MinimumSize
 	if f.key.Dst.Addr().Is6() {
 		ipLen = header.IPv6MinimumSize
 	}
-	var r sockReader
-	r.init(func() *[]byte { return s.bufPool.Get().(*[]byte) }, func(bp *[]byte) { s.bufPool.Put(bp) },
-		tunOffset+ipLen+header.UDPMinimumSize)
+	var r sockread.Reader
+	r.Init(func() *[]byte { return u.h.TUN.Buffer() }, func(bp *[]byte) { u.h.TUN.Release(bp) },
+		tunio.Headroom+ipLen+header.UDPMinimumSize)
 	var errs *errQueue
-	r.errQueue = func(fd int) {
+	r.ErrQueue = func(fd int) {
 		if errs == nil {
-			errs = newErrQueue(s, f)
+			errs = newErrQueue(u, f)
 		}
 		errs.drain(fd)
 	}
 	held := make([]*[]byte, 0, udpReplyBatch)
 	pkts := make([][]byte, 0, udpReplyBatch)
 	for {
-		idle := int64(s.eng.Timeouts().UDPIdle)
-		left := idle - (s.now() - f.last.Load())
+		idle := int64(u.h.Engine.Timeouts().UDPIdle)
+		left := idle - (u.h.Now() - f.last.Load())
 		if left <= 0 {
 			return
 		}
@@ -458,53 +563,51 @@ func (s *Stack) udpReplies(f *udpFlow) {
 		// took the socket's pending error, its queued ICMP error may have
 		// woken nobody (the netpoller's edge went before this Read): it
 		// is looked for once first, as if woken.
-		r.wait, r.woken = true, f.errTaken.Swap(false)
-		err := f.raw.Read(r.read)
+		r.Wait, r.Woken = true, f.errTaken.Swap(false)
+		err := f.raw.Read(r.Read)
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				continue // idle so far; the loop checks the timeout
 			}
 			return
 		}
-		if r.err != nil {
+		if r.Err != nil {
 			// The socket's pending error: an ICMP error for an
 			// earlier datagram (port unreachable...), relayed to the
-			// client by r.errQueue. Keep the flow: a server may come
+			// client by r.ErrQueue. Keep the flow: a server may come
 			// up, a route come back.
 			continue
 		}
-		now := s.now()
+		now := u.h.Now()
 		f.last.Store(now)
 		for {
-			if pkt := s.udpReplyPacket(f, r.bp, r.n, ipLen, now); pkt != nil {
-				held = append(held, r.bp)
+			if pkt := u.udpReplyPacket(f, r.BP, r.N, ipLen, now); pkt != nil {
+				held = append(held, r.BP)
 				pkts = append(pkts, pkt)
 			} else {
-				s.bufPool.Put(r.bp)
+				u.h.TUN.Release(r.BP)
 			}
-			r.bp = nil
+			r.BP = nil
 			if len(held) == udpReplyBatch {
 				// Replies queue: this flow is busy enough for the
 				// largest buffer.
 				if !f.bigRcvBuf {
 					f.bigRcvBuf = true
-					s.setUDPRcvBuf(f.raw, s.udp.rcvBuf)
+					u.setUDPRcvBuf(f.raw, u.lim.rcvBuf)
 				}
 				break
 			}
 			// More already there? Read without waiting.
-			r.wait = false
-			if f.raw.Control(r.readNow) != nil || r.bp == nil {
+			r.Wait = false
+			if f.raw.Control(r.ReadNow) != nil || r.BP == nil {
 				break
 			}
 		}
 		if len(pkts) > 0 {
-			s.writeMu.Lock()
-			s.writeLocked(pkts)
-			s.writeMu.Unlock()
+			u.h.TUN.Write(pkts)
 		}
 		for i, bp := range held {
-			s.bufPool.Put(bp)
+			u.h.TUN.Release(bp)
 			held[i], pkts[i] = nil, nil
 		}
 		held, pkts = held[:0], pkts[:0]
@@ -526,22 +629,22 @@ func pendingICMPError(err error) bool {
 // udpReplyPacket wraps the n-byte datagram in bp in IP and UDP headers for
 // the client and accounts it to the flow; nil when it is larger than the
 // TUN takes (dropped and counted).
-func (s *Stack) udpReplyPacket(f *udpFlow, bp *[]byte, n, ipLen int, now int64) []byte {
+func (u *Forwarder) udpReplyPacket(f *udpFlow, bp *[]byte, n, ipLen int, now int64) []byte {
 	total := ipLen + header.UDPMinimumSize + n
-	if total > s.mtu {
-		s.udpWriteDrops.Add(1)
+	if total > u.h.MTU {
+		u.writeDrops.Add(1)
 		return nil
 	}
 	b := *bp
-	p := buildUDPReply(b[tunOffset:tunOffset+total], f.key)
-	s.eng.Outbound(&p, now)
-	return b[:tunOffset+total]
+	p := buildUDPReply(b[tunio.Headroom:tunio.Headroom+total], f.key)
+	u.h.Engine.Outbound(&p, now)
+	return b[:tunio.Headroom+total]
 }
 
 // closeUDP ends a flow whose reply loop ended: its socket, its table
 // entries and its flow in the engine, unless the flow already left the
 // engine's table (endUDP did the rest then).
-func (s *Stack) closeUDP(f *udpFlow) {
+func (u *Forwarder) closeUDP(f *udpFlow) {
 	f.conn.Close()
 	f.mu.Lock()
 	byTable := f.closed
@@ -550,18 +653,18 @@ func (s *Stack) closeUDP(f *udpFlow) {
 	if byTable {
 		return
 	}
-	s.udpMu.Lock()
-	s.removeUDPLocked(f)
-	s.udpMu.Unlock()
-	s.untrackFlow(f.ref)
-	s.eng.Release(f.ref, s.now())
+	u.mu.Lock()
+	u.removeUDPLocked(f)
+	u.mu.Unlock()
+	u.tracker.Untrack(f.ref)
+	u.h.Engine.Release(f.ref, u.h.Now())
 }
 
 // buildUDPReply writes the IP and UDP headers in front of the payload that
 // fills the rest of pkt, for a datagram from the flow's destination to its
 // client, and returns the packet's description for the engine.
 func buildUDPReply(pkt []byte, k filter.FlowKey) filter.Packet {
-	src, dst := tcpipAddr(k.Dst.Addr()), tcpipAddr(k.Src.Addr())
+	src, dst := gaddr.To(k.Dst.Addr()), gaddr.To(k.Src.Addr())
 	ipLen := header.IPv4MinimumSize
 	version := uint8(4)
 	if k.Dst.Addr().Is6() {

@@ -1,8 +1,6 @@
-package stack
+package tcpfwd
 
 import (
-	"io"
-	"log/slog"
 	"strings"
 	"testing"
 
@@ -79,11 +77,11 @@ func TestConfigApplies(t *testing.T) {
 	}
 }
 
-// newTestStack builds a Stack with no device, enough to inspect its gVisor
-// settings; nothing is read or written.
-func newTestStack(t *testing.T, c Config) *Stack {
+// newTestStack builds a Forwarder, enough to inspect its gVisor settings;
+// nothing is read or written.
+func newTestStack(t *testing.T, c Config) *Forwarder {
 	t.Helper()
-	s, err := New(Options{MTU: 1500, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), TCP: c})
+	s, err := New(testHost(t, nil), c, DialLimits{})
 	if err != nil {
 		t.Fatal(err)
 	}

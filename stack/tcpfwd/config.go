@@ -1,4 +1,4 @@
-package stack
+package tcpfwd
 
 import (
 	"errors"
@@ -84,9 +84,9 @@ func (c Config) Validate() error {
 }
 
 // applyConfig sets c on the stack's TCP protocol.
-func (s *Stack) applyConfig(c Config) error {
+func (fw *Forwarder) applyConfig(c Config) error {
 	set := func(what string, opt tcpip.SettableTransportProtocolOption) error {
-		if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {
+		if err := fw.ns.SetTransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {
 			return fmt.Errorf("set %s: %s", what, err)
 		}
 		return nil
@@ -139,13 +139,13 @@ func (c Config) Bounded(perFlow int64, floor int) Config {
 // connection's auto-tuning grows its buffers only up to the new maxima
 // (gVisor reads them when it grows a buffer); buffers already grown keep
 // their size.
-func (s *Stack) SetBufferSizes(c Config) error {
+func (fw *Forwarder) SetBufferSizes(c Config) error {
 	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: minBuffer, Default: c.ReceiveBuffer, Max: c.ReceiveBufferMax}
 	snd := tcpip.TCPSendBufferSizeRangeOption{Min: minBuffer, Default: c.SendBuffer, Max: c.SendBufferMax}
-	if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv); err != nil {
+	if err := fw.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &rcv); err != nil {
 		return fmt.Errorf("set receive buffer sizes: %s", err)
 	}
-	if err := s.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &snd); err != nil {
+	if err := fw.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &snd); err != nil {
 		return fmt.Errorf("set send buffer sizes: %s", err)
 	}
 	return nil

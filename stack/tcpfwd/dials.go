@@ -1,4 +1,4 @@
-package stack
+package tcpfwd
 
 import (
 	"context"
@@ -33,7 +33,7 @@ import (
 // dialled, remembered (deferred), and its flow leaves the table; a real
 // client retransmits it after its initial RTO (1 s on Linux) and that one
 // is dialled. The decision is taken on the read loop, before gVisor's
-// forwarder starts a goroutine for the SYN (Stack.screenSYNs): a flood of
+// forwarder starts a goroutine for the SYN (Forwarder.screenSYNs): a flood of
 // SYNs to silent addresses thus costs a table lookup each, not a goroutine
 // and a socket, and connections to servers in use are not delayed at all.
 //
@@ -258,7 +258,7 @@ type recentTable[K comparable] struct {
 
 type recentSlot struct {
 	hash uint64 // of the key; 0: empty
-	at   int64  // when it was remembered (Stack.now)
+	at   int64  // when it was remembered (Host.Now)
 }
 
 const recentWays = 4
@@ -447,13 +447,13 @@ func classifyDial(err error) dialFailReason {
 // evicted (gave way to newer SYNs in a full pool), deferred (not dialled:
 // the SYN came under pressure and was no retransmission), cancelled (the flow left
 // the table first), other.
-func (s *Stack) DialFailures() map[string]uint64 {
+func (fw *Forwarder) DialFailures() map[string]uint64 {
 	m := make(map[string]uint64, numDialFails)
-	for i := range s.dials.fails {
-		m[dialFailNames[i]] = s.dials.fails[i].Load()
+	for i := range fw.dials.fails {
+		m[dialFailNames[i]] = fw.dials.fails[i].Load()
 	}
 	return m
 }
 
 // PendingDials returns how many TCP connections are being set up.
-func (s *Stack) PendingDials() int { return s.dials.len() }
+func (fw *Forwarder) PendingDials() int { return fw.dials.len() }

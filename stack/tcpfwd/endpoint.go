@@ -1,16 +1,16 @@
-package stack
+package tcpfwd
 
 import (
 	"sync"
+
+	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/internal/tunio"
+	"gvisor.dev/gvisor/pkg/buffer"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
-
-// tunOffset is the headroom left in front of each packet buffer handed to the
-// TUN device: wireguard's tun writes its virtio-net header there.
-const tunOffset = 16
 
 // linkEndpoint bridges the gVisor stack and the TUN device. Inbound packets
 // are injected by the read loop (after the filter allowed them); outbound
@@ -36,7 +36,7 @@ func (e *linkEndpoint) deliver(pkt []byte, v6 bool) {
 	if d == nil {
 		return
 	}
-	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: bufferFrom(pkt)})
+	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(pkt)})
 	proto := header.IPv4ProtocolNumber
 	if v6 {
 		proto = header.IPv6ProtocolNumber
@@ -105,3 +105,45 @@ func (e *linkEndpoint) Close() {}
 
 // SetOnCloseAction implements stack.NetworkLinkEndpoint.
 func (e *linkEndpoint) SetOnCloseAction(func()) {}
+
+// writePackets sends the stack's outbound packets to the TUN, letting the
+// engine account them to their flows first. The buffers' pointers are kept
+// beside the packets, so giving them back allocates nothing.
+func (fw *Forwarder) writePackets(pkts []*stack.PacketBuffer) {
+	fw.writeMu.Lock()
+	defer fw.writeMu.Unlock()
+	now := fw.h.Now()
+	var p filter.Packet
+	for _, pb := range pkts {
+		bp := fw.h.TUN.Buffer()
+		b := appendPacket((*bp)[:tunio.Headroom], pb)
+		if filter.ParsePacket(b[tunio.Headroom:], &p) == nil {
+			fw.h.Engine.Outbound(&p, now)
+		}
+		fw.writeBufs = append(fw.writeBufs, b)
+		fw.writeBps = append(fw.writeBps, bp)
+	}
+	fw.h.TUN.Write(fw.writeBufs)
+	for i, bp := range fw.writeBps {
+		fw.h.TUN.Release(bp)
+		fw.writeBps[i], fw.writeBufs[i] = nil, nil
+	}
+	fw.writeBufs, fw.writeBps = fw.writeBufs[:0], fw.writeBps[:0]
+}
+
+// appendPacket appends the bytes of pb, from its network header on, to dst.
+// It walks the views in place: PacketBuffer.AsSlices would allocate per
+// packet.
+func appendPacket(dst []byte, pb *stack.PacketBuffer) []byte {
+	vl, off := pb.AsViewList()
+	for v := vl.Front(); v != nil; v = v.Next() {
+		b := v.AsSlice()
+		if off >= len(b) {
+			off -= len(b)
+			continue
+		}
+		dst = append(dst, b[off:]...)
+		off = 0
+	}
+	return dst
+}

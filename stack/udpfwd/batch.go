@@ -1,4 +1,4 @@
-package stack
+package udpfwd
 
 import (
 	"encoding/binary"
@@ -31,7 +31,7 @@ const (
 // udpBatch is the datagrams of one flow waiting to be sent. Only the read
 // loop touches it.
 type udpBatch struct {
-	buf     *[]byte // from Stack.bufPool, payloads back to back
+	buf     *[]byte // from Host.TUN, payloads back to back
 	n       int     // bytes in buf
 	segSize int     // size of every datagram but the last
 	segs    int
@@ -40,23 +40,23 @@ type udpBatch struct {
 
 // queueUDP adds payload to f's batch, sending what is there first when
 // payload cannot join it.
-func (s *Stack) queueUDP(f *udpFlow, payload []byte) {
+func (u *Forwarder) queueUDP(f *udpFlow, payload []byte) {
 	b := &f.out
 	if !f.gso || len(payload) == 0 || 2*len(payload) > udpMaxBatch {
-		s.flushUDPFlow(f)
-		s.sendUDP(f, payload)
+		u.flushUDPFlow(f)
+		u.sendUDP(f, payload)
 		return
 	}
 	if b.segs > 0 && (b.short || len(payload) > b.segSize || b.n+len(payload) > udpMaxBatch || b.segs == udpMaxSegs) {
-		s.flushUDPFlow(f)
+		u.flushUDPFlow(f)
 	}
 	if b.segs == 0 {
-		if len(s.udpPending) >= udpMaxPending {
-			s.flushUDP()
+		if len(u.pending) >= udpMaxPending {
+			u.flushUDP()
 		}
-		b.buf = s.bufPool.Get().(*[]byte)
+		b.buf = u.h.TUN.Buffer()
 		b.segSize = len(payload)
-		s.udpPending = append(s.udpPending, f)
+		u.pending = append(u.pending, f)
 	}
 	b.n += copy((*b.buf)[b.n:], payload)
 	b.segs++
@@ -66,26 +66,26 @@ func (s *Stack) queueUDP(f *udpFlow, payload []byte) {
 }
 
 // flushUDP sends every batch the read loop collected.
-func (s *Stack) flushUDP() {
-	for i, f := range s.udpPending {
-		s.flushUDPFlow(f)
-		s.udpPending[i] = nil
+func (u *Forwarder) flushUDP() {
+	for i, f := range u.pending {
+		u.flushUDPFlow(f)
+		u.pending[i] = nil
 	}
-	s.udpPending = s.udpPending[:0]
+	u.pending = u.pending[:0]
 }
 
 // flushUDPFlow sends f's batch, if any: one datagram as it is, several
 // with UDP GSO. A kernel or path that refuses GSO (no checksum offload on
 // the way out, datagrams larger than the path MTU) gets the datagrams one
 // by one, now and from then on.
-func (s *Stack) flushUDPFlow(f *udpFlow) {
+func (u *Forwarder) flushUDPFlow(f *udpFlow) {
 	b := &f.out
 	if b.segs == 0 {
 		return
 	}
 	data := (*b.buf)[:b.n]
 	if b.segs == 1 {
-		s.sendUDP(f, data)
+		u.sendUDP(f, data)
 	} else {
 		binary.NativeEndian.PutUint16(f.oob[unix.CmsgLen(0):], uint16(b.segSize))
 		f.sendBuf = data
@@ -97,23 +97,23 @@ func (s *Stack) flushUDPFlow(f *udpFlow) {
 			f.gso = false
 			for len(data) > 0 {
 				n := min(b.segSize, len(data))
-				s.sendUDP(f, data[:n])
+				u.sendUDP(f, data[:n])
 				data = data[n:]
 			}
 		case err != nil || (f.sendErr != nil && !errors.Is(f.sendErr, unix.ECONNREFUSED)):
-			s.udpWriteDrops.Add(uint64(b.segs))
+			u.writeDrops.Add(uint64(b.segs))
 		}
 	}
-	s.bufPool.Put(b.buf)
+	u.h.TUN.Release(b.buf)
 	*b = udpBatch{}
 }
 
 // sendUDP sends one datagram on f's socket. It never blocks: a datagram
 // that finds the socket's buffer full is dropped and counted.
-func (s *Stack) sendUDP(f *udpFlow, payload []byte) {
+func (u *Forwarder) sendUDP(f *udpFlow, payload []byte) {
 	f.sendBuf = payload
 	if err := f.raw.Write(f.send); err != nil || (f.sendErr != nil && !errors.Is(f.sendErr, unix.ECONNREFUSED)) {
-		s.udpWriteDrops.Add(1)
+		u.writeDrops.Add(1)
 	}
 	f.sendBuf = nil
 }
@@ -129,22 +129,31 @@ func newGSOControl() []byte {
 	return oob
 }
 
+// ReadDone is called by the read loop after it handled a batch read from
+// the TUN: the datagrams collected for batching leave before the next read
+// could block.
+func (u *Forwarder) ReadDone() {
+	if len(u.pending) > 0 && !u.tunHasMore() {
+		u.flushUDP()
+	}
+}
+
 // tunHasMore reports whether a read of the TUN would return at once. It is
 // asked only while UDP batches wait; without a pollable device it says no,
 // so batches are sent after every read.
-func (s *Stack) tunHasMore() bool {
-	if s.tunRaw == nil {
+func (u *Forwarder) tunHasMore() bool {
+	if u.h.TUNConn == nil {
 		return false
 	}
-	s.tunPollReady = false
-	if s.tunRaw.Control(s.pollTUN) != nil {
+	u.tunPollReady = false
+	if u.h.TUNConn.Control(u.pollTUN) != nil {
 		return false
 	}
-	return s.tunPollReady
+	return u.tunPollReady
 }
 
-func (s *Stack) pollTUNFd(fd uintptr) {
-	s.tunPollFds[0] = unix.PollFd{Fd: int32(fd), Events: unix.POLLIN}
-	n, err := unix.Poll(s.tunPollFds[:], 0)
-	s.tunPollReady = err == nil && n > 0 && s.tunPollFds[0].Revents&unix.POLLIN != 0
+func (u *Forwarder) pollTUNFd(fd uintptr) {
+	u.tunPollFds[0] = unix.PollFd{Fd: int32(fd), Events: unix.POLLIN}
+	n, err := unix.Poll(u.tunPollFds[:], 0)
+	u.tunPollReady = err == nil && n > 0 && u.tunPollFds[0].Revents&unix.POLLIN != 0
 }

@@ -1,4 +1,4 @@
-package stack
+package tcpfwd
 
 import (
 	"errors"
@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/internal/sockread"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/waiter"
@@ -23,13 +24,13 @@ import (
 // An idle relay holds no goroutine and no buffer. Each direction is a pump
 // that has a goroutine only while its connection is active: the client's
 // direction is started by gVisor's readable notification, the destination's
-// by the Stack's sockWatcher, one epoll instance for all idle sockets. A
+// by the Forwarder's sockWatcher, one epoll instance for all idle sockets. A
 // running pump copies, and between bursts waits for more in the usual way
 // (netpoller, gVisor notification) for up to relayLinger; only a direction
 // quiet that long goes back to the watcher and ends its goroutine, so a busy
 // connection pays no goroutine start or epoll call per burst.
 type tcpRelay struct {
-	s      *Stack
+	fw     *Forwarder
 	key    filter.FlowKey
 	flow   filter.FlowRef // released when the relay ends
 	client *gonet.TCPConn // for writes and FIN towards the client
@@ -47,7 +48,7 @@ type tcpRelay struct {
 	// nothing; each is used by its one running pump.
 	upW                 tcpip.SliceWriter
 	toUpBufs, toCliBufs relayBufs
-	fromUp              sockReader
+	fromUp              sockread.Reader
 
 	toUp, toClient pump
 	left           atomic.Int32 // directions not ended yet
@@ -80,25 +81,25 @@ const (
 // startRelay relays between the client's endpoint and the destination's
 // socket. It returns when the client's direction is first quiet; the relay
 // ends itself.
-func (s *Stack) startRelay(flow filter.FlowRef, client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
+func (fw *Forwarder) startRelay(flow filter.FlowRef, client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
 	key := flow.Key
-	r := &tcpRelay{s: s, key: key, flow: flow, client: client, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
+	r := &tcpRelay{fw: fw, key: key, flow: flow, client: client, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
 	raw, err := up.SyscallConn()
 	if err != nil {
 		up.Close()
 		ep.Abort()
-		s.eng.Release(flow, s.now())
+		fw.h.Engine.Release(flow, fw.h.Now())
 		return
 	}
 	r.upRaw = raw
-	r.fromUp.init(r.toCliBufs.get, func(bp *[]byte) { r.toCliBufs.put(bp, 0) }, 0)
-	r.fromUp.wait = true
+	r.fromUp.Init(r.toCliBufs.get, func(bp *[]byte) { r.toCliBufs.put(bp, 0) }, 0)
+	r.fromUp.Wait = true
 	r.left.Store(2)
-	onPanic := func(v any) { r.abort(); s.flowPanicked(flow, v) }
+	onPanic := func(v any) { r.abort(); fw.guard.Panicked(flow, v) }
 	r.toUp = pump{drain: r.drainToUp, idle: r.toUpIdle, end: r.directionEnded, onPanic: onPanic}
 	r.toClient = pump{drain: r.drainToClient, idle: r.toClientIdle, end: r.directionEnded, onPanic: onPanic}
-	s.wg.Add(1)
-	s.trackFlow(flow, r.abort)
+	fw.wg.Add(1)
+	fw.tracker.Track(flow, r.abort)
 	r.entry = waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
 		select {
 		case r.upReady <- struct{}{}:
@@ -140,16 +141,16 @@ func (r *tcpRelay) directionEnded() {
 	if r.left.Add(-1) != 0 {
 		// Half closed (the stack accepted the client's FIN, or the
 		// destination closed): the flow has tcp_closing from now on.
-		r.s.eng.Closing(r.flow)
+		r.fw.h.Engine.Closing(r.flow)
 		return
 	}
 	r.wq.EventUnregister(&r.entry)
-	r.s.watcher.forget(r.token)
+	r.fw.watcher.forget(r.token)
 	r.up.Close()
 	r.client.Close()
-	r.s.untrackFlow(r.flow)
-	r.s.eng.Release(r.flow, r.s.now())
-	r.s.wg.Done()
+	r.fw.tracker.Untrack(r.flow)
+	r.fw.h.Engine.Release(r.flow, r.fw.h.Now())
+	r.fw.wg.Done()
 }
 
 // kick starts the pump unless it runs or has ended. It never blocks: gVisor
@@ -251,23 +252,23 @@ func (r *tcpRelay) drainToClient() bool {
 			r.abort()
 			return true
 		}
-		rd.bp = nil
-		err := r.upRaw.Read(rd.read)
+		rd.BP = nil
+		err := r.upRaw.Read(rd.Read)
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			return false
-		case err != nil || rd.err != nil:
+		case err != nil || rd.Err != nil:
 			// Closed by abort, or reset by the destination; no
 			// buffer is held.
 			r.abort()
 			return true
-		case rd.n == 0:
-			r.toCliBufs.put(rd.bp, 0)
+		case rd.N == 0:
+			r.toCliBufs.put(rd.BP, 0)
 			r.client.CloseWrite()
 			return true
 		}
-		_, werr := r.client.Write((*rd.bp)[:rd.n])
-		r.toCliBufs.put(rd.bp, rd.n)
+		_, werr := r.client.Write((*rd.BP)[:rd.N])
+		r.toCliBufs.put(rd.BP, rd.N)
 		if werr != nil {
 			r.abort()
 			return true
@@ -280,9 +281,9 @@ func (r *tcpRelay) drainToClient() bool {
 func (r *tcpRelay) toClientIdle() bool {
 	var err error
 	if r.token == 0 {
-		err = r.s.watcher.add(r.upRaw, &r.toClient, &r.token)
+		err = r.fw.watcher.add(r.upRaw, &r.toClient, &r.token)
 	} else {
-		err = r.s.watcher.rearm(r.upRaw, r.token)
+		err = r.fw.watcher.rearm(r.upRaw, r.token)
 	}
 	if err != nil {
 		// Closed meanwhile, or epoll refused it: either way the relay

@@ -1,20 +1,18 @@
-package stack
+package udpfwd
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"net"
 	"net/netip"
-	"os"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
-	"github.com/tunfw/tunfw/stack/dial"
+	"github.com/tunfw/tunfw/stack/internal/gaddr"
+	"github.com/tunfw/tunfw/stack/internal/race"
+	"github.com/tunfw/tunfw/stack/internal/sockread"
 	"golang.org/x/sys/unix"
-	wgtun "golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
@@ -30,7 +28,7 @@ func checkUDPError(t *testing.T, pkt []byte, k filter.FlowKey, from netip.Addr, 
 	if v6 {
 		ipLen = header.IPv6MinimumSize
 	}
-	client, dst, src := tcpipAddr(k.Src.Addr()), tcpipAddr(k.Dst.Addr()), tcpipAddr(from)
+	client, dst, src := gaddr.To(k.Src.Addr()), gaddr.To(k.Dst.Addr()), gaddr.To(from)
 	var msg, inner []byte
 	if v6 {
 		ip := header.IPv6(pkt)
@@ -122,7 +120,7 @@ func TestBuildUDPError(t *testing.T) {
 				if c.k.Dst.Addr().Is6() {
 					ipLen = header.IPv6MinimumSize
 				}
-				q := newErrQueue(&Stack{mtu: 1500}, &udpFlow{key: c.k})
+				q := newErrQueue(&Forwarder{h: Host{MTU: 1500}}, &udpFlow{key: c.k})
 				payload = payload[:min(len(payload), q.room)] // the quote's limit
 				pkt := make([]byte, 1500)
 				copy(pkt[icmpQuoteOffset(ipLen):], payload)
@@ -139,10 +137,10 @@ func TestBuildUDPError(t *testing.T) {
 		t.Errorf("an IPv6 sender for an IPv4 flow built %d bytes", n)
 	}
 	// The quote's room keeps errors within 576 / 1280 bytes and the MTU.
-	if q := newErrQueue(&Stack{mtu: 1500}, &udpFlow{key: k4}); q.room != 576-56 {
+	if q := newErrQueue(&Forwarder{h: Host{MTU: 1500}}, &udpFlow{key: k4}); q.room != 576-56 {
 		t.Errorf("IPv4 quote room %d, want %d", q.room, 576-56)
 	}
-	if q := newErrQueue(&Stack{mtu: 1400}, &udpFlow{key: k6}); q.room != 1280-96 {
+	if q := newErrQueue(&Forwarder{h: Host{MTU: 1400}}, &udpFlow{key: k6}); q.room != 1280-96 {
 		t.Errorf("IPv6 quote room %d, want %d", q.room, 1280-96)
 	}
 }
@@ -204,47 +202,8 @@ func TestTokenBucket(t *testing.T) {
 	}
 }
 
-// captureDevice is a TUN device that keeps copies of what is written to it.
-type captureDevice struct {
-	wgtun.Device
-	mu      sync.Mutex
-	pkts    [][]byte
-	discard bool // count writes only, keep nothing (for allocation counts)
-	writes  int
-	got     chan struct{}
-}
-
-func newCaptureDevice() *captureDevice { return &captureDevice{got: make(chan struct{}, 100)} }
-
-func (d *captureDevice) File() *os.File { return nil }
-
-func (d *captureDevice) Write(bufs [][]byte, offset int) (int, error) {
-	d.mu.Lock()
-	d.writes += len(bufs)
-	for _, b := range bufs {
-		if d.discard {
-			break
-		}
-		d.pkts = append(d.pkts, append([]byte(nil), b[offset:]...))
-	}
-	d.mu.Unlock()
-	select {
-	case d.got <- struct{}{}:
-	default:
-	}
-	return len(bufs), nil
-}
-
-func (d *captureDevice) take() [][]byte {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	p := d.pkts
-	d.pkts = nil
-	return p
-}
-
 // TestUDPErrorsRelayed runs a UDP flow to a closed loopback port through a
-// Stack: the kernel's port unreachable comes back to the client as an ICMP
+// Forwarder: the kernel's port unreachable comes back to the client as an ICMP
 // error quoting its datagram, in both families, and is counted; reading the
 // socket's error queue allocates nothing; past the rate limit errors are
 // dropped and counted.
@@ -267,12 +226,12 @@ func TestUDPErrorsRelayed(t *testing.T) {
 			}
 			dst := netip.AddrPortFrom(c.closed, pc.LocalAddr().(*net.UDPAddr).AddrPort().Port())
 			pc.Close()
-			dev := newCaptureDevice()
-			s := newUDPTestStack(t, dev)
+			dev := newTestTUN()
+			s := newTestForwarder(t, dev, DefaultMaxPerSource)
 			key := filter.FlowKey{Proto: filter.ProtoUDP, Src: c.client, Dst: dst}
 			payload := []byte("a query nobody answers")
 			pkt, p := udpPacketFor(t, key, payload)
-			s.forwardUDP(&p, pkt, s.now())
+			s.Forward(&p, pkt, s.h.Now())
 			s.flushUDP()
 			deadline := time.After(3 * time.Second)
 			var got [][]byte
@@ -291,9 +250,9 @@ func TestUDPErrorsRelayed(t *testing.T) {
 
 			// The flow stays and keeps relaying; reading the error
 			// queue allocates nothing.
-			s.udpMu.Lock()
-			f := s.udpFlows[key]
-			s.udpMu.Unlock()
+			s.mu.Lock()
+			f := s.flows[key]
+			s.mu.Unlock()
 			if f == nil {
 				t.Fatal("the flow ended with its first error")
 			}
@@ -306,7 +265,7 @@ func TestUDPErrorsRelayed(t *testing.T) {
 				f.raw.Control(drain)
 			}
 			sent()
-			if !raceEnabled {
+			if !race.Enabled {
 				dev.mu.Lock()
 				dev.discard = true
 				w := dev.writes
@@ -325,13 +284,13 @@ func TestUDPErrorsRelayed(t *testing.T) {
 			// The rate limit: a burst of one, then nothing for a while.
 			s.icmpErr.limit.init(1, 1)
 			dev.take()
-			relayed, dropped := s.ICMPErrors()["port-unreachable"], s.Drops()["icmp-error-rate"]
+			relayed, dropped := s.ICMPErrors()["port-unreachable"], drops(s)["icmp-error-rate"]
 			for range 5 {
 				sent()
 			}
 			// The flow's own reply goroutine may read some of them.
 			for end := time.Now().Add(3 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-				r, d := s.ICMPErrors()["port-unreachable"]-relayed, s.Drops()["icmp-error-rate"]-dropped
+				r, d := s.ICMPErrors()["port-unreachable"]-relayed, drops(s)["icmp-error-rate"]-dropped
 				if r+d == 5 {
 					if r > 1 {
 						t.Errorf("5 errors past a burst of 1: %d relayed, %d dropped", r, d)
@@ -344,25 +303,6 @@ func TestUDPErrorsRelayed(t *testing.T) {
 			}
 		})
 	}
-}
-
-// newUDPTestStack returns a Stack with what UDP flows need (engine, dialer,
-// openers, buffers) writing to dev, without gVisor: its goroutines would
-// outlive the test and disturb the allocation counts of the next ones.
-func newUDPTestStack(t *testing.T, dev wgtun.Device) *Stack {
-	s := testEngineStack(t, filter.EngineLimits{MaxFlows: 1000})
-	s.dev, s.mtu, s.dialer = dev, 1500, dial.New(dial.Outbound{})
-	s.ctx, s.cancel = context.WithCancel(context.Background())
-	s.udpFlows = make(map[filter.FlowKey]*udpFlow)
-	s.initUDP(Options{})
-	s.bufPool.New = func() any { b := make([]byte, tunOffset+maxIPPacket); return &b }
-	s.startUDPOpeners()
-	t.Cleanup(func() {
-		s.cancel()
-		s.closeUDPFlows()
-		s.wg.Wait()
-	})
-	return s
 }
 
 // udpPacketFor builds the client's datagram of flow k and its description.
@@ -421,10 +361,10 @@ func TestSockReaderFindsQueuedError(t *testing.T) {
 	raw.Control(func(fd uintptr) { unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR) })
 
 	found := 0
-	var r sockReader
+	var r sockread.Reader
 	buf := make([]byte, 100)
-	r.init(func() *[]byte { return &buf }, func(*[]byte) {}, 0)
-	r.errQueue = func(fd int) {
+	r.Init(func() *[]byte { return &buf }, func(*[]byte) {}, 0)
+	r.ErrQueue = func(fd int) {
 		for {
 			_, _, _, _, err := unix.Recvmsg(fd, make([]byte, 100), make([]byte, 128), unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
 			if err != nil {
@@ -435,10 +375,10 @@ func TestSockReaderFindsQueuedError(t *testing.T) {
 	}
 	// As the reply loop does: the netpoller's edge for the queued error
 	// came before this Read (which resets readiness), so it looks first.
-	r.wait, r.woken = true, true
+	r.Wait, r.Woken = true, true
 	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-	err = raw.Read(r.read)
+	err = raw.Read(r.Read)
 	if found == 0 {
-		t.Fatalf("the queued error was not read (read: %v, %v)", err, r.err)
+		t.Fatalf("the queued error was not read (read: %v, %v)", err, r.Err)
 	}
 }

@@ -1,0 +1,201 @@
+// Package tcpfwd forwards the TCP flows the filter allows through a gVisor
+// netstack: the stack terminates each client's connection, a real socket is
+// dialled to its destination, and a relay copies between the two. It holds
+// the netstack and its link endpoint, the pool of connections being set up,
+// the relays and the epoll watcher of their idle sockets, and the [stack]
+// config section with the dial limits.
+package tcpfwd
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+
+	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/dial"
+	"github.com/tunfw/tunfw/stack/internal/flows"
+	"github.com/tunfw/tunfw/stack/internal/tunio"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/qdisc/fifo"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+)
+
+const nicID tcpip.NICID = 1
+
+// qdiscLen is how many outbound packets may wait for the device.
+const qdiscLen = 1024
+
+// Host is what a Forwarder needs from the stack that runs it.
+type Host struct {
+	Engine *filter.Engine
+	Log    *slog.Logger
+	// Now is the engine's monotonic clock.
+	Now func() int64
+	// MTU is the TUN's, and the netstack's.
+	MTU int
+	// Dialer opens the connections to the destinations.
+	Dialer *dial.Dialer
+	// TUN takes the netstack's packets and the cut RSTs.
+	TUN tunio.Writer
+}
+
+// Forwarder terminates the clients' TCP connections in a gVisor netstack
+// and relays each to a real connection to its destination.
+type Forwarder struct {
+	h      Host
+	ns     *stack.Stack
+	ep     *linkEndpoint
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // the relays
+
+	// watcher waits for the sockets of idle relays (relay.go).
+	watcher   *sockWatcher
+	watcherWG sync.WaitGroup
+
+	// dials are the connections between SYN and the client's completed
+	// handshake (dials.go), within dialLimits (limits.go).
+	dials      *dialPool
+	dialLimits atomic.Pointer[DialLimits]
+
+	guard   flows.Guard
+	tracker flows.Tracker
+
+	// writeMu guards the scratch slices of writePackets (endpoint.go).
+	writeMu   sync.Mutex
+	writeBufs [][]byte
+	writeBps  []*[]byte
+}
+
+// New builds the netstack with c's TCP options (its zero value means
+// DefaultConfig) and starts the watcher of idle relays. Close stops them.
+func New(h Host, c Config, lim DialLimits) (*Forwarder, error) {
+	fw := &Forwarder{
+		h:     h,
+		dials: newDialPool(),
+		guard: flows.Guard{Engine: h.Engine, Log: h.Log, Now: h.Now},
+	}
+	fw.ctx, fw.cancel = context.WithCancel(context.Background())
+	fw.SetDialLimits(lim)
+	w, err := newSockWatcher()
+	if err != nil {
+		fw.cancel()
+		return nil, err
+	}
+	fw.watcher = w
+	fw.ep = &linkEndpoint{mtu: uint32(h.MTU), write: fw.writePackets}
+	fw.ns = stack.New(stack.Options{
+		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},
+	})
+	if c == (Config{}) {
+		c = DefaultConfig()
+	}
+	if err := fw.setup(c); err != nil {
+		fw.ns.Close()
+		w.close()
+		fw.cancel()
+		return nil, err
+	}
+	fw.watcherWG.Add(1)
+	go func() {
+		defer fw.watcherWG.Done()
+		w.run()
+	}()
+	return fw, nil
+}
+
+func (fw *Forwarder) setup(c Config) error {
+	// The FIFO queue batches the stack's outbound packets: its dispatcher
+	// hands WritePackets up to 47 at a time, which become one Write call to
+	// the device, which coalesces TCP segments before writing.
+	qd := fifo.New(fw.ep, 1, qdiscLen)
+	if err := fw.ns.CreateNICWithOptions(nicID, fw.ep, stack.NICOptions{QDisc: qd}); err != nil {
+		return fmt.Errorf("create NIC: %s", err)
+	}
+	// Promiscuous + spoofing: the stack accepts packets for any destination
+	// and answers as that destination, which is what a transparent
+	// forwarder is. Only flows the filter allowed ever reach it.
+	if err := fw.ns.SetPromiscuousMode(nicID, true); err != nil {
+		return fmt.Errorf("set promiscuous mode: %s", err)
+	}
+	if err := fw.ns.SetSpoofing(nicID, true); err != nil {
+		return fmt.Errorf("set spoofing: %s", err)
+	}
+	fw.ns.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: nicID},
+		{Destination: header.IPv6EmptySubnet, NIC: nicID},
+	})
+	if err := fw.applyConfig(c); err != nil {
+		return err
+	}
+	// No TIME_WAIT: when the destination closes first, the stack is the
+	// active closer, and gVisor hands a new SYN for a tuple in TIME_WAIT
+	// only to a listening endpoint, which a forwarder has none of. A client
+	// reusing its port (it closed passively, so its kernel sees the port
+	// free) would hang for a minute, and every closed connection would hold
+	// an endpoint as long. TIME_WAIT guards against old segments of a
+	// connection crossing a network; across the TUN there are none, and a
+	// retransmitted FIN after it is answered with a RST, which ends the
+	// client's LAST_ACK as well.
+	tw := tcpip.TCPTimeWaitTimeoutOption(0)
+	if err := fw.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &tw); err != nil {
+		return fmt.Errorf("set TIME_WAIT timeout: %s", err)
+	}
+	tcpFwd := tcp.NewForwarder(fw.ns, c.ReceiveBuffer, maxInFlightDials, fw.handleTCP)
+	fw.ns.SetTransportProtocolHandler(tcp.ProtocolNumber, fw.screenSYNs(tcpFwd.HandlePacket))
+	return nil
+}
+
+// Deliver hands a TCP packet the engine forwarded to the netstack. The
+// bytes are copied, so pkt may be reused when Deliver returns.
+func (fw *Forwarder) Deliver(pkt []byte, v6 bool) { fw.ep.deliver(pkt, v6) }
+
+// CloseFlows ends the relays of the TCP flows refs names (the other
+// protocols' are skipped), as when a reload's recheck cut them or they
+// expired: the client gets a RST, a connection still being set up is
+// abandoned silently. A flow whose key now names a newer flow is left
+// alone. For a flow the recheck cut, the client first gets a RST with the
+// sequence number it acknowledged last (the engine's BuildCutReset), which
+// it accepts even when its receive window is closed; the stack's own RST,
+// sent when the relay aborts, carries the stack's send sequence and would
+// be ignored then. It returns how many relays it ended.
+func (fw *Forwarder) CloseFlows(refs []filter.FlowRef) int {
+	fw.dials.cancelFlows(refs)
+	var bp *[]byte
+	for _, r := range refs {
+		if r.Key.Proto != filter.ProtoTCP {
+			continue
+		}
+		if bp == nil {
+			bp = fw.h.TUN.Buffer()
+			defer fw.h.TUN.Release(bp)
+		}
+		rst := *bp
+		if n := fw.h.Engine.BuildCutReset(r, rst[tunio.Headroom:]); n > 0 {
+			fw.h.TUN.Write([][]byte{rst[:tunio.Headroom+n]})
+		}
+	}
+	return fw.tracker.Close(refs)
+}
+
+// Panics returns how many flow handlers panicked and were recovered.
+func (fw *Forwarder) Panics() uint64 { return fw.guard.Panics() }
+
+// Close closes the netstack, which aborts every relayed connection, and
+// waits for the relays and the watcher to end.
+func (fw *Forwarder) Close() {
+	fw.cancel()
+	fw.ns.Close()
+	fw.ns.Wait()
+	fw.wg.Wait()
+	fw.watcher.wake()
+	fw.watcherWG.Wait()
+	fw.watcher.close()
+}

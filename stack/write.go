@@ -1,0 +1,73 @@
+package stack
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/tunfw/tunfw/stack/internal/tunio"
+	wgtun "golang.zx2c4.com/wireguard/tun"
+)
+
+// tunWriter is the one writer of the TUN device: the packet loop's rejects
+// and every forwarder's packets go through it (it is their tunio.Writer).
+// Its lock serialises writes so that batches are not interleaved; its pool
+// lends the buffers the forwarders build packets in.
+type tunWriter struct {
+	dev    wgtun.Device
+	log    *slog.Logger
+	ctx    context.Context // done: write errors are the device closing
+	mu     sync.Mutex
+	pool   sync.Pool
+	errors atomic.Uint64 // failed writes
+}
+
+var _ tunio.Writer = (*tunWriter)(nil)
+
+func (w *tunWriter) init(dev wgtun.Device, log *slog.Logger, ctx context.Context) {
+	w.dev, w.log, w.ctx = dev, log, ctx
+	w.pool.New = func() any {
+		// Room for a whole 64 KiB packet: the device coalesces TCP
+		// segments of one flow into the buffer of the first (GRO), so a
+		// batch reaches the kernel in a few writes.
+		b := make([]byte, tunio.Headroom+tunio.MaxPacket)
+		return &b
+	}
+}
+
+// Write implements tunio.Writer.
+func (w *tunWriter) Write(bufs [][]byte) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if _, err := w.dev.Write(bufs, tunio.Headroom); err != nil && w.ctx.Err() == nil {
+		w.errors.Add(1)
+		w.log.Debug("write to TUN", "packets", len(bufs), "err", err)
+	}
+}
+
+// writeOne writes one packet built outside the forwarders' buffers (a
+// reject, an echo reply); pkt starts with tunio.Headroom bytes of room.
+func (w *tunWriter) writeOne(pkt []byte) { w.Write([][]byte{pkt}) }
+
+// Buffer implements tunio.Writer.
+func (w *tunWriter) Buffer() *[]byte { return w.pool.Get().(*[]byte) }
+
+// Release implements tunio.Writer.
+func (w *tunWriter) Release(bp *[]byte) { w.pool.Put(bp) }
+
+// rawConn returns the device's file, to ask whether more packets wait to
+// be read; nil when the device has none.
+func (w *tunWriter) rawConn() syscall.RawConn {
+	f, ok := w.dev.(interface{ File() *os.File })
+	if !ok || f.File() == nil {
+		return nil
+	}
+	rc, err := f.File().SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
+}
