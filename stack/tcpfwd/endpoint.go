@@ -117,6 +117,11 @@ func (fw *Forwarder) writePackets(pkts []*stack.PacketBuffer) {
 	for _, pb := range pkts {
 		bp := fw.h.TUN.Buffer()
 		b := appendPacket((*bp)[:tunio.Headroom], pb)
+		// The copy is parsed again, though gVisor keeps the headers
+		// apart: reaching them (PacketBuffer.NetworkHeader().Slice()
+		// and TransportHeader's pull the views up) cost 80 ns a packet
+		// more than parsing the 60 bytes just copied, which are in the
+		// cache (BenchmarkWritePackets: 200 against 120 ns a segment).
 		if filter.ParsePacket(b[tunio.Headroom:], &p) == nil {
 			fw.h.Engine.Outbound(&p, now)
 		}

@@ -28,7 +28,7 @@ func (d *discardTUN) Release(bp *[]byte) { d.pool.Put(bp) }
 
 // testHost returns a Host with an engine allowing everything, logging to
 // log (nil: nowhere) and writing to a discardTUN.
-func testHost(t *testing.T, log *slog.Logger) Host {
+func testHost(t testing.TB, log *slog.Logger) Host {
 	t.Helper()
 	rs, err := filter.Compile(filter.Options{}, nil, nil)
 	if err != nil {
