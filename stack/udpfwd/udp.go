@@ -36,7 +36,7 @@ import (
 // burst travel in batches both ways (batch.go, udpReplies): one GSO
 // sendmsg out, one coalesced TUN write back.
 
-// DefaultUDPReceiveBuffer is the largest receive buffer of a flow's socket,
+// DefaultReceiveBuffer is the largest receive buffer of a flow's socket,
 // so a burst of replies waits there rather than being dropped by the
 // kernel: at 1 Gbit/s offered, 1 MiB lost about 1% of the datagrams
 // (2.5-18% on a loaded machine), 4 MiB none (0-5.6% loaded; make bench,
