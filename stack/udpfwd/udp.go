@@ -478,7 +478,7 @@ func (u *Forwarder) setUDPRcvBuf(raw syscall.RawConn, size int) {
 }
 
 // endUDP releases flow f the moment it leaves the engine's table (expired,
-// cut by a reload) or the stack closes: its socket, its entry, its
+// cut by a reload) or the forwarder closes: its socket, its entry, its
 // tracking. Its reply goroutine sees the closed socket and ends.
 func (u *Forwarder) endUDP(f *udpFlow) {
 	f.mu.Lock()
