@@ -237,7 +237,16 @@ func TestUDPFlowOpensOffTheReadLoop(t *testing.T) {
 	s.mu.Lock()
 	f := s.flows[key]
 	s.mu.Unlock()
-	if f == nil || !f.ready.Load() {
+	if f == nil {
+		t.Fatal("the flow is not relayed")
+	}
+	// The opener sends the held datagrams and then marks the flow ready,
+	// both under f.mu: the server may have them before ready is set, and
+	// taking f.mu waits for the opener to finish.
+	f.mu.Lock()
+	ready := f.ready.Load()
+	f.mu.Unlock()
+	if !ready {
 		t.Fatal("the flow's socket is not open")
 	}
 	pkt, p := udpPacket(t, key.Src, dst, []byte("steady"))
