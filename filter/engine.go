@@ -550,6 +550,11 @@ func (e *Engine) Decide(r FlowRef, name string, from NameFrom, now int64) Decisi
 	}
 	f.dec, f.act, f.monitored, f.rs, f.st = d, act, monitored, rs, st
 	f.name, f.nameFrom = name, from
+	if d.Verdict == VerdictDrop && r.Key.Proto == ProtoTCP {
+		// Its handshake completed before it was judged: what is left
+		// of it goes after tcp_closing, not tcp_idle.
+		e.setStateLocked(f, stateClosing)
+	}
 	pkts, bytes := f.pktsIn+f.pktsOut, f.bytesIn+f.bytesOut
 	e.mu.Unlock()
 	st.flows.Add(1)

@@ -23,7 +23,7 @@ type Limits struct {
 	// counted and summarised instead of written.
 	LogRate int `toml:"log_rate"`
 	// The section's dial_timeout, max_pending_dials and
-	// max_pending_dials_per_source belong to stack.LimitsConfig.
+	// max_pending_dials_per_source belong to tcpfwd.LimitsConfig.
 }
 
 // Default limits.

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/inspect"
 	"github.com/tunfw/tunfw/stack/dial"
 	"github.com/tunfw/tunfw/stack/echo"
 	"github.com/tunfw/tunfw/stack/internal/tunio"
@@ -54,6 +55,12 @@ type Options struct {
 	// (sockets) and ICMP echo flows (identifiers) of one client address;
 	// 0 means the defaults (see perSourceBound).
 	MaxUDPFlowsPerSource, MaxEchoFlowsPerSource int
+	// Inspect is the [inspect] section: how flows are read for their
+	// name; its zero value means inspect.DefaultOptions.
+	Inspect inspect.Options
+	// DNS says how the DNS traffic relayed is read: the table of names
+	// learned, and the answer to blocked queries.
+	DNS udpfwd.DNS
 }
 
 // Stack runs the packet loop between the TUN device and the forwarders.
@@ -83,7 +90,7 @@ func New(o Options) (*Stack, error) {
 	s.out.init(o.Device, o.Logger, s.ctx)
 	var err error
 	s.tcp, err = tcpfwd.New(tcpfwd.Host{
-		Engine: s.eng, Log: s.log, Now: s.now, MTU: s.mtu, Dialer: s.dialer, TUN: &s.out,
+		Engine: s.eng, Log: s.log, Now: s.now, MTU: s.mtu, Dialer: s.dialer, TUN: &s.out, Inspect: o.Inspect,
 	}, o.TCP, o.Dial)
 	if err != nil {
 		s.cancel()
@@ -91,7 +98,7 @@ func New(o Options) (*Stack, error) {
 	}
 	s.udp = udpfwd.New(udpfwd.Host{
 		Engine: s.eng, Log: s.log, Now: s.now, MTU: s.mtu, Dialer: s.dialer, TUN: &s.out,
-		TUNConn: s.out.rawConn(), ReceiveBuffer: o.UDPReceiveBuffer,
+		TUNConn: s.out.rawConn(), ReceiveBuffer: o.UDPReceiveBuffer, DNS: o.DNS, Inspect: o.Inspect,
 		MaxPerSource: func() int { return s.perSourceBound(o.MaxUDPFlowsPerSource, udpfwd.DefaultMaxPerSource) },
 	})
 	p, err := echo.New(echo.Host{

@@ -16,6 +16,7 @@ import (
 	"github.com/tunfw/tunfw/inspect"
 	"github.com/tunfw/tunfw/stack"
 	"github.com/tunfw/tunfw/stack/dial"
+	"github.com/tunfw/tunfw/stack/udpfwd"
 	"github.com/tunfw/tunfw/tun"
 	"github.com/vishvananda/netlink"
 )
@@ -145,6 +146,8 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		// A UDP flow's receive buffer grows up to the memory budget's
 		// share, as a TCP connection's does.
 		UDPReceiveBuffer: mem.UDPReceiveBuffer,
+		Inspect:          cfg.Inspect,
+		DNS:              udpfwd.DNS{Names: nameTable, Block: cfg.DNS.Block},
 	})
 	if err != nil {
 		return fmt.Errorf("build stack: %w", err)

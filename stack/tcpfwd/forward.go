@@ -45,6 +45,10 @@ func (fw *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 		r.Complete(true)
 		return
 	}
+	if fw.h.Engine.HasNameRules() && fw.h.Engine.Peeking(flow) {
+		fw.peekThenDial(r, flow) // peek.go
+		return
+	}
 	lim := fw.DialLimits()
 	// dial_timeout bounds one attempt; when it expires the client is told
 	// nothing and its next SYN retransmission starts a new attempt. It is

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/inspect"
 	"github.com/tunfw/tunfw/stack/dial"
 	"github.com/tunfw/tunfw/stack/internal/flows"
 	"github.com/tunfw/tunfw/stack/internal/tunio"
@@ -43,6 +44,9 @@ type Host struct {
 	Dialer *dial.Dialer
 	// TUN takes the netstack's packets and the cut RSTs.
 	TUN tunio.Writer
+	// Inspect bounds the reading of connections' first bytes for their
+	// name (peek.go); its zero value means inspect.DefaultOptions.
+	Inspect inspect.Options
 }
 
 // Forwarder terminates the clients' TCP connections in a gVisor netstack
@@ -66,6 +70,7 @@ type Forwarder struct {
 
 	guard   flows.Guard
 	tracker flows.Tracker
+	peeks   peekStats
 
 	// writeMu guards the scratch slices of writePackets (endpoint.go).
 	writeMu   sync.Mutex
@@ -76,6 +81,9 @@ type Forwarder struct {
 // New builds the netstack with c's TCP options (its zero value means
 // DefaultConfig) and starts the watcher of idle relays. Close stops them.
 func New(h Host, c Config, lim DialLimits) (*Forwarder, error) {
+	if h.Inspect == (inspect.Options{}) {
+		h.Inspect = inspect.DefaultOptions()
+	}
 	fw := &Forwarder{
 		h:     h,
 		dials: newDialPool(),

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/inspect"
 	"github.com/tunfw/tunfw/stack/dial"
 	"github.com/tunfw/tunfw/stack/internal/flows"
 	"github.com/tunfw/tunfw/stack/internal/gaddr"
@@ -94,6 +95,11 @@ type Host struct {
 	// ReceiveBuffer is the largest receive buffer of a flow's socket; 0
 	// means DefaultReceiveBuffer.
 	ReceiveBuffer int
+	// DNS says how DNS traffic is read (names.go).
+	DNS DNS
+	// Inspect bounds how a flow is held while its name is read from its
+	// QUIC Initial; its zero value means inspect.DefaultOptions.
+	Inspect inspect.Options
 }
 
 // Forwarder relays the UDP flows the filter allows between the TUN and
@@ -122,6 +128,8 @@ type Forwarder struct {
 	// icmpErr counts and bounds the ICMP errors relayed to clients
 	// (icmperr.go).
 	icmpErr icmpErrors
+	// names counts DNS answered and learned, and peeks (names.go).
+	names nameStats
 
 	// Read loop only: flows with datagrams waiting to be sent, and how to
 	// ask the TUN whether more packets wait (batch.go).
@@ -161,6 +169,9 @@ func newForwarder(h Host) *Forwarder {
 		opening: make(map[netip.Addr]int32),
 		open:    make(chan *udpFlow, udpOpenQueue),
 		guard:   flows.Guard{Engine: h.Engine, Log: h.Log, Now: h.Now},
+	}
+	if u.h.Inspect == (inspect.Options{}) {
+		u.h.Inspect = inspect.DefaultOptions()
 	}
 	u.ctx, u.cancel = context.WithCancel(context.Background())
 	u.pollTUN = u.pollTUNFd
@@ -246,8 +257,12 @@ type udpFlow struct {
 	// bigRcvBuf: the reply goroutine gave the socket its largest receive
 	// buffer.
 	bigRcvBuf bool
-	// queued: the flow is in the openers' queue (read loop only).
-	queued bool
+	// queued: the flow is in the openers' queue (set once, by the read
+	// loop, or by a peek's decision, see names.go).
+	queued atomic.Bool
+	// peek is set, once, at the start of a flow whose verdict waits for
+	// the name in its first datagrams (QUIC, names.go).
+	peek *udpPeek
 }
 
 func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udpFlow {
@@ -281,6 +296,9 @@ func newUDPFlow(key filter.FlowKey, conn *net.UDPConn, raw syscall.RawConn) *udp
 // would. The send may wait in the flow's batch until the read loop has read
 // what the TUN holds (batch.go).
 func (u *Forwarder) Forward(p *filter.Packet, pkt []byte, now int64) {
+	if p.DstPort == dnsPort && u.answerQuery(p, pkt, now) {
+		return // a blocked query, answered by tunfw (names.go)
+	}
 	key := filter.KeyOf(p)
 	u.mu.Lock()
 	f := u.flows[key]
@@ -296,7 +314,10 @@ func (u *Forwarder) Forward(p *filter.Packet, pkt []byte, now int64) {
 		u.queueUDP(f, payload)
 		return
 	}
-	if !f.queued && !u.queueOpen(f) {
+	if f.peek != nil && u.peekUDP(f, payload, now) {
+		return // held until the flow is judged
+	}
+	if !f.queued.Load() && !u.queueOpen(f) {
 		// Never queued, it holds nothing: it leaves at once, as one
 		// refused by startUDP does, so a burst past the openers' queue
 		// does not fill the client's share with empty flows.
@@ -344,6 +365,9 @@ func (u *Forwarder) startUDP(key filter.FlowKey, now int64) *udpFlow {
 		u.h.Engine.Release(ref, now)
 		return nil
 	}
+	if u.h.Engine.HasNameRules() && u.h.Engine.Peeking(ref) {
+		f.peek = &udpPeek{}
+	}
 	u.tracker.Track(ref, func() { u.endUDP(f) })
 	return f
 }
@@ -353,16 +377,16 @@ func (u *Forwarder) startUDP(key filter.FlowKey, now int64) *udpFlow {
 func (u *Forwarder) queueOpen(f *udpFlow) bool {
 	src := f.key.Src.Addr()
 	u.mu.Lock()
-	if u.opening[src] < udpOpenPerSource {
+	if !f.queued.Load() && u.opening[src] < udpOpenPerSource {
 		select {
 		case u.open <- f:
 			u.opening[src]++
-			f.queued = true
+			f.queued.Store(true)
 		default:
 		}
 	}
 	u.mu.Unlock()
-	return f.queued
+	return f.queued.Load()
 }
 
 // holdUDP keeps a datagram of a flow whose socket is being opened, or
@@ -637,7 +661,12 @@ func (u *Forwarder) udpReplyPacket(f *udpFlow, bp *[]byte, n, ipLen int, now int
 	}
 	b := *bp
 	p := buildUDPReply(b[tunio.Headroom:tunio.Headroom+total], f.key)
-	u.h.Engine.Outbound(&p, now)
+	if u.h.Engine.Outbound(&p, now) == filter.OutboundSilenced {
+		return nil // the flow was denied since (a reload's recheck)
+	}
+	if f.key.Dst.Port() == dnsPort {
+		u.learnAnswer(f, b[tunio.Headroom+ipLen+header.UDPMinimumSize:tunio.Headroom+total])
+	}
 	return b[:tunio.Headroom+total]
 }
 

@@ -1,0 +1,231 @@
+package udpfwd
+
+import (
+	"net/netip"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"github.com/tunfw/tunfw/dns"
+	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/inspect"
+	"github.com/tunfw/tunfw/stack/internal/tunio"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+)
+
+// Names: the UDP forwarder reads the DNS it relays (answers name their
+// addresses; queries for blocked names are answered by tunfw) and, for a
+// flow whose verdict depends on its name, holds the first datagrams until
+// the QUIC Initial's server_name is read.
+
+const dnsPort = 53
+
+// DNS says how the forwarder reads the DNS traffic it relays.
+type DNS struct {
+	// Names learns, from the answers to each client, which names the
+	// addresses in them have; nil: no snooping.
+	Names *dns.Table
+	// Block is tunfw's answer to a query that a rule by name blocks.
+	Block dns.BlockMode
+}
+
+// nameStats counts what the forwarder did with names.
+type nameStats struct {
+	answered, learned                  atomic.Uint64 // DNS queries answered by tunfw; addresses named
+	peekTimeouts, peekNoName, peekQUIC atomic.Uint64
+}
+
+// NameStats are the UDP forwarder's counters about names.
+type NameStats struct {
+	DNSAnswered  uint64 `json:"dns_answered"`  // queries tunfw answered itself (blocked, or the DoH canary)
+	NamesLearned uint64 `json:"names_learned"` // addresses named by DNS answers
+	QUICNames    uint64 `json:"quic"`          // names read from QUIC Initials
+	PeekTimeouts uint64 `json:"udp_peek_timeouts"`
+	PeekNoName   uint64 `json:"udp_peek_no_name"` // held datagrams carried none (or max_bytes)
+}
+
+// NameStats returns the counters about names.
+func (u *Forwarder) NameStats() NameStats {
+	n := &u.names
+	return NameStats{DNSAnswered: n.answered.Load(), NamesLearned: n.learned.Load(), QUICNames: n.peekQUIC.Load(),
+		PeekTimeouts: n.peekTimeouts.Load(), PeekNoName: n.peekNoName.Load()}
+}
+
+// answerQuery answers a client's DNS query itself when a rule by name
+// blocks its name (filter.Engine.BlockQuery), or when it asks for the DoH
+// canary while rules by name are in force: browsers that get NXDOMAIN for
+// it keep to the system's resolver, whose answers tunfw can read. It
+// reports whether it took the query; the rest are forwarded unchanged.
+func (u *Forwarder) answerQuery(p *filter.Packet, pkt []byte, now int64) bool {
+	if !u.h.Engine.HasNameRules() {
+		return false
+	}
+	payload := pkt[p.IPHeaderLen+header.UDPMinimumSize:][:p.PayloadLen]
+	var buf [255]byte
+	_, name, _, ok := dns.Question(payload, &buf)
+	if !ok {
+		return false
+	}
+	mode := u.h.DNS.Block
+	if string(name) == dns.CanaryName {
+		mode = dns.BlockNXDomain
+	} else if !u.h.Engine.BlockQuery(p.Src, string(name), now) {
+		return false
+	}
+	u.names.answered.Add(1)
+	if mode == dns.BlockDrop {
+		return true
+	}
+	key := filter.KeyOf(p)
+	ipLen := p.IPHeaderLen
+	if p.Version == 4 {
+		ipLen = header.IPv4MinimumSize // the answer carries no options
+	}
+	bp := u.h.TUN.Buffer()
+	defer u.h.TUN.Release(bp)
+	off := tunio.Headroom + ipLen + header.UDPMinimumSize
+	ans, err := dns.Answer(payload, mode, (*bp)[off:off])
+	if err != nil || ipLen+header.UDPMinimumSize+len(ans) > u.h.MTU {
+		return true // a query tunfw cannot answer is still not forwarded
+	}
+	if len(ans) > 0 && unsafe.SliceData(ans) != &(*bp)[off] {
+		copy((*bp)[off:], ans) // Answer grew its own buffer
+	}
+	total := ipLen + header.UDPMinimumSize + len(ans)
+	reply := buildUDPReply((*bp)[tunio.Headroom:tunio.Headroom+total], key)
+	u.h.Engine.Outbound(&reply, now)
+	u.h.TUN.Write([][]byte{(*bp)[:tunio.Headroom+total]})
+	return true
+}
+
+// learnAnswer reads the DNS answer a flow's server sent its client and
+// remembers which names the addresses in it have, for that client.
+func (u *Forwarder) learnAnswer(f *udpFlow, msg []byte) {
+	t := u.h.DNS.Names
+	if t == nil {
+		return
+	}
+	client, now := f.key.Src.Addr(), time.Now()
+	dns.Learn(msg, func(name string, addr netip.Addr, ttl time.Duration) {
+		t.Add(client, addr, name, ttl, now)
+		u.names.learned.Add(1)
+	})
+}
+
+// udpPeek holds the first datagrams of a flow whose verdict waits for its
+// name, read from its QUIC Initial. Guarded by the flow's mu.
+type udpPeek struct {
+	q       inspect.QUICInitial
+	held    [][]byte
+	bytes   int
+	timer   *time.Timer
+	decided bool
+}
+
+// udpPeekHeld bounds the datagrams a peek holds (a ClientHello with a
+// post-quantum key share takes two or three Initials).
+const udpPeekHeld = 8
+
+// peekUDP holds payload, a datagram of flow f whose verdict waits for its
+// name, and decides once the name is read, can no longer be, or [inspect]
+// timeout passes. It reports false once the flow is judged: the datagram
+// then takes the usual way (the engine drops those of a denied flow
+// before they get here).
+func (u *Forwarder) peekUDP(f *udpFlow, payload []byte, now int64) bool {
+	o := u.h.Inspect
+	f.mu.Lock()
+	ps := f.peek
+	if ps.decided {
+		f.mu.Unlock()
+		return false
+	}
+	if len(ps.held) == udpPeekHeld || ps.bytes+len(payload) > o.MaxBytes {
+		f.mu.Unlock()
+		u.names.peekNoName.Add(1)
+		u.decidePeek(f, "", filter.NameNone)
+		return false
+	}
+	ps.held = append(ps.held, append([]byte(nil), payload...))
+	ps.bytes += len(payload)
+	name, st := ps.q.Add(payload)
+	var n string
+	if st == inspect.Found {
+		n = normalName(name)
+	}
+	if st == inspect.NeedMore && ps.timer == nil {
+		ps.timer = time.AfterFunc(o.Timeout, func() {
+			u.names.peekTimeouts.Add(1)
+			u.decidePeek(f, "", filter.NameNone)
+		})
+	}
+	f.mu.Unlock()
+	switch st {
+	case inspect.Found:
+		u.names.peekQUIC.Add(1)
+		u.decidePeek(f, n, filter.NameQUIC)
+	case inspect.NoName, inspect.Invalid:
+		u.names.peekNoName.Add(1)
+		u.decidePeek(f, "", filter.NameNone)
+	}
+	return true
+}
+
+// decidePeek asks the engine for the verdict of a peeked flow, once. An
+// allowed flow's held datagrams go to the openers as a new flow's do; a
+// denied or rejected one's are dropped and the forwarder lets the flow go
+// (the engine keeps it, dropping or rejecting its datagrams, until it
+// expires).
+func (u *Forwarder) decidePeek(f *udpFlow, name string, from filter.NameFrom) {
+	f.mu.Lock()
+	ps := f.peek
+	if ps.decided {
+		f.mu.Unlock()
+		return
+	}
+	ps.decided = true
+	if ps.timer != nil {
+		ps.timer.Stop()
+	}
+	held := ps.held
+	ps.held, ps.q = nil, inspect.QUICInitial{}
+	f.mu.Unlock()
+	now := u.h.Now()
+	d := u.h.Engine.Decide(f.ref, name, from, now)
+	if d.Verdict == filter.VerdictForward {
+		f.mu.Lock()
+		if !f.closed {
+			f.held, f.heldBytes = held, ps.bytes
+		}
+		f.mu.Unlock()
+		if u.queueOpen(f) {
+			return
+		}
+		u.lim.openBusy.Add(1)
+	}
+	f.mu.Lock()
+	byTable := f.closed
+	f.closed, f.held, f.heldBytes = true, nil, 0
+	f.mu.Unlock()
+	u.mu.Lock()
+	u.removeUDPLocked(f)
+	u.mu.Unlock()
+	u.tracker.Untrack(f.ref)
+	if d.Verdict == filter.VerdictForward && !byTable {
+		u.h.Engine.Release(f.ref, now) // allowed, but no room to open it
+	}
+}
+
+// normalName is a name as read, lowercased, without a trailing dot.
+func normalName(b []byte) string {
+	if n := len(b); n > 0 && b[n-1] == '.' {
+		b = b[:n-1]
+	}
+	out := make([]byte, len(b))
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		out[i] = c
+	}
+	return string(out)
+}
