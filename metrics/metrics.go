@@ -61,6 +61,12 @@ type Source struct {
 	// ICMPErrors returns the ICMP errors from the network relayed to
 	// clients of UDP flows, by kind.
 	ICMPErrors func() map[string]uint64
+	// NameEvents returns what rules by name did, by event (flows peeked,
+	// names read by source, peek timeouts, names learned from DNS, DNS
+	// queries answered by tunfw...); NamesKnown the names DNS answers
+	// gave that are remembered now.
+	NameEvents func() map[string]uint64
+	NamesKnown func() int
 }
 
 type collector struct {
@@ -71,6 +77,7 @@ type collector struct {
 	controlRefused                                     *prometheus.Desc
 	dialFailures, pendingDials                         *prometheus.Desc
 	stackDrops, flowPanics, icmpErrors                 *prometheus.Desc
+	nameEvents, namesKnown                             *prometheus.Desc
 }
 
 func newCollector(src Source) *collector {
@@ -94,6 +101,8 @@ func newCollector(src Source) *collector {
 		pendingDials:   d("pending_dials", "TCP connections being set up (destination dialled, client handshake not complete)."),
 		flowPanics:     d("flow_panics_total", "Flow handlers that panicked and were recovered; each closed its own flow only."),
 		stackDrops:     d("stack_drops_total", "Packets the stack dropped after the filter let them through, by reason (no echo identifier, a client's share of flows used up, full socket buffer...).", "reason"),
+		nameEvents:     d("name_events_total", "What rules by name did, by event: flows peeked, peek_busy, peek_timeouts, peek_no_name, peek_invalid, names read (sni, host, quic), names_learned (addresses named by DNS answers), dns_answered (queries tunfw answered itself).", "event"),
+		namesKnown:     d("dns_names", "Addresses named by DNS answers that tunfw remembers (at most [dns] max_names)."),
 		icmpErrors:     d("icmp_errors_relayed_total", "ICMP errors from the network relayed to clients of UDP flows, by kind (port-unreachable, host-unreachable, net-unreachable, prohibited, too-big, time-exceeded, unreachable).", "kind"),
 	}
 }
@@ -163,6 +172,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.src.FlowPanics != nil {
 		counter(c.flowPanics, c.src.FlowPanics())
+	}
+	if c.src.NameEvents != nil {
+		for k, v := range c.src.NameEvents() {
+			counter(c.nameEvents, v, k)
+		}
+	}
+	if c.src.NamesKnown != nil {
+		gauge(c.namesKnown, float64(c.src.NamesKnown()))
 	}
 	if c.src.ICMPErrors != nil {
 		for k, v := range c.src.ICMPErrors() {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/tunfw/tunfw"
 	"github.com/tunfw/tunfw/control"
+	"github.com/tunfw/tunfw/dns"
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/metrics"
 	"github.com/tunfw/tunfw/names"
@@ -48,6 +49,8 @@ type daemon struct {
 	// dnsName is the name DNS answers tunfw forwarded gave an address for
 	// a client (the engine's EngineOptions.Names); nil without snooping.
 	dnsName func(client, addr netip.Addr) (string, bool)
+	// names is the table behind dnsName; nil without snooping.
+	names *dns.Table
 
 	reloadsOK, reloadsFailed atomic.Uint64
 	ctrl                     *control.Server
@@ -218,6 +221,10 @@ type statsInfo struct {
 	// ICMPErrors counts the ICMP errors from the network relayed to
 	// clients of UDP flows, by kind (udpfwd.Forwarder.ICMPErrors).
 	ICMPErrors map[string]uint64 `json:"icmp_errors_relayed"`
+	// Names counts what rules by name did (nameEvents); NamesKnown is
+	// the number of addresses DNS answers named that are remembered.
+	Names      map[string]uint64 `json:"names"`
+	NamesKnown int               `json:"dns_names"`
 }
 
 // flowsArgs filters `tunfw flows`.
@@ -319,6 +326,26 @@ func (d *daemon) stats() statsInfo {
 	}
 }
 
+// nameEvents is what rules by name did, by event, for stats and metrics.
+func (d *daemon) nameEvents() map[string]uint64 {
+	c := d.eng.Counters()
+	t, u := d.st.TCP().PeekStats(), d.st.UDP().NameStats()
+	return map[string]uint64{
+		"peeked": c.Peeked, "peek_busy": t.Busy, "peek_timeouts": t.Timeouts + u.PeekTimeouts,
+		"peek_no_name": t.NoName + u.PeekNoName, "peek_invalid": t.Invalid,
+		"sni": t.SNI, "host": t.Host, "quic": u.QUICNames,
+		"names_learned": u.NamesLearned, "dns_answered": u.DNSAnswered, "dns_blocked_by_rule": c.DNSBlocked,
+	}
+}
+
+// namesKnown is how many addresses DNS answers named are remembered.
+func (d *daemon) namesKnown() int {
+	if d.names == nil {
+		return 0
+	}
+	return d.names.Len()
+}
+
 // matcher compiles the filters of a flows request.
 func (a flowsArgs) matcher() (func(filter.FlowInfo) bool, error) {
 	prefix := func(name, s string) (netip.Prefix, error) {
@@ -402,6 +429,8 @@ func (d *daemon) serve(ctx context.Context, eng *filter.Engine, st *stack.Stack,
 			StackDrops:     st.Drops,
 			FlowPanics:     st.Panics,
 			ICMPErrors:     st.UDP().ICMPErrors,
+			NameEvents:     d.nameEvents,
+			NamesKnown:     d.namesKnown,
 		}, d.log)
 	}
 	hup := make(chan os.Signal, 1)

@@ -121,6 +121,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	var nameTable *dns.Table
 	if cfg.DNS.Snoop {
 		nameTable = dns.NewTable(cfg.DNS.MaxNames)
+		d.names = nameTable
 		d.dnsName = func(client, addr netip.Addr) (string, bool) { return nameTable.Lookup(client, addr, time.Now()) }
 		engOpts.Names = d.dnsName
 	}
