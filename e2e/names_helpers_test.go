@@ -262,16 +262,24 @@ func isResetCode(code int) bool {
 	return false
 }
 
-// echoServer is a TCP echo server that counts the connections it
-// accepted.
-type echoServer struct {
-	at netip.AddrPort
-	n  atomic.Int64
+// sshPort is a server-first port: tunfw cannot wait for the client's
+// first bytes there (the client waits for the server's), so such flows
+// are judged on their first packet, by the name DNS gave.
+const sshPort = 22
+
+// sshBanner is what the server on sshPort says first.
+const sshBanner = "SSH-2.0-tunfw-e2e\r\n"
+
+// tcpServer is a TCP server that counts the connections it accepted: an
+// echo server, or on sshPort one that speaks first, as SSH does, then
+// echoes.
+type tcpServer struct {
+	n atomic.Int64
 }
 
-func startCountingEcho(t *testing.T, ns *netnstest.NS, at netip.AddrPort) *echoServer {
+func startTCPServer(t *testing.T, ns *netnstest.NS, at netip.AddrPort) *tcpServer {
 	t.Helper()
-	e := &echoServer{at: at}
+	s := &tcpServer{}
 	ln, err := ns.Listen("tcp", at.String())
 	if err != nil {
 		t.Fatalf("listen %s: %v", at, err)
@@ -283,33 +291,44 @@ func startCountingEcho(t *testing.T, ns *netnstest.NS, at netip.AddrPort) *echoS
 			if err != nil {
 				return
 			}
-			e.n.Add(1)
+			s.n.Add(1)
 			go func() {
 				defer c.Close()
 				c.SetDeadline(time.Now().Add(20 * time.Second))
+				if at.Port() == sshPort {
+					io.WriteString(c, sshBanner)
+				}
 				io.Copy(c, c)
 			}()
 		}
 	}()
-	return e
+	return s
 }
 
-// echoThrough connects from ns to at and has one line echoed within d.
-// It says what failed: the connect, or the echo (a peeked flow that is
-// then denied connects, since tunfw completed the handshake, and hears
-// nothing back).
-func echoThrough(ns *netnstest.NS, at netip.AddrPort, d time.Duration) error {
+// talkThrough connects from ns to at and, within d, has one line echoed
+// or, on sshPort, reads the banner the server sends first. It says what
+// failed: the connect, or the exchange (a peeked flow that is then denied
+// connects, since tunfw completed the handshake, and hears nothing back).
+func talkThrough(ns *netnstest.NS, at netip.AddrPort, d time.Duration) error {
 	c, err := ns.DialTimeout("tcp", at.String(), d)
 	if err != nil {
 		return fmt.Errorf("connect %s: %w", at, err)
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(d))
+	r := bufio.NewReader(c)
+	if at.Port() == sshPort {
+		got, err := r.ReadString('\n')
+		if err != nil || got != sshBanner {
+			return fmt.Errorf("banner from %s: %q, %v; want %q", at, got, err, sshBanner)
+		}
+		return nil
+	}
 	msg := "ping " + at.String() + "\n"
 	if _, err := io.WriteString(c, msg); err != nil {
 		return fmt.Errorf("write to %s: %w", at, err)
 	}
-	got, err := bufio.NewReader(c).ReadString('\n')
+	got, err := r.ReadString('\n')
 	if err != nil {
 		return fmt.Errorf("echo from %s: %w", at, err)
 	}

@@ -567,8 +567,8 @@ func TestNameQUIC(t *testing.T) {
 }
 
 // namesDNSConfig (with the [dns] block answer as %s) lets DNS through and
-// TCP port 7000 only to addresses DNS answered for svc.example or
-// cdn.example; names of a deny rule by domain alone are answered by tunfw
+// TCP ports 7000 (client-first) and 22 (server-first) only to addresses DNS
+// answered for svc.example or cdn.example; names of a deny rule by domain alone are answered by tunfw
 // itself, from a list, a set and a list file.
 const namesDNSConfig = namesBase + `
 [filter]
@@ -599,7 +599,7 @@ dst_port = 53
 name = "svc"
 action = "allow"
 proto = "tcp"
-dst_port = 7000
+dst_port = [7000, 22]
 domain = ["svc.example", "cdn.example"]
 `
 
@@ -619,13 +619,14 @@ var blockedNames = []string{"blocked.example", "doubleclick.net", "ad.doubleclic
 	"plain-blocked.example", "hosts-blocked.example", "adblock-blocked.example", "use-application-dns.net"}
 
 // dnsEnv is the usual topology with dnsmasq on port 53 of the service
-// addresses and TCP echo servers on port 7000 of the addresses its names
-// give: .40 for svc.example, .41 for edge.cdnhost.example (cdn.example is
-// a CNAME of it), .42 for the blocked names, which dnsmasq would answer.
+// addresses and TCP servers on the addresses its names give: .40 for
+// svc.example (echo on 7000, SSH-like banner on 22), .41 for
+// edge.cdnhost.example (cdn.example is a CNAME of it; echo on 7000), .42
+// for the blocked names, which dnsmasq would answer.
 type dnsEnv struct {
 	topo *netnstest.Topology
 	dns  *dnsServer
-	echo map[netip.Addr]*echoServer
+	srv  map[netip.AddrPort]*tcpServer
 }
 
 func newDNSEnv(t *testing.T) *dnsEnv {
@@ -634,13 +635,18 @@ func newDNSEnv(t *testing.T) *dnsEnv {
 	if _, err := exec.LookPath("dig"); err != nil {
 		t.Skip("dig not installed (apt-get install dnsutils)")
 	}
-	e := &dnsEnv{topo: netnstest.NewTopology(t), echo: map[netip.Addr]*echoServer{}}
+	e := &dnsEnv{topo: netnstest.NewTopology(t), srv: map[netip.AddrPort]*tcpServer{}}
 	v4, v6 := e.topo.ServiceV4, e.topo.ServiceV6
 	for _, svc := range []netip.Addr{v4, v6} {
 		for _, n := range []int{40, 41} {
-			a := sibling(svc, n)
-			addServerAddr(t, e.topo, a)
-			e.echo[a] = startCountingEcho(t, e.topo.Server, netip.AddrPortFrom(a, 7000))
+			addServerAddr(t, e.topo, sibling(svc, n))
+		}
+		for _, at := range []netip.AddrPort{
+			netip.AddrPortFrom(sibling(svc, 40), 7000),
+			netip.AddrPortFrom(sibling(svc, 40), sshPort),
+			netip.AddrPortFrom(sibling(svc, 41), 7000),
+		} {
+			e.srv[at] = startTCPServer(t, e.topo.Server, at)
 		}
 	}
 	rec := func(name string, n int) string {
@@ -694,23 +700,23 @@ func (e *dnsEnv) resolve(t *testing.T, svc netip.Addr, name string, want netip.A
 	}
 }
 
-// echoFails wants every at to refuse the Host's echo, all tried at once,
-// and no new connection at its server.
-func (e *dnsEnv) echoFails(t *testing.T, why string, ats ...netip.AddrPort) {
+// talkFails wants every at to refuse the Host's exchange (talkThrough),
+// all tried at once, and no new connection at its server.
+func (e *dnsEnv) talkFails(t *testing.T, why string, ats ...netip.AddrPort) {
 	t.Helper()
 	errs := make([]error, len(ats))
 	before := make([]int64, len(ats))
 	var wg sync.WaitGroup
 	for i, at := range ats {
-		before[i] = e.echo[at.Addr()].n.Load()
-		wg.Go(func() { errs[i] = echoThrough(e.topo.Host, at, 800*time.Millisecond) })
+		before[i] = e.srv[at].n.Load()
+		wg.Go(func() { errs[i] = talkThrough(e.topo.Host, at, 800*time.Millisecond) })
 	}
 	wg.Wait()
 	for i, at := range ats {
 		if errs[i] == nil {
-			t.Errorf("%s: echo through %s worked, want it refused", why, at)
+			t.Errorf("%s: talk through %s worked, want it refused", why, at)
 		}
-		if n := e.echo[at.Addr()].n.Load() - before[i]; n != 0 {
+		if n := e.srv[at].n.Load() - before[i]; n != 0 {
 			t.Errorf("%s: %s's server accepted %d connections, want none", why, at, n)
 		}
 	}
@@ -729,8 +735,12 @@ func TestNameDNS(t *testing.T) {
 			e.resolve(t, svc, "svc.example", sibling(svc, 40))
 			e.resolve(t, svc, "blocked.example", sibling(svc, 42))
 			e.resolve(t, svc, "use-application-dns.net", sibling(svc, 42))
-			for _, n := range []int{40, 41} {
-				if err := echoThrough(host, netip.AddrPortFrom(sibling(svc, n), 7000), 5*time.Second); err != nil {
+			for _, at := range []netip.AddrPort{
+				netip.AddrPortFrom(sibling(svc, 40), 7000),
+				netip.AddrPortFrom(sibling(svc, 40), sshPort),
+				netip.AddrPortFrom(sibling(svc, 41), 7000),
+			} {
+				if err := talkThrough(host, at, 5*time.Second); err != nil {
 					t.Error(err)
 				}
 			}
@@ -749,7 +759,7 @@ func TestNameDNS(t *testing.T) {
 		for _, svc := range fams {
 			e.resolve(t, svc, "use-application-dns.net", sibling(svc, 42))
 			e.resolve(t, svc, "blocked.example", sibling(svc, 42))
-			if err := echoThrough(host, netip.AddrPortFrom(sibling(svc, 40), 7000), 5*time.Second); err != nil {
+			if err := talkThrough(host, netip.AddrPortFrom(sibling(svc, 40), 7000), 5*time.Second); err != nil {
 				t.Error(err)
 			}
 		}
@@ -788,19 +798,23 @@ func TestNameDNS(t *testing.T) {
 	})
 
 	t.Run("learned", func(t *testing.T) {
+		// svc.example's address on a client-first port (tunfw reads the
+		// first bytes, finds no name in them, and takes the DNS one) and
+		// on a server-first one (judged at the first packet by the DNS
+		// name); cdn.example's.
 		var svcAt, cdnAt []netip.AddrPort
 		for _, svc := range fams {
-			svcAt = append(svcAt, netip.AddrPortFrom(sibling(svc, 40), 7000))
+			svcAt = append(svcAt, netip.AddrPortFrom(sibling(svc, 40), 7000), netip.AddrPortFrom(sibling(svc, 40), sshPort))
 			cdnAt = append(cdnAt, netip.AddrPortFrom(sibling(svc, 41), 7000))
 		}
 		// Before any answer named them, the addresses are nobody's.
-		e.echoFails(t, "before any DNS answer", append(svcAt, cdnAt...)...)
+		e.talkFails(t, "before any DNS answer", append(svcAt, cdnAt...)...)
 		// The CNAME's target asked for by its own name is not a name
 		// the rule lists.
 		for _, svc := range fams {
 			e.resolve(t, svc, "edge.cdnhost.example", sibling(svc, 41))
 		}
-		e.echoFails(t, "named edge.cdnhost.example", cdnAt...)
+		e.talkFails(t, "named edge.cdnhost.example", cdnAt...)
 
 		// Now by the names the rule lists: directly, and through the
 		// CNAME chain cdn.example -> edge.cdnhost.example.
@@ -817,11 +831,11 @@ func TestNameDNS(t *testing.T) {
 		e.dns.waitQueries(t, "svc.example", n+2, 5*time.Second)
 		all := append(append([]netip.AddrPort(nil), svcAt...), cdnAt...)
 		for _, at := range all {
-			before := e.echo[at.Addr()].n.Load()
-			if err := echoThrough(host, at, 2*time.Second); err != nil {
+			before := e.srv[at].n.Load()
+			if err := talkThrough(host, at, 2*time.Second); err != nil {
 				t.Fatalf("after the DNS answer: %v", err)
 			}
-			if n := e.echo[at.Addr()].n.Load() - before; n != 1 {
+			if n := e.srv[at].n.Load() - before; n != 1 {
 				t.Errorf("%s's server accepted %d connections for one", at, n)
 			}
 		}
@@ -837,7 +851,7 @@ func TestNameDNS(t *testing.T) {
 			wg.Go(func() {
 				for {
 					start := time.Now()
-					err := echoThrough(host, at, 800*time.Millisecond)
+					err := talkThrough(host, at, 800*time.Millisecond)
 					if err != nil {
 						if start.Before(learned.Add(dnsTTL - 500*time.Millisecond)) {
 							t.Errorf("%s refused %v after the DNS answer, before its %v TTL: %v", at, start.Sub(learned).Round(time.Millisecond), dnsTTL, err)
@@ -981,6 +995,16 @@ func TestNameExplain(t *testing.T) {
 		// DNS over UDP: no name can be read from it, decided at once.
 		checkExplain(t, offline, explainCase{args: []string{"udp", client, hostPort(e.topo.ServiceV4, 53)},
 			verdict: "allow", rule: "resolver", peek: false, matched: "resolver"})
+	})
+
+	t.Run("offline-server-first", func(t *testing.T) {
+		// On a port where the server speaks first tunfw cannot wait for
+		// the client's bytes: the DNS name alone decides, at once.
+		sshAt := hostPort(sibling(e.topo.ServiceV4, 40), sshPort)
+		checkExplain(t, offline, explainCase{args: []string{"tcp", client, sshAt},
+			verdict: "deny", rule: "default", peek: false, notMatching: []string{"blocked", "resolver", "svc"}})
+		checkExplain(t, offline, explainCase{args: []string{"tcp", client, fmt.Sprintf("svc.example:%d", sshPort)},
+			verdict: "allow", rule: "svc", peek: false, name: "svc.example", matched: "svc"})
 	})
 
 	running := []string{"--socket", socketOf(cfg)}
