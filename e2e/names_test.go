@@ -381,8 +381,10 @@ action = "deny"
 domain = "@bad"
 `
 
-// countingPacketConn counts the datagrams a server read: any packet of a
-// denied QUIC flow that got through would show here.
+// countingPacketConn counts the Initial packets a server read: any
+// packet of a denied QUIC flow that got through would show here (a denied
+// client sends nothing else). Packets of connections that end meanwhile
+// (1-RTT short headers, their CONNECTION_CLOSE) are not counted.
 type countingPacketConn struct {
 	net.PacketConn
 	n *atomic.Int64
@@ -390,10 +392,26 @@ type countingPacketConn struct {
 
 func (c countingPacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	n, a, err := c.PacketConn.ReadFrom(b)
-	if err == nil {
+	if err == nil && n > 0 && b[0]&0x80 != 0 && quicInitial(b[:n]) {
 		c.n.Add(1)
 	}
 	return n, a, err
+}
+
+// quicInitial reports whether a long-header packet is an Initial: type 0
+// in QUIC v1, 1 in v2 (RFC 9369).
+func quicInitial(b []byte) bool {
+	if len(b) < 5 {
+		return false
+	}
+	typ := b[0] >> 4 & 3
+	switch uint32(b[1])<<24 | uint32(b[2])<<16 | uint32(b[3])<<8 | uint32(b[4]) {
+	case 1:
+		return typ == 0
+	case 0x6b3343cf:
+		return typ == 1
+	}
+	return false
 }
 
 // quicServer is a QUIC server on UDP 443 of one address: each stream

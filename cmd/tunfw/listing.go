@@ -265,6 +265,12 @@ func appendFlow(b []byte, f *filter.FlowInfo, names map[string][]byte) []byte {
 	if f.Monitor {
 		b = append(b, `,"monitor":true`...)
 	}
+	if f.Name != "" {
+		b = append(b, `,"name":`...)
+		b = appendPlainString(b, f.Name)
+		b = append(b, `,"name_from":`...)
+		b = appendString(b, f.NameFrom, names)
+	}
 	b = append(b, `,"age_ns":`...)
 	b = strconv.AppendInt(b, int64(f.Age), 10)
 	b = append(b, `,"idle_ns":`...)
@@ -278,6 +284,21 @@ func appendFlow(b []byte, f *filter.FlowInfo, names map[string][]byte) []byte {
 	b = append(b, `,"bytes_out":`...)
 	b = strconv.AppendUint(b, f.BytesOut, 10)
 	return append(b, '}')
+}
+
+// appendPlainString appends s, which may differ for every flow (a name),
+// as a JSON string: directly when nothing in it needs escaping, as is the
+// case for host names, else as encoding/json writes it.
+func appendPlainString(b []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			q, _ := json.Marshal(s)
+			return append(b, q...)
+		}
+	}
+	b = append(b, '"')
+	b = append(b, s...)
+	return append(b, '"')
 }
 
 // appendString appends s as a JSON string. The few distinct strings of a

@@ -21,6 +21,10 @@ func TestMarshalFlowsMatchesEncodingJSON(t *testing.T) {
 			PacketsIn: 1, BytesIn: 2, PacketsOut: 3, BytesOut: 1 << 60},
 		{Proto: "icmp", Src: netip.MustParseAddrPort("10.0.0.2:7"), Dst: netip.MustParseAddrPort("192.0.2.1:0"),
 			State: "new", Rule: "default", Verdict: "deny", Monitor: true, Age: time.Second},
+		{Proto: "tcp", Src: netip.MustParseAddrPort("10.0.0.2:40001"), Dst: netip.MustParseAddrPort("192.0.2.1:443"),
+			State: "established", Rule: "github", Verdict: "allow", Name: "api.github.com", NameFrom: "sni"},
+		{Proto: "udp", Src: netip.MustParseAddrPort("10.0.0.2:40002"), Dst: netip.MustParseAddrPort("192.0.2.1:443"),
+			State: "new", Rule: "x", Verdict: "peek", Name: "we<ird>\"na&me\x01é", NameFrom: "quic"},
 	}
 	for _, fl := range [][]filter.FlowInfo{nil, flows[:1], flows} {
 		want, err := json.Marshal(fl)
