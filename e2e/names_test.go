@@ -874,6 +874,7 @@ func TestNameDNS(t *testing.T) {
 						if start.Before(learned.Add(dnsTTL - 500*time.Millisecond)) {
 							t.Errorf("%s refused %v after the DNS answer, before its %v TTL: %v", at, start.Sub(learned).Round(time.Millisecond), dnsTTL, err)
 						}
+						t.Logf("%s refused %v after the DNS answer (TTL %v)", at, start.Sub(learned).Round(time.Millisecond), dnsTTL)
 						return
 					}
 					if start.After(learned.Add(dnsTTL + time.Second)) {
