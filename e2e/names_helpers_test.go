@@ -538,9 +538,10 @@ var digStatus = regexp.MustCompile(`status: ([A-Z]+)`)
 
 // dig asks server (over its address family) for name's records of type
 // qtype, from ns, once, waiting at most 2 s.
-func dig(t *testing.T, ns *netnstest.NS, server netip.Addr, name, qtype string) digResult {
+func dig(t *testing.T, ns *netnstest.NS, server netip.Addr, name, qtype string, opts ...string) digResult {
 	t.Helper()
-	out, _ := ns.Cmd("dig", "@"+server.String(), "-p", "53", "+tries=1", "+time=2", name, qtype).CombinedOutput()
+	args := append([]string{"@" + server.String(), "-p", "53", "+tries=1", "+time=2"}, opts...)
+	out, _ := ns.Cmd(append([]string{"dig"}, append(args, name, qtype)...)...).CombinedOutput()
 	r := digResult{out: string(out)}
 	if m := digStatus.FindStringSubmatch(r.out); m != nil {
 		r.status = m[1]

@@ -610,7 +610,7 @@ domain = ["blocked.example", "@ads", "@blocklist"]
 [[rule]]
 name = "resolver"
 action = "allow"
-proto = "udp"
+proto = ["udp", "tcp"]
 dst_port = 53
 
 [[rule]]
@@ -886,6 +886,40 @@ func TestNameDNS(t *testing.T) {
 			})
 		}
 		wg.Wait()
+	})
+
+	t.Run("tcp", func(t *testing.T) {
+		// DNS over TCP is read too: a blocked query is answered by
+		// tunfw and never reaches dnsmasq; an answer names its address.
+		before := e.dns.queries("blocked.example")
+		for _, svc := range fams {
+			r := dig(t, host, svc, "blocked.example", qtypeOf(svc), "+tcp")
+			if r.status != "NXDOMAIN" || len(r.answers) != 0 {
+				t.Errorf("dig +tcp @%s blocked.example: %s %v, want NXDOMAIN from tunfw\n%s", svc, r.status, r.answers, r.out)
+			}
+		}
+		var svcAt []netip.AddrPort
+		for _, svc := range fams {
+			svcAt = append(svcAt, netip.AddrPortFrom(sibling(svc, 40), 7000))
+		}
+		// The names learned over UDP have expired (learned, above).
+		e.talkFails(t, "before the TCP answer", svcAt...)
+		m := e.dns.queries("svc.example")
+		for _, svc := range fams {
+			r := dig(t, host, svc, "svc.example", qtypeOf(svc), "+tcp")
+			if got := r.addrs(); r.status != "NOERROR" || len(got) != 1 || got[0] != sibling(svc, 40) {
+				t.Fatalf("dig +tcp svc.example: %s %v\n%s", r.status, got, r.out)
+			}
+		}
+		e.dns.waitQueries(t, "svc.example", m+2, 5*time.Second)
+		for _, at := range svcAt {
+			if err := talkThrough(host, at, 2*time.Second); err != nil {
+				t.Errorf("after the DNS-over-TCP answer: %v", err)
+			}
+		}
+		if got := e.dns.queries("blocked.example") - before; got != 0 {
+			t.Errorf("%d TCP queries for blocked.example reached dnsmasq, want none", got)
+		}
 	})
 
 	t.Run("blocked-zero", func(t *testing.T) {

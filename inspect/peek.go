@@ -6,6 +6,8 @@ const (
 	protoUDP = 17
 )
 
+const dnsPort = 53
+
 // QUICPort is the UDP port whose flows are read as QUIC.
 const QUICPort = 443
 
@@ -16,7 +18,9 @@ const QUICPort = 443
 func CanPeek(proto uint8, dstPort uint16) bool {
 	switch proto {
 	case protoTCP:
-		return !IsServerFirstPort(dstPort)
+		// DNS over TCP carries no TLS or HTTP name; tunfw reads its
+		// queries and answers instead (the DNS relay).
+		return dstPort != dnsPort && !IsServerFirstPort(dstPort)
 	case protoUDP:
 		return dstPort == QUICPort
 	}

@@ -91,6 +91,7 @@ func New(o Options) (*Stack, error) {
 	var err error
 	s.tcp, err = tcpfwd.New(tcpfwd.Host{
 		Engine: s.eng, Log: s.log, Now: s.now, MTU: s.mtu, Dialer: s.dialer, TUN: &s.out, Inspect: o.Inspect,
+		DNSNames: o.DNS.Names, DNSBlock: o.DNS.Block,
 	}, o.TCP, o.Dial)
 	if err != nil {
 		s.cancel()

@@ -133,6 +133,10 @@ func (fw *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	ep.SocketOptions().SetDelayOption(false)
 	// The relay has no goroutine of its own while idle: this one pumps the
 	// client's first bytes and ends when that direction is quiet.
+	if fw.readsDNS(key) {
+		fw.dnsRelay(flow, gonet.NewTCPConn(&wq, ep), ep, up.(*net.TCPConn))
+		return
+	}
 	fw.startRelay(flow, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
 }
 

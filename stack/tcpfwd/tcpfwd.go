@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/tunfw/tunfw/dns"
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/inspect"
 	"github.com/tunfw/tunfw/stack/dial"
@@ -47,6 +48,10 @@ type Host struct {
 	// Inspect bounds the reading of connections' first bytes for their
 	// name (peek.go); its zero value means inspect.DefaultOptions.
 	Inspect inspect.Options
+	// DNSNames learns names from the DNS answers relayed over TCP; nil:
+	// no snooping. DNSBlock is tunfw's answer to a blocked query.
+	DNSNames *dns.Table
+	DNSBlock dns.BlockMode
 }
 
 // Forwarder terminates the clients' TCP connections in a gVisor netstack
@@ -71,6 +76,8 @@ type Forwarder struct {
 	guard   flows.Guard
 	tracker flows.Tracker
 	peeks   peekStats
+	// dnsAnswered counts DNS-over-TCP queries tunfw answered itself.
+	dnsAnswered atomic.Uint64
 
 	// writeMu guards the scratch slices of writePackets (endpoint.go).
 	writeMu   sync.Mutex

@@ -1,0 +1,153 @@
+package tcpfwd
+
+import (
+	"encoding/binary"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/tunfw/tunfw/dns"
+	"github.com/tunfw/tunfw/filter"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+)
+
+// DNS over TCP (port 53) is relayed message by message when tunfw reads
+// DNS (snooping on, or rules by name in force): the answers teach the
+// name table, and a query for a name a rule blocks is answered by tunfw
+// and never forwarded, as over UDP (udpfwd/names.go). DNS connections are
+// few and short: this relay is two goroutines and two buffers, without
+// the idle hand-off of the byte relay.
+
+const dnsPort = 53
+
+// dnsRelayBuf holds a whole message and its length prefix.
+const dnsRelayBuf = 2 + 65535
+
+// readsDNS reports whether a connection to port 53 is relayed by dnsRelay.
+func (fw *Forwarder) readsDNS(key filter.FlowKey) bool {
+	return key.Dst.Port() == dnsPort && (fw.h.DNSNames != nil || fw.h.Engine.HasNameRules())
+}
+
+// dnsRelay relays a DNS-over-TCP connection until either side ends it,
+// or CloseFlows aborts it.
+func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcpip.Endpoint, up *net.TCPConn) {
+	fw.wg.Add(1)
+	defer fw.wg.Done()
+	var once sync.Once
+	abort := func() {
+		once.Do(func() {
+			up.SetLinger(0)
+			up.Close()
+			ep.Abort()
+		})
+	}
+	fw.tracker.Track(flow, abort)
+	var toClient sync.Mutex // both directions write to the client
+	write := func(b []byte) error {
+		toClient.Lock()
+		defer toClient.Unlock()
+		_, err := client.Write(b)
+		return err
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer fw.guard.Recover(&flow)
+		// Destination to client: each answer teaches the table.
+		err := dnsMessages(up, func(framed []byte) error {
+			if t := fw.h.DNSNames; t != nil {
+				client, now := flow.Key.Src.Addr(), time.Now()
+				dns.Learn(framed[2:], func(name string, addr netip.Addr, ttl time.Duration) {
+					t.Add(client, addr, name, ttl, now)
+				})
+			}
+			return write(framed)
+		})
+		if err == nil {
+			client.CloseWrite()
+		} else {
+			abort()
+		}
+	}()
+	func() {
+		defer fw.guard.Recover(&flow)
+		var ans [dnsRelayBuf]byte
+		err := dnsMessages(client, func(framed []byte) error {
+			if a := fw.blockedAnswer(flow, framed[2:], ans[2:2]); a != nil {
+				if len(a) == 0 {
+					return nil // block = "drop"
+				}
+				binary.BigEndian.PutUint16(ans[:2], uint16(len(a)))
+				if &a[0] != &ans[2] {
+					copy(ans[2:], a)
+				}
+				return write(ans[:2+len(a)])
+			}
+			_, err := up.Write(framed)
+			return err
+		})
+		if err == nil {
+			up.CloseWrite()
+		} else {
+			abort()
+		}
+	}()
+	<-done
+	up.Close()
+	client.Close()
+	fw.tracker.Untrack(flow)
+	fw.h.Engine.Release(flow, fw.h.Now())
+}
+
+// blockedAnswer is tunfw's answer (written into buf when it fits) to a
+// query that a rule by name blocks, or for the DoH canary; an empty
+// non-nil slice for block = "drop"; nil when the query is forwarded.
+func (fw *Forwarder) blockedAnswer(flow filter.FlowRef, msg, buf []byte) []byte {
+	if !fw.h.Engine.HasNameRules() {
+		return nil
+	}
+	var nb [255]byte
+	_, name, _, ok := dns.Question(msg, &nb)
+	if !ok {
+		return nil
+	}
+	mode := fw.h.DNSBlock
+	if string(name) == dns.CanaryName {
+		mode = dns.BlockNXDomain
+	} else if !fw.h.Engine.BlockQuery(flow.Key.Src.Addr(), string(name), fw.h.Now()) {
+		return nil
+	}
+	fw.dnsAnswered.Add(1)
+	if mode == dns.BlockDrop {
+		return buf[:0]
+	}
+	a, err := dns.Answer(msg, mode, buf)
+	if err != nil || len(a) == 0 {
+		return buf[:0] // not forwarded all the same
+	}
+	return a
+}
+
+// dnsMessages reads length-prefixed DNS messages from r and hands each,
+// with its prefix, to fn, until r ends (nil) or fails, or fn fails.
+func dnsMessages(r io.Reader, fn func(framed []byte) error) error {
+	buf := make([]byte, dnsRelayBuf)
+	for {
+		if _, err := io.ReadFull(r, buf[:2]); err != nil {
+			if err == io.EOF {
+				return nil
+			}
+			return err
+		}
+		n := int(binary.BigEndian.Uint16(buf[:2]))
+		if _, err := io.ReadFull(r, buf[2:2+n]); err != nil {
+			return err
+		}
+		if err := fn(buf[:2+n]); err != nil {
+			return err
+		}
+	}
+}
