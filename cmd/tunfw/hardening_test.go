@@ -29,8 +29,7 @@ func bigSetConfig() []byte {
 }
 
 // TestBigSharedSetConfig: checking that config allocates under 200 MiB in
-// all and takes under 2 s (it took 3.9 GB and 50 s when each rule copied
-// the set).
+// all (it took 3.9 GB and 50 s when each rule copied the set).
 func TestBigSharedSetConfig(t *testing.T) {
 	data := bigSetConfig()
 	runtime.GC()
@@ -51,8 +50,11 @@ func TestBigSharedSetConfig(t *testing.T) {
 	if alloc > 200<<20 {
 		t.Errorf("parsing the config allocated %d MiB, want under 200", alloc>>20)
 	}
-	if took > 2*time.Second {
-		t.Errorf("parsing the config took %v, want under 2s", took)
+	// The allocation bound is the test; the time bound only catches the
+	// copying regression (50 s) and leaves room for the race detector on
+	// a loaded machine (3.7 s seen). BenchmarkBigSharedSetConfig times it.
+	if took > 20*time.Second {
+		t.Errorf("parsing the config took %v, want under 20s", took)
 	}
 }
 
