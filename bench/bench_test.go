@@ -83,9 +83,9 @@ func bulkWorkload(id string, streams int, up bool) workload {
 	}}
 }
 
-func connWorkload(id string, conc int) workload {
+func connWorkload(id string, port, conc int) workload {
 	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail"}, run: func(b *bench, p path) error {
-		r, err := b.connRate(p, conc, b.m.conn)
+		r, err := b.connRate(p, port, conc, b.m.conn)
 		if err != nil {
 			return err
 		}
@@ -123,8 +123,11 @@ var workloads = []workload{
 	bulkWorkload("tcp1-s2c", 1, false),
 	bulkWorkload("tcp4-c2s", 4, true),
 	bulkWorkload("tcp4-s2c", 4, false),
-	connWorkload("conn-seq", 1),
-	connWorkload("conn-32", 32),
+	connWorkload("conn-seq", portCRR, 1),
+	connWorkload("conn-32", portCRR, 32),
+	// The same through a rule by name: tunfw completes the handshake,
+	// reads the first 64 bytes (no name in them), decides, then dials.
+	connWorkload("conn-peek", portPeek, 1),
 	{id: "rr", keys: []string{"rr-p50", "rr-p99", "rr-rate"}, run: func(b *bench, p path) error {
 		r, err := b.requestResponse(p, b.m.rr)
 		if err != nil {

@@ -21,7 +21,7 @@
 //	                    is written next to it with the extension .txt.
 //	TUNFW_BENCH_ROUNDS  number of rounds (default 3 full, 1 smoke)
 //	TUNFW_BENCH_ONLY    comma-separated workload ids to run (tcp1-c2s,
-//	                    tcp1-s2c, tcp4-c2s, tcp4-s2c, conn-seq, conn-32, rr,
+//	                    tcp1-s2c, tcp4-c2s, tcp4-s2c, conn-seq, conn-peek, conn-32, rr,
 //	                    udp-c2s, udp-s2c, flows)
 //	TUNFW_BENCH_MTU     TUN MTU of the generated config (default: tunfw's, 65520)
 //	TUNFW_BENCH_LOG_LEVEL  --log-level for tunfw (default: tunfw's, info)

@@ -22,6 +22,9 @@ const (
 	portBulk = 5201 // 1 command byte: 'U' sink then report count, 'D' source
 	portEcho = 5202 // echo (request/response, idle flows)
 	portCRR  = 5203 // read 64 bytes, write them back, close
+	// portPeek serves as portCRR; tunfw's bench config has a rule by name
+	// for it, so each connection is peeked (read before it is dialled).
+	portPeek = 5204
 	portUDP  = 5204 // see udpServer
 )
 
@@ -51,7 +54,7 @@ func startServers(t *testing.T, ns *netnstest.NS, udpAddrs []netip.Addr) *server
 	for _, sv := range []struct {
 		port    int
 		handler func(net.Conn)
-	}{{portBulk, serveBulk}, {portEcho, serveEcho}, {portCRR, serveCRR}} {
+	}{{portBulk, serveBulk}, {portEcho, serveEcho}, {portCRR, serveCRR}, {portPeek, serveCRR}} {
 		ln, err := ns.Listen("tcp4", netip.AddrPortFrom(netip.IPv4Unspecified(), uint16(sv.port)).String())
 		if err != nil {
 			t.Fatalf("listen tcp %d: %v", sv.port, err)

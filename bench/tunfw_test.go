@@ -46,7 +46,16 @@ include = ["203.0.113.0/24", "2001:db8:99::/48"]
 [filter]
 default = "allow"
 log = "none"
-`, mtu)
+
+# A rule by name on one port only (conn-peek): connections to it are read
+# for their name before they are dialled; no other flow is.
+[[rule]]
+name = "peeked"
+action = "deny"
+proto = "tcp"
+dst_port = %d
+domain = "never.example"
+`, mtu, portPeek)
 }
 
 // tunfwProc is a running `tunfw up` started by the benchmark.

@@ -176,9 +176,9 @@ type latencyResult struct {
 // run in a helper process inside the client namespace (see
 // TestBenchHelper): dialling from threads locked into the namespace costs a
 // thread hand-off at every blocking step and capped the direct path's rate.
-func (b *bench) connRate(p path, conc int, dur time.Duration) (latencyResult, error) {
+func (b *bench) connRate(p path, port, conc int, dur time.Duration) (latencyResult, error) {
 	h, err := b.startHelper("crr", map[string]string{
-		"ADDR": p.addr(portCRR), "CONC": strconv.Itoa(conc), "DUR": strconv.FormatInt(int64(dur), 10),
+		"ADDR": p.addr(port), "CONC": strconv.Itoa(conc), "DUR": strconv.FormatInt(int64(dur), 10),
 	})
 	if err != nil {
 		return latencyResult{}, err
