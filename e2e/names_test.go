@@ -8,6 +8,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -1123,7 +1124,7 @@ func TestNameFlowsListing(t *testing.T) {
 	for _, svc := range []netip.Addr{e.topo.ServiceV4, e.topo.ServiceV6} {
 		startWebServer(t, e.topo.Server, svc, ca)
 	}
-	cfg := writeConfig(t, namesFlowsConfig)
+	cfg := writeConfig(t, namesFlowsConfig+"\n[metrics]\nlisten = \"127.0.0.1:9479\"\n")
 	startTunfw(t, e.topo.Host, cfg)
 	host := e.topo.Host
 	v4 := e.topo.ServiceV4
@@ -1235,6 +1236,36 @@ func TestNameFlowsListing(t *testing.T) {
 			if f.Name != "svc.example" {
 				t.Errorf("--name svc.example listed %+v", f)
 			}
+		}
+	})
+
+	t.Run("counters", func(t *testing.T) {
+		// tunfw stats and the metrics count the flows peeked, the names
+		// read by source and learned from DNS.
+		out, errOut, code := ctl(t, cfg, "stats", "--json")
+		if code != 0 {
+			t.Fatalf("tunfw stats: exit %d: %s", code, errOut)
+		}
+		var st struct {
+			Names      map[string]uint64 `json:"names"`
+			NamesKnown int               `json:"dns_names"`
+		}
+		if err := json.Unmarshal([]byte(out), &st); err != nil {
+			t.Fatalf("stats --json: %v\n%s", err, out)
+		}
+		if st.Names["peeked"] < 3 || st.Names["sni"] < 2 || st.Names["host"] < 1 || st.Names["names_learned"] < 1 || st.NamesKnown < 1 {
+			t.Errorf("stats names: %v, %d names known; want peeked >= 3, sni >= 2, host >= 1, names_learned >= 1", st.Names, st.NamesKnown)
+		}
+		m := scrapeMetrics(t, host, "127.0.0.1:9479")
+		for _, k := range []string{"tunfw_name_events_total,event=peeked", "tunfw_name_events_total,event=sni", "tunfw_name_events_total,event=host",
+			"tunfw_name_events_total,event=names_learned", "tunfw_dns_names"} {
+			if m[k] < 1 {
+				t.Errorf("metric %s = %v, want at least 1", k, m[k])
+			}
+		}
+		text, _, _ := ctl(t, cfg, "stats")
+		if !strings.Contains(text, "rules by name") || !strings.Contains(text, "names remembered from DNS answers") {
+			t.Errorf("tunfw stats text lacks the rules-by-name counters:\n%s", text)
 		}
 	})
 

@@ -233,10 +233,9 @@ func printStats(w io.Writer, data []byte) int {
 	printCounts(w, "dropped by the stack", s.StackDrops)
 	fmt.Fprintln(w)
 	printCounts(w, "ICMP errors relayed to UDP clients", s.ICMPErrors)
+	fmt.Fprintln(w)
 	printCounts(w, "rules by name", s.Names)
-	if s.NamesKnown > 0 {
-		fmt.Fprintf(w, "names learned from DNS answers and remembered: %d\n", s.NamesKnown)
-	}
+	fmt.Fprintf(w, "; names remembered from DNS answers %d", s.NamesKnown)
 	fmt.Fprintln(w)
 	printCounts(w, fmt.Sprintf("TCP dials pending %d; failed", s.PendingDials), s.DialFailures)
 	fmt.Fprintln(w)

@@ -323,6 +323,7 @@ func (d *daemon) stats() statsInfo {
 		UDPQueueDrops: d.st.UDP().WriteDrops(), FlowPanics: d.st.Panics(),
 		PendingDials: d.st.TCP().PendingDials(), DialFailures: d.st.TCP().DialFailures(),
 		StackDrops: d.st.Drops(), ICMPErrors: d.st.UDP().ICMPErrors(),
+		Names: d.nameEvents(), NamesKnown: d.namesKnown(),
 	}
 }
 
@@ -334,7 +335,7 @@ func (d *daemon) nameEvents() map[string]uint64 {
 		"peeked": c.Peeked, "peek_busy": t.Busy, "peek_timeouts": t.Timeouts + u.PeekTimeouts,
 		"peek_no_name": t.NoName + u.PeekNoName, "peek_invalid": t.Invalid,
 		"sni": t.SNI, "host": t.Host, "quic": u.QUICNames,
-		"names_learned": u.NamesLearned, "dns_answered": u.DNSAnswered, "dns_blocked_by_rule": c.DNSBlocked,
+		"names_learned": u.NamesLearned, "dns_answered": u.DNSAnswered + d.st.TCP().DNSAnswered(), "dns_blocked_by_rule": c.DNSBlocked,
 	}
 }
 

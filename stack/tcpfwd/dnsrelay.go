@@ -151,3 +151,6 @@ func dnsMessages(r io.Reader, fn func(framed []byte) error) error {
 		}
 	}
 }
+
+// DNSAnswered returns how many DNS-over-TCP queries tunfw answered itself.
+func (fw *Forwarder) DNSAnswered() uint64 { return fw.dnsAnswered.Load() }
