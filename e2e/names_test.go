@@ -1285,3 +1285,92 @@ func TestNameFlowsListing(t *testing.T) {
 		}
 	})
 }
+
+// namesPeekLimitsConfig peeks every TCP flow to port 7000 (a rule by name
+// denies one name there; the default allows), with short [inspect] bounds.
+const namesPeekLimitsConfig = namesBase + `
+[filter]
+default = "allow"
+
+[inspect]
+timeout = "300ms"
+max_bytes = 512
+
+[[rule]]
+name = "not-this"
+action = "deny"
+proto = "tcp"
+dst_port = 7000
+domain = "nope.example"
+`
+
+// TestNamePeekLimits: a client that sends nothing is decided at [inspect]
+// timeout as if no name were known, and one whose first bytes carry no
+// name within max_bytes at that bound; in both cases everything it sent
+// reaches the destination, and the counters say why.
+func TestNamePeekLimits(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	at := netip.AddrPortFrom(topo.ServiceV4, 7000)
+	srv := startTCPServer(t, topo.Server, at)
+	cfg := writeConfig(t, namesPeekLimitsConfig)
+	startTunfw(t, topo.Host, cfg)
+
+	t.Run("silent-client", func(t *testing.T) {
+		before := srv.n.Load()
+		c, err := topo.Host.DialTimeout("tcp", at.String(), 2*time.Second)
+		if err != nil {
+			t.Fatalf("connect: %v", err)
+		}
+		defer c.Close()
+		start := time.Now()
+		// The handshake completed at once; the destination is dialled
+		// only when tunfw gives up waiting for a name.
+		for srv.n.Load() == before {
+			if time.Since(start) > 3*time.Second {
+				t.Fatal("the destination was never dialled for a client that sent nothing")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if took := time.Since(start); took < 250*time.Millisecond {
+			t.Errorf("destination dialled %v after the connect, before [inspect] timeout (300ms)", took)
+		}
+		// The connection works once decided.
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		io.WriteString(c, "late\n")
+		if got, err := bufio.NewReader(c).ReadString('\n'); err != nil || got != "late\n" {
+			t.Errorf("echo after the timeout: %q, %v", got, err)
+		}
+	})
+
+	t.Run("max-bytes", func(t *testing.T) {
+		// An HTTP request whose headers never end within max_bytes.
+		req := "GET / HTTP/1.1\r\nX-Pad: " + strings.Repeat("a", 700) + "\n"
+		c, err := topo.Host.DialTimeout("tcp", at.String(), 2*time.Second)
+		if err != nil {
+			t.Fatalf("connect: %v", err)
+		}
+		defer c.Close()
+		start := time.Now()
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := io.WriteString(c, req); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(req))
+		if _, err := io.ReadFull(c, got); err != nil || string(got) != req {
+			t.Fatalf("echo of %d bytes sent before the decision: %d bytes, %v", len(req), len(got), err)
+		}
+		if took := time.Since(start); took > 250*time.Millisecond {
+			t.Errorf("decided after %v: max_bytes should decide before the 300ms timeout", took)
+		}
+	})
+
+	out, _, _ := ctl(t, cfg, "stats", "--json")
+	var st struct {
+		Names map[string]uint64 `json:"names"`
+	}
+	json.Unmarshal([]byte(out), &st)
+	if st.Names["peeked"] != 2 || st.Names["peek_timeouts"] != 1 || st.Names["peek_no_name"] != 1 {
+		t.Errorf("stats names: %v; want peeked 2, peek_timeouts 1, peek_no_name 1", st.Names)
+	}
+}
