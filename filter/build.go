@@ -37,7 +37,7 @@ func HeaderLen(a netip.Addr) int {
 // whose payloadLen bytes are in out at HeaderLen(src.Addr())+8, and
 // returns its description and length.
 func BuildUDP(out []byte, src, dst netip.AddrPort, payloadLen int) (Packet, int) {
-	hl, ok := room(out, src.Addr(), dst.Addr(), udpHeaderLen+payloadLen)
+	hl, ok := room(out, src.Addr(), dst.Addr(), udpHeaderLen, payloadLen)
 	if !ok {
 		return Packet{}, 0
 	}
@@ -63,7 +63,7 @@ func BuildUDP(out []byte, src, dst netip.AddrPort, payloadLen int) (Packet, int)
 // rest is the header's second word: identifier and sequence number of an
 // echo message, an MTU, or 0.
 func BuildICMP(out []byte, src, dst netip.Addr, typ, code uint8, rest uint32, bodyLen int) (Packet, int) {
-	hl, ok := room(out, src, dst, icmpHeaderLen+bodyLen)
+	hl, ok := room(out, src, dst, icmpHeaderLen, bodyLen)
 	if !ok {
 		return Packet{}, 0
 	}
@@ -109,7 +109,7 @@ func BuildICMPError(out []byte, src, dst netip.Addr, typ, code uint8, mtu uint32
 // buildTCP writes an option-less TCP segment with no payload from src to
 // dst, the only kind tunfw builds itself (resets).
 func buildTCP(out []byte, src, dst netip.AddrPort, seq, ack uint32, flags uint8) (Packet, int) {
-	hl, ok := room(out, src.Addr(), dst.Addr(), tcpHeaderLen)
+	hl, ok := room(out, src.Addr(), dst.Addr(), tcpHeaderLen, 0)
 	if !ok {
 		return Packet{}, 0
 	}
@@ -128,9 +128,10 @@ func buildTCP(out []byte, src, dst netip.AddrPort, seq, ack uint32, flags uint8)
 	return p, p.Len
 }
 
-// room reports whether a packet from src to dst with plen bytes after the
-// IP header may be built in out, and the IP header's length.
-func room(out []byte, src, dst netip.Addr, plen int) (int, bool) {
+// room reports whether a packet from src to dst with a thl-byte transport
+// header and n bytes of payload may be built in out, and the IP header's
+// length.
+func room(out []byte, src, dst netip.Addr, thl, n int) (int, bool) {
 	if !src.IsValid() || !dst.IsValid() || src.Is4() != dst.Is4() || src.Is4In6() || dst.Is4In6() {
 		return 0, false
 	}
@@ -139,7 +140,7 @@ func room(out []byte, src, dst netip.Addr, plen int) (int, bool) {
 	if hl == 20 {
 		limit -= hl
 	}
-	return hl, plen >= 0 && plen <= limit && hl+plen <= len(out)
+	return hl, n >= 0 && n <= limit-thl && hl+thl+n <= len(out)
 }
 
 // packetOf describes a packet without options from src to dst whose
