@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
-	"github.com/tunfw/tunfw/stack/internal/gaddr"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -362,50 +361,19 @@ func (pg *Forwarder) reply(src netip.Addr, msg, out []byte) {
 	if !e.used || e.flow.dst != src {
 		return // another program's ping, or an expired flow
 	}
-	ipLen := header.IPv4MinimumSize
-	if src.Is6() {
-		ipLen = header.IPv6MinimumSize
-	}
-	total := ipLen + len(msg)
-	if pg.h.Headroom+total > len(out) {
+	// The data after the echo header goes in place; the header is
+	// rewritten with the client's identifier.
+	off := pg.h.Headroom + filter.HeaderLen(src) + 8
+	if off+len(msg)-8 > len(out) {
 		return // larger than the TUN MTU; the request could not have been
 	}
-	pkt := out[pg.h.Headroom : pg.h.Headroom+total]
-	icmp := pkt[ipLen:]
-	copy(icmp, msg)
-	binary.BigEndian.PutUint16(icmp[4:6], e.flow.id)
-	icmp[2], icmp[3] = 0, 0
-	if src.Is4() {
-		ip := header.IPv4(pkt)
-		ip.Encode(&header.IPv4Fields{
-			TotalLength: uint16(total),
-			TTL:         64,
-			Protocol:    uint8(header.ICMPv4ProtocolNumber),
-			SrcAddr:     gaddr.To(src),
-			DstAddr:     gaddr.To(e.flow.src),
-		})
-		ip.SetChecksum(^ip.CalculateChecksum())
-		binary.BigEndian.PutUint16(icmp[2:4], ^checksum.Checksum(icmp, 0))
-	} else {
-		ip := header.IPv6(pkt)
-		ip.Encode(&header.IPv6Fields{
-			PayloadLength:     uint16(len(icmp)),
-			TransportProtocol: header.ICMPv6ProtocolNumber,
-			HopLimit:          64,
-			SrcAddr:           gaddr.To(src),
-			DstAddr:           gaddr.To(e.flow.src),
-		})
-		h := header.ICMPv6(icmp)
-		h.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{
-			Header: h,
-			Src:    gaddr.To(src),
-			Dst:    gaddr.To(e.flow.src),
-		}))
+	copy(out[off:], msg[8:])
+	seq := binary.BigEndian.Uint16(msg[6:8])
+	p, total := filter.BuildICMP(out[pg.h.Headroom:], src, e.flow.src, msg[0], msg[1], uint32(e.flow.id)<<16|uint32(seq), len(msg)-8)
+	if total == 0 {
+		return
 	}
-	var p filter.Packet
-	if filter.ParsePacket(pkt, &p) == nil {
-		pg.h.Engine.Outbound(&p, pg.h.Now())
-	}
+	pg.h.Engine.Outbound(&p, pg.h.Now())
 	pg.h.Write(out[:pg.h.Headroom+total])
 }
 

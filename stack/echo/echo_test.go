@@ -11,12 +11,13 @@ import (
 
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/stack/internal/gaddr"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
 // testForwarder returns a Forwarder with an engine and no sockets, for the
 // parts that only keep state; one client may hold maxPerSource flows.
-func testForwarder(t *testing.T, maxPerSource int) *Forwarder {
+func testForwarder(t testing.TB, maxPerSource int) *Forwarder {
 	t.Helper()
 	rs, err := filter.Compile(filter.Options{}, nil, nil)
 	if err != nil {
@@ -144,5 +145,113 @@ func TestEchoSendDoesNotAllocate(t *testing.T) {
 	}
 	if len(pg.byFlow) != 1 || pg.sendDrops.Load() != 0 {
 		t.Errorf("%d flows, %d send drops; want 1, 0", len(pg.byFlow), pg.sendDrops.Load())
+	}
+}
+
+// echoReplyCase opens an echo flow from client to dst (in the engine and
+// the forwarder) and returns the reply dst's kernel hands the raw socket
+// for it: its ICMP header, with the forwarder's identifier, and 56 bytes
+// of data.
+func echoReplyCase(t testing.TB, pg *Forwarder, client, dst netip.Addr, id, seq uint16) []byte {
+	t.Helper()
+	reqType, repType := uint8(8), uint8(0)
+	if client.Is6() {
+		reqType, repType = 128, 129
+	}
+	req := make([]byte, 1500)
+	_, n := filter.BuildICMP(req, client, dst, reqType, 0, uint32(id)<<16|uint32(seq), 56)
+	var p filter.Packet
+	if err := filter.ParsePacket(req[:n], &p); err != nil {
+		t.Fatal(err)
+	}
+	if d := pg.h.Engine.Inbound(&p, pg.h.Now()); d.Verdict != filter.VerdictForward {
+		t.Fatalf("request not forwarded: %+v", d)
+	}
+	pg.mu.Lock()
+	i, ok := pg.openLocked(pingFlow{src: client, dst: dst, id: id}, pg.h.Now())
+	pg.mu.Unlock()
+	if !ok {
+		t.Fatal("no identifier")
+	}
+	msg := make([]byte, 8+56)
+	msg[0] = repType
+	binary.BigEndian.PutUint16(msg[4:6], i^pg.salt)
+	binary.BigEndian.PutUint16(msg[6:8], seq)
+	for j := range 56 {
+		msg[8+j] = byte(j)
+	}
+	return msg
+}
+
+// TestEchoReply: a reply is relayed to the client from the address it
+// pinged, with the client's identifier, the sequence number and data it
+// came with and a valid checksum, and is accounted to the client's flow;
+// relaying it does not allocate.
+func TestEchoReply(t *testing.T) {
+	for _, c := range []struct{ client, dst netip.Addr }{
+		{netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("192.0.2.1")},
+		{netip.MustParseAddr("fd00::2"), netip.MustParseAddr("2001:db8::1")},
+	} {
+		pg := testForwarder(t, DefaultMaxPerSource)
+		var wrote []byte
+		pg.h.Headroom, pg.h.MTU = 10, 1500
+		pg.h.Write = func(b []byte) { wrote = b }
+		msg := echoReplyCase(t, pg, c.client, c.dst, 0x4242, 9)
+		out := make([]byte, pg.h.Headroom+pg.h.MTU)
+		pg.reply(c.dst, msg, out)
+		if wrote == nil {
+			t.Fatalf("%v: no reply written", c.dst)
+		}
+		pkt := wrote[pg.h.Headroom:]
+		var p filter.Packet
+		if err := filter.ParsePacket(pkt, &p); err != nil {
+			t.Fatalf("%v: reply does not parse: %v", c.dst, err)
+		}
+		if p.Src != c.dst || p.Dst != c.client || p.SrcPort != 0x4242 || p.ICMPType != msg[0] || p.PayloadLen != 56 {
+			t.Errorf("%v: reply %+v", c.dst, p)
+		}
+		icmp := pkt[p.IPHeaderLen:]
+		if seq := binary.BigEndian.Uint16(icmp[6:8]); seq != 9 || string(icmp[8:]) != string(msg[8:]) {
+			t.Errorf("%v: sequence %d, data % x", c.dst, seq, icmp[8:])
+		}
+		if c.dst.Is4() {
+			if !header.IPv4(pkt).IsChecksumValid() || checksum.Checksum(icmp, 0) != 0xffff {
+				t.Errorf("%v: bad checksum", c.dst)
+			}
+		} else if h := header.ICMPv6(icmp); header.ICMPv6Checksum(header.ICMPv6ChecksumParams{
+			Header: h, Src: gaddr.To(p.Src), Dst: gaddr.To(p.Dst),
+		}) != h.Checksum() {
+			t.Errorf("%v: bad checksum", c.dst)
+		}
+		flows := pg.h.Engine.Flows(pg.h.Now())
+		if len(flows) != 1 || flows[0].PacketsOut != 1 || flows[0].BytesOut != uint64(len(pkt)) {
+			t.Errorf("%v: reply not accounted: %+v", c.dst, flows)
+		}
+		if n := testing.AllocsPerRun(100, func() { pg.reply(c.dst, msg, out) }); n != 0 {
+			t.Errorf("%v: relaying a reply allocates %v times", c.dst, n)
+		}
+	}
+}
+
+// BenchmarkEchoReply is the echo forwarder's per-reply work: find the
+// flow, build the reply and account it.
+func BenchmarkEchoReply(b *testing.B) {
+	for _, c := range []struct {
+		name        string
+		client, dst netip.Addr
+	}{
+		{"v4", netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("192.0.2.1")},
+		{"v6", netip.MustParseAddr("fd00::2"), netip.MustParseAddr("2001:db8::1")},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			pg := testForwarder(b, DefaultMaxPerSource)
+			pg.h.Headroom, pg.h.MTU = 10, 1500
+			msg := echoReplyCase(b, pg, c.client, c.dst, 0x4242, 9)
+			out := make([]byte, pg.h.Headroom+pg.h.MTU)
+			b.ReportAllocs()
+			for b.Loop() {
+				pg.reply(c.dst, msg, out)
+			}
+		})
 	}
 }

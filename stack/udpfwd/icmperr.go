@@ -8,10 +8,8 @@ import (
 	"unsafe"
 
 	"github.com/tunfw/tunfw/filter"
-	"github.com/tunfw/tunfw/stack/internal/gaddr"
 	"github.com/tunfw/tunfw/stack/internal/tunio"
 	"golang.org/x/sys/unix"
-	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
@@ -341,70 +339,15 @@ func parseRecvErr(oob []byte, v6 bool) (unix.SockExtendedErr, netip.Addr, bool) 
 // datagram was quoted bytes long: the kernel does not tell the rest, and
 // receivers match an error to their socket by its addresses and ports.
 func buildUDPError(pkt []byte, k filter.FlowKey, from netip.Addr, typ, code uint8, mtu uint32, quoted int) int {
-	v6 := k.Dst.Addr().Is6()
-	if from.Is6() != v6 || k.Src.Addr().Is6() != v6 {
+	off := filter.HeaderLen(from) + header.ICMPv4MinimumSize // ICMPv6's header is as long
+	if from.Is6() != k.Dst.Addr().Is6() || off > len(pkt) {
 		return 0
 	}
-	ipLen := header.IPv4MinimumSize
-	if v6 {
-		ipLen = header.IPv6MinimumSize
-	}
-	msgLen := header.ICMPv4MinimumSize + ipLen + header.UDPMinimumSize + quoted // ICMPv6's header is as long
-	total := ipLen + msgLen
-	if total > len(pkt) {
-		return 0
-	}
-	client, dst := gaddr.To(k.Src.Addr()), gaddr.To(k.Dst.Addr())
-	src := gaddr.To(from)
 	// The quoted datagram, as the client sent it.
-	inner := pkt[ipLen+header.ICMPv4MinimumSize : total]
-	udp := header.UDP(inner[ipLen:])
-	udp.Encode(&header.UDPFields{SrcPort: k.Src.Port(), DstPort: k.Dst.Port(), Length: uint16(len(udp))})
-	xsum := header.PseudoHeaderChecksum(header.UDPProtocolNumber, client, dst, uint16(len(udp)))
-	c := ^udp.CalculateChecksum(checksum.Checksum(udp.Payload(), xsum))
-	if c == 0 {
-		c = 0xffff
+	_, n := filter.BuildUDP(pkt[off:], k.Src, k.Dst, quoted)
+	if n == 0 {
+		return 0
 	}
-	udp.SetChecksum(c)
-	if v6 {
-		header.IPv6(inner).Encode(&header.IPv6Fields{
-			PayloadLength: uint16(len(udp)), TransportProtocol: header.UDPProtocolNumber, HopLimit: 64,
-			SrcAddr: client, DstAddr: dst,
-		})
-		header.IPv6(pkt).Encode(&header.IPv6Fields{
-			PayloadLength: uint16(msgLen), TransportProtocol: header.ICMPv6ProtocolNumber, HopLimit: 64,
-			SrcAddr: src, DstAddr: client,
-		})
-		m := header.ICMPv6(pkt[ipLen:total])
-		m.SetType(header.ICMPv6Type(typ))
-		m.SetCode(header.ICMPv6Code(code))
-		binary.BigEndian.PutUint32(m[4:8], 0)
-		if header.ICMPv6Type(typ) == header.ICMPv6PacketTooBig {
-			m.SetMTU(mtu)
-		}
-		m.SetChecksum(0)
-		m.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: m, Src: src, Dst: client}))
-		return total
-	}
-	ip := header.IPv4(inner)
-	ip.Encode(&header.IPv4Fields{
-		TotalLength: uint16(len(inner)), Flags: header.IPv4FlagDontFragment, TTL: 64,
-		Protocol: uint8(header.UDPProtocolNumber), SrcAddr: client, DstAddr: dst,
-	})
-	ip.SetChecksum(^ip.CalculateChecksum())
-	outer := header.IPv4(pkt)
-	outer.Encode(&header.IPv4Fields{
-		TotalLength: uint16(total), TTL: 64, Protocol: uint8(header.ICMPv4ProtocolNumber), SrcAddr: src, DstAddr: client,
-	})
-	outer.SetChecksum(^outer.CalculateChecksum())
-	m := header.ICMPv4(pkt[ipLen:total])
-	m.SetType(header.ICMPv4Type(typ))
-	m.SetCode(header.ICMPv4Code(code))
-	binary.BigEndian.PutUint32(m[4:8], 0)
-	if header.ICMPv4Type(typ) == header.ICMPv4DstUnreachable && header.ICMPv4Code(code) == header.ICMPv4FragmentationNeeded {
-		m.SetMTU(uint16(min(mtu, 0xffff)))
-	}
-	m.SetChecksum(0)
-	m.SetChecksum(^checksum.Checksum(m, 0))
+	_, total := filter.BuildICMPError(pkt, from, k.Src.Addr(), typ, code, mtu, n)
 	return total
 }

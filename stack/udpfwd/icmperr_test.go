@@ -314,7 +314,7 @@ func udpPacketFor(t *testing.T, k filter.FlowKey, payload []byte) ([]byte, filte
 	}
 	pkt := make([]byte, ipLen+header.UDPMinimumSize+len(payload))
 	copy(pkt[ipLen+header.UDPMinimumSize:], payload)
-	buildUDPReply(pkt, filter.FlowKey{Proto: filter.ProtoUDP, Src: k.Dst, Dst: k.Src})
+	filter.BuildUDP(pkt, k.Src, k.Dst, len(payload))
 	var p filter.Packet
 	if err := filter.ParsePacket(pkt, &p); err != nil {
 		t.Fatal(err)

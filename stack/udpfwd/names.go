@@ -76,11 +76,8 @@ func (u *Forwarder) answerQuery(p *filter.Packet, pkt []byte, now int64) bool {
 	if mode == dns.BlockDrop {
 		return true
 	}
-	key := filter.KeyOf(p)
-	ipLen := p.IPHeaderLen
-	if p.Version == 4 {
-		ipLen = header.IPv4MinimumSize // the answer carries no options
-	}
+	// The answer carries no IPv4 options or IPv6 extension headers.
+	ipLen := filter.HeaderLen(p.Dst)
 	bp := u.h.TUN.Buffer()
 	defer u.h.TUN.Release(bp)
 	off := tunio.Headroom + ipLen + header.UDPMinimumSize
@@ -91,8 +88,10 @@ func (u *Forwarder) answerQuery(p *filter.Packet, pkt []byte, now int64) bool {
 	if len(ans) > 0 && unsafe.SliceData(ans) != &(*bp)[off] {
 		copy((*bp)[off:], ans) // Answer grew its own buffer
 	}
-	total := ipLen + header.UDPMinimumSize + len(ans)
-	reply := buildUDPReply((*bp)[tunio.Headroom:tunio.Headroom+total], key)
+	reply, total := filter.BuildUDP((*bp)[tunio.Headroom:], netip.AddrPortFrom(p.Dst, p.DstPort), netip.AddrPortFrom(p.Src, p.SrcPort), len(ans))
+	if total == 0 {
+		return true
+	}
 	u.h.Engine.Outbound(&reply, now)
 	u.h.TUN.Write([][]byte{(*bp)[:tunio.Headroom+total]})
 	return true

@@ -22,11 +22,9 @@ import (
 	"github.com/tunfw/tunfw/inspect"
 	"github.com/tunfw/tunfw/stack/dial"
 	"github.com/tunfw/tunfw/stack/internal/flows"
-	"github.com/tunfw/tunfw/stack/internal/gaddr"
 	"github.com/tunfw/tunfw/stack/internal/sockread"
 	"github.com/tunfw/tunfw/stack/internal/tunio"
 	"golang.org/x/sys/unix"
-	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
 
@@ -560,10 +558,7 @@ func (u *Forwarder) udpReplies(f *udpFlow) {
 	defer u.wg.Done()
 	defer u.closeUDP(f)
 	defer u.guard.Recover(&f.ref)
-	ipLen := header.IPv4MinimumSize
-	if f.key.Dst.Addr().Is6() {
-		ipLen = header.IPv6MinimumSize
-	}
+	ipLen := filter.HeaderLen(f.key.Dst.Addr())
 	var r sockread.Reader
 	r.Init(func() *[]byte { return u.h.TUN.Buffer() }, func(bp *[]byte) { u.h.TUN.Release(bp) },
 		tunio.Headroom+ipLen+header.UDPMinimumSize)
@@ -660,8 +655,8 @@ func (u *Forwarder) udpReplyPacket(f *udpFlow, bp *[]byte, n, ipLen int, now int
 		return nil
 	}
 	b := *bp
-	p := buildUDPReply(b[tunio.Headroom:tunio.Headroom+total], f.key)
-	if u.h.Engine.Outbound(&p, now) == filter.OutboundSilenced {
+	p, l := filter.BuildUDP(b[tunio.Headroom:tunio.Headroom+total], f.key.Dst, f.key.Src, n)
+	if l == 0 || u.h.Engine.Outbound(&p, now) == filter.OutboundSilenced {
 		return nil // the flow was denied since (a reload's recheck)
 	}
 	if f.key.Dst.Port() == dnsPort {
@@ -687,49 +682,4 @@ func (u *Forwarder) closeUDP(f *udpFlow) {
 	u.mu.Unlock()
 	u.tracker.Untrack(f.ref)
 	u.h.Engine.Release(f.ref, u.h.Now())
-}
-
-// buildUDPReply writes the IP and UDP headers in front of the payload that
-// fills the rest of pkt, for a datagram from the flow's destination to its
-// client, and returns the packet's description for the engine.
-func buildUDPReply(pkt []byte, k filter.FlowKey) filter.Packet {
-	src, dst := gaddr.To(k.Dst.Addr()), gaddr.To(k.Src.Addr())
-	ipLen := header.IPv4MinimumSize
-	version := uint8(4)
-	if k.Dst.Addr().Is6() {
-		ipLen, version = header.IPv6MinimumSize, 6
-	}
-	udp := header.UDP(pkt[ipLen:])
-	udp.Encode(&header.UDPFields{SrcPort: k.Dst.Port(), DstPort: k.Src.Port(), Length: uint16(len(udp))})
-	if version == 4 {
-		ip := header.IPv4(pkt)
-		ip.Encode(&header.IPv4Fields{
-			TotalLength: uint16(len(pkt)),
-			TTL:         64,
-			Protocol:    uint8(header.UDPProtocolNumber),
-			SrcAddr:     src,
-			DstAddr:     dst,
-		})
-		ip.SetChecksum(^ip.CalculateChecksum())
-	} else {
-		header.IPv6(pkt).Encode(&header.IPv6Fields{
-			PayloadLength:     uint16(len(udp)),
-			TransportProtocol: header.UDPProtocolNumber,
-			HopLimit:          64,
-			SrcAddr:           src,
-			DstAddr:           dst,
-		})
-	}
-	xsum := header.PseudoHeaderChecksum(header.UDPProtocolNumber, src, dst, uint16(len(udp)))
-	xsum = checksum.Checksum(udp.Payload(), xsum)
-	c := ^udp.CalculateChecksum(xsum)
-	if c == 0 {
-		c = 0xffff // zero means "no checksum"
-	}
-	udp.SetChecksum(c)
-	return filter.Packet{
-		Version: version, Proto: filter.ProtoUDP,
-		Src: k.Dst.Addr(), Dst: k.Src.Addr(), SrcPort: k.Dst.Port(), DstPort: k.Src.Port(),
-		IPHeaderLen: ipLen, PayloadLen: len(udp) - header.UDPMinimumSize, Len: len(pkt),
-	}
 }
