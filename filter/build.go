@@ -43,7 +43,7 @@ func BuildUDP(out []byte, src, dst netip.AddrPort, payloadLen int) (Packet, int)
 	}
 	p := packetOf(src.Addr(), dst.Addr(), ProtoUDP, udpHeaderLen, payloadLen)
 	p.SrcPort, p.DstPort = src.Port(), dst.Port()
-	putIPHeader(out, p.Src, p.Dst, ProtoUDP, udpHeaderLen+payloadLen)
+	putIPHeader(out, p.Src, p.Dst, ProtoUDP, udpHeaderLen+payloadLen, false)
 	u := out[hl:p.Len]
 	binary.BigEndian.PutUint16(u[0:2], p.SrcPort)
 	binary.BigEndian.PutUint16(u[2:4], p.DstPort)
@@ -75,10 +75,11 @@ func BuildICMP(out []byte, src, dst netip.Addr, typ, code uint8, rest uint32, bo
 	// first word, or after the second for echo messages.
 	p := packetOf(src, dst, proto, 4, 4+bodyLen)
 	p.ICMPType, p.ICMPCode = typ, code
-	if req, rep := p.icmpEcho(); req || rep {
+	req, rep := p.icmpEcho()
+	if req || rep {
 		p.SrcPort, p.PayloadLen = uint16(rest>>16), bodyLen
 	}
-	putIPHeader(out, src, dst, proto, icmpHeaderLen+bodyLen)
+	putIPHeader(out, src, dst, proto, icmpHeaderLen+bodyLen, !req && !rep)
 	m := out[hl:p.Len]
 	m[0], m[1], m[2], m[3] = typ, code, 0, 0
 	binary.BigEndian.PutUint32(m[4:8], rest)
@@ -116,7 +117,7 @@ func buildTCP(out []byte, src, dst netip.AddrPort, seq, ack uint32, flags uint8)
 	p := packetOf(src.Addr(), dst.Addr(), ProtoTCP, tcpHeaderLen, 0)
 	p.SrcPort, p.DstPort = src.Port(), dst.Port()
 	p.TCPSeq, p.TCPAck, p.TCPFlags = seq, ack, flags
-	putIPHeader(out, p.Src, p.Dst, ProtoTCP, tcpHeaderLen)
+	putIPHeader(out, p.Src, p.Dst, ProtoTCP, tcpHeaderLen, true)
 	t := out[hl:p.Len]
 	binary.BigEndian.PutUint16(t[0:2], p.SrcPort)
 	binary.BigEndian.PutUint16(t[2:4], p.DstPort)
@@ -157,10 +158,13 @@ func packetOf(src, dst netip.Addr, proto uint8, thl, plen int) Packet {
 // putIPHeader writes an IPv4 (with checksum) or IPv6 header without options
 // for a payload of plen bytes, of src's family.
 //
-// IPv4 packets carry DF and identification 0: RFC 6864 allows a constant
-// identification only in datagrams that are never fragmented, and Linux
-// sets DF on what it sends with path MTU discovery on (its default).
-func putIPHeader(out []byte, src, dst netip.Addr, proto uint8, plen int) {
+// IPv4 identification is 0. What tunfw says itself (resets, ICMP errors:
+// small) carries DF, as RFC 6864 wants of a constant identification.
+// Relayed payloads (UDP replies, echo replies) do not (df false): in
+// gateway mode the kernel forwards them to links of a smaller MTU, and a
+// large reply (a 4 KB DNS answer the server sent in fragments) must be
+// fragmented there, not dropped.
+func putIPHeader(out []byte, src, dst netip.Addr, proto uint8, plen int, df bool) {
 	if src.Is6() {
 		h := out[:40]
 		h[0], h[1], h[2], h[3] = 0x60, 0, 0, 0
@@ -175,7 +179,10 @@ func putIPHeader(out []byte, src, dst netip.Addr, proto uint8, plen int) {
 	h[0], h[1] = 0x45, 0
 	binary.BigEndian.PutUint16(h[2:4], uint16(20+plen))
 	h[4], h[5] = 0, 0
-	h[6], h[7] = 0x40, 0
+	h[6], h[7] = 0, 0
+	if df {
+		h[6] = 0x40
+	}
 	h[8], h[9] = replyTTL, proto
 	h[10], h[11] = 0, 0
 	s, d := src.As4(), dst.As4()

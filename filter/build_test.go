@@ -13,9 +13,16 @@ import (
 
 func gv(a netip.Addr) tcpip.Address { return tcpip.AddrFromSlice(a.AsSlice()) }
 
+func dfFlag(df bool) uint8 {
+	if df {
+		return header.IPv4FlagDontFragment
+	}
+	return 0
+}
+
 // refIP writes with gVisor's encoder the IP header the builders should
-// write: TTL 64, and for IPv4 DF with identification 0.
-func refIP(b []byte, src, dst netip.Addr, proto uint8, plen int) int {
+// write: TTL 64, and for IPv4 identification 0, DF when df.
+func refIP(b []byte, src, dst netip.Addr, proto uint8, plen int, df bool) int {
 	if src.Is6() {
 		header.IPv6(b).Encode(&header.IPv6Fields{
 			PayloadLength: uint16(plen), TransportProtocol: tcpip.TransportProtocolNumber(proto), HopLimit: 64,
@@ -25,7 +32,7 @@ func refIP(b []byte, src, dst netip.Addr, proto uint8, plen int) int {
 	}
 	ip := header.IPv4(b)
 	ip.Encode(&header.IPv4Fields{
-		TotalLength: uint16(header.IPv4MinimumSize + plen), Flags: header.IPv4FlagDontFragment, TTL: 64,
+		TotalLength: uint16(header.IPv4MinimumSize + plen), Flags: dfFlag(df), TTL: 64,
 		Protocol: proto, SrcAddr: gv(src), DstAddr: gv(dst),
 	})
 	ip.SetChecksum(^ip.CalculateChecksum())
@@ -34,7 +41,7 @@ func refIP(b []byte, src, dst netip.Addr, proto uint8, plen int) int {
 
 // refUDP builds with gVisor's encoders the datagram BuildUDP should.
 func refUDP(b []byte, src, dst netip.AddrPort, n int) int {
-	hl := refIP(b, src.Addr(), dst.Addr(), ProtoUDP, 8+n)
+	hl := refIP(b, src.Addr(), dst.Addr(), ProtoUDP, 8+n, false)
 	u := header.UDP(b[hl : hl+8+n])
 	u.Encode(&header.UDPFields{SrcPort: src.Port(), DstPort: dst.Port(), Length: uint16(len(u))})
 	x := header.PseudoHeaderChecksum(header.UDPProtocolNumber, gv(src.Addr()), gv(dst.Addr()), uint16(len(u)))
@@ -52,7 +59,8 @@ func refICMP(b []byte, src, dst netip.Addr, typ, code uint8, rest uint32, n int)
 	if src.Is6() {
 		proto = uint8(header.ICMPv6ProtocolNumber)
 	}
-	hl := refIP(b, src, dst, proto, 8+n)
+	echo := typ == 0 || typ == 8 || typ == 128 || typ == 129
+	hl := refIP(b, src, dst, proto, 8+n, !echo)
 	m := b[hl : hl+8+n]
 	m[0], m[1] = typ, code
 	binary.BigEndian.PutUint32(m[4:8], rest)
@@ -69,7 +77,7 @@ func refICMP(b []byte, src, dst netip.Addr, typ, code uint8, rest uint32, n int)
 
 // refTCP builds with gVisor's encoders the segment buildTCP should.
 func refTCP(b []byte, src, dst netip.AddrPort, seq, ack uint32, flags uint8) int {
-	hl := refIP(b, src.Addr(), dst.Addr(), ProtoTCP, 20)
+	hl := refIP(b, src.Addr(), dst.Addr(), ProtoTCP, 20, true)
 	t := header.TCP(b[hl : hl+20])
 	t.Encode(&header.TCPFields{
 		SrcPort: src.Port(), DstPort: dst.Port(), SeqNum: seq, AckNum: ack,
@@ -97,7 +105,9 @@ func checkBuilt(t *testing.T, b []byte, desc Packet) {
 	src, dst := gv(p.Src), gv(p.Dst)
 	if p.Version == 4 {
 		h := header.IPv4(b)
-		if !h.IsValid(len(b)) || !h.IsChecksumValid() || h.TTL() != 64 || h.Flags() != header.IPv4FlagDontFragment {
+		req, rep := p.icmpEcho()
+		wantDF := p.Proto != ProtoUDP && !req && !rep // what tunfw says itself, not what it relays
+		if !h.IsValid(len(b)) || !h.IsChecksumValid() || h.TTL() != 64 || h.Flags() != dfFlag(wantDF) {
 			t.Fatalf("bad IPv4 header % x", b[:20])
 		}
 	} else if h := header.IPv6(b); !h.IsValid(len(b)) || h.HopLimit() != 64 {
