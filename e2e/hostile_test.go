@@ -225,8 +225,9 @@ func (e *floodEnv) sample(t *testing.T) *sampler {
 func (s *sampler) end() { close(s.stop); <-s.done }
 
 // runFlood measures the transfer before and during flood (which runs for a
-// bounded time), and checks memory, the flow table and pending dials.
-func (e *floodEnv) runFlood(t *testing.T, name string, flood func(stop <-chan struct{}) int) {
+// bounded time), and checks memory, the flow table and pending dials. It
+// returns the most flows the table held while the flood ran (sampled).
+func (e *floodEnv) runFlood(t *testing.T, name string, flood func(stop <-chan struct{}) int) (peakFlows int) {
 	tr := startTransfer(t, e.topo.Host, netip.AddrPortFrom(e.svc, 9100))
 	time.Sleep(300 * time.Millisecond) // past slow start
 	before := tr.rate(time.Second)
@@ -263,6 +264,7 @@ func (e *floodEnv) runFlood(t *testing.T, name string, flood func(stop <-chan st
 	if smp.peakSynOut > floodMaxPending {
 		t.Errorf("%d dials pending at once, max_pending_dials is %d", smp.peakSynOut, floodMaxPending)
 	}
+	return smp.peakFlows
 }
 
 // waitProgress waits up to d for the transfer to pass mark bytes and
@@ -664,7 +666,7 @@ func TestFloodUDP(t *testing.T) {
 	raw := newRawSender(t, e.topo.Host)
 	before := statsOf(t, e.cfg)
 	payload := bytes.Repeat([]byte("u"), 200)
-	e.runFlood(t, "UDP flood", func(stop <-chan struct{}) int {
+	peak := e.runFlood(t, "UDP flood", func(stop <-chan struct{}) int {
 		return paced(stop, 30000, func(i int) error {
 			dst := e.svc
 			if i%2 == 1 {
@@ -677,18 +679,13 @@ func TestFloodUDP(t *testing.T) {
 	if after.Drops["limit"] <= before.Drops["limit"] {
 		t.Errorf("drops.limit did not move: %d -> %d", before.Drops["limit"], after.Drops["limit"])
 	}
-	// Flows expire after udp_idle (4s), longer than the flood; the only
-	// ones that leave earlier are those the UDP forwarder turned away at
-	// their first datagram (openers busy, its own per-source or socket
-	// bound), which free their slot at once.
-	created := after.FlowsCreated - before.FlowsCreated
-	var left uint64
-	for _, k := range []string{"udp-open-busy", "udp-source-limit", "udp-socket-limit"} {
-		left += after.Drops[k] - before.Drops[k]
-	}
-	if held := created - min(left, created); held > floodMaxPerSource+10 {
-		t.Errorf("%d flows created during the flood and %d left at once: %d held, max_flows_per_source is %d",
-			created, left, held, floodMaxPerSource)
+	// The spoofed source never holds more than its share: the table
+	// (sampled while the flood ran) peaks at max_flows_per_source plus
+	// the transfer's flow. (Counting the flows created instead depends
+	// on timing: some leave early, turned away by the UDP forwarder, and
+	// on a loaded machine the first ones expire before the flood ends.)
+	if peak > floodMaxPerSource+1 {
+		t.Errorf("flow table peaked at %d flows during the UDP flood from one source, max_flows_per_source is %d", peak, floodMaxPerSource)
 	}
 	// udp_idle is 4s: the flood's flows and sockets go.
 	e.waitDrained(t, 8*time.Second, 1)
