@@ -23,7 +23,7 @@ type figDef struct {
 	latency          bool // also show tunfw - direct
 }
 
-var figDefs = append(hostFigDefs, gatewayFigDefs(hostFigDefs)...)
+var figDefs = slices.Concat(hostFigDefs, gatewayFigDefs(hostFigDefs))
 
 // hostFigDefs are the host-mode rows.
 var hostFigDefs = []figDef{
