@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -22,6 +23,7 @@ type modeCfg struct {
 	rounds                     int
 	bulk, conn, rr, udp, pause time.Duration
 	flows                      []int
+	gwFlows                    []int         // idle flows from the gateway client
 	flowLimit                  time.Duration // bound on opening one set of idle flows
 }
 
@@ -30,13 +32,15 @@ var modes = map[string]modeCfg{
 		name: "full", rounds: 3,
 		bulk: 5 * time.Second, conn: 4 * time.Second, rr: 3 * time.Second, udp: 4 * time.Second,
 		pause: 300 * time.Millisecond,
-		flows: []int{1000, 10000}, flowLimit: 90 * time.Second,
+		flows: []int{1000, 10000}, gwFlows: []int{1000, 10000}, flowLimit: 90 * time.Second,
 	},
 	"smoke": {
 		name: "smoke", rounds: 1,
 		bulk: 1500 * time.Millisecond, conn: time.Second, rr: time.Second, udp: time.Second,
 		pause: 100 * time.Millisecond,
-		flows: []int{1000, 10000}, flowLimit: 30 * time.Second,
+		// 1,000 gateway flows prove the path; 10,000 more would cost
+		// a fresh tunfw and ~10s for a figure the host row already has.
+		flows: []int{1000, 10000}, gwFlows: []int{1000}, flowLimit: 30 * time.Second,
 	},
 }
 
@@ -46,11 +50,29 @@ type bench struct {
 	m     modeCfg
 	topo  *netnstest.Topology
 	bin   string
-	cfg   string
-	fw    *tunfwProc
+	fw    *tunfwProc // the tunfw of the workloads running now
+	ph    *phase     // the phase running now
 	res   *results
 	runID atomic.Uint64
 }
+
+// phase is one way of running tunfw and its workloads: host mode (the
+// clients in tunfw's own namespace, the service prefix routed into the
+// TUN) or gateway mode (the clients in a namespace routed through
+// tunfw's, captured with [route] from).
+type phase struct {
+	name      string // for messages
+	prefix    string // of its figure keys and ids: "" or "gw-"
+	cfg       string // tunfw config file
+	paths     [2]path
+	workloads []workload
+	flows     []int
+	// check verifies the routes of paths once tunfw is up.
+	check func(t *testing.T)
+}
+
+// flowsID is the TUNFW_BENCH_ONLY id of the phase's idle-flow counts.
+func (ph *phase) flowsID() string { return ph.prefix + "flows" }
 
 // workload is one measured thing, run on both paths unless flows.
 type workload struct {
@@ -76,8 +98,7 @@ func bulkWorkload(id string, streams int, up bool) workload {
 				return err
 			}
 			b.res.add("cpu-"+id, p, (cpu1-cpu0)/(float64(r.bytes)/1e9))
-			b.res.cpuSecs += cpu1 - cpu0
-			b.res.cpuBytes += r.bytes
+			b.res.addCPU(b.ph.prefix+"cpu-all", cpu1-cpu0, r.bytes)
 		}
 		return nil
 	}}
@@ -100,6 +121,19 @@ func connWorkload(id string, port, conc int) workload {
 	}}
 }
 
+func rrWorkload(id string) workload {
+	return workload{id: id, keys: []string{id + "-p50", id + "-p99", id + "-rate"}, run: func(b *bench, p path) error {
+		r, err := b.requestResponse(p, b.m.rr)
+		if err != nil {
+			return err
+		}
+		b.res.add(id+"-p50", p, us(r.p50))
+		b.res.add(id+"-p99", p, us(r.p99))
+		b.res.add(id+"-rate", p, r.rate)
+		return nil
+	}}
+}
+
 func udpWorkload(id string, up bool) workload {
 	return workload{id: id, keys: []string{id + "-loss", id + "-rx"}, run: func(b *bench, p path) error {
 		var r udpResult
@@ -118,6 +152,7 @@ func udpWorkload(id string, up bool) workload {
 	}}
 }
 
+// workloads run in host mode.
 var workloads = []workload{
 	bulkWorkload("tcp1-c2s", 1, true),
 	bulkWorkload("tcp1-s2c", 1, false),
@@ -128,18 +163,21 @@ var workloads = []workload{
 	// The same through a rule by name: tunfw completes the handshake,
 	// reads the first 64 bytes (no name in them), decides, then dials.
 	connWorkload("conn-peek", portPeek, 1),
-	{id: "rr", keys: []string{"rr-p50", "rr-p99", "rr-rate"}, run: func(b *bench, p path) error {
-		r, err := b.requestResponse(p, b.m.rr)
-		if err != nil {
-			return err
-		}
-		b.res.add("rr-p50", p, us(r.p50))
-		b.res.add("rr-p99", p, us(r.p99))
-		b.res.add("rr-rate", p, r.rate)
-		return nil
-	}},
+	rrWorkload("rr"),
 	udpWorkload("udp-c2s", true),
 	udpWorkload("udp-s2c", false),
+}
+
+// gwWorkloads run in gateway mode: the same workloads from the gateway
+// client, one of each row issue 14 asks for.
+var gwWorkloads = []workload{
+	bulkWorkload("gw-tcp1-c2s", 1, true),
+	bulkWorkload("gw-tcp1-s2c", 1, false),
+	connWorkload("gw-conn-seq", portCRR, 1),
+	connWorkload("gw-conn-32", portCRR, 32),
+	rrWorkload("gw-rr"),
+	udpWorkload("gw-udp-c2s", true),
+	udpWorkload("gw-udp-s2c", false),
 }
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
@@ -196,7 +234,7 @@ func TestBench(t *testing.T) {
 			t.Fatalf("TUNFW_BENCH_MTU=%q: %v", s, err)
 		}
 	}
-	cfgText := benchConfig(mtu)
+	cfgText := benchConfig(mtu, "")
 	if p := os.Getenv("TUNFW_BENCH_CONFIG"); p != "" {
 		data, err := os.ReadFile(p)
 		if err != nil {
@@ -205,109 +243,45 @@ func TestBench(t *testing.T) {
 		cfgText = string(data)
 	}
 	cfgDir := t.TempDir()
-	if !strings.Contains(cfgText, "[control]") {
-		// Our own control socket, never the machine's default one.
-		cfgText += fmt.Sprintf("\n[control]\nsocket = %q\n", filepath.Join(cfgDir, "tunfw.sock"))
-	}
-	b.cfg = filepath.Join(cfgDir, "config.toml")
-	if err := os.WriteFile(b.cfg, []byte(cfgText), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	b.res.config = cfgText
 
 	b.topo = netnstest.NewTopology(t)
+	host := &phase{name: "host", cfg: writeConfig(t, cfgDir, "config.toml", cfgText), workloads: workloads, flows: m.flows,
+		paths: [2]path{{"tunfw", b.topo.ServiceV4, b.topo.Host}, {"direct", b.topo.ServerV4, b.topo.Host}}}
+	host.check = func(t *testing.T) { checkRoutes(t, b.topo.Host, host.paths, b.topo.HostIf) }
+	b.res.config = readFile(t, host.cfg)
+	phases := []*phase{host}
+	gwWanted := slices.ContainsFunc(gwWorkloads, func(w workload) bool { return selected(w.id) }) || selected("gw-flows")
+	if gwWanted {
+		phases = append(phases, b.gatewayPhase(cfgDir, mtu))
+	}
 	startServers(t, b.topo.Server, []netip.Addr{b.topo.ServiceV4, b.topo.ServerV4})
-	paths := [2]path{{"tunfw", b.topo.ServiceV4}, {"direct", b.topo.ServerV4}}
 
-	// Throughput, rates and latency: one tunfw for all rounds.
-	b.fw = startTunfw(t, b.topo.Host, b.bin, b.cfg)
-	checkRoutes(t, b.topo, paths)
-	time.Sleep(time.Second)
-	if rss, _, err := procRSS(b.fw.pid); err == nil {
-		b.res.add("rss-start", paths[0], float64(rss)/1024)
-	}
 	var expected []string
-	for _, w := range workloads {
-		if selected(w.id) {
-			expected = append(expected, w.keys...)
+	for _, ph := range phases {
+		for _, w := range ph.workloads {
+			if selected(w.id) {
+				expected = append(expected, w.keys...)
+			}
+		}
+		if selected(ph.flowsID()) {
+			expected = append(expected, ph.prefix+"rss-start")
+			for _, n := range ph.flows {
+				expected = append(expected, flowKey(ph.prefix, n))
+			}
 		}
 	}
-	if selected("flows") {
-		expected = append(expected, "rss-start")
-		for _, n := range m.flows {
-			expected = append(expected, flowKey(n))
-		}
-	}
+	var logs []string
 	runStart := time.Now()
-	for round := 0; round < m.rounds; round++ {
-		for _, w := range workloads {
-			if !selected(w.id) {
-				continue
-			}
-			order := paths
-			if round%2 == 1 {
-				order = [2]path{paths[1], paths[0]}
-			}
-			for _, p := range order {
-				if b.outOfTime() {
-					b.res.problem("%s round %d via %s: skipped, test deadline near", w.id, round+1, p.name)
-					continue
-				}
-				if b.fw.exited() {
-					t.Fatalf("tunfw exited during the run (%v):\n%s", b.fw.err, b.fw.log())
-				}
-				t0 := time.Now()
-				err := w.run(b, p)
-				if err != nil {
-					b.res.problem("%s round %d via %s: %v", w.id, round+1, p.name, err)
-				}
-				fmt.Printf("[%6.1fs] round %d/%d %-9s %-6s %s\n", time.Since(runStart).Seconds(), round+1, m.rounds,
-					w.id, p.name, b.res.lastOf(w.keys, p, err, time.Since(t0)))
-				time.Sleep(m.pause)
-			}
+	for _, ph := range phases {
+		if slices.ContainsFunc(ph.workloads, func(w workload) bool { return selected(w.id) }) || selected(ph.flowsID()) {
+			logs = append(logs, b.runWorkloads(ph, selected, runStart)...)
 		}
 	}
-	if rss, hwm, err := procRSS(b.fw.pid); err == nil {
-		b.res.add("rss-end", paths[0], float64(rss)/1024)
-		b.res.add("hwm-end", paths[0], float64(hwm)/1024)
-	}
-	if b.res.cpuBytes > 0 {
-		b.res.add("cpu-all", paths[0], b.res.cpuSecs/(float64(b.res.cpuBytes)/1e9))
-	}
-	b.res.tunfwLog = append(b.res.tunfwLog, b.fw.notable()...)
-	stats := b.tunfwStats()
-	b.res.tunfwStats = stats
-	logs := []string{"### tunfw for the workloads\n" + b.fw.log(), "### tunfw stats after the workloads\n" + stats}
-	t0 := time.Now()
-	if err := b.fw.stop(20 * time.Second); err != nil {
-		b.res.problem("tunfw stop after the workloads: %v", err)
-	}
-	fmt.Printf("tunfw stopped in %v\n", time.Since(t0).Round(time.Millisecond))
-
 	// Memory per idle flow: a fresh tunfw for each count, so one does not
 	// inherit the other's (or the throughput runs') heap.
-	if selected("flows") {
-		for _, n := range m.flows {
-			if b.outOfTime() {
-				b.res.problem("flows %d: skipped, test deadline near", n)
-				continue
-			}
-			fw := startTunfw(t, b.topo.Host, b.bin, b.cfg)
-			r, err := b.idleFlows(fw, paths[0], n, m.flowLimit)
-			if err != nil {
-				b.res.problem("flows %d: %v", n, err)
-			}
-			if r.opened > 0 && r.rssAfter > 0 {
-				b.res.add(flowKey(n), paths[0], float64(r.rssAfter-r.rssBefore)/float64(r.opened))
-				b.res.flows = append(b.res.flows, flowsJSON{Flows: n, Opened: r.opened, RSSBeforeKiB: r.rssBefore,
-					RSSAfterKiB: r.rssAfter, OpenSeconds: r.openSecs, Errors: r.errors, FirstError: r.firstErr})
-			}
-			fmt.Printf("flows %5d: opened %d in %.1fs, tunfw RSS %d -> %d KiB\n", n, r.opened, r.openSecs, r.rssBefore, r.rssAfter)
-			b.res.tunfwLog = append(b.res.tunfwLog, fw.notable()...)
-			if err := fw.stop(30 * time.Second); err != nil {
-				b.res.problem("tunfw stop after %d idle flows: %v", n, err)
-			}
-			logs = append(logs, fmt.Sprintf("### tunfw for %d idle flows\n%s", n, fw.log()))
+	for _, ph := range phases {
+		if selected(ph.flowsID()) {
+			logs = append(logs, b.runFlows(ph)...)
 		}
 	}
 
@@ -336,17 +310,160 @@ func TestBench(t *testing.T) {
 	}
 }
 
-// tunfwStats returns `tunfw stats` of the running tunfw (drops by reason),
-// or the error.
-func (b *bench) tunfwStats() string {
-	out, err := b.topo.Host.Cmd(b.bin, "stats", "-c", b.cfg).CombinedOutput()
+// gatewayPhase adds the gateway client to the topology and returns the
+// gateway-mode phase: tunfw with [route] from = [the client's link],
+// capturing what the client sends to the service prefix.
+//
+// Its direct path is the same three namespaces with the kernel forwarding
+// the client's packets to the server's veth address (the server gets a
+// route back to the client's subnet; tunfw's own connections come from
+// the host's address and need none). It runs against the same tunfw
+// process, alternating with the tunfw path sample by sample as the host
+// rows do: stopping tunfw for each direct sample would cost seconds each
+// time and measure a fresh tunfw on the tunfw path. What a running tunfw
+// adds to the direct path is its nftables source check and forward chain
+// on the client's packets, a few rule evaluations a packet: the direct
+// path is the kernel's route as it is while tunfw runs, which is the
+// choice a user has.
+func (b *bench) gatewayPhase(cfgDir string, mtu int) *phase {
+	t, topo := b.t, b.topo
+	gw := topo.AddGatewayClient(t)
+	topo.Server.Run(t, "ip", "route", "add", gw.Prefix4.String(), "via", topo.HostV4.String(), "dev", topo.ServerIf)
+	ph := &phase{name: "gateway", prefix: "gw-", workloads: gwWorkloads, flows: b.m.gwFlows,
+		cfg:   writeConfig(t, cfgDir, "gateway.toml", benchConfig(mtu, gw.HostIf)),
+		paths: [2]path{{"tunfw", topo.ServiceV4, gw.NS}, {"direct", topo.ServerV4, gw.NS}}}
+	b.res.gwConfig = readFile(t, ph.cfg)
+	ph.check = func(t *testing.T) {
+		checkRoutes(t, topo.Host, ph.paths, topo.HostIf, "from", gw.ClientV4.String(), "iif", gw.HostIf)
+	}
+	return ph
+}
+
+// writeConfig writes text to dir/name, with a control socket of its own
+// next to it unless text has a [control] section, and returns the path.
+func writeConfig(t *testing.T, dir, name, text string) string {
+	if !strings.Contains(text, "[control]") {
+		// Our own control socket, never the machine's default one.
+		sock := filepath.Join(dir, strings.TrimSuffix(name, filepath.Ext(name))+".sock")
+		text += fmt.Sprintf("\n[control]\nsocket = %q\n", sock)
+	}
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func readFile(t *testing.T, p string) string {
+	data, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(data)
+}
+
+// runWorkloads runs ph's selected workloads on one tunfw for all rounds,
+// alternating its two paths, and returns tunfw's log and stats.
+func (b *bench) runWorkloads(ph *phase, selected func(string) bool, runStart time.Time) []string {
+	t, m := b.t, b.m
+	b.ph = ph
+	b.fw = startTunfw(t, b.topo.Host, b.bin, ph.cfg)
+	ph.check(t)
+	time.Sleep(time.Second)
+	if rss, _, err := procRSS(b.fw.pid); err == nil {
+		b.res.add(ph.prefix+"rss-start", ph.paths[0], float64(rss)/1024)
+	}
+	for round := 0; round < m.rounds; round++ {
+		for _, w := range ph.workloads {
+			if !selected(w.id) {
+				continue
+			}
+			order := ph.paths
+			if round%2 == 1 {
+				order = [2]path{ph.paths[1], ph.paths[0]}
+			}
+			for _, p := range order {
+				if b.outOfTime() {
+					b.res.problem("%s round %d via %s: skipped, test deadline near", w.id, round+1, p.name)
+					continue
+				}
+				if b.fw.exited() {
+					t.Fatalf("tunfw exited during the run (%v):\n%s", b.fw.err, b.fw.log())
+				}
+				t0 := time.Now()
+				err := w.run(b, p)
+				if err != nil {
+					b.res.problem("%s round %d via %s: %v", w.id, round+1, p.name, err)
+				}
+				fmt.Printf("[%6.1fs] round %d/%d %-11s %-6s %s\n", time.Since(runStart).Seconds(), round+1, m.rounds,
+					w.id, p.name, b.res.lastOf(w.keys, p, err, time.Since(t0)))
+				time.Sleep(m.pause)
+			}
+		}
+	}
+	if rss, hwm, err := procRSS(b.fw.pid); err == nil {
+		b.res.add(ph.prefix+"rss-end", ph.paths[0], float64(rss)/1024)
+		b.res.add(ph.prefix+"hwm-end", ph.paths[0], float64(hwm)/1024)
+	}
+	b.res.finishCPU(ph.prefix+"cpu-all", ph.paths[0])
+	b.res.tunfwLog = append(b.res.tunfwLog, b.fw.notable()...)
+	stats := b.tunfwStats(ph.cfg)
+	if ph.prefix == "" {
+		b.res.tunfwStats = stats
+	} else {
+		b.res.tunfwStats += fmt.Sprintf("\n### %s mode\n%s", ph.name, stats)
+	}
+	logs := []string{fmt.Sprintf("### tunfw for the %s-mode workloads\n%s", ph.name, b.fw.log()),
+		fmt.Sprintf("### tunfw stats after the %s-mode workloads\n%s", ph.name, stats)}
+	t0 := time.Now()
+	if err := b.fw.stop(20 * time.Second); err != nil {
+		b.res.problem("tunfw stop after the %s-mode workloads: %v", ph.name, err)
+	}
+	fmt.Printf("tunfw (%s mode) stopped in %v\n", ph.name, time.Since(t0).Round(time.Millisecond))
+	return logs
+}
+
+// runFlows measures tunfw's memory per idle flow for each of ph's counts,
+// each on a fresh tunfw, and returns tunfw's logs.
+func (b *bench) runFlows(ph *phase) []string {
+	t := b.t
+	var logs []string
+	for _, n := range ph.flows {
+		if b.outOfTime() {
+			b.res.problem("%s %d: skipped, test deadline near", ph.flowsID(), n)
+			continue
+		}
+		fw := startTunfw(t, b.topo.Host, b.bin, ph.cfg)
+		r, err := b.idleFlows(fw, ph.paths[0], n, b.m.flowLimit)
+		if err != nil {
+			b.res.problem("%s %d: %v", ph.flowsID(), n, err)
+		}
+		if r.opened > 0 && r.rssAfter > 0 {
+			b.res.add(flowKey(ph.prefix, n), ph.paths[0], float64(r.rssAfter-r.rssBefore)/float64(r.opened))
+			b.res.flows = append(b.res.flows, flowsJSON{Mode: ph.name, Flows: n, Opened: r.opened, RSSBeforeKiB: r.rssBefore,
+				RSSAfterKiB: r.rssAfter, OpenSeconds: r.openSecs, Errors: r.errors, FirstError: r.firstErr})
+		}
+		fmt.Printf("%-8s %5d: opened %d in %.1fs, tunfw RSS %d -> %d KiB\n", ph.flowsID(), n, r.opened, r.openSecs, r.rssBefore, r.rssAfter)
+		b.res.tunfwLog = append(b.res.tunfwLog, fw.notable()...)
+		if err := fw.stop(30 * time.Second); err != nil {
+			b.res.problem("tunfw stop after %d idle flows (%s mode): %v", n, ph.name, err)
+		}
+		logs = append(logs, fmt.Sprintf("### tunfw for %d idle flows, %s mode\n%s", n, ph.name, fw.log()))
+	}
+	return logs
+}
+
+// tunfwStats returns `tunfw stats` of the running tunfw of config cfg
+// (drops by reason), or the error.
+func (b *bench) tunfwStats(cfg string) string {
+	out, err := b.topo.Host.Cmd(b.bin, "stats", "-c", cfg).CombinedOutput()
 	if err != nil {
 		return fmt.Sprintf("tunfw stats: %v: %s", err, out)
 	}
 	return string(out)
 }
 
-func flowKey(n int) string { return fmt.Sprintf("flows-%d", n) }
+func flowKey(prefix string, n int) string { return fmt.Sprintf("%sflows-%d", prefix, n) }
 
 // outOfTime reports whether the go test deadline is less than 2 minutes
 // away: a test killed by -timeout skips its cleanups and leaves namespaces.
@@ -373,12 +490,13 @@ func raiseNoFile(t *testing.T, n uint64) {
 	t.Cleanup(func() { syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old) })
 }
 
-// checkRoutes makes sure each path goes where it should: the service
-// address into the TUN, the veth address not.
-func checkRoutes(t *testing.T, topo *netnstest.Topology, paths [2]path) {
+// checkRoutes makes sure each path goes where it should, asking the
+// routing of ns (`ip route get DST how...`): the service address into the
+// TUN, the veth address out of uplink.
+func checkRoutes(t *testing.T, ns *netnstest.NS, paths [2]path, uplink string, how ...string) {
 	for _, p := range paths {
-		out := topo.Host.Run(t, "ip", "route", "get", p.dst.String())
-		viaVeth := strings.Contains(out, "dev "+topo.HostIf+" ")
+		out := ns.Run(t, append([]string{"ip", "route", "get", p.dst.String()}, how...)...)
+		viaVeth := strings.Contains(out, "dev "+uplink+" ")
 		if p.tunfw() == viaVeth {
 			t.Fatalf("path %s: route to %s is not what the benchmark needs: %s", p.name, p.dst, strings.TrimSpace(out))
 		}

@@ -8,6 +8,18 @@
 // not routed into the TUN), alternating, several rounds. The load
 // generator and the servers are pure Go, in the test process.
 //
+// Gateway mode (the gw- workloads) measures the way containers use tunfw:
+// a third namespace, the gateway client, sits behind a veth link of MTU
+// 1500 to the client namespace, which forwards for it (ip_forward there
+// only) and runs a tunfw of its own with [route] from = [that link]. Its
+// tunfw path is the service address, captured into the TUN; its direct
+// path is the server's veth address, forwarded by the kernel (the server
+// has a route back to the gateway client's subnet), measured against the
+// same running tunfw. The gateway tunfw runs after the host-mode one has
+// stopped, with the generated config plus from (also when
+// TUNFW_BENCH_CONFIG is set), so the gw- rows compare with their own
+// direct column, not with the host-mode rows' samples.
+//
 // It runs only when asked to:
 //
 //	TUNFW_BENCH=full  go test -v -count=1 -timeout 30m -run '^TestBench$' ./bench/   (make bench)
@@ -20,16 +32,20 @@
 //	                    path is taken from the module root). A table
 //	                    is written next to it with the extension .txt.
 //	TUNFW_BENCH_ROUNDS  number of rounds (default 3 full, 1 smoke)
-//	TUNFW_BENCH_ONLY    comma-separated workload ids to run (tcp1-c2s,
-//	                    tcp1-s2c, tcp4-c2s, tcp4-s2c, conn-seq, conn-peek, conn-32, rr,
-//	                    udp-c2s, udp-s2c, flows)
+//	TUNFW_BENCH_ONLY    comma-separated workload ids to run: host mode
+//	                    tcp1-c2s, tcp1-s2c, tcp4-c2s, tcp4-s2c, conn-seq,
+//	                    conn-peek, conn-32, rr, udp-c2s, udp-s2c, flows;
+//	                    gateway mode gw-tcp1-c2s, gw-tcp1-s2c, gw-conn-seq,
+//	                    gw-conn-32, gw-rr, gw-udp-c2s, gw-udp-s2c, gw-flows
+//	                    (the gateway client is only built when one of
+//	                    these runs)
 //	TUNFW_BENCH_MTU     TUN MTU of the generated config (default: tunfw's, 65520)
 //	TUNFW_BENCH_LOG_LEVEL  --log-level for tunfw (default: tunfw's, info)
 //	TUNFW_BENCH_TUNFW_ENV  extra environment for tunfw, space-separated
 //	                    NAME=value pairs (e.g. GOMAXPROCS=1 GODEBUG=...)
 //	TUNFW_BENCH_CONFIG  use this tunfw config file instead of the generated
-//	                    one; it must route 203.0.113.0/24 into the TUN and
-//	                    allow TCP and UDP to 203.0.113.10.
+//	                    one in host mode; it must route 203.0.113.0/24 into
+//	                    the TUN and allow TCP and UDP to 203.0.113.10.
 //
 // Results go to stdout as a table (run go test with -v to see it) and to
 // the JSON file, with the date, the machine (cores, kernel, load average)
@@ -42,7 +58,8 @@
 // blocking step, and 10,000 flows need more descriptors than one process
 // may have. Memory per idle flow is measured on a fresh tunfw for each
 // count: VmRSS after opening the flows (each with one 1-byte echo, then 2s
-// idle) minus VmRSS before, over the number of flows.
+// idle) minus VmRSS before, over the number of flows. Gateway mode
+// measures 1,000 and 10,000 flows too, in smoke mode 1,000 only.
 //
 // The figures are only as steady as the machine: other work on it (also
 // in other containers on the same kernel) shows in the load average

@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tunfw/tunfw/internal/netnstest"
 )
 
 // Some client-side load runs in a helper process: this test binary run
@@ -32,12 +34,13 @@ type helperProc struct {
 	exited chan error
 }
 
-func (b *bench) startHelper(kind string, params map[string]string) (*helperProc, error) {
+// startHelper runs a helper of kind in ns.
+func (b *bench) startHelper(ns *netnstest.NS, kind string, params map[string]string) (*helperProc, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
-	cmd := b.topo.Host.Cmd(self, "-test.run=^TestBenchHelper$", "-test.count=1", "-test.timeout=10m")
+	cmd := ns.Cmd(self, "-test.run=^TestBenchHelper$", "-test.count=1", "-test.timeout=10m")
 	cmd.Env = append(os.Environ(), "TUNFW_BENCH=", "TUNFW_BENCH_HELPER="+kind)
 	for k, v := range params {
 		cmd.Env = append(cmd.Env, "TUNFW_BENCH_HELPER_"+k+"="+v)
@@ -194,9 +197,10 @@ type flowsResult struct {
 	firstErr            string
 }
 
-// idleFlows opens n TCP connections through tunfw to the echo server, with
-// one 1-byte echo on each, waits 2s, and reads tunfw's RSS. The connections
-// are closed before it returns. Opening is bounded by limit.
+// idleFlows opens n TCP connections from p's client namespace through
+// tunfw to the echo server, with one 1-byte echo on each, waits 2s, and
+// reads tunfw's RSS. The connections are closed before it returns. Opening
+// is bounded by limit.
 //
 // The client ends live in a helper process: the server ends alone nearly
 // fill this process's open-file limit, which a container may not let the
@@ -208,7 +212,7 @@ func (b *bench) idleFlows(fw *tunfwProc, p path, n int, limit time.Duration) (fl
 	if r.rssBefore, _, err = procRSS(fw.pid); err != nil {
 		return r, err
 	}
-	h, err := b.startHelper("flows", map[string]string{
+	h, err := b.startHelper(p.client, "flows", map[string]string{
 		"ADDR": p.addr(portEcho), "N": strconv.Itoa(n), "LIMIT": strconv.FormatInt(int64(limit), 10),
 	})
 	if err != nil {

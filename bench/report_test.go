@@ -23,7 +23,10 @@ type figDef struct {
 	latency          bool // also show tunfw - direct
 }
 
-var figDefs = []figDef{
+var figDefs = slices.Concat(hostFigDefs, gatewayFigDefs(hostFigDefs))
+
+// hostFigDefs are the host-mode rows.
+var hostFigDefs = []figDef{
 	{key: "tcp1-c2s", title: "TCP 1 stream client->server", unit: "Gbit/s", higherBetter: true},
 	{key: "tcp1-s2c", title: "TCP 1 stream server->client", unit: "Gbit/s", higherBetter: true},
 	{key: "tcp4-c2s", title: "TCP 4 streams client->server", unit: "Gbit/s", higherBetter: true},
@@ -59,6 +62,45 @@ var figDefs = []figDef{
 	{key: "flows-10000", title: "tunfw RSS per idle TCP flow, 10,000 flows", unit: "KiB", tunfwOnly: true},
 }
 
+// gwRows are the host-mode rows that gateway mode has too.
+var gwRows = []string{
+	"tcp1-c2s", "tcp1-s2c",
+	"conn-seq", "conn-seq-p50", "conn-seq-p99", "conn-seq-fail",
+	"conn-32", "conn-32-p50", "conn-32-p99", "conn-32-fail",
+	"rr-p50", "rr-p99", "rr-rate",
+	"udp-c2s-loss", "udp-c2s-rx", "udp-s2c-loss", "udp-s2c-rx",
+	"cpu-tcp1-c2s", "cpu-tcp1-s2c", "cpu-all",
+	"rss-start", "rss-end", "hwm-end",
+	"flows-1000", "flows-10000",
+}
+
+// gatewayFigDefs are the gateway-mode rows: each of gwRows under its
+// gateway key, titled "gateway:" (sub-rows keep their indent).
+func gatewayFigDefs(host []figDef) []figDef {
+	var out []figDef
+	for _, d := range host {
+		if !slices.Contains(gwRows, d.key) {
+			continue
+		}
+		d.key = gwKey(d.key)
+		if !strings.HasPrefix(d.title, "  ") {
+			d.title = "gateway: " + d.title
+		}
+		out = append(out, d)
+	}
+	return out
+}
+
+// gwKey is the gateway-mode key of a host-mode figure: "gw-" in front,
+// after "cpu-" for a bulk workload's CPU (bulkWorkload names it
+// "cpu-"+id).
+func gwKey(key string) string {
+	if rest, ok := strings.CutPrefix(key, "cpu-tcp"); ok {
+		return "cpu-gw-tcp" + rest
+	}
+	return "gw-" + key
+}
+
 func defOf(key string) figDef {
 	for _, d := range figDefs {
 		if d.key == key {
@@ -74,18 +116,48 @@ type results struct {
 	mode     string
 	rounds   int
 	config   string
+	gwConfig string                          // gateway mode's, if it ran
 	samples  map[string]map[string][]float64 // key -> path -> samples
 	problems []string
 	notes    []string
 	tunfwLog []string
 	flows    []flowsJSON
-	cpuSecs  float64
+	// cpu sums tunfw's CPU time and the bytes moved of the bulk runs, by
+	// the key of their overall figure (cpu-all, gw-cpu-all).
+	cpu map[string]cpuSum
 	// tunfwStats is `tunfw stats` after the workloads.
 	tunfwStats string
-	cpuBytes   int64
 }
 
-func newResults() *results { return &results{samples: map[string]map[string][]float64{}} }
+type cpuSum struct {
+	secs  float64
+	bytes int64
+}
+
+func newResults() *results {
+	return &results{samples: map[string]map[string][]float64{}, cpu: map[string]cpuSum{}}
+}
+
+// addCPU adds a bulk run's tunfw CPU time and bytes to the sum of key.
+func (r *results) addCPU(key string, secs float64, bytes int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	c := r.cpu[key]
+	c.secs += secs
+	c.bytes += bytes
+	r.cpu[key] = c
+}
+
+// finishCPU adds the figure key, CPU seconds per GB over the bulk runs
+// summed under key, if there were any.
+func (r *results) finishCPU(key string, p path) {
+	r.mu.Lock()
+	c := r.cpu[key]
+	r.mu.Unlock()
+	if c.bytes > 0 {
+		r.add(key, p, c.secs/(float64(c.bytes)/1e9))
+	}
+}
 
 func (r *results) add(key string, p path, v float64) {
 	r.mu.Lock()
@@ -171,6 +243,7 @@ type figureJSON struct {
 }
 
 type flowsJSON struct {
+	Mode         string  `json:"mode"` // host or gateway
 	Flows        int     `json:"flows"`
 	Opened       int     `json:"opened"`
 	RSSBeforeKiB int64   `json:"rss_before_kib"`
@@ -230,7 +303,7 @@ func (r *results) missing(keys []string) []string {
 				continue
 			}
 			for _, v := range s {
-				if v < 0 || (v == 0 && !d.zeroOK && !strings.HasPrefix(k, "flows-")) || v != v {
+				if v < 0 || (v == 0 && !d.zeroOK && !strings.Contains(k, "flows-")) || v != v {
 					out = append(out, fmt.Sprintf("%s via %s = %v %s", k, p, v, d.unit))
 				}
 			}
@@ -306,10 +379,16 @@ func (r *results) table() string {
 	mach := machine()
 	fmt.Fprintf(&sb, "tunfw benchmark, %s, mode %s, %d round(s), %v cores, kernel %v, %v, load average at the end %v\n",
 		time.Now().Format("2006-01-02 15:04 MST"), r.mode, r.rounds, mach["nproc"], mach["kernel"], mach["cpu"], mach["loadavg"])
-	fmt.Fprintf(&sb, "median [min..max] over rounds; direct = same client and server over the veth without tunfw\n\n")
+	fmt.Fprintf(&sb, "median [min..max] over rounds; direct = same client and server over the veth without tunfw\n")
+	figs := r.figures()
+	if slices.ContainsFunc(figs, func(f figureJSON) bool { return strings.Contains(f.Key, "gw-") }) {
+		fmt.Fprintf(&sb, "gateway: the client in a namespace routed through tunfw's (route.from, link MTU 1500);\n"+
+			"  direct = the same route, forwarded by the kernel, while that tunfw runs\n")
+	}
+	fmt.Fprintln(&sb)
 	tw := tabwriter.NewWriter(&sb, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "figure\tunit\ttunfw\tdirect\ttunfw/direct\t")
-	for _, f := range r.figures() {
+	for _, f := range figs {
 		d := defOf(f.Key)
 		ratio := "-"
 		if f.Ratio != nil {
@@ -354,6 +433,7 @@ func (r *results) write(path, table string) error {
 		"machine":            machine(),
 		"revision":           revision(),
 		"config":             r.config,
+		"gateway_config":     r.gwConfig,
 		"figures":            r.figures(),
 		"flows":              r.flows,
 		"udp":                map[string]any{"offered_payload_bps": udpRate, "payload_bytes": udpPayload},

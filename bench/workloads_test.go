@@ -13,21 +13,25 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/tunfw/tunfw/internal/netnstest"
 )
 
-// path is one way from the client to the server: through tunfw (the
-// service address, routed into the TUN) or direct (the server's veth
-// address).
+// path is one way from a client namespace to the server: through tunfw
+// (the service address, routed into the TUN) or direct (the server's veth
+// address, which is not). The client is tunfw's own namespace, or in
+// gateway mode a namespace routed through it.
 type path struct {
-	name string
-	dst  netip.Addr
+	name   string
+	dst    netip.Addr
+	client *netnstest.NS
 }
 
 func (p path) tunfw() bool { return p.name == "tunfw" }
 
 func (p path) addr(port int) string { return netip.AddrPortFrom(p.dst, uint16(port)).String() }
 
-// dial connects to port on p from the client namespace. A connect that
+// dial connects to port on p from p's client namespace. A connect that
 // times out is retried (3 attempts of 3s, each from a new port) and noted:
 // the workloads that use it measure throughput and latency on an open
 // connection, not connection setup.
@@ -35,7 +39,7 @@ func (b *bench) dial(p path, port int) (net.Conn, error) {
 	var err error
 	for try := 1; try <= 3; try++ {
 		var c net.Conn
-		if c, err = b.topo.Host.DialTimeout("tcp4", p.addr(port), 3*time.Second); err == nil {
+		if c, err = p.client.DialTimeout("tcp4", p.addr(port), 3*time.Second); err == nil {
 			if try > 1 {
 				b.res.note("via %s: connect to port %d needed %d attempts", p.name, port, try)
 			}
@@ -173,11 +177,11 @@ type latencyResult struct {
 
 // connRate runs conc workers that each connect, send 64 bytes, read them
 // back, wait for the server's FIN and close, in a loop for dur. The workers
-// run in a helper process inside the client namespace (see
+// run in a helper process inside p's client namespace (see
 // TestBenchHelper): dialling from threads locked into the namespace costs a
 // thread hand-off at every blocking step and capped the direct path's rate.
 func (b *bench) connRate(p path, port, conc int, dur time.Duration) (latencyResult, error) {
-	h, err := b.startHelper("crr", map[string]string{
+	h, err := b.startHelper(p.client, "crr", map[string]string{
 		"ADDR": p.addr(port), "CONC": strconv.Itoa(conc), "DUR": strconv.FormatInt(int64(dur), 10),
 	})
 	if err != nil {
@@ -354,7 +358,7 @@ func udpExchange(c *net.UDPConn, m []byte, want byte, run uint64) ([]byte, error
 }
 
 func (b *bench) udpDial(p path) (*net.UDPConn, error) {
-	c, err := b.topo.Host.Dial("udp4", p.addr(portUDP))
+	c, err := p.client.Dial("udp4", p.addr(portUDP))
 	if err != nil {
 		return nil, err
 	}

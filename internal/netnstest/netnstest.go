@@ -408,3 +408,57 @@ func NewTopology(t testing.TB) *Topology {
 	mustRun(t, "ip", "-n", h, "-6", "route", "add", "default", "via", tp.ServerV6.String(), "dev", tp.HostIf)
 	return tp
 }
+
+// GatewayClient is a namespace routed through a Topology's Host, the way a
+// container or a VM uses the machine it runs on: tunfw's gateway mode
+// ([route] from) captures what the Host forwards from it.
+type GatewayClient struct {
+	NS *NS
+	// HostIf is the Host's end of the link (the interface gateway mode
+	// names in from), ClientIf the client's.
+	HostIf, ClientIf string
+	// MTU of the link: 1500 on both ends, an Ethernet-sized link like a
+	// container's.
+	MTU                int
+	HostV4, HostV6     netip.Addr // on HostIf: the client's gateway
+	ClientV4, ClientV6 netip.Addr
+	// Prefix4 and Prefix6 are the link's subnets. The Server has no route
+	// to them: add one if the Server must answer the client directly.
+	Prefix4, Prefix6 netip.Prefix
+}
+
+// AddGatewayClient adds a namespace routed through tp.Host: a veth link of
+// MTU 1500, 10.98.0.1/24 and fd98::1/64 on the Host's end ("tfl-<suffix>"),
+// 10.98.0.2/24 and fd98::2/64 on the client's ("tfm-<suffix>"), default
+// routes via the Host, and IPv4 and IPv6 forwarding on in the Host
+// namespace (only there). Everything is removed by t.Cleanup.
+func (tp *Topology) AddGatewayClient(t testing.TB) *GatewayClient {
+	t.Helper()
+	g := &GatewayClient{
+		NS:       New(t, "tfg-"),
+		MTU:      1500,
+		HostV4:   netip.MustParseAddr("10.98.0.1"),
+		HostV6:   netip.MustParseAddr("fd98::1"),
+		ClientV4: netip.MustParseAddr("10.98.0.2"),
+		ClientV6: netip.MustParseAddr("fd98::2"),
+		Prefix4:  netip.MustParsePrefix("10.98.0.0/24"),
+		Prefix6:  netip.MustParsePrefix("fd98::/64"),
+	}
+	suffix := g.NS.Name[len("tfg-"):]
+	g.HostIf, g.ClientIf = "tfl-"+suffix, "tfm-"+suffix
+	Link(t,
+		tp.Host, g.HostIf, []string{prefixOf(g.HostV4, g.Prefix4), prefixOf(g.HostV6, g.Prefix6)},
+		g.NS, g.ClientIf, []string{prefixOf(g.ClientV4, g.Prefix4), prefixOf(g.ClientV6, g.Prefix6)},
+	)
+	mtu := strconv.Itoa(g.MTU)
+	mustRun(t, "ip", "-n", tp.Host.Name, "link", "set", g.HostIf, "mtu", mtu)
+	mustRun(t, "ip", "-n", g.NS.Name, "link", "set", g.ClientIf, "mtu", mtu)
+	mustRun(t, "ip", "-n", g.NS.Name, "route", "add", "default", "via", g.HostV4.String(), "dev", g.ClientIf)
+	mustRun(t, "ip", "-n", g.NS.Name, "-6", "route", "add", "default", "via", g.HostV6.String(), "dev", g.ClientIf)
+	tp.Host.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	return g
+}
+
+func prefixOf(a netip.Addr, p netip.Prefix) string {
+	return netip.PrefixFrom(a, p.Bits()).String()
+}

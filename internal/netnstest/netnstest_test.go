@@ -222,3 +222,47 @@ func TestCleanup(t *testing.T) {
 		t.Fatalf("/run/netns/%s still present", name)
 	}
 }
+
+func TestGatewayClient(t *testing.T) {
+	RequireRoot(t)
+	tp := NewTopology(t)
+	g := tp.AddGatewayClient(t)
+	for _, ns := range []struct {
+		ns *NS
+		If string
+	}{{tp.Host, g.HostIf}, {g.NS, g.ClientIf}} {
+		if out := ns.ns.Run(t, "ip", "-o", "link", "show", "dev", ns.If); !strings.Contains(out, " mtu 1500 ") {
+			t.Errorf("%s: want mtu 1500: %s", ns.If, out)
+		}
+	}
+	// Without a route back the Server cannot answer; with one, the Host
+	// forwards both ways and the Server sees the client's own address.
+	tp.Server.Run(t, "ip", "route", "add", g.Prefix4.String(), "via", tp.HostV4.String())
+	tp.Server.Run(t, "ip", "-6", "route", "add", g.Prefix6.String(), "via", tp.HostV6.String())
+	for _, c := range []struct{ dst, src netip.Addr }{{tp.ServerV4, g.ClientV4}, {tp.ServiceV6, g.ClientV6}} {
+		l, err := tp.Server.Listen("tcp", netip.AddrPortFrom(c.dst, 0).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		serveEcho(t, l)
+		conn, err := g.NS.DialTimeout("tcp", l.Addr().String(), 5*time.Second)
+		if err != nil {
+			t.Fatalf("dial %s from the gateway client: %v", l.Addr(), err)
+		}
+		defer conn.Close()
+		_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+		if local := netip.MustParseAddrPort(conn.LocalAddr().String()).Addr(); local != c.src {
+			t.Errorf("local address %s, want %s", local, c.src)
+		}
+		if _, err := conn.Write([]byte("gw")); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := io.ReadAll(conn); err != nil || string(got) != "pong:gw" {
+			t.Fatalf("echo via the host: %q, %v", got, err)
+		}
+	}
+	if out := tp.Server.Run(t, "sysctl", "-n", "net.ipv4.ip_forward"); strings.TrimSpace(out) != "0" {
+		t.Errorf("forwarding turned on in the server namespace too: %q", out)
+	}
+}

@@ -1,0 +1,45 @@
+package bench
+
+import (
+	"slices"
+	"strings"
+	"testing"
+)
+
+// TestFigDefsCoverWorkloads checks that every figure a workload reports,
+// in host and gateway mode, has a row of its own in the report (defOf
+// falls back to a bare row without unit or direction), and that the
+// gateway rows are what issue 14 asks for.
+func TestFigDefsCoverWorkloads(t *testing.T) {
+	var keys []string
+	for _, w := range slices.Concat(workloads, gwWorkloads) {
+		keys = append(keys, w.keys...)
+	}
+	for _, prefix := range []string{"", "gw-"} {
+		keys = append(keys, prefix+"cpu-all", prefix+"rss-start", prefix+"rss-end", prefix+"hwm-end")
+		for _, n := range modes["full"].flows {
+			keys = append(keys, flowKey(prefix, n))
+		}
+	}
+	seen := map[string]bool{}
+	for _, d := range figDefs {
+		if seen[d.key] {
+			t.Errorf("figure %s defined twice", d.key)
+		}
+		seen[d.key] = true
+	}
+	for _, k := range keys {
+		if !seen[k] {
+			t.Errorf("figure %s has no row in figDefs", k)
+		}
+	}
+	for _, k := range []string{"gw-tcp1-c2s", "gw-tcp1-s2c", "cpu-gw-tcp1-c2s", "cpu-gw-tcp1-s2c", "gw-conn-seq", "gw-conn-32",
+		"gw-rr-p50", "gw-rr-p99", "gw-udp-c2s-loss", "gw-udp-s2c-loss", "gw-flows-1000", "gw-flows-10000"} {
+		if !slices.Contains(keys, k) {
+			t.Errorf("no gateway workload reports %s", k)
+		}
+		if d := defOf(k); !strings.HasPrefix(d.title, "gateway: ") {
+			t.Errorf("%s titled %q, want a gateway: row", k, d.title)
+		}
+	}
+}
