@@ -54,7 +54,7 @@ vet:
 
 # End-to-end benchmark (root, /dev/net/tun): tunfw against the kernel's
 # direct veth path, in namespaces it creates; table on stdout, JSON in
-# bench/results/latest.json. About 5 minutes.
+# bench/results/latest.json. About 9 minutes (host mode, then gateway mode).
 bench:
 	TUNFW_BENCH=full $(GO) test -v -count=1 -timeout 30m -run '^TestBench$$' ./bench/
 
