@@ -45,7 +45,7 @@ func BenchmarkEstablishedV6Outbound(b *testing.B) {
 		if err := ParsePacket(pkt, &p); err != nil {
 			b.Fatal(err)
 		}
-		if e.Outbound(&p, int64(i)) != OutboundFlow {
+		if e.Outbound(&p, int64(i)) == OutboundNoFlow {
 			b.Fatal("no flow")
 		}
 	}
