@@ -174,6 +174,11 @@ func isAddr(f []byte) bool {
 	case "0.0.0.0", "127.0.0.1", "::", "::1":
 		return true
 	}
+	for _, c := range f {
+		if c <= ' ' || c == 0x7f {
+			return false // a control byte in a zone ("::%\r") is no address
+		}
+	}
 	_, err := netip.ParseAddr(string(f))
 	return err == nil
 }
