@@ -332,7 +332,7 @@ func (d *daemon) nameEvents() map[string]uint64 {
 	c := d.eng.Counters()
 	t, u := d.st.TCP().PeekStats(), d.st.UDP().NameStats()
 	return map[string]uint64{
-		"peeked": c.Peeked, "peek_busy": t.Busy, "peek_timeouts": t.Timeouts + u.PeekTimeouts,
+		"peeked": c.Peeked, "peek_busy": t.Busy + u.PeekBusy, "peek_timeouts": t.Timeouts + u.PeekTimeouts,
 		"peek_no_name": t.NoName + u.PeekNoName, "peek_invalid": t.Invalid,
 		"sni": t.SNI, "host": t.Host, "quic": u.QUICNames,
 		"names_learned": u.NamesLearned, "dns_answered": u.DNSAnswered + d.st.TCP().DNSAnswered(), "dns_blocked_by_rule": c.DNSBlocked,

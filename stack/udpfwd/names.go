@@ -33,6 +33,11 @@ type DNS struct {
 type nameStats struct {
 	answered, learned                  atomic.Uint64 // DNS queries answered by tunfw; addresses named
 	peekTimeouts, peekNoName, peekQUIC atomic.Uint64
+	// peeking counts the flows held for their name, within
+	// Inspect.MaxPending (with the TCP forwarder's, each its own);
+	// peekBusy the flows turned away past it.
+	peeking  atomic.Int32
+	peekBusy atomic.Uint64
 }
 
 // NameStats are the UDP forwarder's counters about names.
@@ -42,13 +47,14 @@ type NameStats struct {
 	QUICNames    uint64 `json:"quic"`          // names read from QUIC Initials
 	PeekTimeouts uint64 `json:"udp_peek_timeouts"`
 	PeekNoName   uint64 `json:"udp_peek_no_name"` // held datagrams carried none (or max_bytes)
+	PeekBusy     uint64 `json:"udp_peek_busy"`    // flows turned away past [inspect] max_pending
 }
 
 // NameStats returns the counters about names.
 func (u *Forwarder) NameStats() NameStats {
 	n := &u.names
 	return NameStats{DNSAnswered: n.answered.Load(), NamesLearned: n.learned.Load(), QUICNames: n.peekQUIC.Load(),
-		PeekTimeouts: n.peekTimeouts.Load(), PeekNoName: n.peekNoName.Load()}
+		PeekTimeouts: n.peekTimeouts.Load(), PeekNoName: n.peekNoName.Load(), PeekBusy: n.peekBusy.Load()}
 }
 
 // answerQuery answers a client's DNS query itself when a rule by name
@@ -182,6 +188,7 @@ func (u *Forwarder) decidePeek(f *udpFlow, name string, from filter.NameFrom) {
 		return
 	}
 	ps.decided = true
+	u.names.peeking.Add(-1)
 	if ps.timer != nil {
 		ps.timer.Stop()
 	}

@@ -364,6 +364,17 @@ func (u *Forwarder) startUDP(key filter.FlowKey, now int64) *udpFlow {
 		return nil
 	}
 	if u.h.Engine.HasNameRules() && u.h.Engine.Peeking(ref) {
+		if int(u.names.peeking.Add(1)) > u.h.Inspect.MaxPending {
+			// Too many flows held for their name: this one holds
+			// nothing and leaves, its next datagram tries again.
+			u.names.peeking.Add(-1)
+			u.names.peekBusy.Add(1)
+			u.mu.Lock()
+			u.removeUDPLocked(f)
+			u.mu.Unlock()
+			u.h.Engine.Release(ref, now)
+			return nil
+		}
 		f.peek = &udpPeek{}
 	}
 	u.tracker.Track(ref, func() { u.endUDP(f) })
