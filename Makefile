@@ -31,8 +31,8 @@ test: vet
 # Each fuzzer runs briefly on top of its corpus in testdata/fuzz (the corpus
 # itself already ran as ordinary tests above).
 # One fuzzer per parser of untrusted input: packets, configs, ClientHellos,
-# HTTP requests, QUIC Initials, DNS messages, name lists. Minimising a new
-# large input can hold a worker for a minute: it is capped.
+# HTTP requests, QUIC Initials, DNS messages, name lists, TUN reads.
+# Minimising a new large input can hold a worker for a minute: it is capped.
 FUZZTIME ?= 10s
 FUZZ = $(GO) test -run=NONE -fuzztime=$(FUZZTIME) -fuzzminimizetime=5s
 fuzz:
@@ -47,6 +47,7 @@ fuzz:
 	$(FUZZ) -fuzz=FuzzAnswer ./dns
 	$(FUZZ) -fuzz=FuzzNormalize ./names
 	$(FUZZ) -fuzz=FuzzReadList ./names
+	$(FUZZ) -fuzz=FuzzSplitVirtio ./tun
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }

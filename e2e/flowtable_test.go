@@ -299,6 +299,66 @@ func TestForgedResetAndFinChangeNothing(t *testing.T) {
 	}
 }
 
+// A TCP segment with a bad checksum from a sender outside the kernel's own
+// stack (a raw socket here, a forwarded client in gateway mode) is dropped
+// and counted as malformed: the netstack is told the checksums are
+// verified, so tunfw verifies those the kernel does not vouch for. The
+// same SYN with its checksum right is forwarded: the server sees its
+// connection.
+func TestBadChecksumDropped(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	svc := topo.ServiceV4
+	accepted := make(chan struct{}, 16)
+	ln, err := topo.Server.Listen("tcp", hostPort(svc, 9200))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+			accepted <- struct{}{}
+		}
+	}()
+	cfg := writeConfig(t, flowTableConfig)
+	startTunfw(t, topo.Host, cfg)
+	raw := newRawSender(t, topo.Host)
+	src := topo.HostV4
+	before := statsOf(t, cfg).Drops["malformed"]
+	if err := raw.sendBadChecksum(src, svc, unix.IPPROTO_TCP, tcpSYN(41001, 9200, 1000)); err != nil {
+		t.Fatalf("send SYN: %v", err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for statsOf(t, cfg).Drops["malformed"] != before+1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("malformed drops %d after a SYN with a bad checksum, want %d", statsOf(t, cfg).Drops["malformed"], before+1)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Packets are read in order: the bad SYN was handled before this one.
+	if err := raw.send(src, svc, unix.IPPROTO_TCP, tcpSYN(41002, 9200, 1000)); err != nil {
+		t.Fatalf("send SYN: %v", err)
+	}
+	select {
+	case <-accepted:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a SYN with a good checksum from a raw socket reached no server")
+	}
+	select {
+	case <-accepted:
+		t.Fatal("the server saw two connections: the SYN with a bad checksum was forwarded")
+	default:
+	}
+	if got := statsOf(t, cfg).Drops["malformed"]; got != before+1 {
+		t.Fatalf("malformed drops %d after a good SYN, want %d", got, before+1)
+	}
+}
+
 // setRecvBuf sets a socket's receive buffer before it connects, so its
 // window closes after a few KB.
 func setRecvBuf(network, address string, c syscall.RawConn) error {

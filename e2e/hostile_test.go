@@ -452,6 +452,23 @@ func newRawSender(t *testing.T, ns *netnstest.NS) *rawSender {
 
 // send writes one IPv4 packet carrying l4 (whose checksum it fills in).
 func (r *rawSender) send(src, dst netip.Addr, proto byte, l4 []byte) error {
+	pkt := rawPacket(src, dst, proto, l4)
+	return unix.Sendto(r.fd, pkt, 0, &unix.SockaddrInet4{Addr: dst.As4()})
+}
+
+// sendBadChecksum is send with the TCP or UDP checksum off by one.
+func (r *rawSender) sendBadChecksum(src, dst netip.Addr, proto byte, l4 []byte) error {
+	pkt := rawPacket(src, dst, proto, l4)
+	at := 20 + 16
+	if proto == unix.IPPROTO_UDP {
+		at = 20 + 6
+	}
+	pkt[at+1]++
+	return unix.Sendto(r.fd, pkt, 0, &unix.SockaddrInet4{Addr: dst.As4()})
+}
+
+// rawPacket builds an IPv4 packet carrying l4, filling in its checksums.
+func rawPacket(src, dst netip.Addr, proto byte, l4 []byte) []byte {
 	if !dst.Is4() || dst.As4()[0] != 203 || dst.As4()[1] != 0 || dst.As4()[2] != 113 {
 		panic("raw packets only go to 203.0.113.0/24")
 	}
@@ -480,7 +497,7 @@ func (r *rawSender) send(src, dst netip.Addr, proto byte, l4 []byte) error {
 		}
 		endian.BigEndian.PutUint16(seg[6:], sum)
 	}
-	return unix.Sendto(r.fd, pkt, 0, &unix.SockaddrInet4{Addr: d4})
+	return pkt
 }
 
 func csum(b []byte, initial uint32) uint16 {

@@ -128,6 +128,16 @@ func (s *Stack) Now() int64 { return s.now() }
 // up: a device that keeps failing is gone.
 const maxReadFailures = 100
 
+// checkedReader is a device that hands TCP GSO packets over whole and
+// says when the kernel vouches for their checksums (tun.Device).
+type checkedReader interface {
+	ReadPackets(bufs [][]byte, sizes []int, offset int) (n int, checked bool, err error)
+}
+
+// maxRead is the room a TUN read needs past the headroom: a GSO packet is
+// up to 64 KiB whatever the MTU (tun.MaxReadSize).
+const maxRead = 1 << 16
+
 // Run reads packets from the device until ctx is done or the device is
 // closed, judging each with the engine. It also expires idle flows.
 func (s *Stack) Run(ctx context.Context) error {
@@ -138,12 +148,23 @@ func (s *Stack) Run(ctx context.Context) error {
 	for i := range bufs {
 		bufs[i] = make([]byte, tunio.Headroom+s.mtu)
 	}
+	// The first buffer takes what one read returns: with offloads, a
+	// TCP GSO packet stays whole (larger than a small MTU), a UDP one is
+	// cut into the others.
+	bufs[0] = make([]byte, tunio.Headroom+max(s.mtu, maxRead))
 	sizes := make([]int, batch)
+	read := func() (int, bool, error) {
+		n, err := s.dev.Read(bufs, sizes, tunio.Headroom)
+		return n, false, err
+	}
+	if r, ok := s.dev.(checkedReader); ok {
+		read = func() (int, bool, error) { return r.ReadPackets(bufs, sizes, tunio.Headroom) }
+	}
 	reject := make([]byte, tunio.Headroom+s.mtu)
 	var p filter.Packet
 	failures := 0
 	for {
-		n, err := s.dev.Read(bufs, sizes, tunio.Headroom)
+		n, checked, err := read()
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
 				return nil
@@ -162,14 +183,15 @@ func (s *Stack) Run(ctx context.Context) error {
 		failures = 0
 		now := s.now()
 		for i := 0; i < n; i++ {
-			s.inbound(bufs[i][tunio.Headroom:tunio.Headroom+sizes[i]], &p, now, reject)
+			s.inbound(bufs[i][tunio.Headroom:tunio.Headroom+sizes[i]], checked, &p, now, reject)
 		}
 		s.udp.ReadDone()
 	}
 }
 
-// inbound judges one packet from the TUN and carries out the verdict.
-func (s *Stack) inbound(pkt []byte, p *filter.Packet, now int64, reject []byte) {
+// inbound judges one packet from the TUN and carries out the verdict;
+// checked: the kernel vouches for its checksum (see checkedReader).
+func (s *Stack) inbound(pkt []byte, checked bool, p *filter.Packet, now int64, reject []byte) {
 	if err := filter.ParsePacket(pkt, p); err != nil {
 		s.eng.Count(filter.ParseErrorReason(err))
 		return
@@ -187,7 +209,7 @@ func (s *Stack) inbound(pkt []byte, p *filter.Packet, now int64, reject []byte) 
 		case filter.ProtoUDP:
 			s.udp.Forward(p, pkt, now)
 		default:
-			s.tcp.Deliver(pkt[:p.Len], p.Version == 6)
+			s.tcp.Deliver(p, pkt, checked)
 		}
 	case filter.VerdictReject:
 		if n := filter.BuildReject(p, pkt, reject[tunio.Headroom:]); n > 0 {

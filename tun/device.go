@@ -26,6 +26,11 @@ type Device struct {
 	policy *policy // policy routing, when used (policy.go)
 	noIPv6 bool    // IPv6 is disabled in this network namespace
 
+	// file is the TUN's character device and vnetHdr whether it carries
+	// virtio-net headers: ReadPackets reads it directly (read.go).
+	file    *os.File
+	vnetHdr bool
+
 	// OnGuardError, when set before Install, hears when refreshing the
 	// nftables table's alive element starts failing (err) and when it
 	// works again (nil): with fail = "open", bound sockets are no longer
@@ -48,6 +53,9 @@ func Open(s Settings) (_ *Device, err error) {
 	}()
 	if d.name, err = dev.Name(); err != nil {
 		return nil, fmt.Errorf("name of TUN %s: %w", s.Name, err)
+	}
+	if d.file = d.File(); d.file != nil {
+		d.vnetHdr = vnetHeaderOn(d.file, d.name)
 	}
 	if d.link, err = netlink.LinkByName(d.name); err != nil {
 		return nil, fmt.Errorf("find link %s: %w", d.name, err)
@@ -113,7 +121,7 @@ func (d *Device) WatchEvents(log *slog.Logger) {
 func (d *Device) InterfaceName() string { return d.name }
 
 // File returns the TUN's character device, for polling it (never for
-// reading: the wireguard device reads it), or nil.
+// reading: ReadPackets, or the wireguard device, reads it), or nil.
 func (d *Device) File() *os.File {
 	if f, ok := d.Device.(interface{ File() *os.File }); ok {
 		return f.File()

@@ -68,10 +68,11 @@ func (e *linkEndpoint) LinkAddress() tcpip.LinkAddress { return "" }
 // SetLinkAddress implements stack.NetworkLinkEndpoint.
 func (e *linkEndpoint) SetLinkAddress(tcpip.LinkAddress) {}
 
-// Capabilities implements stack.NetworkLinkEndpoint. The TUN neither
-// verifies nor computes checksums for us, so we claim no offloads.
+// Capabilities implements stack.NetworkLinkEndpoint. Received checksums
+// are verified before deliver (Forwarder.Deliver), where the kernel does
+// not vouch for them.
 func (e *linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
-	return stack.CapabilityNone
+	return stack.CapabilityRXChecksumOffload
 }
 
 // Attach implements stack.NetworkLinkEndpoint.

@@ -20,6 +20,7 @@ import (
 	"github.com/tunfw/tunfw/stack/internal/flows"
 	"github.com/tunfw/tunfw/stack/internal/tunio"
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/link/qdisc/fifo"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
@@ -168,9 +169,39 @@ func (fw *Forwarder) setup(c Config) error {
 	return nil
 }
 
-// Deliver hands a TCP packet the engine forwarded to the netstack. The
-// bytes are copied, so pkt may be reused when Deliver returns.
-func (fw *Forwarder) Deliver(pkt []byte, v6 bool) { fw.ep.deliver(pkt, v6) }
+// Deliver hands a TCP packet the engine forwarded (p, parsed from pkt) to
+// the netstack. The bytes are copied, so pkt may be reused when Deliver
+// returns. checked: the kernel vouches for its checksums (see
+// tun.Device.ReadPackets). The netstack is told not to verify checksums,
+// so that the bytes the kernel built are not summed twice (by the TUN
+// reader and by the netstack, as before); the packets the kernel does not
+// vouch for are verified here instead, and dropped as malformed when bad.
+func (fw *Forwarder) Deliver(p *filter.Packet, pkt []byte, checked bool) {
+	pkt = pkt[:p.Len]
+	if !checked && !checksumsValid(pkt, p.IPHeaderLen, p.Version == 6) {
+		fw.h.Engine.Count(filter.ReasonMalformed)
+		return
+	}
+	fw.ep.deliver(pkt, p.Version == 6)
+}
+
+// checksumsValid reports whether the IPv4 header checksum (when v4) and
+// the TCP checksum of pkt are right; l4 is where its TCP header starts.
+func checksumsValid(pkt []byte, l4 int, v6 bool) bool {
+	var addrs []byte
+	if v6 {
+		addrs = pkt[8:40]
+	} else {
+		if checksum.Checksum(pkt[:l4], 0) != 0xffff {
+			return false
+		}
+		addrs = pkt[12:20]
+	}
+	seg := pkt[l4:]
+	pseudo := checksum.Combine(checksum.Checksum(addrs, 0), uint16(header.TCPProtocolNumber))
+	pseudo = checksum.Combine(pseudo, uint16(len(seg)))
+	return checksum.Checksum(seg, pseudo) == 0xffff
+}
 
 // CloseFlows ends the relays of the TCP flows refs names (the other
 // protocols' are skipped), as when a reload's recheck cut them or they

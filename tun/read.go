@@ -1,0 +1,195 @@
+package tun
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+	wgtun "golang.zx2c4.com/wireguard/tun"
+)
+
+// VirtioHeaderLen is the length of the virtio-net header in front of every
+// packet read from or written to a TUN opened with IFF_VNET_HDR (as
+// wireguard-go opens it): ReadPackets reads it into the offset bytes
+// before each packet, so offset must be at least this.
+const VirtioHeaderLen = 10
+
+// MaxReadSize is the largest packet one TUN read can hand over: a GSO
+// packet the kernel built or merged is up to 64 KiB whatever the MTU, so
+// the first buffer given to ReadPackets needs offset + MaxReadSize bytes.
+const MaxReadSize = 1 << 16
+
+// The virtio-net header's fields (include/uapi/linux/virtio_net.h).
+const (
+	vnetNeedsCsum = 1 // checksum partial: only the pseudo-header is summed
+	vnetDataValid = 2 // the kernel verified the checksum
+
+	gsoNone   = 0
+	gsoTCPv4  = 1
+	gsoUDPL4  = 5
+	gsoTCPv6  = 4
+	gsoECNBit = 0x80
+)
+
+// ReadPackets reads what one read of the TUN hands over into bufs, each
+// packet offset bytes into its buffer, and returns how many packets it
+// wrote (their lengths in sizes).
+//
+// Unlike wireguard-go's Read, it does not cut a TCP GSO packet into
+// segments: a train of up to 64 KiB of one connection, which the kernel
+// built (a local sender) or merged (GRO on the interface it was forwarded
+// from), stays one large TCP segment. The gVisor stack takes it as one
+// segment and acknowledges it once, where 45 segments of a 1500-byte link
+// cost it 45 passes (and as many ACKs). UDP GSO packets are cut into their
+// datagrams, which the UDP forwarder sends one by one.
+//
+// checked reports that the kernel vouches for the TCP and UDP checksums of
+// the packets: it built them itself (their checksum field then holds only
+// the pseudo-header's sum and is not computed here, a pass over every byte
+// saved) or verified them. Other packets, from a sender outside this
+// kernel, have checksums as they arrived, which whoever delivers them to a
+// transport must verify.
+func (d *Device) ReadPackets(bufs [][]byte, sizes []int, offset int) (n int, checked bool, err error) {
+	if !d.vnetHdr {
+		n, err = d.Device.Read(bufs, sizes, offset)
+		return n, false, err
+	}
+	if offset < VirtioHeaderLen {
+		return 0, false, fmt.Errorf("read from TUN: offset %d leaves no room for the virtio-net header", offset)
+	}
+	in := bufs[0][offset-VirtioHeaderLen:]
+	m, err := d.file.Read(in)
+	if err != nil {
+		if errors.Is(err, syscall.EBADFD) {
+			err = os.ErrClosed
+		}
+		return 0, false, err
+	}
+	return splitVirtio(in[:m], bufs, sizes, offset)
+}
+
+// splitVirtio hands over the packet in in (a virtio-net header, then the
+// packet, which starts offset bytes into bufs[0]) as ReadPackets does.
+// The virtio header comes from the kernel, the packet possibly from a
+// hostile sender: every length is checked against the packet.
+func splitVirtio(in []byte, bufs [][]byte, sizes []int, offset int) (int, bool, error) {
+	if len(in) < VirtioHeaderLen {
+		return 0, false, errShortRead
+	}
+	flags, gso := in[0], in[1]&^gsoECNBit
+	gsoSize := int(binary.NativeEndian.Uint16(in[4:6]))
+	csumStart := int(binary.NativeEndian.Uint16(in[6:8]))
+	pkt := in[VirtioHeaderLen:]
+	checked := flags&(vnetNeedsCsum|vnetDataValid) != 0
+	switch gso {
+	case gsoNone, gsoTCPv4, gsoTCPv6:
+		// In place: the packet already starts offset bytes into bufs[0].
+		sizes[0] = len(pkt)
+		return 1, checked, nil
+	case gsoUDPL4:
+		n, err := splitUDP(pkt, csumStart, gsoSize, bufs, sizes, offset)
+		return n, checked, err
+	}
+	return 0, false, fmt.Errorf("read from TUN: unsupported GSO type %d", gso)
+}
+
+var errShortRead = errors.New("read from TUN: shorter than its virtio-net header")
+
+// splitUDP cuts a UDP GSO packet (one IP and UDP header, then datagrams of
+// gsoSize bytes, the last possibly shorter) into its datagrams, the first
+// in place. Each gets its own lengths and, for IPv4, identifier and header
+// checksum; the UDP checksum is left as the kernel left it (partial): the
+// UDP forwarder sends the payload to a socket and reads no checksum.
+func splitUDP(pkt []byte, ipLen, gsoSize int, bufs [][]byte, sizes []int, offset int) (int, error) {
+	if len(pkt) < 1 {
+		return 0, errShortRead
+	}
+	v6 := pkt[0]>>4 == 6
+	switch {
+	case !v6 && (pkt[0]>>4 != 4 || ipLen < 20 || ipLen > 60):
+		return 0, fmt.Errorf("read from TUN: UDP GSO packet with IP header length %d", ipLen)
+	case v6 && ipLen < 40:
+		return 0, fmt.Errorf("read from TUN: UDP GSO packet with IP header length %d", ipLen)
+	case gsoSize == 0 || len(pkt) < ipLen+8:
+		return 0, fmt.Errorf("read from TUN: UDP GSO packet of %d bytes, segment size %d", len(pkt), gsoSize)
+	case !v6 && int(binary.BigEndian.Uint16(pkt[2:4])) != len(pkt),
+		v6 && int(binary.BigEndian.Uint16(pkt[4:6]))+40 != len(pkt):
+		return 0, fmt.Errorf("read from TUN: UDP GSO packet of %d bytes says another length", len(pkt))
+	}
+	hdrLen := ipLen + 8
+	payload := len(pkt) - hdrLen
+	n := (payload + gsoSize - 1) / gsoSize
+	if n == 0 {
+		n = 1
+	}
+	if n > len(bufs) {
+		return 0, wgtun.ErrTooManySegments
+	}
+	var id uint16
+	if !v6 {
+		id = binary.BigEndian.Uint16(pkt[4:6])
+	}
+	// The others first: the first's header is rewritten last.
+	for i := n - 1; i >= 0; i-- {
+		start := hdrLen + i*gsoSize
+		end := min(start+gsoSize, len(pkt))
+		seg := end - start
+		var out []byte
+		if i == 0 {
+			out = pkt[:hdrLen+seg]
+		} else {
+			if len(bufs[i]) < offset+hdrLen+seg {
+				return 0, fmt.Errorf("read from TUN: UDP GSO datagram of %d bytes overflows its buffer", hdrLen+seg)
+			}
+			out = bufs[i][offset : offset+hdrLen+seg]
+			copy(out, pkt[:hdrLen])
+			copy(out[hdrLen:], pkt[start:end])
+		}
+		if v6 {
+			binary.BigEndian.PutUint16(out[4:6], uint16(len(out)-40))
+		} else {
+			binary.BigEndian.PutUint16(out[2:4], uint16(len(out)))
+			binary.BigEndian.PutUint16(out[4:6], id+uint16(i))
+			out[10], out[11] = 0, 0
+			binary.BigEndian.PutUint16(out[10:12], ^ipv4HeaderSum(out[:ipLen]))
+		}
+		binary.BigEndian.PutUint16(out[ipLen+4:ipLen+6], uint16(8+seg))
+		sizes[i] = len(out)
+	}
+	return n, nil
+}
+
+// ipv4HeaderSum is the ones' complement sum of an IPv4 header.
+func ipv4HeaderSum(h []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(h); i += 2 {
+		s += uint32(h[i])<<8 | uint32(h[i+1])
+	}
+	for s > 0xffff {
+		s = s>>16 + s&0xffff
+	}
+	return uint16(s)
+}
+
+// vnetHeaderOn reports whether the TUN behind f was opened with
+// IFF_VNET_HDR, which wireguard-go asks for where the kernel has it.
+func vnetHeaderOn(f *os.File, name string) bool {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return false
+	}
+	on := false
+	rc.Control(func(fd uintptr) {
+		ifr, err := unix.NewIfreq(name)
+		if err != nil {
+			return
+		}
+		if unix.IoctlIfreq(int(fd), unix.TUNGETIFF, ifr) == nil {
+			on = ifr.Uint16()&unix.IFF_VNET_HDR != 0
+		}
+	})
+	return on
+}

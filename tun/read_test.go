@@ -1,0 +1,238 @@
+package tun
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"testing"
+
+	wgtun "golang.zx2c4.com/wireguard/tun"
+)
+
+const testOffset = 16
+
+// virtioRead lays out what one TUN read writes at bufs[0][offset-10:]: a
+// virtio-net header, then pkt. It returns that slice.
+func virtioRead(bufs [][]byte, flags, gso uint8, gsoSize, csumStart uint16, pkt []byte) []byte {
+	in := bufs[0][testOffset-VirtioHeaderLen:]
+	clear(in[:VirtioHeaderLen])
+	in[0], in[1] = flags, gso
+	binary.NativeEndian.PutUint16(in[4:6], gsoSize)
+	binary.NativeEndian.PutUint16(in[6:8], csumStart)
+	return in[:VirtioHeaderLen+copy(in[VirtioHeaderLen:], pkt)]
+}
+
+func testBufs(n, size int) ([][]byte, []int) {
+	bufs := make([][]byte, n)
+	for i := range bufs {
+		bufs[i] = make([]byte, testOffset+size)
+	}
+	// As the packet loop has it: the first takes a whole read.
+	bufs[0] = make([]byte, testOffset+MaxReadSize)
+	return bufs, make([]int, n)
+}
+
+// ipv4 builds an IPv4 packet of proto around l4 (no checksums needed).
+func ipv4(proto byte, id uint16, l4 []byte) []byte {
+	p := make([]byte, 20+len(l4))
+	p[0] = 0x45
+	binary.BigEndian.PutUint16(p[2:4], uint16(len(p)))
+	binary.BigEndian.PutUint16(p[4:6], id)
+	p[8], p[9] = 64, proto
+	copy(p[12:16], []byte{10, 0, 0, 1})
+	copy(p[16:20], []byte{203, 0, 113, 10})
+	binary.BigEndian.PutUint16(p[10:12], ^ipv4HeaderSum(p[:20]))
+	copy(p[20:], l4)
+	return p
+}
+
+func ipv6(proto byte, l4 []byte) []byte {
+	p := make([]byte, 40+len(l4))
+	p[0] = 0x60
+	binary.BigEndian.PutUint16(p[4:6], uint16(len(l4)))
+	p[6], p[7] = proto, 64
+	p[8], p[39] = 0xfd, 1
+	copy(p[40:], l4)
+	return p
+}
+
+func pattern(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(i * 7)
+	}
+	return b
+}
+
+// A TCP GSO packet (what a local sender or GRO hands the TUN) is handed
+// over whole, in place, as one large segment, with the kernel vouching
+// for its checksum; so is a plain packet with a partial checksum.
+func TestSplitVirtioKeepsTCPWhole(t *testing.T) {
+	tcp := append(make([]byte, 20), pattern(45*1448)...)
+	tcp[12] = 5 << 4
+	for _, c := range []struct {
+		name  string
+		gso   uint8
+		pkt   []byte
+		flags uint8
+	}{
+		{"v4 gso", gsoTCPv4, ipv4(6, 1, tcp), vnetNeedsCsum},
+		{"v6 gso", gsoTCPv6, ipv6(6, tcp), vnetNeedsCsum},
+		{"v4 gso ecn", gsoTCPv4 | gsoECNBit, ipv4(6, 1, tcp), vnetNeedsCsum},
+		{"v4 plain partial", gsoNone, ipv4(6, 1, tcp[:1000]), vnetNeedsCsum},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			bufs, sizes := testBufs(4, MaxReadSize)
+			in := virtioRead(bufs, c.flags, c.gso, 1448, uint16(len(c.pkt)-len(tcp)), c.pkt)
+			n, checked, err := splitVirtio(in, bufs, sizes, testOffset)
+			if err != nil || n != 1 || !checked {
+				t.Fatalf("splitVirtio = %d, %v, %v; want 1 packet, checked", n, checked, err)
+			}
+			if got := bufs[0][testOffset : testOffset+sizes[0]]; !bytes.Equal(got, c.pkt) {
+				t.Fatalf("packet of %d bytes handed over as %d bytes, or changed", len(c.pkt), len(got))
+			}
+		})
+	}
+}
+
+// Only a partial checksum (the kernel built the packet) or one the kernel
+// verified counts as checked; a packet as it arrived from elsewhere does not.
+func TestSplitVirtioChecked(t *testing.T) {
+	pkt := ipv4(6, 1, make([]byte, 20))
+	for _, c := range []struct {
+		flags uint8
+		want  bool
+	}{{0, false}, {vnetNeedsCsum, true}, {vnetDataValid, true}} {
+		bufs, sizes := testBufs(1, 1500)
+		n, checked, err := splitVirtio(virtioRead(bufs, c.flags, gsoNone, 0, 0, pkt), bufs, sizes, testOffset)
+		if err != nil || n != 1 || checked != c.want {
+			t.Errorf("flags %#x: splitVirtio = %d, %v, %v; want 1, checked %v", c.flags, n, checked, err, c.want)
+		}
+	}
+}
+
+// A UDP GSO packet is cut into its datagrams, each with its own IP and UDP
+// lengths (and, for IPv4, identifier and a valid header checksum).
+func TestSplitVirtioCutsUDP(t *testing.T) {
+	const seg = 1400
+	payload := pattern(3*seg + 100)
+	udp := append(make([]byte, 8), payload...)
+	binary.BigEndian.PutUint16(udp[0:2], 5000)
+	binary.BigEndian.PutUint16(udp[2:4], 53)
+	for _, v6 := range []bool{false, true} {
+		pkt, ipLen := ipv4(17, 0xfffe, udp), 20
+		if v6 {
+			pkt, ipLen = ipv6(17, udp), 40
+		}
+		bufs, sizes := testBufs(8, 1500)
+		in := virtioRead(bufs, vnetNeedsCsum, gsoUDPL4, seg, uint16(ipLen), pkt)
+		n, checked, err := splitVirtio(in, bufs, sizes, testOffset)
+		if err != nil || n != 4 || !checked {
+			t.Fatalf("v6 %v: splitVirtio = %d, %v, %v; want 4 datagrams, checked", v6, n, checked, err)
+		}
+		for i := range n {
+			d := bufs[i][testOffset : testOffset+sizes[i]]
+			want := payload[i*seg : min((i+1)*seg, len(payload))]
+			if !bytes.Equal(d[ipLen+8:], want) {
+				t.Fatalf("v6 %v: datagram %d carries the wrong bytes", v6, i)
+			}
+			if got := binary.BigEndian.Uint16(d[ipLen+4:]); int(got) != 8+len(want) {
+				t.Errorf("v6 %v: datagram %d UDP length %d, want %d", v6, i, got, 8+len(want))
+			}
+			if binary.BigEndian.Uint16(d[ipLen:]) != 5000 || binary.BigEndian.Uint16(d[ipLen+2:]) != 53 {
+				t.Errorf("v6 %v: datagram %d lost its ports", v6, i)
+			}
+			if v6 {
+				if got := binary.BigEndian.Uint16(d[4:6]); int(got) != len(d)-40 {
+					t.Errorf("datagram %d IPv6 payload length %d, want %d", i, got, len(d)-40)
+				}
+				continue
+			}
+			if got := binary.BigEndian.Uint16(d[2:4]); int(got) != len(d) {
+				t.Errorf("datagram %d IPv4 total length %d, want %d", i, got, len(d))
+			}
+			if got := binary.BigEndian.Uint16(d[4:6]); got != 0xfffe+uint16(i) {
+				t.Errorf("datagram %d IPv4 id %#x, want %#x", i, got, 0xfffe+uint16(i))
+			}
+			if ipv4HeaderSum(d[:20]) != 0xffff {
+				t.Errorf("datagram %d IPv4 header checksum is wrong", i)
+			}
+		}
+	}
+}
+
+func TestSplitVirtioRefuses(t *testing.T) {
+	udp := append(make([]byte, 8), pattern(10*100)...)
+	for _, c := range []struct {
+		name      string
+		gso       uint8
+		gsoSize   uint16
+		csumStart uint16
+		pkt       []byte
+		bufs      int
+		wantErr   error
+	}{
+		{"too many datagrams", gsoUDPL4, 100, 20, ipv4(17, 1, udp), 4, wgtun.ErrTooManySegments},
+		{"zero segment size", gsoUDPL4, 0, 20, ipv4(17, 1, udp), 16, nil},
+		{"header length past the packet", gsoUDPL4, 100, 60, ipv4(17, 1, udp[:30]), 16, nil},
+		{"IPv4 header length below 20", gsoUDPL4, 100, 8, ipv4(17, 1, udp), 16, nil},
+		{"unknown GSO type", 3, 100, 20, ipv4(17, 1, udp), 16, nil},
+		{"empty", gsoUDPL4, 100, 20, nil, 16, nil},
+		{"IP length not the read's", gsoUDPL4, 100, 20, append(ipv4(17, 1, udp), 0, 0), 16, nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			bufs, sizes := testBufs(c.bufs, 1500)
+			n, _, err := splitVirtio(virtioRead(bufs, vnetNeedsCsum, c.gso, c.gsoSize, c.csumStart, c.pkt), bufs, sizes, testOffset)
+			if err == nil || n != 0 {
+				t.Fatalf("splitVirtio = %d, %v; want an error", n, err)
+			}
+			if c.wantErr != nil && !errors.Is(err, c.wantErr) {
+				t.Fatalf("error %v, want %v", err, c.wantErr)
+			}
+		})
+	}
+	if _, _, err := splitVirtio(make([]byte, 5), nil, nil, testOffset); err == nil {
+		t.Fatal("a read shorter than the virtio header was taken")
+	}
+}
+
+// Splitting allocates nothing: it runs for every packet read.
+func TestSplitVirtioDoesNotAllocate(t *testing.T) {
+	udp := append(make([]byte, 8), pattern(4*1000)...)
+	pkt := ipv4(17, 1, udp)
+	bufs, sizes := testBufs(8, 1500)
+	allocs := testing.AllocsPerRun(100, func() {
+		in := virtioRead(bufs, vnetNeedsCsum, gsoUDPL4, 1000, 20, pkt)
+		if n, _, err := splitVirtio(in, bufs, sizes, testOffset); err != nil || n != 4 {
+			t.Fatalf("splitVirtio = %d, %v", n, err)
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("splitVirtio allocates %v times a read", allocs)
+	}
+}
+
+// What the kernel hands over is parsed without trusting any length: no
+// input panics or writes past the buffers.
+func FuzzSplitVirtio(f *testing.F) {
+	udp := append(make([]byte, 8), pattern(3*100)...)
+	f.Add(uint8(vnetNeedsCsum), uint8(gsoUDPL4), uint16(100), uint16(20), ipv4(17, 1, udp))
+	f.Add(uint8(vnetNeedsCsum), uint8(gsoUDPL4), uint16(100), uint16(40), ipv6(17, udp))
+	f.Add(uint8(vnetNeedsCsum), uint8(gsoTCPv4), uint16(1448), uint16(20), ipv4(6, 1, make([]byte, 3000)))
+	f.Add(uint8(0), uint8(gsoNone), uint16(0), uint16(0), ipv4(1, 1, make([]byte, 8)))
+	f.Fuzz(func(t *testing.T, flags, gso uint8, gsoSize, csumStart uint16, pkt []byte) {
+		if len(pkt) > 4000 {
+			return
+		}
+		bufs, sizes := testBufs(8, 1500)
+		n, _, err := splitVirtio(virtioRead(bufs, flags, gso, gsoSize, csumStart, pkt), bufs, sizes, testOffset)
+		if err != nil {
+			return
+		}
+		for i := range n {
+			if sizes[i] > len(bufs[i])-testOffset {
+				t.Fatalf("packet %d of %d bytes overflows its buffer", i, sizes[i])
+			}
+		}
+	})
+}
