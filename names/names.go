@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 )
 
 const (
@@ -50,6 +51,24 @@ func Normalize(s string) (string, error) {
 		return s[:n], nil // already canonical (perhaps but for the dot): no copy
 	}
 	return string(buf[:n]), nil
+}
+
+// Lower returns name, as a client sent it, in the form rules and logs take:
+// ASCII letters lowercased and one trailing dot removed. Unlike Normalize
+// it checks nothing and refuses nothing: other bytes, non-ASCII ones
+// included, are kept as they are, so that Match judges the name a flow
+// carried and a log shows it. Lower makes one string and allocates
+// nothing else.
+func Lower(name []byte) string {
+	if n := len(name); n > 0 && name[n-1] == '.' {
+		name = name[:n-1]
+	}
+	var b strings.Builder
+	b.Grow(len(name))
+	for _, c := range name {
+		b.WriteByte(lower(c))
+	}
+	return b.String()
 }
 
 // canon checks s and writes its canonical form to buf, returning its length.

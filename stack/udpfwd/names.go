@@ -9,6 +9,7 @@ import (
 	"github.com/tunfw/tunfw/dns"
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/inspect"
+	"github.com/tunfw/tunfw/names"
 	"github.com/tunfw/tunfw/stack/internal/tunio"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
@@ -155,7 +156,7 @@ func (u *Forwarder) peekUDP(f *udpFlow, payload []byte, now int64) bool {
 	name, st := ps.q.Add(payload)
 	var n string
 	if st == inspect.Found {
-		n = normalName(name)
+		n = names.Lower(name)
 	}
 	if st == inspect.NeedMore && ps.timer == nil {
 		ps.timer = time.AfterFunc(o.Timeout, func() {
@@ -219,19 +220,4 @@ func (u *Forwarder) decidePeek(f *udpFlow, name string, from filter.NameFrom) {
 	if d.Verdict == filter.VerdictForward && !byTable {
 		u.h.Engine.Release(f.ref, now) // allowed, but no room to open it
 	}
-}
-
-// normalName is a name as read, lowercased, without a trailing dot.
-func normalName(b []byte) string {
-	if n := len(b); n > 0 && b[n-1] == '.' {
-		b = b[:n-1]
-	}
-	out := make([]byte, len(b))
-	for i, c := range b {
-		if 'A' <= c && c <= 'Z' {
-			c += 'a' - 'A'
-		}
-		out[i] = c
-	}
-	return string(out)
 }
