@@ -59,6 +59,20 @@ func (s *nameSet) match(name string) bool {
 	return false
 }
 
+// matchBytes is match for a name read from a message, without making a
+// string of it.
+func (s *nameSet) matchBytes(name []byte) bool {
+	if len(name) == 0 {
+		return false
+	}
+	for _, ns := range s.sets {
+		if ns.Match(name) {
+			return true
+		}
+	}
+	return false
+}
+
 // HasNameRules reports whether some rule has a domain key.
 func (rs *Ruleset) HasNameRules() bool { return rs.hasDomains }
 
@@ -114,14 +128,16 @@ func (rs *Ruleset) NeedsName(p *Packet) bool {
 // BlockedName reports whether a DNS query for name, from client src,
 // is answered by tunfw instead of forwarded: the first rule that has a
 // domain key and no condition but src, whose src and names match, denies
-// or rejects. It returns that rule's index.
-func (rs *Ruleset) BlockedName(src netip.Addr, name string) (rule int, blocked bool) {
+// or rejects. It returns that rule's index. name is taken as Match takes
+// it (any case, perhaps a trailing dot), as DNS reads it: a slice, so that
+// a query costs no string.
+func (rs *Ruleset) BlockedName(src netip.Addr, name []byte) (rule int, blocked bool) {
 	if !rs.hasDomains {
 		return NoRule, false
 	}
 	for i := range rs.rules {
 		r := &rs.rules[i]
-		if r.nameOnly && r.src.contains(src) && r.domains.match(name) {
+		if r.nameOnly && r.src.contains(src) && r.domains.matchBytes(name) {
 			return i, r.action != Allow
 		}
 	}
@@ -134,8 +150,9 @@ func (e *Engine) HasNameRules() bool { return e.policy.Load().rules.hasDomains }
 // BlockQuery reports whether tunfw answers a DNS query for name from
 // client src itself instead of forwarding it (Ruleset.BlockedName), and
 // accounts it: the rule's counters, the blocked-queries counter and a
-// decision log line, like a denied flow.
-func (e *Engine) BlockQuery(src netip.Addr, name string, now int64) bool {
+// decision log line, like a denied flow. A query it does not block costs
+// no allocation.
+func (e *Engine) BlockQuery(src netip.Addr, name []byte, now int64) bool {
 	rs := e.policy.Load().rules
 	ri, blocked := rs.BlockedName(src, name)
 	if !blocked {
@@ -147,7 +164,7 @@ func (e *Engine) BlockQuery(src netip.Addr, name string, now int64) bool {
 		if ok, suppressed := e.logLim.allow(now, e.policy.Load().limits.LogRate); ok {
 			e.log.LogAttrs(context.Background(), slog.LevelInfo, "dns query blocked",
 				slog.String("verdict", rs.rules[ri].action.String()), slog.String("rule", rs.RuleName(ri)),
-				slog.String("src", src.String()), slog.String("name", name))
+				slog.String("src", src.String()), slog.String("name", string(name)))
 		} else if suppressed > 0 {
 			e.logSuppressed(suppressed)
 		}

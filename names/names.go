@@ -294,9 +294,18 @@ func (s *Set) hash(key []byte) uint32 {
 //
 // Match allocates nothing and costs one table lookup per label of name,
 // however large the set.
+//
+// Match and MatchString are kept from being inlined: inlined into another
+// package, the call to the generic match loses its escape analysis
+// (golang/go#79592) and a caller's name on the stack, as dns.Question
+// writes it, would be moved to the heap on every call.
+//
+//go:noinline
 func (s *Set) Match(name []byte) bool { return match(s, name) }
 
 // MatchString is Match for a string.
+//
+//go:noinline
 func (s *Set) MatchString(name string) bool { return match(s, name) }
 
 func match[T string | []byte](s *Set, name T) bool {

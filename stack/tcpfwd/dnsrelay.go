@@ -117,7 +117,7 @@ func (fw *Forwarder) blockedAnswer(flow filter.FlowRef, msg, buf []byte) []byte 
 	mode := fw.h.DNSBlock
 	if string(name) == dns.CanaryName {
 		mode = dns.BlockNXDomain
-	} else if !fw.h.Engine.BlockQuery(flow.Key.Src.Addr(), string(name), fw.h.Now()) {
+	} else if !fw.h.Engine.BlockQuery(flow.Key.Src.Addr(), name, fw.h.Now()) {
 		return nil
 	}
 	fw.dnsAnswered.Add(1)

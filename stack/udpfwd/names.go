@@ -76,7 +76,7 @@ func (u *Forwarder) answerQuery(p *filter.Packet, pkt []byte, now int64) bool {
 	mode := u.h.DNS.Block
 	if string(name) == dns.CanaryName {
 		mode = dns.BlockNXDomain
-	} else if !u.h.Engine.BlockQuery(p.Src, string(name), now) {
+	} else if !u.h.Engine.BlockQuery(p.Src, name, now) {
 		return false
 	}
 	u.names.answered.Add(1)
