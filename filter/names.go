@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/netip"
 
+	"github.com/tunfw/tunfw/dns"
 	"github.com/tunfw/tunfw/names"
 )
 
@@ -170,6 +171,44 @@ func (e *Engine) BlockQuery(src netip.Addr, name []byte, now int64) bool {
 		}
 	}
 	return true
+}
+
+// AnswerQuery decides whether tunfw answers the DNS query msg, from client
+// src, itself instead of forwarding it, and writes that answer; the UDP and
+// TCP forwarders frame and send it. tunfw answers while rules by name are in
+// force: a query for a name a rule blocks (BlockQuery, which accounts it)
+// as mode says, and one for dns.CanaryName with NXDOMAIN, so that browsers
+// keep to the system's resolver, whose answers tunfw can read. A message
+// that does not read as a query (dns.Question) is forwarded.
+//
+// answered is false for a query to forward unchanged. Otherwise ans is the
+// answer, written into buf from its start (grown when too small, as
+// dns.Answer does), or buf[:0] when nothing is to be sent: mode
+// dns.BlockDrop, or a query dns.Answer cannot answer, which is not
+// forwarded all the same. A query forwarded costs no allocation, nor does
+// an answer that fits buf.
+func (e *Engine) AnswerQuery(src netip.Addr, msg []byte, mode dns.BlockMode, buf []byte, now int64) (ans []byte, answered bool) {
+	if !e.HasNameRules() {
+		return nil, false
+	}
+	var nb [255]byte
+	_, name, _, ok := dns.Question(msg, &nb)
+	if !ok {
+		return nil, false
+	}
+	if string(name) == dns.CanaryName {
+		mode = dns.BlockNXDomain
+	} else if !e.BlockQuery(src, name, now) {
+		return nil, false
+	}
+	if mode == dns.BlockDrop {
+		return buf[:0], true
+	}
+	ans, err := dns.Answer(msg, mode, buf)
+	if err != nil {
+		return buf[:0], true
+	}
+	return ans, true
 }
 
 // Peeking reports whether flow r waits for its name (Decision.Peek): the

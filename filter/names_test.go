@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/BurntSushi/toml"
+	"github.com/tunfw/tunfw/dns"
+	"golang.org/x/net/dns/dnsmessage"
 )
 
 const nameRules = `
@@ -202,6 +204,146 @@ func TestBlockQueryAllocatesNothing(t *testing.T) {
 	}); n != 0 {
 		t.Errorf("BlockQuery allocates %v times a run", n)
 	}
+}
+
+// dnsQuery is a query with ID 0x4242 for name (written with its dot),
+// with EDNS when edns.
+func dnsQuery(t testing.TB, name string, qtype dnsmessage.Type, edns bool) []byte {
+	t.Helper()
+	b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: 0x4242, RecursionDesired: true})
+	b.StartQuestions()
+	b.Question(dnsmessage.Question{Name: dnsmessage.MustNewName(name), Type: qtype, Class: dnsmessage.ClassINET})
+	if edns {
+		b.StartAdditionals()
+		var rh dnsmessage.ResourceHeader
+		rh.SetEDNS0(4096, dnsmessage.RCodeSuccess, false)
+		b.OPTResource(rh, dnsmessage.OPTResource{})
+	}
+	q, err := b.Finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return q
+}
+
+// TestAnswerQuery: what tunfw answers itself, and how, for each kind of
+// query, whichever transport carries it.
+func TestAnswerQuery(t *testing.T) {
+	e, _ := newTestEngine(t, nameRules, EngineOptions{Logger: quiet})
+	src := netip.MustParseAddr("192.0.2.1")
+	canary := dnsQuery(t, dns.CanaryName+".", dnsmessage.TypeA, false)
+	ad := dnsQuery(t, "X.DoubleClick.net.", dnsmessage.TypeA, true)
+	response := append([]byte(nil), ad...)
+	response[2] |= 0x80 // QR: an answer for the name is not a query
+	for _, c := range []struct {
+		name     string
+		msg      []byte
+		mode     dns.BlockMode
+		answered bool
+		rcode    dnsmessage.RCode
+		records  int  // answer records
+		opt      bool // EDNS in the answer
+	}{
+		{"canary", canary, dns.BlockZero, true, dnsmessage.RCodeNameError, 0, false},
+		{"canary dropped", canary, dns.BlockDrop, true, dnsmessage.RCodeNameError, 0, false},
+		{"blocked nxdomain", ad, dns.BlockNXDomain, true, dnsmessage.RCodeNameError, 0, true},
+		{"blocked refused", ad, dns.BlockRefused, true, dnsmessage.RCodeRefused, 0, true},
+		{"blocked zero", ad, dns.BlockZero, true, dnsmessage.RCodeSuccess, 1, true},
+		{"blocked drop", ad, dns.BlockDrop, true, 0, -1, false},
+		{"not blocked", dnsQuery(t, "example.org.", dnsmessage.TypeA, false), dns.BlockNXDomain, false, 0, 0, false},
+		{"named with conditions", dnsQuery(t, "github.com.", dnsmessage.TypeA, false), dns.BlockNXDomain, false, 0, 0, false},
+		{"truncated", ad[:20], dns.BlockNXDomain, false, 0, 0, false},
+		{"response", response, dns.BlockNXDomain, false, 0, 0, false},
+		{"garbage", []byte{1, 2, 3}, dns.BlockNXDomain, false, 0, 0, false},
+		{"empty", nil, dns.BlockNXDomain, false, 0, 0, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			buf := make([]byte, 0, 1024)
+			ans, answered := e.AnswerQuery(src, c.msg, c.mode, buf, 1)
+			if answered != c.answered {
+				t.Fatalf("answered = %v, want %v", answered, c.answered)
+			}
+			switch {
+			case !answered:
+				if ans != nil {
+					t.Errorf("a forwarded query has an answer of %d bytes", len(ans))
+				}
+				return
+			case c.records < 0:
+				if ans == nil || len(ans) != 0 {
+					t.Errorf("dropped query's answer %v (nil %v), want empty, not nil", ans, ans == nil)
+				}
+				return
+			case len(ans) == 0 || &ans[0] != &buf[:1][0]:
+				t.Fatal("the answer is not written into buf")
+			}
+			var m dnsmessage.Message
+			if err := m.Unpack(ans); err != nil {
+				t.Fatalf("answer does not parse: %v", err)
+			}
+			if !m.Response || m.ID != 0x4242 || m.RCode != c.rcode || len(m.Questions) != 1 || len(m.Answers) != c.records || (len(m.Additionals) == 1) != c.opt {
+				t.Errorf("answer %+v", m)
+			}
+			if c.records == 1 {
+				if a, ok := m.Answers[0].Body.(*dnsmessage.AResource); !ok || a.A != [4]byte{} {
+					t.Errorf("zero answer's record %v", m.Answers[0].Body)
+				}
+			}
+		})
+	}
+	// BlockQuery accounted the four blocked queries, not the canary.
+	if got := e.Counters().DNSBlocked; got != 4 {
+		t.Errorf("DNSBlocked = %d, want 4", got)
+	}
+	// Without rules by name tunfw answers nothing, the canary included.
+	plain, _ := newTestEngine(t, matchConfig, EngineOptions{Logger: quiet})
+	if _, answered := plain.AnswerQuery(src, canary, dns.BlockNXDomain, nil, 1); answered {
+		t.Error("the canary was answered without rules by name")
+	}
+}
+
+// TestAnswerQueryAllocatesNothing: a query forwarded, or answered into a
+// buffer with room, costs no allocation.
+func TestAnswerQueryAllocatesNothing(t *testing.T) {
+	e, _ := newTestEngine(t, nameRules, EngineOptions{Logger: quiet})
+	src := netip.MustParseAddr("192.0.2.1")
+	pass := dnsQuery(t, "www.example.org.", dnsmessage.TypeA, true)
+	canary := dnsQuery(t, dns.CanaryName+".", dnsmessage.TypeAAAA, true)
+	buf := make([]byte, 0, 1024)
+	if n := testing.AllocsPerRun(1000, func() {
+		if _, ok := e.AnswerQuery(src, pass, dns.BlockZero, buf, 1); ok {
+			panic("answered")
+		}
+		if a, ok := e.AnswerQuery(src, canary, dns.BlockZero, buf, 1); !ok || len(a) == 0 {
+			panic("not answered")
+		}
+	}); n != 0 {
+		t.Errorf("AnswerQuery allocates %v times a run", n)
+	}
+}
+
+// FuzzAnswerQuery: whatever a client sends to port 53, AnswerQuery does not
+// panic, and what it answers is a response to the query's ID.
+func FuzzAnswerQuery(f *testing.F) {
+	f.Add(dnsQuery(f, dns.CanaryName+".", dnsmessage.TypeA, false))
+	f.Add(dnsQuery(f, "a.doubleclick.net.", dnsmessage.TypeAAAA, true))
+	f.Add(dnsQuery(f, "example.org.", dnsmessage.TypeHTTPS, true))
+	f.Add([]byte{0x42, 0x42, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0})
+	e := NewEngine(mustCompile(f, nameRules), EngineOptions{Logger: quiet})
+	src := netip.MustParseAddr("192.0.2.1")
+	f.Fuzz(func(t *testing.T, msg []byte) {
+		for _, mode := range []dns.BlockMode{dns.BlockZero, dns.BlockDrop} {
+			ans, answered := e.AnswerQuery(src, msg, mode, make([]byte, 0, 64), 1)
+			if !answered || len(ans) == 0 {
+				continue
+			}
+			var p dnsmessage.Parser
+			h, err := p.Start(ans)
+			if err != nil || !h.Response || h.ID != uint16(msg[0])<<8|uint16(msg[1]) {
+				t.Fatalf("answer %x (%v) to %x", ans, err, msg)
+			}
+		}
+	})
 }
 
 func TestNameSetsConfig(t *testing.T) {

@@ -17,9 +17,9 @@ import (
 // DNS over TCP (port 53) is relayed message by message when tunfw reads
 // DNS (snooping on, or rules by name in force): the answers teach the
 // name table, and a query for a name a rule blocks is answered by tunfw
-// and never forwarded, as over UDP (udpfwd/names.go). DNS connections are
-// few and short: this relay is two goroutines and two buffers, without
-// the idle hand-off of the byte relay.
+// and never forwarded, as over UDP (filter.Engine.AnswerQuery decides for
+// both). DNS connections are few and short: this relay is two goroutines
+// and two buffers, without the idle hand-off of the byte relay.
 
 const dnsPort = 53
 
@@ -76,9 +76,10 @@ func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcp
 		defer fw.guard.Recover(&flow)
 		var ans [dnsRelayBuf]byte
 		err := dnsMessages(client, func(framed []byte) error {
-			if a := fw.blockedAnswer(flow, framed[2:], ans[2:2]); a != nil {
+			if a, answered := fw.h.Engine.AnswerQuery(flow.Key.Src.Addr(), framed[2:], fw.h.DNSBlock, ans[2:2], fw.h.Now()); answered {
+				fw.dnsAnswered.Add(1)
 				if len(a) == 0 {
-					return nil // block = "drop"
+					return nil // block = "drop", or a query tunfw cannot answer
 				}
 				binary.BigEndian.PutUint16(ans[:2], uint16(len(a)))
 				if &a[0] != &ans[2] {
@@ -100,35 +101,6 @@ func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcp
 	client.Close()
 	fw.tracker.Untrack(flow)
 	fw.h.Engine.Release(flow, fw.h.Now())
-}
-
-// blockedAnswer is tunfw's answer (written into buf when it fits) to a
-// query that a rule by name blocks, or for the DoH canary; an empty
-// non-nil slice for block = "drop"; nil when the query is forwarded.
-func (fw *Forwarder) blockedAnswer(flow filter.FlowRef, msg, buf []byte) []byte {
-	if !fw.h.Engine.HasNameRules() {
-		return nil
-	}
-	var nb [255]byte
-	_, name, _, ok := dns.Question(msg, &nb)
-	if !ok {
-		return nil
-	}
-	mode := fw.h.DNSBlock
-	if string(name) == dns.CanaryName {
-		mode = dns.BlockNXDomain
-	} else if !fw.h.Engine.BlockQuery(flow.Key.Src.Addr(), name, fw.h.Now()) {
-		return nil
-	}
-	fw.dnsAnswered.Add(1)
-	if mode == dns.BlockDrop {
-		return buf[:0]
-	}
-	a, err := dns.Answer(msg, mode, buf)
-	if err != nil || len(a) == 0 {
-		return buf[:0] // not forwarded all the same
-	}
-	return a
 }
 
 // dnsMessages reads length-prefixed DNS messages from r and hands each,
