@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/netip"
 
+	"github.com/tunfw/tunfw/dns"
 	"github.com/tunfw/tunfw/names"
 )
 
@@ -53,6 +54,20 @@ func (s *nameSet) match(name string) bool {
 	}
 	for _, ns := range s.sets {
 		if ns.MatchString(name) {
+			return true
+		}
+	}
+	return false
+}
+
+// matchBytes is match for a name read from a message, without making a
+// string of it.
+func (s *nameSet) matchBytes(name []byte) bool {
+	if len(name) == 0 {
+		return false
+	}
+	for _, ns := range s.sets {
+		if ns.Match(name) {
 			return true
 		}
 	}
@@ -114,14 +129,16 @@ func (rs *Ruleset) NeedsName(p *Packet) bool {
 // BlockedName reports whether a DNS query for name, from client src,
 // is answered by tunfw instead of forwarded: the first rule that has a
 // domain key and no condition but src, whose src and names match, denies
-// or rejects. It returns that rule's index.
-func (rs *Ruleset) BlockedName(src netip.Addr, name string) (rule int, blocked bool) {
+// or rejects. It returns that rule's index. name is taken as Match takes
+// it (any case, perhaps a trailing dot), as DNS reads it: a slice, so that
+// a query costs no string.
+func (rs *Ruleset) BlockedName(src netip.Addr, name []byte) (rule int, blocked bool) {
 	if !rs.hasDomains {
 		return NoRule, false
 	}
 	for i := range rs.rules {
 		r := &rs.rules[i]
-		if r.nameOnly && r.src.contains(src) && r.domains.match(name) {
+		if r.nameOnly && r.src.contains(src) && r.domains.matchBytes(name) {
 			return i, r.action != Allow
 		}
 	}
@@ -134,8 +151,9 @@ func (e *Engine) HasNameRules() bool { return e.policy.Load().rules.hasDomains }
 // BlockQuery reports whether tunfw answers a DNS query for name from
 // client src itself instead of forwarding it (Ruleset.BlockedName), and
 // accounts it: the rule's counters, the blocked-queries counter and a
-// decision log line, like a denied flow.
-func (e *Engine) BlockQuery(src netip.Addr, name string, now int64) bool {
+// decision log line, like a denied flow. A query it does not block costs
+// no allocation.
+func (e *Engine) BlockQuery(src netip.Addr, name []byte, now int64) bool {
 	rs := e.policy.Load().rules
 	ri, blocked := rs.BlockedName(src, name)
 	if !blocked {
@@ -147,12 +165,50 @@ func (e *Engine) BlockQuery(src netip.Addr, name string, now int64) bool {
 		if ok, suppressed := e.logLim.allow(now, e.policy.Load().limits.LogRate); ok {
 			e.log.LogAttrs(context.Background(), slog.LevelInfo, "dns query blocked",
 				slog.String("verdict", rs.rules[ri].action.String()), slog.String("rule", rs.RuleName(ri)),
-				slog.String("src", src.String()), slog.String("name", name))
+				slog.String("src", src.String()), slog.String("name", string(name)))
 		} else if suppressed > 0 {
 			e.logSuppressed(suppressed)
 		}
 	}
 	return true
+}
+
+// AnswerQuery decides whether tunfw answers the DNS query msg, from client
+// src, itself instead of forwarding it, and writes that answer; the UDP and
+// TCP forwarders frame and send it. tunfw answers while rules by name are in
+// force: a query for a name a rule blocks (BlockQuery, which accounts it)
+// as mode says, and one for dns.CanaryName with NXDOMAIN, so that browsers
+// keep to the system's resolver, whose answers tunfw can read. A message
+// that does not read as a query (dns.Question) is forwarded.
+//
+// answered is false for a query to forward unchanged. Otherwise ans is the
+// answer, written into buf from its start (grown when too small, as
+// dns.Answer does), or buf[:0] when nothing is to be sent: mode
+// dns.BlockDrop, or a query dns.Answer cannot answer, which is not
+// forwarded all the same. A query forwarded costs no allocation, nor does
+// an answer that fits buf.
+func (e *Engine) AnswerQuery(src netip.Addr, msg []byte, mode dns.BlockMode, buf []byte, now int64) (ans []byte, answered bool) {
+	if !e.HasNameRules() {
+		return nil, false
+	}
+	var nb [255]byte
+	_, name, _, ok := dns.Question(msg, &nb)
+	if !ok {
+		return nil, false
+	}
+	if string(name) == dns.CanaryName {
+		mode = dns.BlockNXDomain
+	} else if !e.BlockQuery(src, name, now) {
+		return nil, false
+	}
+	if mode == dns.BlockDrop {
+		return buf[:0], true
+	}
+	ans, err := dns.Answer(msg, mode, buf)
+	if err != nil {
+		return buf[:0], true
+	}
+	return ans, true
 }
 
 // Peeking reports whether flow r waits for its name (Decision.Peek): the

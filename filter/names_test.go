@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/BurntSushi/toml"
+	"github.com/tunfw/tunfw/dns"
+	"golang.org/x/net/dns/dnsmessage"
 )
 
 const nameRules = `
@@ -123,11 +125,11 @@ dst_port = 22
 func TestBlockedName(t *testing.T) {
 	rs := mustCompile(t, nameRules)
 	src := netip.MustParseAddr("192.0.2.1")
-	if ri, ok := rs.BlockedName(src, "x.doubleclick.net"); !ok || rs.RuleName(ri) != "no-ads" {
+	if ri, ok := rs.BlockedName(src, []byte("x.doubleclick.net")); !ok || rs.RuleName(ri) != "no-ads" {
 		t.Errorf("BlockedName(x.doubleclick.net) = %d %v, want no-ads true", ri, ok)
 	}
 	// github has proto and dst_port: a query for it is not the flow.
-	if _, ok := rs.BlockedName(src, "github.com"); ok {
+	if _, ok := rs.BlockedName(src, []byte("github.com")); ok {
 		t.Error("a name whose rule has other conditions is blocked at DNS")
 	}
 	allowFirst := mustCompile(t, `
@@ -141,15 +143,207 @@ action = "deny"
 domain = "*.doubleclick.net"
 src = "192.0.2.0/24"
 `)
-	if _, ok := allowFirst.BlockedName(src, "good.doubleclick.net"); ok {
+	if _, ok := allowFirst.BlockedName(src, []byte("good.doubleclick.net")); ok {
 		t.Error("an allow-by-name before the deny does not win")
 	}
-	if _, ok := allowFirst.BlockedName(src, "bad.doubleclick.net"); !ok {
+	if _, ok := allowFirst.BlockedName(src, []byte("bad.doubleclick.net")); !ok {
 		t.Error("deny by name with a src condition does not block at DNS")
 	}
-	if _, ok := allowFirst.BlockedName(netip.MustParseAddr("198.18.0.1"), "bad.doubleclick.net"); ok {
+	if _, ok := allowFirst.BlockedName(netip.MustParseAddr("198.18.0.1"), []byte("bad.doubleclick.net")); ok {
 		t.Error("deny by name blocks a client its src does not cover")
 	}
+}
+
+// TestBlockQuery: a blocked query counts for its rule and for the
+// blocked-queries counter and is logged with its name; a query not blocked
+// counts nowhere.
+func TestBlockQuery(t *testing.T) {
+	e, logs := newTestEngine(t, nameRules, EngineOptions{})
+	src := netip.MustParseAddr("192.0.2.1")
+	if !e.BlockQuery(src, []byte("Ad.DoubleClick.net."), 1) {
+		t.Fatal("a query for an ad was not blocked")
+	}
+	for _, n := range []string{"github.com", "example.org", ""} {
+		if e.BlockQuery(src, []byte(n), 1) {
+			t.Errorf("BlockQuery(%q) = true", n)
+		}
+	}
+	if got := e.Counters().DNSBlocked; got != 1 {
+		t.Errorf("DNSBlocked = %d, want 1", got)
+	}
+	for _, r := range e.RuleStats() {
+		want := uint64(0)
+		if r.Name == "no-ads" {
+			want = 1
+		}
+		if r.Flows != want {
+			t.Errorf("rule %s counted %d, want %d", r.Name, r.Flows, want)
+		}
+	}
+	if l := logs.String(); strings.Count(l, "dns query blocked") != 1 || !strings.Contains(l, "name=Ad.DoubleClick.net.") || !strings.Contains(l, "rule=no-ads") {
+		t.Errorf("log:\n%s", l)
+	}
+}
+
+// TestBlockQueryAllocatesNothing: DNS is read on every query while rules
+// by name are in force; one it does not block costs no allocation, even
+// when the name is in a set (github's rule has other conditions). The
+// names are on the stack, as DNS reads them (dns.Question): BlockQuery
+// must not make them escape.
+func TestBlockQueryAllocatesNothing(t *testing.T) {
+	e, _ := newTestEngine(t, nameRules, EngineOptions{Logger: quiet})
+	src := netip.MustParseAddr("192.0.2.1")
+	long := strings.Repeat("label.", 30) + "Example.ORG."
+	if n := testing.AllocsPerRun(1000, func() {
+		var buf [255]byte
+		n := copy(buf[:], long)
+		gh := [...]byte{'A', 'P', 'I', '.', 'g', 'i', 't', 'h', 'u', 'b', '.', 'c', 'o', 'm'}
+		if e.BlockQuery(src, buf[:n], 1) || e.BlockQuery(src, gh[:], 1) {
+			panic("blocked")
+		}
+	}); n != 0 {
+		t.Errorf("BlockQuery allocates %v times a run", n)
+	}
+}
+
+// dnsQuery is a query with ID 0x4242 for name (written with its dot),
+// with EDNS when edns.
+func dnsQuery(t testing.TB, name string, qtype dnsmessage.Type, edns bool) []byte {
+	t.Helper()
+	b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: 0x4242, RecursionDesired: true})
+	b.StartQuestions()
+	b.Question(dnsmessage.Question{Name: dnsmessage.MustNewName(name), Type: qtype, Class: dnsmessage.ClassINET})
+	if edns {
+		b.StartAdditionals()
+		var rh dnsmessage.ResourceHeader
+		rh.SetEDNS0(4096, dnsmessage.RCodeSuccess, false)
+		b.OPTResource(rh, dnsmessage.OPTResource{})
+	}
+	q, err := b.Finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return q
+}
+
+// TestAnswerQuery: what tunfw answers itself, and how, for each kind of
+// query, whichever transport carries it.
+func TestAnswerQuery(t *testing.T) {
+	e, _ := newTestEngine(t, nameRules, EngineOptions{Logger: quiet})
+	src := netip.MustParseAddr("192.0.2.1")
+	canary := dnsQuery(t, dns.CanaryName+".", dnsmessage.TypeA, false)
+	ad := dnsQuery(t, "X.DoubleClick.net.", dnsmessage.TypeA, true)
+	response := append([]byte(nil), ad...)
+	response[2] |= 0x80 // QR: an answer for the name is not a query
+	for _, c := range []struct {
+		name     string
+		msg      []byte
+		mode     dns.BlockMode
+		answered bool
+		rcode    dnsmessage.RCode
+		records  int  // answer records
+		opt      bool // EDNS in the answer
+	}{
+		{"canary", canary, dns.BlockZero, true, dnsmessage.RCodeNameError, 0, false},
+		{"canary dropped", canary, dns.BlockDrop, true, dnsmessage.RCodeNameError, 0, false},
+		{"blocked nxdomain", ad, dns.BlockNXDomain, true, dnsmessage.RCodeNameError, 0, true},
+		{"blocked refused", ad, dns.BlockRefused, true, dnsmessage.RCodeRefused, 0, true},
+		{"blocked zero", ad, dns.BlockZero, true, dnsmessage.RCodeSuccess, 1, true},
+		{"blocked drop", ad, dns.BlockDrop, true, 0, -1, false},
+		{"not blocked", dnsQuery(t, "example.org.", dnsmessage.TypeA, false), dns.BlockNXDomain, false, 0, 0, false},
+		{"named with conditions", dnsQuery(t, "github.com.", dnsmessage.TypeA, false), dns.BlockNXDomain, false, 0, 0, false},
+		{"truncated", ad[:20], dns.BlockNXDomain, false, 0, 0, false},
+		{"response", response, dns.BlockNXDomain, false, 0, 0, false},
+		{"garbage", []byte{1, 2, 3}, dns.BlockNXDomain, false, 0, 0, false},
+		{"empty", nil, dns.BlockNXDomain, false, 0, 0, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			buf := make([]byte, 0, 1024)
+			ans, answered := e.AnswerQuery(src, c.msg, c.mode, buf, 1)
+			if answered != c.answered {
+				t.Fatalf("answered = %v, want %v", answered, c.answered)
+			}
+			switch {
+			case !answered:
+				if ans != nil {
+					t.Errorf("a forwarded query has an answer of %d bytes", len(ans))
+				}
+				return
+			case c.records < 0:
+				if ans == nil || len(ans) != 0 {
+					t.Errorf("dropped query's answer %v (nil %v), want empty, not nil", ans, ans == nil)
+				}
+				return
+			case len(ans) == 0 || &ans[0] != &buf[:1][0]:
+				t.Fatal("the answer is not written into buf")
+			}
+			var m dnsmessage.Message
+			if err := m.Unpack(ans); err != nil {
+				t.Fatalf("answer does not parse: %v", err)
+			}
+			if !m.Response || m.ID != 0x4242 || m.RCode != c.rcode || len(m.Questions) != 1 || len(m.Answers) != c.records || (len(m.Additionals) == 1) != c.opt {
+				t.Errorf("answer %+v", m)
+			}
+			if c.records == 1 {
+				if a, ok := m.Answers[0].Body.(*dnsmessage.AResource); !ok || a.A != [4]byte{} {
+					t.Errorf("zero answer's record %v", m.Answers[0].Body)
+				}
+			}
+		})
+	}
+	// BlockQuery accounted the four blocked queries, not the canary.
+	if got := e.Counters().DNSBlocked; got != 4 {
+		t.Errorf("DNSBlocked = %d, want 4", got)
+	}
+	// Without rules by name tunfw answers nothing, the canary included.
+	plain, _ := newTestEngine(t, matchConfig, EngineOptions{Logger: quiet})
+	if _, answered := plain.AnswerQuery(src, canary, dns.BlockNXDomain, nil, 1); answered {
+		t.Error("the canary was answered without rules by name")
+	}
+}
+
+// TestAnswerQueryAllocatesNothing: a query forwarded, or answered into a
+// buffer with room, costs no allocation.
+func TestAnswerQueryAllocatesNothing(t *testing.T) {
+	e, _ := newTestEngine(t, nameRules, EngineOptions{Logger: quiet})
+	src := netip.MustParseAddr("192.0.2.1")
+	pass := dnsQuery(t, "www.example.org.", dnsmessage.TypeA, true)
+	canary := dnsQuery(t, dns.CanaryName+".", dnsmessage.TypeAAAA, true)
+	buf := make([]byte, 0, 1024)
+	if n := testing.AllocsPerRun(1000, func() {
+		if _, ok := e.AnswerQuery(src, pass, dns.BlockZero, buf, 1); ok {
+			panic("answered")
+		}
+		if a, ok := e.AnswerQuery(src, canary, dns.BlockZero, buf, 1); !ok || len(a) == 0 {
+			panic("not answered")
+		}
+	}); n != 0 {
+		t.Errorf("AnswerQuery allocates %v times a run", n)
+	}
+}
+
+// FuzzAnswerQuery: whatever a client sends to port 53, AnswerQuery does not
+// panic, and what it answers is a response to the query's ID.
+func FuzzAnswerQuery(f *testing.F) {
+	f.Add(dnsQuery(f, dns.CanaryName+".", dnsmessage.TypeA, false))
+	f.Add(dnsQuery(f, "a.doubleclick.net.", dnsmessage.TypeAAAA, true))
+	f.Add(dnsQuery(f, "example.org.", dnsmessage.TypeHTTPS, true))
+	f.Add([]byte{0x42, 0x42, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0})
+	e := NewEngine(mustCompile(f, nameRules), EngineOptions{Logger: quiet})
+	src := netip.MustParseAddr("192.0.2.1")
+	f.Fuzz(func(t *testing.T, msg []byte) {
+		for _, mode := range []dns.BlockMode{dns.BlockZero, dns.BlockDrop} {
+			ans, answered := e.AnswerQuery(src, msg, mode, make([]byte, 0, 64), 1)
+			if !answered || len(ans) == 0 {
+				continue
+			}
+			var p dnsmessage.Parser
+			h, err := p.Start(ans)
+			if err != nil || !h.Response || h.ID != uint16(msg[0])<<8|uint16(msg[1]) {
+				t.Fatalf("answer %x (%v) to %x", ans, err, msg)
+			}
+		}
+	})
 }
 
 func TestNameSetsConfig(t *testing.T) {
@@ -337,5 +531,17 @@ func TestExplain(t *testing.T) {
 	}
 	if w := ex.Rules[1].Why; !strings.Contains(w, "proto icmp is not tcp") {
 		t.Errorf("explain icmp, github: %q", w)
+	}
+}
+
+// BenchmarkBlockQuery is the cost the rules add to a DNS query they do
+// not block.
+func BenchmarkBlockQuery(b *testing.B) {
+	e, _ := newTestEngine(b, nameRules, EngineOptions{Logger: quiet})
+	src := netip.MustParseAddr("192.0.2.1")
+	name := []byte("www.example.org")
+	b.ReportAllocs()
+	for b.Loop() {
+		e.BlockQuery(src, name, 1)
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 )
 
 const (
@@ -50,6 +51,24 @@ func Normalize(s string) (string, error) {
 		return s[:n], nil // already canonical (perhaps but for the dot): no copy
 	}
 	return string(buf[:n]), nil
+}
+
+// Lower returns name, as a client sent it, in the form rules and logs take:
+// ASCII letters lowercased and one trailing dot removed. Unlike Normalize
+// it checks nothing and refuses nothing: other bytes, non-ASCII ones
+// included, are kept as they are, so that Match judges the name a flow
+// carried and a log shows it. Lower makes one string and allocates
+// nothing else.
+func Lower(name []byte) string {
+	if n := len(name); n > 0 && name[n-1] == '.' {
+		name = name[:n-1]
+	}
+	var b strings.Builder
+	b.Grow(len(name))
+	for _, c := range name {
+		b.WriteByte(lower(c))
+	}
+	return b.String()
 }
 
 // canon checks s and writes its canonical form to buf, returning its length.
@@ -275,9 +294,18 @@ func (s *Set) hash(key []byte) uint32 {
 //
 // Match allocates nothing and costs one table lookup per label of name,
 // however large the set.
+//
+// Match and MatchString are kept from being inlined: inlined into another
+// package, the call to the generic match loses its escape analysis
+// (golang/go#79592) and a caller's name on the stack, as dns.Question
+// writes it, would be moved to the heap on every call.
+//
+//go:noinline
 func (s *Set) Match(name []byte) bool { return match(s, name) }
 
 // MatchString is Match for a string.
+//
+//go:noinline
 func (s *Set) MatchString(name string) bool { return match(s, name) }
 
 func match[T string | []byte](s *Set, name T) bool {

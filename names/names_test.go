@@ -72,6 +72,57 @@ func TestNormalizeDoesNotCopyCanonical(t *testing.T) {
 	}
 }
 
+func TestLower(t *testing.T) {
+	for _, c := range []struct{ in, want string }{
+		{"", ""},
+		{".", ""},
+		{"example.com", "example.com"},
+		{"WWW.Example.COM.", "www.example.com"},
+		{"a..", "a."},                // only one dot goes
+		{"AZ@[`{-_09", "az@[`{-_09"}, // only A-Z change
+		{"\xc3\x89T\xc3\xa9.\xffX", "\xc3\x89t\xc3\xa9.\xffx"}, // other bytes kept
+		{"x y.Example.com", "x y.example.com"},                 // nothing is refused
+	} {
+		if got := Lower([]byte(c.in)); got != c.want {
+			t.Errorf("Lower(%q) = %q, want %q", c.in, got, c.want)
+		}
+	}
+}
+
+// TestLowerMatches: a name Lower returns matches as the bytes it came
+// from do. (Not so for "name..": Lower leaves "name.", whose dot
+// MatchString then drops too.)
+func TestLowerMatches(t *testing.T) {
+	var s Set
+	for _, n := range []string{"example.com", "*.ads.example"} {
+		if err := s.Add(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range []string{"EXAMPLE.com.", "x.example.com", "A.B.Ads.Example.", "ads.example", "\xffx.ads.example", "example.com.x"} {
+		if got, want := s.MatchString(Lower([]byte(n))), s.Match([]byte(n)); got != want {
+			t.Errorf("Lower(%q) matches %v, the name itself %v", n, got, want)
+		}
+	}
+}
+
+func TestLowerAllocatesOnlyItsString(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts mean nothing under -race")
+	}
+	long := []byte(strings.Repeat("Label.", 40) + "COM.")
+	if n := testing.AllocsPerRun(1000, func() {
+		if Lower(long) == "" {
+			panic("empty")
+		}
+	}); n != 1 {
+		t.Errorf("Lower allocates %v times a run, want 1", n)
+	}
+	if n := testing.AllocsPerRun(1000, func() { _ = Lower([]byte(".")) }); n != 0 {
+		t.Errorf("Lower of an empty name allocates %v times a run", n)
+	}
+}
+
 func TestMatch(t *testing.T) {
 	var s Set
 	for _, p := range []string{"example.com", "*.Wild.ORG", "deep.example.net", "*.deep.example.net", "*.io"} {
@@ -214,5 +265,13 @@ func TestConcurrentMatch(t *testing.T) {
 		if !<-done {
 			t.Error("a concurrent reader got a wrong answer")
 		}
+	}
+}
+
+func BenchmarkLower(b *testing.B) {
+	name := []byte("Www.Example-CDN.Example.COM.")
+	b.ReportAllocs()
+	for b.Loop() {
+		_ = Lower(name)
 	}
 }

@@ -17,14 +17,22 @@ import (
 // DNS over TCP (port 53) is relayed message by message when tunfw reads
 // DNS (snooping on, or rules by name in force): the answers teach the
 // name table, and a query for a name a rule blocks is answered by tunfw
-// and never forwarded, as over UDP (udpfwd/names.go). DNS connections are
-// few and short: this relay is two goroutines and two buffers, without
-// the idle hand-off of the byte relay.
+// and never forwarded, as over UDP (filter.Engine.AnswerQuery decides for
+// both). DNS connections are few and short: this relay is two goroutines
+// and two buffers, without the idle hand-off of the byte relay.
 
 const dnsPort = 53
 
-// dnsRelayBuf holds a whole message and its length prefix.
-const dnsRelayBuf = 2 + 65535
+// Buffers of a DNS relay. A direction starts with room for a classic
+// 512-byte message and its length, and grows to the longest message the
+// connection carries (at most 2+65535), not to the most a message may be:
+// most connections carry a query or two and an answer, and hold little
+// while they wait. tunfw's own answers have a question, perhaps one record
+// and an OPT: 12 + (255+4) + (255+10+16) + 11 bytes at most.
+const (
+	dnsFirstBuf  = 2 + 512
+	dnsAnswerBuf = 2 + 563
+)
 
 // readsDNS reports whether a connection to port 53 is relayed by dnsRelay.
 func (fw *Forwarder) readsDNS(key filter.FlowKey) bool {
@@ -74,17 +82,14 @@ func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcp
 	}()
 	func() {
 		defer fw.guard.Recover(&flow)
-		var ans [dnsRelayBuf]byte
+		var ans [dnsAnswerBuf]byte
 		err := dnsMessages(client, func(framed []byte) error {
-			if a := fw.blockedAnswer(flow, framed[2:], ans[2:2]); a != nil {
+			if a, answered := fw.h.Engine.AnswerQuery(flow.Key.Src.Addr(), framed[2:], fw.h.DNSBlock, ans[2:2], fw.h.Now()); answered {
+				fw.dnsAnswered.Add(1)
 				if len(a) == 0 {
-					return nil // block = "drop"
+					return nil // block = "drop", or a query tunfw cannot answer
 				}
-				binary.BigEndian.PutUint16(ans[:2], uint16(len(a)))
-				if &a[0] != &ans[2] {
-					copy(ans[2:], a)
-				}
-				return write(ans[:2+len(a)])
+				return write(framedAnswer(ans[:], a))
 			}
 			_, err := up.Write(framed)
 			return err
@@ -102,39 +107,24 @@ func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcp
 	fw.h.Engine.Release(flow, fw.h.Now())
 }
 
-// blockedAnswer is tunfw's answer (written into buf when it fits) to a
-// query that a rule by name blocks, or for the DoH canary; an empty
-// non-nil slice for block = "drop"; nil when the query is forwarded.
-func (fw *Forwarder) blockedAnswer(flow filter.FlowRef, msg, buf []byte) []byte {
-	if !fw.h.Engine.HasNameRules() {
-		return nil
+// framedAnswer puts its length before the answer a, written into buf[2:]
+// or, had it outgrown buf, into a slice of its own.
+func framedAnswer(buf, a []byte) []byte {
+	if len(a) <= len(buf)-2 && &a[0] == &buf[2] {
+		buf = buf[:2+len(a)]
+	} else {
+		buf = make([]byte, 2+len(a))
+		copy(buf[2:], a)
 	}
-	var nb [255]byte
-	_, name, _, ok := dns.Question(msg, &nb)
-	if !ok {
-		return nil
-	}
-	mode := fw.h.DNSBlock
-	if string(name) == dns.CanaryName {
-		mode = dns.BlockNXDomain
-	} else if !fw.h.Engine.BlockQuery(flow.Key.Src.Addr(), string(name), fw.h.Now()) {
-		return nil
-	}
-	fw.dnsAnswered.Add(1)
-	if mode == dns.BlockDrop {
-		return buf[:0]
-	}
-	a, err := dns.Answer(msg, mode, buf)
-	if err != nil || len(a) == 0 {
-		return buf[:0] // not forwarded all the same
-	}
-	return a
+	binary.BigEndian.PutUint16(buf, uint16(len(a)))
+	return buf
 }
 
 // dnsMessages reads length-prefixed DNS messages from r and hands each,
-// with its prefix, to fn, until r ends (nil) or fails, or fn fails.
+// with its prefix, to fn, until r ends (nil) or fails, or fn fails. The
+// slice fn is given is valid until it returns.
 func dnsMessages(r io.Reader, fn func(framed []byte) error) error {
-	buf := make([]byte, dnsRelayBuf)
+	buf := make([]byte, dnsFirstBuf)
 	for {
 		if _, err := io.ReadFull(r, buf[:2]); err != nil {
 			if err == io.EOF {
@@ -142,11 +132,16 @@ func dnsMessages(r io.Reader, fn func(framed []byte) error) error {
 			}
 			return err
 		}
-		n := int(binary.BigEndian.Uint16(buf[:2]))
-		if _, err := io.ReadFull(r, buf[2:2+n]); err != nil {
+		n := 2 + int(binary.BigEndian.Uint16(buf[:2]))
+		if n > len(buf) {
+			grown := make([]byte, n)
+			copy(grown, buf[:2])
+			buf = grown
+		}
+		if _, err := io.ReadFull(r, buf[2:n]); err != nil {
 			return err
 		}
-		if err := fn(buf[:2+n]); err != nil {
+		if err := fn(buf[:n]); err != nil {
 			return err
 		}
 	}

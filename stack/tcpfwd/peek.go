@@ -3,12 +3,12 @@ package tcpfwd
 import (
 	"context"
 	"net"
-	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/inspect"
+	"github.com/tunfw/tunfw/names"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
@@ -117,7 +117,7 @@ func (fw *Forwarder) peekThenDial(r *tcp.ForwarderRequest, flow filter.FlowRef) 
 // readName reads the client's first bytes into buf until its name is
 // found, the bytes can carry none, buf is full or timeout passes. It
 // returns how many bytes it read and the name found, lowercased without a
-// trailing dot.
+// trailing dot (names.Lower).
 func (fw *Forwarder) readName(c *gonet.TCPConn, buf []byte, timeout time.Duration) (int, string, filter.NameFrom) {
 	c.SetReadDeadline(time.Now().Add(timeout))
 	defer c.SetReadDeadline(time.Time{})
@@ -142,7 +142,7 @@ func (fw *Forwarder) readName(c *gonet.TCPConn, buf []byte, timeout time.Duratio
 			switch st {
 			case inspect.Found:
 				fw.peeks.found[from-filter.NameSNI].Add(1)
-				return n, strings.TrimSuffix(strings.ToLower(string(name)), "."), from
+				return n, names.Lower(name), from
 			case inspect.NoName:
 				fw.peeks.noName.Add(1)
 				return n, "", filter.NameNone

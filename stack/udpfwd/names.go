@@ -9,6 +9,7 @@ import (
 	"github.com/tunfw/tunfw/dns"
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/inspect"
+	"github.com/tunfw/tunfw/names"
 	"github.com/tunfw/tunfw/stack/internal/tunio"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
@@ -57,41 +58,29 @@ func (u *Forwarder) NameStats() NameStats {
 		PeekTimeouts: n.peekTimeouts.Load(), PeekNoName: n.peekNoName.Load(), PeekBusy: n.peekBusy.Load()}
 }
 
-// answerQuery answers a client's DNS query itself when a rule by name
-// blocks its name (filter.Engine.BlockQuery), or when it asks for the DoH
-// canary while rules by name are in force: browsers that get NXDOMAIN for
-// it keep to the system's resolver, whose answers tunfw can read. It
-// reports whether it took the query; the rest are forwarded unchanged.
+// answerQuery answers a client's DNS query itself when the engine says
+// tunfw does (filter.Engine.AnswerQuery: a name a rule blocks, or the DoH
+// canary), in a datagram from the resolver the client asked. It reports
+// whether it took the query; the rest are forwarded unchanged.
 func (u *Forwarder) answerQuery(p *filter.Packet, pkt []byte, now int64) bool {
 	if !u.h.Engine.HasNameRules() {
-		return false
+		return false // AnswerQuery would say so too, but a buffer is taken first
 	}
 	payload := pkt[p.IPHeaderLen+header.UDPMinimumSize:][:p.PayloadLen]
-	var buf [255]byte
-	_, name, _, ok := dns.Question(payload, &buf)
-	if !ok {
-		return false
-	}
-	mode := u.h.DNS.Block
-	if string(name) == dns.CanaryName {
-		mode = dns.BlockNXDomain
-	} else if !u.h.Engine.BlockQuery(p.Src, string(name), now) {
-		return false
-	}
-	u.names.answered.Add(1)
-	if mode == dns.BlockDrop {
-		return true
-	}
 	// The answer carries no IPv4 options or IPv6 extension headers.
 	ipLen := filter.HeaderLen(p.Dst)
 	bp := u.h.TUN.Buffer()
 	defer u.h.TUN.Release(bp)
 	off := tunio.Headroom + ipLen + header.UDPMinimumSize
-	ans, err := dns.Answer(payload, mode, (*bp)[off:off])
-	if err != nil || ipLen+header.UDPMinimumSize+len(ans) > u.h.MTU {
-		return true // a query tunfw cannot answer is still not forwarded
+	ans, answered := u.h.Engine.AnswerQuery(p.Src, payload, u.h.DNS.Block, (*bp)[off:off], now)
+	if !answered {
+		return false
 	}
-	if len(ans) > 0 && unsafe.SliceData(ans) != &(*bp)[off] {
+	u.names.answered.Add(1)
+	if len(ans) == 0 || ipLen+header.UDPMinimumSize+len(ans) > u.h.MTU {
+		return true // block = "drop", or a query tunfw cannot answer: still not forwarded
+	}
+	if unsafe.SliceData(ans) != &(*bp)[off] {
 		copy((*bp)[off:], ans) // Answer grew its own buffer
 	}
 	reply, total := filter.BuildUDP((*bp)[tunio.Headroom:], netip.AddrPortFrom(p.Dst, p.DstPort), netip.AddrPortFrom(p.Src, p.SrcPort), len(ans))
@@ -155,7 +144,7 @@ func (u *Forwarder) peekUDP(f *udpFlow, payload []byte, now int64) bool {
 	name, st := ps.q.Add(payload)
 	var n string
 	if st == inspect.Found {
-		n = normalName(name)
+		n = names.Lower(name)
 	}
 	if st == inspect.NeedMore && ps.timer == nil {
 		ps.timer = time.AfterFunc(o.Timeout, func() {
@@ -219,19 +208,4 @@ func (u *Forwarder) decidePeek(f *udpFlow, name string, from filter.NameFrom) {
 	if d.Verdict == filter.VerdictForward && !byTable {
 		u.h.Engine.Release(f.ref, now) // allowed, but no room to open it
 	}
-}
-
-// normalName is a name as read, lowercased, without a trailing dot.
-func normalName(b []byte) string {
-	if n := len(b); n > 0 && b[n-1] == '.' {
-		b = b[:n-1]
-	}
-	out := make([]byte, len(b))
-	for i, c := range b {
-		if 'A' <= c && c <= 'Z' {
-			c += 'a' - 'A'
-		}
-		out[i] = c
-	}
-	return string(out)
 }
