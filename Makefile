@@ -48,6 +48,8 @@ fuzz:
 	$(FUZZ) -fuzz=FuzzNormalize ./names
 	$(FUZZ) -fuzz=FuzzReadList ./names
 	$(FUZZ) -fuzz=FuzzSplitVirtio ./tun
+	$(FUZZ) -fuzz=FuzzAnswerQuery ./filter
+	$(FUZZ) -fuzz=FuzzDNSMessages ./stack/tcpfwd
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))" || { echo "gofmt needed:"; gofmt -l .; exit 1; }

@@ -19,7 +19,8 @@ import (
 // name table, and a query for a name a rule blocks is answered by tunfw
 // and never forwarded, as over UDP (filter.Engine.AnswerQuery decides for
 // both). DNS connections are few and short: this relay is two goroutines
-// and two buffers, without the idle hand-off of the byte relay.
+// and three small buffers (one per direction, one for tunfw's answers),
+// without the idle hand-off of the byte relay.
 
 const dnsPort = 53
 
