@@ -372,8 +372,12 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 	f := e.flows[key]
 	// A SYN on a flow a recheck cut is a new connection reusing the
 	// tuple: judge it afresh. On a live flow it goes to the stack, which
-	// answers it within that connection.
-	if f != nil && !(syn && f.state == stateClosed) {
+	// answers it within that connection. A flow that rules older than the
+	// current ones denied or rejected (a recheck looks only at allowed
+	// flows) is judged afresh too, at a new connection's SYN or a UDP or
+	// ICMP flow's next packet: after a reload that allows it, a client
+	// reusing the tuple at once is not refused by the old rules.
+	if f != nil && !(syn && f.state == stateClosed) && !e.staleDenial(f, p, syn) {
 		f.last = now
 		f.pktsIn++
 		f.bytesIn += uint64(p.Len)
@@ -415,6 +419,13 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 		return e.count(Decision{Verdict: VerdictReject, Rule: NoRule, Reason: ReasonLimit})
 	}
 	return e.newFlow(pol.rules, key, p, now)
+}
+
+// staleDenial reports whether f, which p belongs to, was denied or
+// rejected by rules a reload has replaced, and p may start a new
+// connection (a SYN; any packet of UDP or ICMP). e.mu is held.
+func (e *Engine) staleDenial(f *flow, p *Packet, syn bool) bool {
+	return f.dec.Verdict != VerdictForward && (syn || p.Proto != ProtoTCP) && f.rs != e.policy.Load().rules
 }
 
 // newFlow runs the rules for the first packet of a flow and records the

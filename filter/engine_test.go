@@ -61,10 +61,17 @@ dst_port = 22
 	if e.rules().Default() != Deny {
 		t.Errorf("Rules() not swapped")
 	}
-	// A denied flow stays denied without re-evaluating: swap back to allow.
-	e.Swap(mustCompile(t, ""))
-	if d := in(e, tcp("10.0.0.2", 40001, "1.1.1.1", 443, TCPSyn), 2*sec); d.Verdict != VerdictDrop {
+	// A denied flow stays denied while its rules are in force: a SYN
+	// retransmit follows its verdict, without running the rules.
+	if d := in(e, tcp("10.0.0.2", 40001, "1.1.1.1", 443, TCPSyn), sec); d.Verdict != VerdictDrop {
 		t.Errorf("SYN retransmit of denied flow: %+v", d)
+	}
+	// Once a reload replaced those rules, a SYN on it is judged afresh
+	// (as nftables judges a dropped connection's retransmit by the new
+	// ruleset): swap back to allow.
+	e.Swap(mustCompile(t, ""))
+	if d := in(e, tcp("10.0.0.2", 40001, "1.1.1.1", 443, TCPSyn), 2*sec); d.Verdict != VerdictForward {
+		t.Errorf("SYN retransmit of a flow denied by the old rules: %+v", d)
 	}
 	// UDP: first datagram judged, later ones follow.
 	e.Swap(mustCompile(t, "[[rule]]\naction = \"reject\"\nproto = \"udp\"\n"))
@@ -75,7 +82,7 @@ dst_port = 22
 		}
 	}
 	c := e.Counters()
-	if c.Forwarded != 2 || c.Denied != 2 || c.Rejected != 3 || c.FlowsCreated != 3 || c.FlowsActive != 3 {
+	if c.Forwarded != 3 || c.Denied != 2 || c.Rejected != 3 || c.FlowsCreated != 4 || c.FlowsActive != 3 {
 		t.Errorf("counters: %+v", c)
 	}
 	// Log: one line per logged new-flow decision (deny level by default).
@@ -442,5 +449,38 @@ func TestRecheckCutsClaimedFlows(t *testing.T) {
 	<-done
 	if len(cut) != flows {
 		t.Errorf("recheck cut %d of %d denied flows", len(cut), flows)
+	}
+}
+
+// After a reload, a flow the old rules rejected is judged by the new ones
+// at a new connection's SYN (a client reusing the tuple at once) or a UDP
+// flow's next datagram; a TCP segment that starts nothing keeps the old
+// verdict, and without a reload nothing is judged twice.
+func TestEngineStaleDenialJudgedAfresh(t *testing.T) {
+	e, _ := newTestEngine(t, "[filter]\ndefault = \"reject\"\n", EngineOptions{})
+	syn := tcp("10.0.0.2", 40000, "1.1.1.1", 443, TCPSyn)
+	ack := tcp("10.0.0.2", 40000, "1.1.1.1", 443, TCPAck)
+	u := udp("10.0.0.2", 5000, "8.8.8.8", 53)
+	for _, x := range []pk{syn, u} {
+		if d := in(e, x, 0); d.Verdict != VerdictReject {
+			t.Fatalf("first packet: %+v, want reject", d)
+		}
+	}
+	created := e.Counters().FlowsCreated
+	if d := in(e, syn, sec); d.Verdict != VerdictReject || e.Counters().FlowsCreated != created {
+		t.Fatalf("SYN again under the same rules: %+v, flows created %d (want reject, %d)", d, e.Counters().FlowsCreated, created)
+	}
+	e.Swap(mustCompile(t, ""))
+	if d := in(e, ack, 2*sec); d.Verdict != VerdictReject {
+		t.Errorf("ACK on a flow rejected by the old rules: %+v, want the old verdict", d)
+	}
+	if d := in(e, syn, 2*sec); d.Verdict != VerdictForward {
+		t.Errorf("SYN on a flow rejected by the old rules: %+v, want forward", d)
+	}
+	if d := in(e, u, 2*sec); d.Verdict != VerdictForward {
+		t.Errorf("datagram of a flow rejected by the old rules: %+v, want forward", d)
+	}
+	if c := e.Counters(); c.FlowsCreated != created+2 || c.FlowsActive != 2 {
+		t.Errorf("flows created %d, active %d; want %d and 2 (each replaced)", c.FlowsCreated, c.FlowsActive, created+2)
 	}
 }
