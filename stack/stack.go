@@ -90,7 +90,7 @@ func New(o Options) (*Stack, error) {
 	s.out.init(o.Device, o.Logger, s.ctx)
 	var err error
 	s.tcp, err = tcpfwd.New(tcpfwd.Host{
-		Engine: s.eng, Log: s.log, Now: s.now, MTU: s.mtu, Dialer: s.dialer, TUN: &s.out, Inspect: o.Inspect,
+		Engine: s.eng, Log: s.log, Now: s.now, MTU: s.mtu, Dialer: s.dialer, TUN: &s.out, TSO: s.out.segmenter(), Inspect: o.Inspect,
 		DNSNames: o.DNS.Names, DNSBlock: o.DNS.Block,
 	}, o.TCP, o.Dial)
 	if err != nil {

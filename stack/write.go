@@ -48,6 +48,31 @@ func (w *tunWriter) Write(bufs [][]byte) {
 	}
 }
 
+// tsoDevice is a device that segments TCP packets itself (tun.Device).
+type tsoDevice interface {
+	WriteTSO(buf []byte, offset, mss int) error
+	TSO() bool
+}
+
+// segmenter returns the writer as the tunio.Segmenter of a device that
+// segments, or nil.
+func (w *tunWriter) segmenter() tunio.Segmenter {
+	if d, ok := w.dev.(tsoDevice); ok && d.TSO() {
+		return w
+	}
+	return nil
+}
+
+// WriteTSO implements tunio.Segmenter; only with a tsoDevice.
+func (w *tunWriter) WriteTSO(pkt []byte, mss int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.dev.(tsoDevice).WriteTSO(pkt, tunio.Headroom, mss); err != nil && w.ctx.Err() == nil {
+		w.errors.Add(1)
+		w.log.Debug("write to TUN", "bytes", len(pkt), "segment", mss, "err", err)
+	}
+}
+
 // writeOne writes one packet built outside the forwarders' buffers (a
 // reject, an echo reply); pkt starts with tunio.Headroom bytes of room.
 func (w *tunWriter) writeOne(pkt []byte) { w.Write([][]byte{pkt}) }

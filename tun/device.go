@@ -27,7 +27,7 @@ type Device struct {
 	noIPv6 bool    // IPv6 is disabled in this network namespace
 
 	// file is the TUN's character device and vnetHdr whether it carries
-	// virtio-net headers: ReadPackets reads it directly (read.go).
+	// virtio-net headers: ReadPackets and WriteTSO use it directly (offload.go).
 	file    *os.File
 	vnetHdr bool
 

@@ -193,3 +193,44 @@ func vnetHeaderOn(f *os.File, name string) bool {
 	})
 	return on
 }
+
+// WriteTSO writes one TCP packet carrying more than mss bytes of payload,
+// for the kernel to cut into segments of mss bytes and fill in their
+// checksums (TSO, as a NIC would): the netstack builds one 64 KiB segment
+// where a 1500-byte path would need 45. The packet starts offset bytes
+// into buf, which must leave VirtioHeaderLen bytes before it; its TCP
+// checksum field holds the sum of the pseudo-header only. It fails when
+// the device carries no virtio-net headers (TSO reports which).
+func (d *Device) WriteTSO(buf []byte, offset, mss int) error {
+	if !d.vnetHdr || offset < VirtioHeaderLen {
+		return errors.New("write to TUN: the device takes no segmentation offload")
+	}
+	pkt := buf[offset:]
+	gso, l3 := byte(gsoTCPv4), 0
+	switch {
+	case len(pkt) >= 40 && pkt[0]>>4 == 6:
+		gso, l3 = gsoTCPv6, 40
+	case len(pkt) >= 20 && pkt[0]>>4 == 4:
+		l3 = int(pkt[0]&0xf) * 4
+	}
+	if l3 == 0 || len(pkt) < l3+20 || mss <= 0 || mss > 0xffff {
+		return fmt.Errorf("write to TUN: not a TCP packet to segment (%d bytes, segment size %d)", len(pkt), mss)
+	}
+	h := buf[offset-VirtioHeaderLen : offset]
+	h[0], h[1] = vnetNeedsCsum, gso
+	binary.NativeEndian.PutUint16(h[2:4], uint16(l3+int(pkt[l3+12]>>4)*4))
+	binary.NativeEndian.PutUint16(h[4:6], uint16(mss))
+	binary.NativeEndian.PutUint16(h[6:8], uint16(l3))
+	binary.NativeEndian.PutUint16(h[8:10], 16) // the TCP checksum's offset
+	if _, err := d.file.Write(buf[offset-VirtioHeaderLen:]); err != nil {
+		if errors.Is(err, syscall.EBADFD) {
+			return os.ErrClosed
+		}
+		return fmt.Errorf("write to TUN: %w", err)
+	}
+	return nil
+}
+
+// TSO reports whether WriteTSO works: the device carries virtio-net
+// headers (wireguard-go opens it so where the kernel can).
+func (d *Device) TSO() bool { return d.vnetHdr }

@@ -2,12 +2,14 @@ package tcpfwd
 
 import (
 	"bytes"
+	"fmt"
 	"net/netip"
 	"testing"
 
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/stack/internal/gaddr"
 	"github.com/tunfw/tunfw/stack/internal/race"
+	"github.com/tunfw/tunfw/stack/internal/tunio"
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -152,5 +154,72 @@ func TestWritePacketsDoesNotAllocate(t *testing.T) {
 	}
 	if n := testing.AllocsPerRun(100, func() { s.writePackets(pkts) }); n != 0 {
 		t.Errorf("writing 3 packets allocates %v times", n)
+	}
+}
+
+// recordTUN is a TUN writer (and segmenter) that keeps what it is given,
+// in order: "w" for a packet of a Write, "tso" for WriteTSO.
+type recordTUN struct {
+	discardTUN
+	kinds []string
+	pkts  [][]byte
+	mss   []int
+}
+
+func (r *recordTUN) Write(bufs [][]byte) {
+	for _, b := range bufs {
+		r.kinds, r.pkts, r.mss = append(r.kinds, "w"), append(r.pkts, bytes.Clone(b[tunio.Headroom:])), append(r.mss, 0)
+	}
+}
+
+func (r *recordTUN) WriteTSO(pkt []byte, mss int) {
+	r.kinds, r.pkts, r.mss = append(r.kinds, "tso"), append(r.pkts, bytes.Clone(pkt[tunio.Headroom:])), append(r.mss, mss)
+}
+
+// With GSO on, the netstack's segments carry partial checksums: one that
+// fits its MSS leaves with its checksum completed, a larger one goes to
+// the kernel to segment, and the order of a batch is kept around it.
+func TestWritePacketsGSO(t *testing.T) {
+	rec := &recordTUN{discardTUN: *newDiscardTUN()}
+	h := testHost(t, nil)
+	h.TUN, h.TSO = rec, rec
+	s := stateOnly(h)
+	for _, c := range [][2]string{{"198.18.0.1:40000", "203.0.113.10:443"}, {"[fd54::1]:40000", "[2001:db8::10]:443"}} {
+		src, dst := netip.MustParseAddrPort(c[0]), netip.MustParseAddrPort(c[1])
+		rec.kinds, rec.pkts, rec.mss = nil, nil, nil
+		const mss = 1000
+		var pkts []*stack.PacketBuffer
+		for _, n := range []int{500, 3 * mss, mss} {
+			pb := segment(src, dst, header.TCPFlagAck, bytes.Repeat([]byte{byte(n)}, n))
+			defer pb.DecRef()
+			// As the netstack leaves it with GSO: the pseudo-header's sum
+			// (over the TCP length) in the checksum field.
+			b := appendPacket(nil, pb)
+			l3 := header.IPv4MinimumSize
+			pb.GSOOptions = stack.GSO{Type: stack.GSOTCPv4, NeedsCsum: true, MSS: mss, L3HdrLen: uint16(l3)}
+			if src.Addr().Is6() {
+				l3 = header.IPv6MinimumSize
+				pb.GSOOptions.Type, pb.GSOOptions.L3HdrLen = stack.GSOTCPv6, uint16(l3)
+			}
+			xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, gaddr.To(dst.Addr()), gaddr.To(src.Addr()), uint16(len(b)-l3))
+			header.TCP(pb.TransportHeader().Slice()).SetChecksum(xsum)
+			if ip := header.IPv4(pb.NetworkHeader().Slice()); !src.Addr().Is6() {
+				ip.SetChecksum(^ip.CalculateChecksum()) // as the IPv4 layer does
+			}
+			pkts = append(pkts, pb)
+		}
+		s.writePackets(pkts)
+		if got := fmt.Sprint(rec.kinds, rec.mss); got != "[w tso w] [0 1000 0]" {
+			t.Fatalf("%s: written as %s, want [w tso w] [0 1000 0]", c[0], got)
+		}
+		for i, pkt := range rec.pkts {
+			l3 := header.IPv4MinimumSize
+			if src.Addr().Is6() {
+				l3 = header.IPv6MinimumSize
+			}
+			if valid := checksumsValid(pkt, l3, src.Addr().Is6()); valid != (rec.kinds[i] == "w") {
+				t.Errorf("%s: packet %d (%s) has a complete checksum: %v", c[0], i, rec.kinds[i], valid)
+			}
+		}
 	}
 }

@@ -46,6 +46,10 @@ type Host struct {
 	Dialer *dial.Dialer
 	// TUN takes the netstack's packets and the cut RSTs.
 	TUN tunio.Writer
+	// TSO, when not nil, takes the netstack's TCP packets larger than
+	// their segment size: the netstack then builds segments of up to
+	// 64 KiB whatever the client's MSS (see linkEndpoint.SupportedGSO).
+	TSO tunio.Segmenter
 	// Inspect bounds the reading of connections' first bytes for their
 	// name (peek.go); its zero value means inspect.DefaultOptions.
 	Inspect inspect.Options
@@ -105,7 +109,7 @@ func New(h Host, c Config, lim DialLimits) (*Forwarder, error) {
 		return nil, err
 	}
 	fw.watcher = w
-	fw.ep = &linkEndpoint{mtu: uint32(h.MTU), write: fw.writePackets}
+	fw.ep = &linkEndpoint{mtu: uint32(h.MTU), write: fw.writePackets, gso: h.TSO != nil}
 	fw.ns = stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol},

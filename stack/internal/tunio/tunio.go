@@ -22,3 +22,13 @@ type Writer interface {
 	Buffer() *[]byte
 	Release(*[]byte)
 }
+
+// Segmenter writes TCP packets larger than their segment size, which the
+// kernel cuts into segments (TSO): see tun.Device.WriteTSO.
+type Segmenter interface {
+	// WriteTSO writes pkt (Headroom bytes into its buffer, its TCP
+	// checksum field holding the pseudo-header's sum) for the kernel to
+	// cut into segments of mss payload bytes. Errors are counted by the
+	// writer, as Write's are.
+	WriteTSO(pkt []byte, mss int)
+}
