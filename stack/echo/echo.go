@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/tunfw/tunfw/filter"
 	"golang.org/x/sys/unix"
@@ -319,25 +320,80 @@ func (pg *Forwarder) releaseLocked(i int32) {
 
 func (pg *Forwarder) readLoop(c *net.IPConn) {
 	defer pg.wg.Done()
-	buf := make([]byte, 65535)
+	rc, err := c.SyscallConn()
+	if err != nil {
+		pg.h.Log.Warn("echo replies: raw socket", "err", err)
+		return
+	}
+	r := replyReader{buf: make([]byte, 65535), v4: c == pg.c4}
+	r.read = r.readFd
 	out := make([]byte, pg.h.Headroom+pg.h.MTU)
 	for {
-		n, from, err := c.ReadFrom(buf)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			if errors.Is(err, syscall.EINTR) {
-				continue
-			}
-			pg.h.Log.Debug("read echo reply", "err", err)
+		if err := rc.Read(r.read); err != nil {
+			return // closed
+		}
+		if r.err != nil {
+			pg.h.Log.Debug("read echo reply", "err", r.err)
 			continue
 		}
-		ip, ok := netip.AddrFromSlice(from.(*net.IPAddr).IP)
-		if !ok || n < 8 {
+		if len(r.msg) < 8 || !r.from.IsValid() {
 			continue
 		}
-		pg.reply(ip.Unmap(), buf[:n], out)
+		pg.reply(r.from, r.msg, out)
+	}
+}
+
+// replyReader reads one ICMP message and its sender from a raw socket
+// without allocating (net.IPConn.ReadFrom allocates the sender's address
+// at every read): read is made once, for RawConn.Read, which waits in the
+// netpoller while it returns false.
+type replyReader struct {
+	buf  []byte
+	v4   bool // an IPv4 raw socket: the message comes after its IP header
+	read func(fd uintptr) bool
+	rsa  unix.RawSockaddrAny
+
+	msg  []byte     // the message read, in buf
+	from netip.Addr // its sender
+	err  error
+}
+
+func (r *replyReader) readFd(fd uintptr) bool {
+	for {
+		l := uint32(unix.SizeofSockaddrAny)
+		n, _, errno := unix.Syscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&r.buf[0])), uintptr(len(r.buf)),
+			unix.MSG_DONTWAIT, uintptr(unsafe.Pointer(&r.rsa)), uintptr(unsafe.Pointer(&l)))
+		switch errno {
+		case 0:
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return false
+		default:
+			r.msg, r.err = nil, errno
+			return true
+		}
+		r.msg, r.err, r.from = r.buf[:n], nil, netip.Addr{}
+		switch r.rsa.Addr.Family {
+		case unix.AF_INET:
+			r.from = netip.AddrFrom4((*unix.RawSockaddrInet4)(unsafe.Pointer(&r.rsa)).Addr)
+		case unix.AF_INET6:
+			r.from = netip.AddrFrom16((*unix.RawSockaddrInet6)(unsafe.Pointer(&r.rsa)).Addr).Unmap()
+		}
+		if r.v4 {
+			// As net.IPConn does: drop the IPv4 header the kernel
+			// hands raw IPv4 sockets.
+			hl := 0
+			if len(r.msg) > 0 {
+				hl = int(r.msg[0]&0xf) * 4
+			}
+			if hl < 20 || hl > len(r.msg) {
+				r.msg = nil
+				return true
+			}
+			r.msg = r.msg[hl:]
+		}
+		return true
 	}
 }
 

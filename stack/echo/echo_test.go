@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"testing"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/stack/internal/gaddr"
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
@@ -253,5 +255,53 @@ func BenchmarkEchoReply(b *testing.B) {
 				pg.reply(c.dst, msg, out)
 			}
 		})
+	}
+}
+
+// The reply reader gets an echo reply and its sender from a raw socket
+// without allocating: it runs for every reply.
+func TestReplyReaderDoesNotAllocate(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("raw ICMP sockets need root")
+	}
+	c, err := net.ListenPacket("ip4:icmp", "127.0.0.1")
+	if err != nil {
+		t.Skipf("no raw ICMP socket: %v", err)
+	}
+	defer c.Close()
+	rc, err := c.(*net.IPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := make([]byte, 8+16)
+	req[0] = byte(header.ICMPv4Echo)
+	binary.BigEndian.PutUint16(req[4:], 0x4242)
+	binary.BigEndian.PutUint16(req[2:], ^checksum.Checksum(req, 0))
+	dst := &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}
+	var serr error
+	send := func(fd uintptr) bool { serr = unix.Sendto(int(fd), req, 0, dst); return true }
+	r := replyReader{buf: make([]byte, 65535), v4: true}
+	r.read = r.readFd
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	exchange := func() {
+		if err := rc.Write(send); err != nil || serr != nil {
+			t.Fatalf("send: %v %v", err, serr)
+		}
+		// The socket sees the request it sent to loopback, then the reply.
+		for {
+			if err := rc.Read(r.read); err != nil || r.err != nil {
+				t.Fatalf("read: %v %v", err, r.err)
+			}
+			if len(r.msg) == len(req) && r.msg[0] == byte(header.ICMPv4EchoReply) {
+				return
+			}
+		}
+	}
+	exchange()
+	if r.from != netip.MustParseAddr("127.0.0.1") || binary.BigEndian.Uint16(r.msg[4:]) != 0x4242 {
+		t.Fatalf("reply from %v, identifier %#x; want 127.0.0.1, 0x4242", r.from, binary.BigEndian.Uint16(r.msg[4:]))
+	}
+	if n := testing.AllocsPerRun(50, exchange); n != 0 {
+		t.Errorf("an echo request and the reading of its reply allocate %v times", n)
 	}
 }
