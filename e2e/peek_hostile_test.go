@@ -461,21 +461,6 @@ func (e *peekEnv) wantFlow(t *testing.T, port uint16, dst netip.AddrPort, verdic
 	}
 }
 
-// tupleReuseFixed says whether tunfw judges a connection that reuses a
-// peeked flow's tuple by its own name. Until it does, TestPeekTupleReuse
-// skips (t.Skip "bug: ...") where it sees the old verdict applied; set it
-// to true with the fix so that the test fails there instead.
-const tupleReuseFixed = false
-
-// reuseBug fails t, or skips it while tupleReuseFixed is false.
-func reuseBug(t *testing.T, format string, args ...any) {
-	t.Helper()
-	if !tupleReuseFixed {
-		t.Skipf("bug: a connection reusing a peeked flow's tuple is judged by the old connection's verdict: "+format, args...)
-	}
-	t.Fatalf(format, args...)
-}
-
 // TestPeekTupleReuse: a client resets a connection tunfw is still reading
 // for its name (or one already judged by it) and at once connects again
 // from the same port. The new connection is judged by its own name: let
@@ -511,7 +496,7 @@ func TestPeekTupleReuse(t *testing.T) {
 			t.Logf("the connection reusing port %d was refused (a RST): acceptable", port)
 			return nil
 		case err != nil:
-			reuseBug(t, "connect again from port %d right after resetting the connection to %s: %v (flow %+v)", port, at, err, e.flowFrom(t, port, at))
+			t.Fatalf("connect again from port %d right after resetting the connection to %s: %v (flow %+v)", port, at, err, e.flowFrom(t, port, at))
 		}
 		t.Cleanup(func() { c.Close() })
 		return c
@@ -528,7 +513,7 @@ func TestPeekTupleReuse(t *testing.T) {
 		page, err := httpGet(c, name)
 		var ne net.Error
 		if !errors.As(err, &ne) || !ne.Timeout() {
-			reuseBug(t, "GET for denied %s over a reused tuple: %q, %v; want no answer (flow %+v)",
+			t.Fatalf("GET for denied %s over a reused tuple: %q, %v; want no answer (flow %+v)",
 				name, page, err, e.flowFrom(t, localPort(c), c.RemoteAddr().(*net.TCPAddr).AddrPort()))
 		}
 	}

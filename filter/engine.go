@@ -211,6 +211,11 @@ type flow struct {
 	// carry for the client to accept it when its window is closed.
 	cliAck uint32
 	hasAck bool
+	// decided: Decide judged the flow by the name one connection's first
+	// bytes carried. The verdict is that connection's, not the tuple's: a
+	// new connection on the tuple is read and judged again (Inbound,
+	// Claim).
+	decided bool
 }
 
 // Counter slots: drop reasons count at their own index, ReasonNone's slot
@@ -370,14 +375,15 @@ func (e *Engine) Inbound(p *Packet, now int64) Decision {
 
 	e.mu.Lock()
 	f := e.flows[key]
-	// A SYN on a flow a recheck cut is a new connection reusing the
-	// tuple: judge it afresh. On a live flow it goes to the stack, which
+	// A SYN on a flow a recheck cut, or denied by the name its
+	// connection carried, is a new connection reusing the tuple: judge
+	// it afresh. On a live flow it goes to the stack, which
 	// answers it within that connection. A flow that rules older than the
 	// current ones denied or rejected (a recheck looks only at allowed
 	// flows) is judged afresh too, at a new connection's SYN or a UDP or
 	// ICMP flow's next packet: after a reload that allows it, a client
 	// reusing the tuple at once is not refused by the old rules.
-	if f != nil && !(syn && f.state == stateClosed) && !e.staleDenial(f, p, syn) {
+	if f != nil && !(syn && (f.state == stateClosed || (f.decided && f.dec.Verdict != VerdictForward))) && !e.staleDenial(f, p, syn) {
 		f.last = now
 		f.pktsIn++
 		f.bytesIn += uint64(p.Len)
@@ -560,7 +566,7 @@ func (e *Engine) Decide(r FlowRef, name string, from NameFrom, now int64) Decisi
 		return gone
 	}
 	f.dec, f.act, f.monitored, f.rs, f.st = d, act, monitored, rs, st
-	f.name, f.nameFrom = name, from
+	f.name, f.nameFrom, f.decided = name, from, true
 	if d.Verdict == VerdictDrop && r.Key.Proto == ProtoTCP {
 		// Its handshake completed before it was judged: what is left
 		// of it goes after tcp_closing, not tcp_idle.
@@ -842,7 +848,9 @@ func (k FlowKey) firstPacket() Packet {
 // connection is set up only when the stack holds none for the tuple, so
 // whatever held the old identity (the relay of an earlier connection on
 // the tuple, still ending) can no longer release the flow. The flow is
-// in its handshake again until the stack answers.
+// in its handshake again until the stack answers. A flow allowed by the
+// name an earlier connection carried waits for this connection's name
+// again (Decision.Peek): the new one may name another host.
 func (e *Engine) Claim(key FlowKey) FlowID {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -852,6 +860,12 @@ func (e *Engine) Claim(key FlowKey) FlowID {
 	}
 	e.lastID++
 	f.id = e.lastID
+	if f.decided {
+		f.dec = Decision{Verdict: VerdictForward, Rule: NoRule, Peek: true}
+		f.act, f.monitored, f.st = Allow, false, &e.peeking
+		f.name, f.nameFrom, f.decided = "", NameNone, false
+		e.ctr[ctrPeeked].Add(1)
+	}
 	e.setStateLocked(f, stateNew)
 	return f.id
 }

@@ -545,3 +545,40 @@ func BenchmarkBlockQuery(b *testing.B) {
 		e.BlockQuery(src, name, 1)
 	}
 }
+
+// A verdict given by the name one connection carried is that connection's:
+// a new connection reusing the tuple is read and judged again, whether the
+// old one was denied (its SYN starts a new flow) or allowed (the stack's
+// new connection claims the flow and must wait for its own name).
+func TestEngineTupleReuseAfterDecide(t *testing.T) {
+	opts := EngineOptions{Peekable: func(p *Packet) bool { return p.Proto == ProtoTCP && p.DstPort == 443 }}
+	e, _ := newTestEngine(t, nameRules, opts)
+	syn := tcp("192.0.2.1", 40000, "198.51.100.7", 443, TCPSyn)
+	key := KeyOf(mustParsed(syn))
+	in(e, syn, 1)
+	if d := e.Decide(FlowRef{key, e.Claim(key)}, "", NameNone, 2); d.Verdict != VerdictDrop {
+		t.Fatalf("no name: %+v, want the default deny", d)
+	}
+	if d := in(e, tcp("192.0.2.1", 40000, "198.51.100.7", 443, TCPAck), 3); d.Verdict != VerdictDrop {
+		t.Errorf("the denied connection's ACK: %+v, want its verdict", d)
+	}
+	if d := in(e, syn, 4); d.Verdict != VerdictForward || !d.Peek {
+		t.Fatalf("a new SYN on a tuple denied by name: %+v, want a new peek", d)
+	}
+	id := e.Claim(key)
+	if d := e.Decide(FlowRef{key, id}, "www.github.com", NameSNI, 5); d.Verdict != VerdictForward {
+		t.Fatalf("Decide(github): %+v", d)
+	}
+	// The allowed connection ends and a new one on the tuple is set up
+	// by the stack before the flow left the table.
+	id2 := e.Claim(key)
+	if id2 == 0 || !e.Peeking(FlowRef{key, id2}) {
+		t.Fatalf("a new connection claiming a flow allowed by name is not read for its name")
+	}
+	if d := e.Decide(FlowRef{key, id2}, "ad.doubleclick.net", NameSNI, 6); d.Verdict != VerdictReject {
+		t.Errorf("the new connection's own name: %+v, want reject by no-ads", d)
+	}
+	if c := e.Counters(); c.Peeked != 3 {
+		t.Errorf("Counters.Peeked = %d, want 3 (each connection read)", c.Peeked)
+	}
+}

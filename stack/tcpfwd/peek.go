@@ -2,6 +2,8 @@ package tcpfwd
 
 import (
 	"context"
+	"errors"
+	"io"
 	"net"
 	"sync/atomic"
 	"time"
@@ -71,7 +73,14 @@ func (fw *Forwarder) peekThenDial(r *tcp.ForwarderRequest, flow filter.FlowRef) 
 	client := gonet.NewTCPConn(&wq, ep)
 
 	buf := make([]byte, o.MaxBytes)
-	n, name, from := fw.readName(client, buf, o.Timeout)
+	n, name, from, gone := fw.readName(client, buf, o.Timeout)
+	if gone {
+		// Reset (or broken) before it named anything: there is no
+		// connection left to judge or to dial for.
+		ep.Abort()
+		fw.h.Engine.Release(flow, fw.h.Now())
+		return
+	}
 	d := fw.h.Engine.Decide(flow, name, from, fw.h.Now())
 	switch d.Verdict {
 	case filter.VerdictDrop:
@@ -117,12 +126,12 @@ func (fw *Forwarder) peekThenDial(r *tcp.ForwarderRequest, flow filter.FlowRef) 
 // readName reads the client's first bytes into buf until its name is
 // found, the bytes can carry none, buf is full or timeout passes. It
 // returns how many bytes it read and the name found, lowercased without a
-// trailing dot (names.Lower).
-func (fw *Forwarder) readName(c *gonet.TCPConn, buf []byte, timeout time.Duration) (int, string, filter.NameFrom) {
+// trailing dot (names.Lower). gone: the connection failed (a reset)
+// before a name was found.
+func (fw *Forwarder) readName(c *gonet.TCPConn, buf []byte, timeout time.Duration) (n int, name string, from filter.NameFrom, gone bool) {
 	c.SetReadDeadline(time.Now().Add(timeout))
 	defer c.SetReadDeadline(time.Time{})
 	var scratch *[inspect.MaxHello]byte
-	n := 0
 	for n < len(buf) {
 		m, err := c.Read(buf[n:])
 		n += m
@@ -142,22 +151,25 @@ func (fw *Forwarder) readName(c *gonet.TCPConn, buf []byte, timeout time.Duratio
 			switch st {
 			case inspect.Found:
 				fw.peeks.found[from-filter.NameSNI].Add(1)
-				return n, names.Lower(name), from
+				return n, names.Lower(name), from, false
 			case inspect.NoName:
 				fw.peeks.noName.Add(1)
-				return n, "", filter.NameNone
+				return n, "", filter.NameNone, false
 			case inspect.Invalid:
 				fw.peeks.invalid.Add(1)
-				return n, "", filter.NameNone
+				return n, "", filter.NameNone, false
 			}
 		}
 		if err != nil {
 			if ne, ok := err.(net.Error); ok && ne.Timeout() {
 				fw.peeks.timeouts.Add(1)
+				return n, "", filter.NameNone, false
 			}
-			return n, "", filter.NameNone
+			// EOF: the client said all it had (judged on that);
+			// anything else: it is gone.
+			return n, "", filter.NameNone, !errors.Is(err, io.EOF)
 		}
 	}
 	fw.peeks.noName.Add(1) // max_bytes without a name
-	return n, "", filter.NameNone
+	return n, "", filter.NameNone, false
 }
