@@ -104,12 +104,41 @@ func bulkWorkload(id string, streams int, up bool) workload {
 	}}
 }
 
+// procCost is tunfw's CPU time and context switches (all threads),
+// taken before and after a workload to give its cost per operation.
+type procCost struct {
+	cpu float64 // seconds
+	cs  int64
+}
+
+func costOf(b *bench, p path) procCost {
+	if !p.tunfw() {
+		return procCost{}
+	}
+	cpu, _ := procCPU(b.fw.pid)
+	cs, _ := procSwitches(b.fw.pid)
+	return procCost{cpu, cs}
+}
+
+// addCost reports tunfw's CPU (us) and context switches per operation
+// since c0, as id-cpu and id-cs, on the tunfw path only.
+func (b *bench) addCost(id string, p path, c0 procCost, ops int) {
+	if !p.tunfw() || ops == 0 {
+		return
+	}
+	c1 := costOf(b, p)
+	b.res.add(id+"-cpu", p, (c1.cpu-c0.cpu)*1e6/float64(ops))
+	b.res.add(id+"-cs", p, float64(c1.cs-c0.cs)/float64(ops))
+}
+
 func connWorkload(id string, port, conc int) workload {
-	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail"}, run: func(b *bench, p path) error {
+	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail", id + "-cpu", id + "-cs"}, run: func(b *bench, p path) error {
+		c0 := costOf(b, p)
 		r, err := b.connRate(p, port, conc, b.m.conn)
 		if err != nil {
 			return err
 		}
+		b.addCost(id, p, c0, r.count)
 		b.res.add(id, p, r.rate)
 		b.res.add(id+"-p50", p, us(r.p50))
 		b.res.add(id+"-p99", p, us(r.p99))
@@ -122,11 +151,13 @@ func connWorkload(id string, port, conc int) workload {
 }
 
 func rrWorkload(id string) workload {
-	return workload{id: id, keys: []string{id + "-p50", id + "-p99", id + "-rate"}, run: func(b *bench, p path) error {
+	return workload{id: id, keys: []string{id + "-p50", id + "-p99", id + "-rate", id + "-cpu", id + "-cs"}, run: func(b *bench, p path) error {
+		c0 := costOf(b, p)
 		r, err := b.requestResponse(p, b.m.rr)
 		if err != nil {
 			return err
 		}
+		b.addCost(id, p, c0, r.count)
 		b.res.add(id+"-p50", p, us(r.p50))
 		b.res.add(id+"-p99", p, us(r.p99))
 		b.res.add(id+"-rate", p, r.rate)
