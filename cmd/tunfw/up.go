@@ -136,6 +136,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		dial.IfaceV4, dial.IfaceV6 = "", ""
 	}
 	mem := applyMemoryBudget(cfg, log) // memory.go: GOMEMLIMIT, buffer bounds
+	applyProcs(log)                    // procs.go: GOMAXPROCS
 	st, err := stack.New(stack.Options{
 		Device:   dev,
 		MTU:      cfg.Net.MTU,
