@@ -144,14 +144,14 @@ func (s *Stack) Run(ctx context.Context) error {
 	s.wg.Add(1)
 	go s.expireLoop(ctx)
 	batch := s.dev.BatchSize()
-	bufs := make([][]byte, batch)
-	for i := range bufs {
-		bufs[i] = make([]byte, tunio.Headroom+s.mtu)
-	}
 	// The first buffer takes what one read returns: with offloads, a
 	// TCP GSO packet stays whole (larger than a small MTU), a UDP one is
 	// cut into the others.
+	bufs := make([][]byte, batch)
 	bufs[0] = make([]byte, tunio.Headroom+max(s.mtu, maxRead))
+	for i := 1; i < batch; i++ {
+		bufs[i] = make([]byte, tunio.Headroom+s.mtu)
+	}
 	sizes := make([]int, batch)
 	read := func() (int, bool, error) {
 		n, err := s.dev.Read(bufs, sizes, tunio.Headroom)

@@ -23,6 +23,8 @@ type tunWriter struct {
 	mu     sync.Mutex
 	pool   sync.Pool
 	errors atomic.Uint64 // failed writes
+
+	tsoWarned atomic.Bool // a WriteTSO failure was logged at warn level
 }
 
 var _ tunio.Writer = (*tunWriter)(nil)
@@ -69,7 +71,14 @@ func (w *tunWriter) WriteTSO(pkt []byte, mss int) {
 	defer w.mu.Unlock()
 	if err := w.dev.(tsoDevice).WriteTSO(pkt, tunio.Headroom, mss); err != nil && w.ctx.Err() == nil {
 		w.errors.Add(1)
-		w.log.Debug("write to TUN", "bytes", len(pkt), "segment", mss, "err", err)
+		// Not seen in any test: a kernel refusing the segmentation
+		// offload would stall the connections that use it, so the
+		// first refusal is said loudly (counted as tun errors).
+		lvl := slog.LevelDebug
+		if !w.tsoWarned.Swap(true) {
+			lvl = slog.LevelWarn
+		}
+		w.log.Log(w.ctx, lvl, "write to TUN with segmentation offload", "bytes", len(pkt), "segment", mss, "err", err)
 	}
 }
 
