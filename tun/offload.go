@@ -194,18 +194,34 @@ func vnetHeaderOn(f *os.File, name string) bool {
 	return on
 }
 
-// WriteTSO writes one TCP packet carrying more than mss bytes of payload,
-// for the kernel to cut into segments of mss bytes and fill in their
-// checksums (TSO, as a NIC would): the netstack builds one 64 KiB segment
-// where a 1500-byte path would need 45. The packet starts offset bytes
-// into buf, which must leave VirtioHeaderLen bytes before it; its TCP
-// checksum field holds the sum of the pseudo-header only. It fails when
+// WriteTSO writes one TCP packet whose checksum is left to the kernel
+// (its checksum field holds the sum of the pseudo-header only), and which
+// the kernel cuts into segments of mss bytes of payload when it carries
+// more (TSO, as a NIC would): the netstack builds one 64 KiB segment where
+// a 1500-byte path would need 45, and neither tunfw nor, for a local
+// client, the kernel sums its bytes. The packet starts offset bytes into
+// buf, which must leave VirtioHeaderLen bytes before it. It fails when
 // the device carries no virtio-net headers (TSO reports which).
 func (d *Device) WriteTSO(buf []byte, offset, mss int) error {
 	if !d.vnetHdr || offset < VirtioHeaderLen {
 		return errors.New("write to TUN: the device takes no segmentation offload")
 	}
-	pkt := buf[offset:]
+	if err := tsoHeader(buf[offset-VirtioHeaderLen:offset], buf[offset:], mss); err != nil {
+		return err
+	}
+	if _, err := d.file.Write(buf[offset-VirtioHeaderLen:]); err != nil {
+		if errors.Is(err, syscall.EBADFD) {
+			return os.ErrClosed
+		}
+		return fmt.Errorf("write to TUN: %w", err)
+	}
+	return nil
+}
+
+// tsoHeader writes into h the virtio-net header of the TCP packet pkt for
+// WriteTSO: checksum partial from the TCP header on, and GSO of mss bytes
+// when the payload is longer.
+func tsoHeader(h, pkt []byte, mss int) error {
 	gso, l3 := byte(gsoTCPv4), 0
 	switch {
 	case len(pkt) >= 40 && pkt[0]>>4 == 6:
@@ -213,21 +229,21 @@ func (d *Device) WriteTSO(buf []byte, offset, mss int) error {
 	case len(pkt) >= 20 && pkt[0]>>4 == 4:
 		l3 = int(pkt[0]&0xf) * 4
 	}
-	if l3 == 0 || len(pkt) < l3+20 || mss <= 0 || mss > 0xffff {
+	if l3 < 20 || len(pkt) < l3+20 || mss <= 0 || mss > 0xffff {
 		return fmt.Errorf("write to TUN: not a TCP packet to segment (%d bytes, segment size %d)", len(pkt), mss)
 	}
-	h := buf[offset-VirtioHeaderLen : offset]
+	hdrLen := l3 + int(pkt[l3+12]>>4)*4
+	if hdrLen > len(pkt) {
+		return fmt.Errorf("write to TUN: TCP header past the packet (%d bytes)", len(pkt))
+	}
+	if len(pkt)-hdrLen <= mss {
+		gso, mss = gsoNone, 0 // one segment: only its checksum is left to the kernel
+	}
 	h[0], h[1] = vnetNeedsCsum, gso
-	binary.NativeEndian.PutUint16(h[2:4], uint16(l3+int(pkt[l3+12]>>4)*4))
+	binary.NativeEndian.PutUint16(h[2:4], uint16(hdrLen))
 	binary.NativeEndian.PutUint16(h[4:6], uint16(mss))
 	binary.NativeEndian.PutUint16(h[6:8], uint16(l3))
 	binary.NativeEndian.PutUint16(h[8:10], 16) // the TCP checksum's offset
-	if _, err := d.file.Write(buf[offset-VirtioHeaderLen:]); err != nil {
-		if errors.Is(err, syscall.EBADFD) {
-			return os.ErrClosed
-		}
-		return fmt.Errorf("write to TUN: %w", err)
-	}
 	return nil
 }
 

@@ -236,3 +236,43 @@ func FuzzSplitVirtio(f *testing.F) {
 		}
 	})
 }
+
+// The header WriteTSO puts before a TCP packet: checksum partial from the
+// TCP header on; GSO of mss bytes only when the payload is longer.
+func TestTSOHeader(t *testing.T) {
+	tcp := make([]byte, 32+3000) // a 32-byte TCP header (timestamps)
+	tcp[12] = 8 << 4
+	for _, c := range []struct {
+		name        string
+		pkt         []byte
+		mss         int
+		gso         uint8
+		gsoSize, l3 uint16
+		wantErr     bool
+	}{
+		{"v4 segmented", ipv4(6, 1, tcp), 1448, gsoTCPv4, 1448, 20, false},
+		{"v6 segmented", ipv6(6, tcp), 1428, gsoTCPv6, 1428, 40, false},
+		{"v4 one segment", ipv4(6, 1, tcp), 3000, gsoNone, 0, 20, false},
+		{"no segment size", ipv4(6, 1, tcp), 0, 0, 0, 0, true},
+		{"not IP", make([]byte, 100), 1000, 0, 0, 0, true},
+		{"TCP header past the packet", ipv4(6, 1, tcp[:20]), 1000, 0, 0, 0, true},
+	} {
+		h := make([]byte, VirtioHeaderLen)
+		if c.name == "TCP header past the packet" {
+			c.pkt[20+12] = 15 << 4
+		}
+		err := tsoHeader(h, c.pkt, c.mss)
+		if (err != nil) != c.wantErr {
+			t.Errorf("%s: err %v, want error %v", c.name, err, c.wantErr)
+			continue
+		}
+		if err != nil {
+			continue
+		}
+		if h[0] != vnetNeedsCsum || h[1] != c.gso || binary.NativeEndian.Uint16(h[4:6]) != c.gsoSize ||
+			binary.NativeEndian.Uint16(h[6:8]) != c.l3 || binary.NativeEndian.Uint16(h[8:10]) != 16 ||
+			binary.NativeEndian.Uint16(h[2:4]) != c.l3+32 {
+			t.Errorf("%s: header % x", c.name, h)
+		}
+	}
+}

@@ -176,9 +176,10 @@ func (r *recordTUN) WriteTSO(pkt []byte, mss int) {
 	r.kinds, r.pkts, r.mss = append(r.kinds, "tso"), append(r.pkts, bytes.Clone(pkt[tunio.Headroom:])), append(r.mss, mss)
 }
 
-// With GSO on, the netstack's segments carry partial checksums: one that
-// fits its MSS leaves with its checksum completed, a larger one goes to
-// the kernel to segment, and the order of a batch is kept around it.
+// With GSO on, the netstack's segments carry partial checksums: a small
+// one that fits its MSS leaves with its checksum completed, a larger one
+// goes to the kernel to segment (or, within the MSS but of at least
+// partialCsumMin, to sum), and the order of a batch is kept around it.
 func TestWritePacketsGSO(t *testing.T) {
 	rec := &recordTUN{discardTUN: *newDiscardTUN()}
 	h := testHost(t, nil)
@@ -189,14 +190,18 @@ func TestWritePacketsGSO(t *testing.T) {
 		rec.kinds, rec.pkts, rec.mss = nil, nil, nil
 		const mss = 1000
 		var pkts []*stack.PacketBuffer
-		for _, n := range []int{500, 3 * mss, mss} {
+		for _, n := range []int{500, 3 * mss, mss, partialCsumMin} {
 			pb := segment(src, dst, header.TCPFlagAck, bytes.Repeat([]byte{byte(n)}, n))
 			defer pb.DecRef()
 			// As the netstack leaves it with GSO: the pseudo-header's sum
 			// (over the TCP length) in the checksum field.
 			b := appendPacket(nil, pb)
 			l3 := header.IPv4MinimumSize
-			pb.GSOOptions = stack.GSO{Type: stack.GSOTCPv4, NeedsCsum: true, MSS: mss, L3HdrLen: uint16(l3)}
+			segSize := uint16(mss)
+			if n == partialCsumMin {
+				segSize = 65000 // a large one within the MSS
+			}
+			pb.GSOOptions = stack.GSO{Type: stack.GSOTCPv4, NeedsCsum: true, MSS: segSize, L3HdrLen: uint16(l3)}
 			if src.Addr().Is6() {
 				l3 = header.IPv6MinimumSize
 				pb.GSOOptions.Type, pb.GSOOptions.L3HdrLen = stack.GSOTCPv6, uint16(l3)
@@ -209,8 +214,8 @@ func TestWritePacketsGSO(t *testing.T) {
 			pkts = append(pkts, pb)
 		}
 		s.writePackets(pkts)
-		if got := fmt.Sprint(rec.kinds, rec.mss); got != "[w tso w] [0 1000 0]" {
-			t.Fatalf("%s: written as %s, want [w tso w] [0 1000 0]", c[0], got)
+		if got := fmt.Sprint(rec.kinds, rec.mss); got != "[w tso w tso] [0 1000 0 65000]" {
+			t.Fatalf("%s: written as %s, want [w tso w tso] [0 1000 0 65000]", c[0], got)
 		}
 		for i, pkt := range rec.pkts {
 			l3 := header.IPv4MinimumSize

@@ -23,12 +23,13 @@ type Writer interface {
 	Release(*[]byte)
 }
 
-// Segmenter writes TCP packets larger than their segment size, which the
-// kernel cuts into segments (TSO): see tun.Device.WriteTSO.
+// Segmenter writes TCP packets whose checksum the kernel completes and,
+// when they are larger than their segment size, cuts into segments (TSO):
+// see tun.Device.WriteTSO.
 type Segmenter interface {
 	// WriteTSO writes pkt (Headroom bytes into its buffer, its TCP
-	// checksum field holding the pseudo-header's sum) for the kernel to
-	// cut into segments of mss payload bytes. Errors are counted by the
-	// writer, as Write's are.
+	// checksum field holding the pseudo-header's sum), to be cut into
+	// segments of mss payload bytes if it carries more. Errors are
+	// counted by the writer, as Write's are.
 	WriteTSO(pkt []byte, mss int)
 }
