@@ -47,7 +47,8 @@ type Host struct {
 	// TUN takes the netstack's packets and the cut RSTs.
 	TUN tunio.Writer
 	// TSO, when not nil, takes the netstack's TCP packets larger than
-	// their segment size: the netstack then builds segments of up to
+	// their segment size, and large ones within it, with their checksum
+	// left to the kernel: the netstack then builds segments of up to
 	// 64 KiB whatever the client's MSS (see linkEndpoint.SupportedGSO).
 	TSO tunio.Segmenter
 	// Inspect bounds the reading of connections' first bytes for their
