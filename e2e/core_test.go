@@ -112,17 +112,25 @@ func startHTTP(t *testing.T, ns *netnstest.NS, at netip.AddrPort) {
 	t.Cleanup(func() { srv.Close() })
 }
 
-func startTCPEcho(t *testing.T, ns *netnstest.NS, at netip.AddrPort) {
+// startTCPEcho serves an echo on at. The channel it returns hears of each
+// connection accepted (up to 16 not yet received are kept), for tests that
+// need to know whether one got through.
+func startTCPEcho(t *testing.T, ns *netnstest.NS, at netip.AddrPort) <-chan struct{} {
 	ln, err := ns.Listen("tcp", at.String())
 	if err != nil {
 		t.Fatalf("listen %s: %v", at, err)
 	}
 	t.Cleanup(func() { ln.Close() })
+	accepted := make(chan struct{}, 16)
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
+			}
+			select {
+			case accepted <- struct{}{}:
+			default:
 			}
 			go func() {
 				defer c.Close()
@@ -130,6 +138,7 @@ func startTCPEcho(t *testing.T, ns *netnstest.NS, at netip.AddrPort) {
 			}()
 		}
 	}()
+	return accepted
 }
 
 // startUDPEcho binds the service address itself, so replies leave from the

@@ -309,22 +309,7 @@ func TestBadChecksumDropped(t *testing.T) {
 	netnstest.RequireRoot(t)
 	topo := netnstest.NewTopology(t)
 	svc := topo.ServiceV4
-	accepted := make(chan struct{}, 16)
-	ln, err := topo.Server.Listen("tcp", hostPort(svc, 9200))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-			accepted <- struct{}{}
-		}
-	}()
+	accepted := startTCPEcho(t, topo.Server, netip.AddrPortFrom(svc, 9200))
 	cfg := writeConfig(t, flowTableConfig)
 	startTunfw(t, topo.Host, cfg)
 	raw := newRawSender(t, topo.Host)
