@@ -1,6 +1,8 @@
 package bench
 
 import (
+	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -13,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tunfw/tunfw/control"
 	"github.com/tunfw/tunfw/internal/netnstest"
 	"github.com/tunfw/tunfw/tun"
 )
@@ -104,11 +107,13 @@ func bulkWorkload(id string, streams int, up bool) workload {
 	}}
 }
 
-// procCost is tunfw's CPU time and context switches (all threads),
-// taken before and after a workload to give its cost per operation.
+// procCost is tunfw's CPU time and context switches (all threads) and
+// its Go heap allocations, taken before and after a workload to give its
+// cost per operation.
 type procCost struct {
 	cpu float64 // seconds
 	cs  int64
+	rt  runtimeStats
 }
 
 func costOf(b *bench, p path) procCost {
@@ -117,11 +122,16 @@ func costOf(b *bench, p path) procCost {
 	}
 	cpu, _ := procCPU(b.fw.pid)
 	cs, _ := procSwitches(b.fw.pid)
-	return procCost{cpu, cs}
+	rt, err := readRuntimeStats(b.ph.cfg)
+	if err != nil {
+		b.res.problem("%v", err)
+	}
+	return procCost{cpu, cs, rt}
 }
 
-// addCost reports tunfw's CPU (us) and context switches per operation
-// since c0, as id-cpu and id-cs, on the tunfw path only.
+// addCost reports tunfw's CPU (us), context switches and heap
+// allocations (count and KiB) per operation since c0, as id-cpu, id-cs,
+// id-allocs and id-alloc-kib, on the tunfw path only.
 func (b *bench) addCost(id string, p path, c0 procCost, ops int) {
 	if !p.tunfw() || ops == 0 {
 		return
@@ -129,10 +139,14 @@ func (b *bench) addCost(id string, p path, c0 procCost, ops int) {
 	c1 := costOf(b, p)
 	b.res.add(id+"-cpu", p, (c1.cpu-c0.cpu)*1e6/float64(ops))
 	b.res.add(id+"-cs", p, float64(c1.cs-c0.cs)/float64(ops))
+	if c0.rt.Allocs > 0 && c1.rt.Allocs > 0 {
+		b.res.add(id+"-allocs", p, float64(c1.rt.Allocs-c0.rt.Allocs)/float64(ops))
+		b.res.add(id+"-alloc-kib", p, float64(c1.rt.AllocBytes-c0.rt.AllocBytes)/1024/float64(ops))
+	}
 }
 
 func connWorkload(id string, port, conc int) workload {
-	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail", id + "-cpu", id + "-cs"}, run: func(b *bench, p path) error {
+	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib"}, run: func(b *bench, p path) error {
 		c0 := costOf(b, p)
 		r, err := b.connRate(p, port, conc, b.m.conn)
 		if err != nil {
@@ -151,7 +165,7 @@ func connWorkload(id string, port, conc int) workload {
 }
 
 func rrWorkload(id string) workload {
-	return workload{id: id, keys: []string{id + "-p50", id + "-p99", id + "-rate", id + "-cpu", id + "-cs"}, run: func(b *bench, p path) error {
+	return workload{id: id, keys: []string{id + "-p50", id + "-p99", id + "-rate", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib"}, run: func(b *bench, p path) error {
 		c0 := costOf(b, p)
 		r, err := b.requestResponse(p, b.m.rr)
 		if err != nil {
@@ -371,18 +385,50 @@ func (b *bench) gatewayPhase(cfgDir string, mtu int) *phase {
 }
 
 // writeConfig writes text to dir/name, with a control socket of its own
-// next to it unless text has a [control] section, and returns the path.
+// next to it (controlSocket) unless text has a [control] section, and
+// returns the path.
 func writeConfig(t *testing.T, dir, name, text string) string {
 	if !strings.Contains(text, "[control]") {
 		// Our own control socket, never the machine's default one.
-		sock := filepath.Join(dir, strings.TrimSuffix(name, filepath.Ext(name))+".sock")
-		text += fmt.Sprintf("\n[control]\nsocket = %q\n", sock)
+		text += fmt.Sprintf("\n[control]\nsocket = %q\n", controlSocket(filepath.Join(dir, name)))
 	}
 	p := filepath.Join(dir, name)
 	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// controlSocket is the control socket writeConfig gives config file cfg.
+func controlSocket(cfg string) string {
+	return strings.TrimSuffix(cfg, filepath.Ext(cfg)) + ".sock"
+}
+
+// runtimeStats is the part of `tunfw stats` the benchmark reads: the Go
+// runtime's counters.
+type runtimeStats struct {
+	Allocs           uint64 `json:"allocs_total"`
+	AllocBytes       uint64 `json:"alloc_bytes_total"`
+	HeapObjectsBytes uint64 `json:"heap_objects_bytes"`
+}
+
+// readRuntimeStats asks the tunfw running config cfg for its runtime
+// counters over its control socket.
+func readRuntimeStats(cfg string) (runtimeStats, error) {
+	resp, err := control.Call(controlSocket(cfg), control.Request{Cmd: "stats"}, 10*time.Second)
+	if err == nil && !resp.OK {
+		err = errors.New(resp.Error)
+	}
+	var st struct {
+		Runtime runtimeStats `json:"runtime"`
+	}
+	if err == nil {
+		err = json.Unmarshal(resp.Data, &st)
+	}
+	if err != nil {
+		return runtimeStats{}, fmt.Errorf("tunfw stats: %w", err)
+	}
+	return st.Runtime, nil
 }
 
 func readFile(t *testing.T, p string) string {
@@ -465,16 +511,20 @@ func (b *bench) runFlows(ph *phase) []string {
 			continue
 		}
 		fw := startTunfw(t, b.topo.Host, b.bin, ph.cfg)
-		r, err := b.idleFlows(fw, ph.paths[0], n, b.m.flowLimit)
+		r, err := b.idleFlows(fw, ph.cfg, ph.paths[0], n, b.m.flowLimit)
 		if err != nil {
 			b.res.problem("%s %d: %v", ph.flowsID(), n, err)
 		}
 		if r.opened > 0 && r.rssAfter > 0 {
 			b.res.add(flowKey(ph.prefix, n), ph.paths[0], float64(r.rssAfter-r.rssBefore)/float64(r.opened))
+			if r.heapAfter > 0 {
+				b.res.add(flowKey(ph.prefix, n)+"-heap", ph.paths[0], float64(int64(r.heapAfter)-int64(r.heapBefore))/1024/float64(r.opened))
+			}
 			b.res.flows = append(b.res.flows, flowsJSON{Mode: ph.name, Flows: n, Opened: r.opened, RSSBeforeKiB: r.rssBefore,
 				RSSAfterKiB: r.rssAfter, OpenSeconds: r.openSecs, Errors: r.errors, FirstError: r.firstErr})
 		}
-		fmt.Printf("%-8s %5d: opened %d in %.1fs, tunfw RSS %d -> %d KiB\n", ph.flowsID(), n, r.opened, r.openSecs, r.rssBefore, r.rssAfter)
+		fmt.Printf("%-8s %5d: opened %d in %.1fs, tunfw RSS %d -> %d KiB, Go heap objects %d -> %d KiB\n",
+			ph.flowsID(), n, r.opened, r.openSecs, r.rssBefore, r.rssAfter, r.heapBefore>>10, r.heapAfter>>10)
 		b.res.tunfwLog = append(b.res.tunfwLog, fw.notable()...)
 		if err := fw.stop(30 * time.Second); err != nil {
 			b.res.problem("tunfw stop after %d idle flows (%s mode): %v", n, ph.name, err)

@@ -192,26 +192,34 @@ func TestBenchHelper(t *testing.T) {
 type flowsResult struct {
 	opened              int
 	rssBefore, rssAfter int64 // KiB
-	openSecs            float64
-	errors              int
-	firstErr            string
+	// heapBefore and heapAfter are the bytes of the Go heap's objects.
+	heapBefore, heapAfter uint64
+	openSecs              float64
+	errors                int
+	firstErr              string
 }
 
 // idleFlows opens n TCP connections from p's client namespace through
 // tunfw to the echo server, with one 1-byte echo on each, waits 2s, and
-// reads tunfw's RSS. The connections are closed before it returns. Opening
+// reads tunfw's RSS and (over cfg's control socket) the bytes of its Go
+// heap's objects. The connections are closed before it returns. Opening
 // is bounded by limit.
 //
 // The client ends live in a helper process: the server ends alone nearly
 // fill this process's open-file limit, which a container may not let the
 // test raise.
-func (b *bench) idleFlows(fw *tunfwProc, p path, n int, limit time.Duration) (flowsResult, error) {
+func (b *bench) idleFlows(fw *tunfwProc, cfg string, p path, n int, limit time.Duration) (flowsResult, error) {
 	time.Sleep(time.Second)
 	var r flowsResult
 	var err error
 	if r.rssBefore, _, err = procRSS(fw.pid); err != nil {
 		return r, err
 	}
+	rt, err := readRuntimeStats(cfg)
+	if err != nil {
+		return r, err
+	}
+	r.heapBefore = rt.HeapObjectsBytes
 	h, err := b.startHelper(p.client, "flows", map[string]string{
 		"ADDR": p.addr(portEcho), "N": strconv.Itoa(n), "LIMIT": strconv.FormatInt(int64(limit), 10),
 	})
@@ -234,6 +242,10 @@ func (b *bench) idleFlows(fw *tunfwProc, p path, n int, limit time.Duration) (fl
 	if r.rssAfter, _, err = procRSS(fw.pid); err != nil {
 		return r, err
 	}
+	if rt, err = readRuntimeStats(cfg); err != nil {
+		return r, err
+	}
+	r.heapAfter = rt.HeapObjectsBytes
 	if r.opened < n {
 		return r, fmt.Errorf("opened %d of %d flows in %.1fs (%d errors, first: %s)", r.opened, n, r.openSecs, r.errors, r.firstErr)
 	}

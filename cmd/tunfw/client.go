@@ -239,6 +239,11 @@ func printStats(w io.Writer, data []byte) int {
 	fmt.Fprintln(w)
 	printCounts(w, fmt.Sprintf("TCP dials pending %d; failed", s.PendingDials), s.DialFailures)
 	fmt.Fprintln(w)
+	r, mib := s.Runtime, func(b uint64) float64 { return float64(b) / (1 << 20) }
+	fmt.Fprintf(w, "memory: %.1f MiB mapped; heap %.1f MiB in %d objects, %.1f MiB free kept, %.1f MiB returned to the kernel; "+
+		"%d goroutines on %.1f MiB of stacks\n", mib(r.TotalBytes), mib(r.HeapObjectsBytes), r.HeapObjects, mib(r.HeapFreeBytes),
+		mib(r.HeapReleasedBytes), r.Goroutines, mib(r.StacksBytes))
+	fmt.Fprintf(w, "allocated since start: %d objects, %.1f MiB; %d collections\n", r.Allocs, mib(r.AllocBytes), r.GCCycles)
 	return 0
 }
 

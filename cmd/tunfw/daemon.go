@@ -225,6 +225,8 @@ type statsInfo struct {
 	// the number of addresses DNS answers named that are remembered.
 	Names      map[string]uint64 `json:"names"`
 	NamesKnown int               `json:"dns_names"`
+	// Runtime is the Go runtime's memory and allocation counters.
+	Runtime runtimeInfo `json:"runtime"`
 }
 
 // flowsArgs filters `tunfw flows`.
@@ -323,7 +325,7 @@ func (d *daemon) stats() statsInfo {
 		UDPQueueDrops: d.st.UDP().WriteDrops(), FlowPanics: d.st.Panics(),
 		PendingDials: d.st.TCP().PendingDials(), DialFailures: d.st.TCP().DialFailures(),
 		StackDrops: d.st.Drops(), ICMPErrors: d.st.UDP().ICMPErrors(),
-		Names: d.nameEvents(), NamesKnown: d.namesKnown(),
+		Names: d.nameEvents(), NamesKnown: d.namesKnown(), Runtime: readRuntime(),
 	}
 }
 

@@ -256,3 +256,59 @@ func watchMemory(ctx context.Context, st bufferSetter, p memoryPlan, mtu int, lo
 		}
 	}
 }
+
+// runtimeInfo is the Go runtime's view of tunfw's memory and allocations,
+// for `tunfw stats`: what the process's RSS is made of, and cumulative
+// counters a benchmark divides by the connections it made.
+type runtimeInfo struct {
+	Goroutines uint64 `json:"goroutines"`
+	// HeapObjects and HeapObjectsBytes are the objects the heap holds:
+	// live, or garbage not yet collected.
+	HeapObjects      uint64 `json:"heap_objects"`
+	HeapObjectsBytes uint64 `json:"heap_objects_bytes"`
+	// HeapFreeBytes is free heap the runtime keeps mapped for reuse;
+	// HeapReleasedBytes is free heap given back to the kernel.
+	HeapFreeBytes     uint64 `json:"heap_free_bytes"`
+	HeapReleasedBytes uint64 `json:"heap_released_bytes"`
+	StacksBytes       uint64 `json:"stacks_bytes"`
+	// TotalBytes is all the memory the runtime mapped, released or not.
+	TotalBytes    uint64 `json:"total_bytes"`
+	HeapGoalBytes uint64 `json:"heap_goal_bytes"`
+	// Allocs and AllocBytes count heap allocations since the start.
+	Allocs     uint64 `json:"allocs_total"`
+	AllocBytes uint64 `json:"alloc_bytes_total"`
+	GCCycles   uint64 `json:"gc_cycles"`
+}
+
+// readRuntime reads runtimeInfo (without stopping the world).
+func readRuntime() runtimeInfo {
+	names := [...]string{
+		"/sched/goroutines:goroutines",
+		"/gc/heap/objects:objects",
+		"/memory/classes/heap/objects:bytes",
+		"/memory/classes/heap/free:bytes",
+		"/memory/classes/heap/released:bytes",
+		"/memory/classes/heap/stacks:bytes",
+		"/memory/classes/total:bytes",
+		"/gc/heap/goal:bytes",
+		"/gc/heap/allocs:objects",
+		"/gc/heap/tiny/allocs:objects",
+		"/gc/heap/allocs:bytes",
+		"/gc/cycles/total:gc-cycles",
+	}
+	var s [len(names)]metrics.Sample
+	for i, n := range names {
+		s[i].Name = n
+	}
+	metrics.Read(s[:])
+	v := func(i int) uint64 {
+		if s[i].Value.Kind() != metrics.KindUint64 {
+			return 0 // not in this Go version
+		}
+		return s[i].Value.Uint64()
+	}
+	return runtimeInfo{
+		Goroutines: v(0), HeapObjects: v(1), HeapObjectsBytes: v(2), HeapFreeBytes: v(3), HeapReleasedBytes: v(4),
+		StacksBytes: v(5), TotalBytes: v(6), HeapGoalBytes: v(7), Allocs: v(8) + v(9), AllocBytes: v(10), GCCycles: v(11),
+	}
+}

@@ -128,3 +128,33 @@ func TestWatchMemory(t *testing.T) {
 		t.Fatal("no pressure after 5s with a 1 KiB budget")
 	}
 }
+
+// TestReadRuntime: every runtime figure `tunfw stats` shows is one the
+// running Go version has (none reads as a missing metric's 0), and the
+// allocation counters count allocations.
+func TestReadRuntime(t *testing.T) {
+	r0 := readRuntime()
+	for name, v := range map[string]uint64{
+		"goroutines": r0.Goroutines, "heap objects": r0.HeapObjects, "heap bytes": r0.HeapObjectsBytes,
+		"stacks": r0.StacksBytes, "total": r0.TotalBytes, "heap goal": r0.HeapGoalBytes, "allocs": r0.Allocs, "alloc bytes": r0.AllocBytes,
+	} {
+		if v == 0 {
+			t.Errorf("%s: 0", name)
+		}
+	}
+	const n = 10000
+	keep := make([]*[64]byte, n)
+	for i := range keep {
+		keep[i] = new([64]byte)
+	}
+	r1 := readRuntime()
+	if d := r1.Allocs - r0.Allocs; d < n {
+		t.Errorf("allocs grew by %d after %d allocations", d, n)
+	}
+	if d := r1.AllocBytes - r0.AllocBytes; d < n*64 {
+		t.Errorf("alloc bytes grew by %d after %d allocations of 64 B", d, n)
+	}
+	if keep[n-1] == nil {
+		t.Fatal("unreachable")
+	}
+}
