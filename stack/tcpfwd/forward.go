@@ -137,7 +137,7 @@ func (fw *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 		fw.dnsRelay(flow, gonet.NewTCPConn(&wq, ep), ep, up.(*net.TCPConn))
 		return
 	}
-	fw.startRelay(flow, gonet.NewTCPConn(&wq, ep), &wq, ep, up.(*net.TCPConn))
+	fw.startRelay(flow, &wq, ep, up.(*net.TCPConn))
 }
 
 // dialStopped ends the request of a dial that left the pool before it

@@ -120,7 +120,7 @@ func (fw *Forwarder) peekThenDial(r *tcp.ForwarderRequest, flow filter.FlowRef) 
 			return
 		}
 	}
-	fw.startRelay(flow, client, &wq, ep, tc)
+	fw.startRelay(flow, &wq, ep, tc)
 }
 
 // readName reads the client's first bytes into buf until its name is

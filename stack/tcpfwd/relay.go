@@ -1,6 +1,7 @@
 package tcpfwd
 
 import (
+	"bytes"
 	"errors"
 	"net"
 	"os"
@@ -12,7 +13,6 @@ import (
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/stack/internal/sockread"
 	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/waiter"
 )
 
@@ -33,8 +33,7 @@ type tcpRelay struct {
 	fw     *Forwarder
 	key    filter.FlowKey
 	flow   filter.FlowRef // released when the relay ends
-	client *gonet.TCPConn // for writes and FIN towards the client
-	ep     tcpip.Endpoint
+	ep     tcpip.Endpoint // the client's
 	wq     *waiter.Queue
 	up     *net.TCPConn
 	upRaw  syscall.RawConn
@@ -49,6 +48,12 @@ type tcpRelay struct {
 	upW                 tcpip.SliceWriter
 	toUpBufs, toCliBufs relayBufs
 	fromUp              sockread.Reader
+	// What writeClient needs, kept so that a write allocates nothing:
+	// the payload reader, and the writable notification it waits on when
+	// the client's window is full (made at the first such wait).
+	cliR     bytes.Reader
+	cliEntry waiter.Entry
+	cliReady chan struct{}
 
 	toUp, toClient pump
 	left           atomic.Int32 // directions not ended yet
@@ -81,9 +86,9 @@ const (
 // startRelay relays between the client's endpoint and the destination's
 // socket. It returns when the client's direction is first quiet; the relay
 // ends itself.
-func (fw *Forwarder) startRelay(flow filter.FlowRef, client *gonet.TCPConn, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
+func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
 	key := flow.Key
-	r := &tcpRelay{fw: fw, key: key, flow: flow, client: client, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
+	r := &tcpRelay{fw: fw, key: key, flow: flow, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
 	raw, err := up.SyscallConn()
 	if err != nil {
 		up.Close()
@@ -147,7 +152,7 @@ func (r *tcpRelay) directionEnded() {
 	r.wq.EventUnregister(&r.entry)
 	r.fw.watcher.forget(r.token)
 	r.up.Close()
-	r.client.Close()
+	r.ep.Close()
 	r.fw.tracker.Untrack(r.flow)
 	r.fw.h.Engine.Release(r.flow, r.fw.h.Now())
 	r.fw.wg.Done()
@@ -264,16 +269,54 @@ func (r *tcpRelay) drainToClient() bool {
 			return true
 		case rd.N == 0:
 			r.toCliBufs.put(rd.BP, 0)
-			r.client.CloseWrite()
+			r.ep.Shutdown(tcpip.ShutdownWrite)
 			return true
 		}
-		_, werr := r.client.Write((*rd.BP)[:rd.N])
+		ok := r.writeClient((*rd.BP)[:rd.N])
 		r.toCliBufs.put(rd.BP, rd.N)
-		if werr != nil {
+		if !ok {
 			r.abort()
 			return true
 		}
 	}
+}
+
+// writeClient writes b to the client's endpoint, waiting while its send
+// buffer is full, as gonet.TCPConn.Write does but without allocating: the
+// reader and the notification entry are the relay's (one writer, the
+// toClient pump). false: the endpoint failed (reset or aborted; an abort
+// notifies the entry).
+func (r *tcpRelay) writeClient(b []byte) bool {
+	registered := false
+	for len(b) > 0 {
+		r.cliR.Reset(b)
+		n, err := r.ep.Write(&r.cliR, tcpip.WriteOptions{})
+		b = b[n:]
+		switch err.(type) {
+		case nil:
+		case *tcpip.ErrWouldBlock:
+			if !registered {
+				if r.cliReady == nil {
+					r.cliEntry, r.cliReady = waiter.NewChannelEntry(waiter.WritableEvents)
+				}
+				r.wq.EventRegister(&r.cliEntry)
+				registered = true
+				// Try again before waiting: room may have been
+				// made before the entry was registered.
+				continue
+			}
+			<-r.cliReady
+		default:
+			if registered {
+				r.wq.EventUnregister(&r.cliEntry)
+			}
+			return false
+		}
+	}
+	if registered {
+		r.wq.EventUnregister(&r.cliEntry)
+	}
+	return true
 }
 
 // toClientIdle hands the socket (back) to the watcher. When it cannot, the
