@@ -146,19 +146,22 @@ func (s *Stack) Run(ctx context.Context) error {
 	batch := s.dev.BatchSize()
 	// The first buffer takes what one read returns: with offloads, a
 	// TCP GSO packet stays whole (larger than a small MTU), a UDP one is
-	// cut into the others.
+	// cut into datagrams that a checkedReader keeps in its own buffer
+	// (128 MTU-sized buffers would be 8 MiB at the default MTU).
 	bufs := make([][]byte, batch)
 	bufs[0] = make([]byte, tunio.Headroom+max(s.mtu, maxRead))
-	for i := 1; i < batch; i++ {
-		bufs[i] = make([]byte, tunio.Headroom+s.mtu)
-	}
 	sizes := make([]int, batch)
-	read := func() (int, bool, error) {
-		n, err := s.dev.Read(bufs, sizes, tunio.Headroom)
-		return n, false, err
-	}
+	var read func() (int, bool, error)
 	if r, ok := s.dev.(checkedReader); ok {
 		read = func() (int, bool, error) { return r.ReadPackets(bufs, sizes, tunio.Headroom) }
+	} else {
+		for i := 1; i < batch; i++ {
+			bufs[i] = make([]byte, tunio.Headroom+s.mtu)
+		}
+		read = func() (int, bool, error) {
+			n, err := s.dev.Read(bufs, sizes, tunio.Headroom)
+			return n, false, err
+		}
 	}
 	reject := make([]byte, tunio.Headroom+s.mtu)
 	var p filter.Packet

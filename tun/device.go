@@ -30,6 +30,9 @@ type Device struct {
 	// virtio-net headers: ReadPackets and WriteTSO use it directly (offload.go).
 	file    *os.File
 	vnetHdr bool
+	// split holds the datagrams ReadPackets cuts from a UDP GSO packet
+	// (all but the first); only the reading goroutine uses it.
+	split []byte
 
 	// OnGuardError, when set before Install, hears when refreshing the
 	// nftables table's alive element starts failing (err) and when it

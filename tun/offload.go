@@ -36,7 +36,12 @@ const (
 
 // ReadPackets reads what one read of the TUN hands over into bufs, each
 // packet offset bytes into its buffer, and returns how many packets it
-// wrote (their lengths in sizes).
+// wrote (their lengths in sizes). bufs[0] needs offset + MaxReadSize
+// bytes. With offloads (the TUN carries virtio-net headers) the datagrams
+// cut from a UDP GSO packet after the first go to a buffer of the
+// device's own: bufs[1:n] are set to windows of it, valid until the next
+// call, and need no memory of their own; without, ReadPackets reads one
+// packet at a time (BatchSize is 1) into bufs[0].
 //
 // Unlike wireguard-go's Read, it does not cut a TCP GSO packet into
 // segments: a train of up to 64 KiB of one connection, which the kernel
@@ -68,14 +73,26 @@ func (d *Device) ReadPackets(bufs [][]byte, sizes []int, offset int) (n int, che
 		}
 		return 0, false, err
 	}
-	return splitVirtio(in[:m], bufs, sizes, offset)
+	if need := splitArenaSize(offset, len(bufs)); len(d.split) < need {
+		d.split = make([]byte, need)
+	}
+	return splitVirtio(in[:m], bufs, sizes, offset, d.split)
+}
+
+// splitArenaSize is the room the datagrams of a UDP GSO packet other than
+// the first need, at offset bytes each, cut into up to batch datagrams:
+// the packet's payload, and a copy of its headers (60 + 8 bytes at most)
+// for each datagram.
+func splitArenaSize(offset, batch int) int {
+	return MaxReadSize + batch*(offset+60+8)
 }
 
 // splitVirtio hands over the packet in in (a virtio-net header, then the
-// packet, which starts offset bytes into bufs[0]) as ReadPackets does.
-// The virtio header comes from the kernel, the packet possibly from a
-// hostile sender: every length is checked against the packet.
-func splitVirtio(in []byte, bufs [][]byte, sizes []int, offset int) (int, bool, error) {
+// packet, which starts offset bytes into bufs[0]) as ReadPackets does,
+// the datagrams of a UDP GSO packet after the first in arena. The virtio
+// header comes from the kernel, the packet possibly from a hostile
+// sender: every length is checked against the packet.
+func splitVirtio(in []byte, bufs [][]byte, sizes []int, offset int, arena []byte) (int, bool, error) {
 	if len(in) < VirtioHeaderLen {
 		return 0, false, errShortRead
 	}
@@ -90,7 +107,7 @@ func splitVirtio(in []byte, bufs [][]byte, sizes []int, offset int) (int, bool, 
 		sizes[0] = len(pkt)
 		return 1, checked, nil
 	case gsoUDPL4:
-		n, err := splitUDP(pkt, csumStart, gsoSize, bufs, sizes, offset)
+		n, err := splitUDP(pkt, csumStart, gsoSize, bufs, sizes, offset, arena)
 		return n, checked, err
 	}
 	return 0, false, fmt.Errorf("read from TUN: unsupported GSO type %d", gso)
@@ -100,10 +117,12 @@ var errShortRead = errors.New("read from TUN: shorter than its virtio-net header
 
 // splitUDP cuts a UDP GSO packet (one IP and UDP header, then datagrams of
 // gsoSize bytes, the last possibly shorter) into its datagrams, the first
-// in place. Each gets its own lengths and, for IPv4, identifier and header
-// checksum; the UDP checksum is left as the kernel left it (partial): the
-// UDP forwarder sends the payload to a socket and reads no checksum.
-func splitUDP(pkt []byte, ipLen, gsoSize int, bufs [][]byte, sizes []int, offset int) (int, error) {
+// in place, the others one after the other in arena (bufs[i] set to each
+// one's window). Each gets its own lengths and, for IPv4, identifier and
+// header checksum; the UDP checksum is left as the kernel left it
+// (partial): the UDP forwarder sends the payload to a socket and reads no
+// checksum.
+func splitUDP(pkt []byte, ipLen, gsoSize int, bufs [][]byte, sizes []int, offset int, arena []byte) (int, error) {
 	if len(pkt) < 1 {
 		return 0, errShortRead
 	}
@@ -141,10 +160,13 @@ func splitUDP(pkt []byte, ipLen, gsoSize int, bufs [][]byte, sizes []int, offset
 		if i == 0 {
 			out = pkt[:hdrLen+seg]
 		} else {
-			if len(bufs[i]) < offset+hdrLen+seg {
+			// Datagram i starts after i-1 full ones.
+			at, w := (i-1)*(offset+hdrLen+gsoSize), offset+hdrLen+seg
+			if at+w > len(arena) {
 				return 0, fmt.Errorf("read from TUN: UDP GSO datagram of %d bytes overflows its buffer", hdrLen+seg)
 			}
-			out = bufs[i][offset : offset+hdrLen+seg]
+			bufs[i] = arena[at : at+w : at+w]
+			out = bufs[i][offset:]
 			copy(out, pkt[:hdrLen])
 			copy(out[hdrLen:], pkt[start:end])
 		}

@@ -22,14 +22,12 @@ func virtioRead(bufs [][]byte, flags, gso uint8, gsoSize, csumStart uint16, pkt 
 	return in[:VirtioHeaderLen+copy(in[VirtioHeaderLen:], pkt)]
 }
 
-func testBufs(n, size int) ([][]byte, []int) {
+// testBufs returns n buffers as the packet loop has them (only the first,
+// which takes a whole read, has memory), their sizes and a split arena.
+func testBufs(n int) ([][]byte, []int, []byte) {
 	bufs := make([][]byte, n)
-	for i := range bufs {
-		bufs[i] = make([]byte, testOffset+size)
-	}
-	// As the packet loop has it: the first takes a whole read.
 	bufs[0] = make([]byte, testOffset+MaxReadSize)
-	return bufs, make([]int, n)
+	return bufs, make([]int, n), make([]byte, splitArenaSize(testOffset, n))
 }
 
 // ipv4 builds an IPv4 packet of proto around l4 (no checksums needed).
@@ -82,9 +80,9 @@ func TestSplitVirtioKeepsTCPWhole(t *testing.T) {
 		{"v4 plain partial", gsoNone, ipv4(6, 1, tcp[:1000]), vnetNeedsCsum},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			bufs, sizes := testBufs(4, MaxReadSize)
+			bufs, sizes, arena := testBufs(4)
 			in := virtioRead(bufs, c.flags, c.gso, 1448, uint16(len(c.pkt)-len(tcp)), c.pkt)
-			n, checked, err := splitVirtio(in, bufs, sizes, testOffset)
+			n, checked, err := splitVirtio(in, bufs, sizes, testOffset, arena)
 			if err != nil || n != 1 || !checked {
 				t.Fatalf("splitVirtio = %d, %v, %v; want 1 packet, checked", n, checked, err)
 			}
@@ -103,8 +101,8 @@ func TestSplitVirtioChecked(t *testing.T) {
 		flags uint8
 		want  bool
 	}{{0, false}, {vnetNeedsCsum, true}, {vnetDataValid, true}} {
-		bufs, sizes := testBufs(1, 1500)
-		n, checked, err := splitVirtio(virtioRead(bufs, c.flags, gsoNone, 0, 0, pkt), bufs, sizes, testOffset)
+		bufs, sizes, arena := testBufs(1)
+		n, checked, err := splitVirtio(virtioRead(bufs, c.flags, gsoNone, 0, 0, pkt), bufs, sizes, testOffset, arena)
 		if err != nil || n != 1 || checked != c.want {
 			t.Errorf("flags %#x: splitVirtio = %d, %v, %v; want 1, checked %v", c.flags, n, checked, err, c.want)
 		}
@@ -124,9 +122,9 @@ func TestSplitVirtioCutsUDP(t *testing.T) {
 		if v6 {
 			pkt, ipLen = ipv6(17, udp), 40
 		}
-		bufs, sizes := testBufs(8, 1500)
+		bufs, sizes, arena := testBufs(8)
 		in := virtioRead(bufs, vnetNeedsCsum, gsoUDPL4, seg, uint16(ipLen), pkt)
-		n, checked, err := splitVirtio(in, bufs, sizes, testOffset)
+		n, checked, err := splitVirtio(in, bufs, sizes, testOffset, arena)
 		if err != nil || n != 4 || !checked {
 			t.Fatalf("v6 %v: splitVirtio = %d, %v, %v; want 4 datagrams, checked", v6, n, checked, err)
 		}
@@ -181,8 +179,8 @@ func TestSplitVirtioRefuses(t *testing.T) {
 		{"IP length not the read's", gsoUDPL4, 100, 20, append(ipv4(17, 1, udp), 0, 0), 16, nil},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			bufs, sizes := testBufs(c.bufs, 1500)
-			n, _, err := splitVirtio(virtioRead(bufs, vnetNeedsCsum, c.gso, c.gsoSize, c.csumStart, c.pkt), bufs, sizes, testOffset)
+			bufs, sizes, arena := testBufs(c.bufs)
+			n, _, err := splitVirtio(virtioRead(bufs, vnetNeedsCsum, c.gso, c.gsoSize, c.csumStart, c.pkt), bufs, sizes, testOffset, arena)
 			if err == nil || n != 0 {
 				t.Fatalf("splitVirtio = %d, %v; want an error", n, err)
 			}
@@ -191,7 +189,7 @@ func TestSplitVirtioRefuses(t *testing.T) {
 			}
 		})
 	}
-	if _, _, err := splitVirtio(make([]byte, 5), nil, nil, testOffset); err == nil {
+	if _, _, err := splitVirtio(make([]byte, 5), nil, nil, testOffset, nil); err == nil {
 		t.Fatal("a read shorter than the virtio header was taken")
 	}
 }
@@ -200,10 +198,10 @@ func TestSplitVirtioRefuses(t *testing.T) {
 func TestSplitVirtioDoesNotAllocate(t *testing.T) {
 	udp := append(make([]byte, 8), pattern(4*1000)...)
 	pkt := ipv4(17, 1, udp)
-	bufs, sizes := testBufs(8, 1500)
+	bufs, sizes, arena := testBufs(8)
 	allocs := testing.AllocsPerRun(100, func() {
 		in := virtioRead(bufs, vnetNeedsCsum, gsoUDPL4, 1000, 20, pkt)
-		if n, _, err := splitVirtio(in, bufs, sizes, testOffset); err != nil || n != 4 {
+		if n, _, err := splitVirtio(in, bufs, sizes, testOffset, arena); err != nil || n != 4 {
 			t.Fatalf("splitVirtio = %d, %v", n, err)
 		}
 	})
@@ -224,8 +222,8 @@ func FuzzSplitVirtio(f *testing.F) {
 		if len(pkt) > 4000 {
 			return
 		}
-		bufs, sizes := testBufs(8, 1500)
-		n, _, err := splitVirtio(virtioRead(bufs, flags, gso, gsoSize, csumStart, pkt), bufs, sizes, testOffset)
+		bufs, sizes, arena := testBufs(8)
+		n, _, err := splitVirtio(virtioRead(bufs, flags, gso, gsoSize, csumStart, pkt), bufs, sizes, testOffset, arena)
 		if err != nil {
 			return
 		}
@@ -273,6 +271,28 @@ func TestTSOHeader(t *testing.T) {
 			binary.NativeEndian.Uint16(h[6:8]) != c.l3 || binary.NativeEndian.Uint16(h[8:10]) != 16 ||
 			binary.NativeEndian.Uint16(h[2:4]) != c.l3+32 {
 			t.Errorf("%s: header % x", c.name, h)
+		}
+	}
+}
+
+// The split arena holds the largest UDP GSO packet cut into as many
+// datagrams as the batch takes, and into a few large ones.
+func TestSplitVirtioLargest(t *testing.T) {
+	const batch = 128
+	payload := pattern(MaxReadSize - 1 - 28)
+	pkt := ipv4(17, 1, append(make([]byte, 8), payload...))
+	for _, seg := range []int{(len(payload) + batch - 1) / batch, 20000} {
+		bufs, sizes, arena := testBufs(batch)
+		n, _, err := splitVirtio(virtioRead(bufs, vnetNeedsCsum, gsoUDPL4, uint16(seg), 20, pkt), bufs, sizes, testOffset, arena)
+		if want := (len(payload) + seg - 1) / seg; err != nil || n != want {
+			t.Fatalf("segment size %d: splitVirtio = %d, %v; want %d datagrams", seg, n, err, want)
+		}
+		var got []byte
+		for i := range n {
+			got = append(got, bufs[i][testOffset+28:testOffset+sizes[i]]...)
+		}
+		if !bytes.Equal(got, payload) {
+			t.Fatalf("segment size %d: the datagrams do not carry the packet's payload", seg)
 		}
 	}
 }
