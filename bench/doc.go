@@ -57,7 +57,7 @@
 // threads switched into a namespace costs a thread hand-off at every
 // blocking step, and 10,000 flows need more descriptors than one process
 // may have. Memory per idle flow is measured on a fresh tunfw for each
-// count: VmRSS after opening the flows (each with one 1-byte echo, then 2s
+// count: VmRSS after opening the flows (each with one 1-byte echo, then 6s
 // idle) minus VmRSS before, over the number of flows. Gateway mode
 // measures 1,000 and 10,000 flows too, in smoke mode 1,000 only.
 //

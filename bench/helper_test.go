@@ -199,8 +199,11 @@ type flowsResult struct {
 	firstErr              string
 }
 
+// idleWait is how long idleFlows waits after the last flow opened.
+const idleWait = 6 * time.Second
+
 // idleFlows opens n TCP connections from p's client namespace through
-// tunfw to the echo server, with one 1-byte echo on each, waits 2s, and
+// tunfw to the echo server, with one 1-byte echo on each, waits idleWait, and
 // reads tunfw's RSS and (over cfg's control socket) the bytes of its Go
 // heap's objects. The connections are closed before it returns. Opening
 // is bounded by limit.
@@ -235,7 +238,9 @@ func (b *bench) idleFlows(fw *tunfwProc, cfg string, p path, n int, limit time.D
 	r.errors, _ = strconv.Atoi(kv["errors"])
 	r.openSecs, _ = strconv.ParseFloat(kv["secs"], 64)
 	r.firstErr = kv["first"]
-	time.Sleep(2 * time.Second)
+	// Idle: tunfw returns free memory to the kernel once it has been
+	// quiet for a second, and no more often than every 5s.
+	time.Sleep(idleWait)
 	if fw.exited() {
 		return r, fmt.Errorf("tunfw exited with %d flows open: %v", r.opened, fw.err)
 	}

@@ -156,6 +156,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	defer st.Close()
 	go watchMemory(ctx, st.TCP(), mem, cfg.Net.MTU, log)
+	go returnIdleMemory(ctx, log)
 	if cfg.Net.Outbound == "" && (dial.IfaceV4 != "" || dial.IfaceV6 != "") {
 		// Bound to the default route's interfaces: follow them.
 		if err := tun.FollowDefaultRoute(ctx, dev.InterfaceName(), dial.IfaceV4, dial.IfaceV6, st.SetOutboundInterfaces, log); err != nil {
