@@ -55,6 +55,7 @@ type bench struct {
 	bin   string
 	fw    *tunfwProc // the tunfw of the workloads running now
 	ph    *phase     // the phase running now
+	prof  profiler   // TUNFW_BENCH_PROFILE
 	res   *results
 	runID atomic.Uint64
 }
@@ -90,7 +91,9 @@ func bulkWorkload(id string, streams int, up bool) workload {
 		if p.tunfw() {
 			cpu0, _ = procCPU(b.fw.pid)
 		}
+		b.profileStart(id, p)
 		r, err := b.bulk(p, streams, up, b.m.bulk)
+		b.profileStop()
 		if err != nil {
 			return err
 		}
@@ -131,12 +134,17 @@ func costOf(b *bench, p path) procCost {
 
 // addCost reports tunfw's CPU (us), context switches and heap
 // allocations (count and KiB) per operation since c0, as id-cpu, id-cs,
-// id-allocs and id-alloc-kib, on the tunfw path only.
+// id-allocs and id-alloc-kib, on the tunfw path only; when profiling
+// (profileStart), its system calls as id-sys.
 func (b *bench) addCost(id string, p path, c0 procCost, ops int) {
 	if !p.tunfw() || ops == 0 {
+		b.profileStop()
 		return
 	}
 	c1 := costOf(b, p)
+	if sys, ok := b.profileStop(); ok {
+		b.res.add(id+"-sys", p, sys/float64(ops))
+	}
 	b.res.add(id+"-cpu", p, (c1.cpu-c0.cpu)*1e6/float64(ops))
 	b.res.add(id+"-cs", p, float64(c1.cs-c0.cs)/float64(ops))
 	if c0.rt.Allocs > 0 && c1.rt.Allocs > 0 {
@@ -146,7 +154,8 @@ func (b *bench) addCost(id string, p path, c0 procCost, ops int) {
 }
 
 func connWorkload(id string, port, conc int) workload {
-	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib"}, run: func(b *bench, p path) error {
+	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib", id + "-sys"}, run: func(b *bench, p path) error {
+		b.profileStart(id, p)
 		c0 := costOf(b, p)
 		r, err := b.connRate(p, port, conc, b.m.conn)
 		if err != nil {
@@ -165,7 +174,8 @@ func connWorkload(id string, port, conc int) workload {
 }
 
 func rrWorkload(id string) workload {
-	return workload{id: id, keys: []string{id + "-p50", id + "-p99", id + "-rate", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib"}, run: func(b *bench, p path) error {
+	return workload{id: id, keys: []string{id + "-p50", id + "-p99", id + "-rate", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib", id + "-sys"}, run: func(b *bench, p path) error {
+		b.profileStart(id, p)
 		c0 := costOf(b, p)
 		r, err := b.requestResponse(p, b.m.rr)
 		if err != nil {
@@ -270,6 +280,11 @@ func TestBench(t *testing.T) {
 	}
 
 	b := &bench{t: t, m: m, res: newResults()}
+	profDir, err := profileDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.prof.dir = profDir
 	b.res.mode, b.res.rounds = m.name, m.rounds
 	b.bin = buildTunfw(t)
 	mtu := tun.DefaultMTU // what a user gets without setting it
@@ -469,6 +484,7 @@ func (b *bench) runWorkloads(ph *phase, selected func(string) bool, runStart tim
 				}
 				t0 := time.Now()
 				err := w.run(b, p)
+				b.profileStop() // a workload that failed left it running
 				if err != nil {
 					b.res.problem("%s round %d via %s: %v", w.id, round+1, p.name, err)
 				}

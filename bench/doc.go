@@ -46,6 +46,11 @@
 //	TUNFW_BENCH_CONFIG  use this tunfw config file instead of the generated
 //	                    one in host mode; it must route 203.0.113.0/24 into
 //	                    the TUN and allow TCP and UDP to 203.0.113.10.
+//	TUNFW_BENCH_PROFILE a directory (relative: from the module root) to
+//	                    write a perf profile of tunfw per workload into
+//	                    (<id>.txt, the last round's), with tunfw's system
+//	                    calls per connection or transaction as extra rows;
+//	                    needs perf, and perturbs the figures it profiles
 //
 // Results go to stdout as a table (run go test with -v to see it) and to
 // the JSON file, with the date, the machine (cores, kernel, load average)
