@@ -26,16 +26,10 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 	// its end untracks the flow, its panic hook closes it.
 	closeFn := func() { badClosed = true }
 	s.tracker.Track(filter.FlowRef{Key: bad}, closeFn)
-	p := pump{
-		drain: func() bool {
-			var m map[string]int
-			m["boom"]++ // a nil map write: a real runtime panic
-			return true
-		},
-		idle:    func() bool { return true },
-		end:     func() { s.tracker.Untrack(filter.FlowRef{Key: bad}) },
+	p := pump{dir: &testDirection{
+		onEnd:   func() { s.tracker.Untrack(filter.FlowRef{Key: bad}) },
 		onPanic: func(v any) { closeFn(); s.guard.Panicked(filter.FlowRef{Key: bad}, v) },
-	}
+	}}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { // as a pump runs: in a goroutine of its own
@@ -72,3 +66,18 @@ func TestPanicClosesOnlyItsFlow(t *testing.T) {
 		t.Errorf("panics counted: %d, want 2", s.Panics())
 	}
 }
+
+// testDirection is a relay direction whose copy panics.
+type testDirection struct {
+	onEnd   func()
+	onPanic func(any)
+}
+
+func (d *testDirection) drain() bool {
+	var m map[string]int
+	m["boom"]++ // a nil map write: a real runtime panic
+	return true
+}
+func (d *testDirection) idle() bool     { return true }
+func (d *testDirection) end()           { d.onEnd() }
+func (d *testDirection) panicked(v any) { d.onPanic(v) }

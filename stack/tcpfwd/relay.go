@@ -30,15 +30,14 @@ import (
 // quiet that long goes back to the watcher and ends its goroutine, so a busy
 // connection pays no goroutine start or epoll call per burst.
 type tcpRelay struct {
-	fw     *Forwarder
-	key    filter.FlowKey
-	flow   filter.FlowRef // released when the relay ends
-	ep     tcpip.Endpoint // the client's
-	wq     *waiter.Queue
-	up     *net.TCPConn
-	upRaw  syscall.RawConn
-	entry  waiter.Entry // gVisor readable notification -> toUp
-	token  uint64       // the socket's registration with the watcher
+	fw    *Forwarder
+	flow  filter.FlowRef // released when the relay ends
+	ep    tcpip.Endpoint // the client's
+	wq    *waiter.Queue
+	up    *net.TCPConn
+	upRaw syscall.RawConn
+	entry waiter.Entry // gVisor readable notification -> toUp
+	token uint64       // the socket's registration with the watcher
 
 	// upReady wakes a running toUp pump that waits for the client.
 	upReady chan struct{}
@@ -64,18 +63,40 @@ type tcpRelay struct {
 // ends and the watcher (or gVisor's notification) waits for it instead.
 const relayLinger = 100 * time.Millisecond
 
-// pump is one direction of a relay.
+// pump runs one direction of a relay.
 type pump struct {
 	state atomic.Int32 // pumpIdle, pumpRunning or pumpDone
+	dir   direction
+}
+
+// direction is what a pump runs. The relay's two are the relay itself
+// under two types (toUpDir, toClientDir): an interface holding a pointer
+// costs no allocation, where six method values and a closure cost
+// seven per connection.
+type direction interface {
 	// drain copies, waiting between bursts, until the direction ended
 	// (true) or was quiet for relayLinger (false).
-	drain func() bool
+	drain() bool
 	// idle hands the direction to its waiter; false when data is
 	// already there.
-	idle    func() bool
-	end     func()    // the direction ended: called once
-	onPanic func(any) // after a panic in drain or idle
+	idle() bool
+	end()           // the direction ended: called once
+	panicked(v any) // after a panic in drain or idle
 }
+
+type (
+	toUpDir     tcpRelay
+	toClientDir tcpRelay
+)
+
+func (d *toUpDir) drain() bool        { return (*tcpRelay)(d).drainToUp() }
+func (d *toUpDir) idle() bool         { return (*tcpRelay)(d).toUpIdle() }
+func (d *toUpDir) end()               { (*tcpRelay)(d).directionEnded() }
+func (d *toUpDir) panicked(v any)     { (*tcpRelay)(d).panicked(v) }
+func (d *toClientDir) drain() bool    { return (*tcpRelay)(d).drainToClient() }
+func (d *toClientDir) idle() bool     { return (*tcpRelay)(d).toClientIdle() }
+func (d *toClientDir) end()           { (*tcpRelay)(d).directionEnded() }
+func (d *toClientDir) panicked(v any) { (*tcpRelay)(d).panicked(v) }
 
 const (
 	pumpIdle int32 = iota
@@ -87,8 +108,7 @@ const (
 // socket. It returns when the client's direction is first quiet; the relay
 // ends itself.
 func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
-	key := flow.Key
-	r := &tcpRelay{fw: fw, key: key, flow: flow, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
+	r := &tcpRelay{fw: fw, flow: flow, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
 	raw, err := up.SyscallConn()
 	if err != nil {
 		up.Close()
@@ -100,9 +120,7 @@ func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.
 	r.fromUp.Init(r.toCliBufs.get, func(bp *[]byte) { r.toCliBufs.put(bp, 0) }, 0)
 	r.fromUp.Wait = true
 	r.left.Store(2)
-	onPanic := func(v any) { r.abort(); fw.guard.Panicked(flow, v) }
-	r.toUp = pump{drain: r.drainToUp, idle: r.toUpIdle, end: r.directionEnded, onPanic: onPanic}
-	r.toClient = pump{drain: r.drainToClient, idle: r.toClientIdle, end: r.directionEnded, onPanic: onPanic}
+	r.toUp.dir, r.toClient.dir = (*toUpDir)(r), (*toClientDir)(r)
 	fw.wg.Add(1)
 	fw.tracker.Track(flow, r.abort)
 	r.entry = waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
@@ -134,6 +152,12 @@ func (r *tcpRelay) abort() {
 		r.ep.Abort()
 	})
 	r.toClient.kick()
+}
+
+// panicked ends the relay after a panic in one of its pumps.
+func (r *tcpRelay) panicked(v any) {
+	r.abort()
+	r.fw.guard.Panicked(r.flow, v)
 }
 
 // directionEnded is each pump's end; the second one releases the relay:
@@ -170,16 +194,16 @@ func (p *pump) run() {
 	defer func() {
 		if v := recover(); v != nil {
 			p.finish()
-			p.onPanic(v)
+			p.dir.panicked(v)
 		}
 	}()
 	for {
-		if p.drain() {
+		if p.dir.drain() {
 			p.finish()
 			return
 		}
 		p.state.Store(pumpIdle)
-		if p.idle() {
+		if p.dir.idle() {
 			return
 		}
 		// Data came while going idle; run again unless a kick did.
@@ -191,7 +215,7 @@ func (p *pump) run() {
 
 func (p *pump) finish() {
 	if p.state.Swap(pumpDone) != pumpDone {
-		p.end()
+		p.dir.end()
 	}
 }
 
