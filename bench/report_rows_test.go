@@ -43,3 +43,20 @@ func TestFigDefsCoverWorkloads(t *testing.T) {
 		}
 	}
 }
+
+// TestMissing: the smoke run's check wants every figure measured, takes
+// 0 where 0 is the goal (allocations) and leaves out the figures only a
+// profiled run has.
+func TestMissing(t *testing.T) {
+	r := newResults()
+	tunfw, direct := path{name: "tunfw"}, path{name: "direct"}
+	r.add("rr-p50", tunfw, 140)
+	r.add("rr-p50", direct, 4)
+	r.add("rr-allocs", tunfw, 0)
+	r.add("rr-cpu", tunfw, 0)
+	got := r.missing([]string{"rr-p50", "rr-allocs", "rr-sys", "rr-cpu", "rr-cs"})
+	want := []string{"rr-cpu via tunfw = 0 us", "rr-cs (1) not measured via tunfw"}
+	if !slices.Equal(got, want) {
+		t.Errorf("missing = %q, want %q", got, want)
+	}
+}

@@ -21,6 +21,7 @@ type figDef struct {
 	tunfwOnly        bool // no direct-path counterpart
 	zeroOK           bool // 0 is a valid measurement (loss)
 	latency          bool // also show tunfw - direct
+	profiled         bool // only in a profiled run (TUNFW_BENCH_PROFILE)
 }
 
 var figDefs = slices.Concat(hostFigDefs, gatewayFigDefs(hostFigDefs))
@@ -37,35 +38,35 @@ var hostFigDefs = []figDef{
 	{key: "conn-seq-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
 	{key: "conn-seq-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-seq-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
-	{key: "conn-seq-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true},
-	{key: "conn-seq-alloc-kib", title: "  tunfw heap allocated per connection", unit: "KiB", tunfwOnly: true},
-	{key: "conn-seq-sys", title: "  tunfw system calls per connection (profiled run)", unit: "1", tunfwOnly: true},
+	{key: "conn-seq-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
+	{key: "conn-seq-alloc-kib", title: "  tunfw heap allocated per connection", unit: "KiB", tunfwOnly: true, zeroOK: true},
+	{key: "conn-seq-sys", title: "  tunfw system calls per connection (profiled run)", unit: "1", tunfwOnly: true, profiled: true},
 	{key: "conn-peek", title: "same, sequential, to a port a rule by name peeks", unit: "conn/s", higherBetter: true},
 	{key: "conn-peek-p50", title: "  latency p50", unit: "us", latency: true},
 	{key: "conn-peek-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-peek-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
 	{key: "conn-peek-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-peek-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
-	{key: "conn-peek-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true},
-	{key: "conn-peek-alloc-kib", title: "  tunfw heap allocated per connection", unit: "KiB", tunfwOnly: true},
-	{key: "conn-peek-sys", title: "  tunfw system calls per connection (profiled run)", unit: "1", tunfwOnly: true},
+	{key: "conn-peek-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
+	{key: "conn-peek-alloc-kib", title: "  tunfw heap allocated per connection", unit: "KiB", tunfwOnly: true, zeroOK: true},
+	{key: "conn-peek-sys", title: "  tunfw system calls per connection (profiled run)", unit: "1", tunfwOnly: true, profiled: true},
 	{key: "conn-32", title: "TCP connect+echo+close, 32 concurrent", unit: "conn/s", higherBetter: true},
 	{key: "conn-32-p50", title: "  latency p50", unit: "us", latency: true},
 	{key: "conn-32-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-32-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
 	{key: "conn-32-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-32-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
-	{key: "conn-32-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true},
-	{key: "conn-32-alloc-kib", title: "  tunfw heap allocated per connection", unit: "KiB", tunfwOnly: true},
-	{key: "conn-32-sys", title: "  tunfw system calls per connection (profiled run)", unit: "1", tunfwOnly: true},
+	{key: "conn-32-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
+	{key: "conn-32-alloc-kib", title: "  tunfw heap allocated per connection", unit: "KiB", tunfwOnly: true, zeroOK: true},
+	{key: "conn-32-sys", title: "  tunfw system calls per connection (profiled run)", unit: "1", tunfwOnly: true, profiled: true},
 	{key: "rr-p50", title: "TCP 64-byte request/response p50", unit: "us", latency: true},
 	{key: "rr-p99", title: "TCP 64-byte request/response p99", unit: "us", latency: true},
 	{key: "rr-rate", title: "  transactions", unit: "1/s", higherBetter: true},
 	{key: "rr-cpu", title: "  tunfw CPU per transaction", unit: "us", tunfwOnly: true},
 	{key: "rr-cs", title: "  tunfw context switches per transaction", unit: "1", tunfwOnly: true},
-	{key: "rr-allocs", title: "  tunfw heap allocations per transaction", unit: "1", tunfwOnly: true},
-	{key: "rr-alloc-kib", title: "  tunfw heap allocated per transaction", unit: "KiB", tunfwOnly: true},
-	{key: "rr-sys", title: "  tunfw system calls per transaction (profiled run)", unit: "1", tunfwOnly: true},
+	{key: "rr-allocs", title: "  tunfw heap allocations per transaction", unit: "1", tunfwOnly: true, zeroOK: true},
+	{key: "rr-alloc-kib", title: "  tunfw heap allocated per transaction", unit: "KiB", tunfwOnly: true, zeroOK: true},
+	{key: "rr-sys", title: "  tunfw system calls per transaction (profiled run)", unit: "1", tunfwOnly: true, profiled: true},
 	{key: "udp-c2s-loss", title: "UDP 1 Gbit/s offered client->server loss", unit: "%", zeroOK: true},
 	{key: "udp-c2s-rx", title: "  received", unit: "Gbit/s", higherBetter: true},
 	{key: "udp-s2c-loss", title: "UDP 1 Gbit/s offered server->client loss", unit: "%", zeroOK: true},
@@ -320,6 +321,9 @@ func (r *results) missing(keys []string) []string {
 		}
 		for _, p := range paths {
 			s := r.samples[k][p]
+			if len(s) == 0 && d.profiled {
+				continue
+			}
 			if len(s) == 0 {
 				out = append(out, fmt.Sprintf("%s (%s) not measured via %s", k, d.unit, p))
 				continue
