@@ -365,9 +365,10 @@ func returnIdleMemory(ctx context.Context, log *slog.Logger) {
 		// The first collection moves what the sync.Pools (packet and
 		// copy buffers) keep to their victim caches, the second (inside
 		// FreeOSMemory) frees it: an idle tunfw does not need them.
+		t0 := time.Now()
 		runtime.GC()
 		debug.FreeOSMemory()
 		returned = time.Now()
-		log.Debug("returned idle memory to the kernel", "free_mib", free>>20)
+		log.Debug("returned idle memory to the kernel", "free_mib", free>>20, "live_mib", live>>20, "took", returned.Sub(t0))
 	}
 }
