@@ -319,8 +319,8 @@ func readRuntime() runtimeInfo {
 // reuse, and returns it to the kernel only above that: after 1,000
 // connections opened at once, some 20 MB more than they hold. When tunfw
 // has gone quiet, that memory is handed back (two collections, then every
-// free page returned; tens of milliseconds of CPU with 10,000
-// connections open).
+// free page returned: 10 ms with 1,000 connections open, 95 ms with
+// 10,000, measured).
 const (
 	// idleAllocRate: allocating less than this in a second is quiet.
 	idleAllocRate = 1 << 20
