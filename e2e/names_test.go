@@ -6,6 +6,7 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -21,6 +22,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -377,6 +379,13 @@ dst_port = 443
 domain = ["good.example", "*.good.example"]
 
 [[rule]]
+name = "refused-quic"
+action = "reject"
+proto = "udp"
+dst_port = 443
+domain = "refused.example"
+
+[[rule]]
 name = "bad"
 action = "deny"
 domain = "@bad"
@@ -463,6 +472,44 @@ func startQUICServer(t *testing.T, ns *netnstest.NS, addr netip.Addr, ca *testCA
 // quicAsk connects from the Host to svc:443 over QUIC for name and sends
 // one stream; it returns the answer and the connection, open until the
 // caller closes it.
+// quicInitials returns the first flight a quic-go client sends for name
+// (its Initial packets, with the whole ClientHello), read on loopback in
+// the test's own namespace.
+func quicInitials(t *testing.T, name string) [][]byte {
+	t.Helper()
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	dialed := make(chan struct{})
+	go func() {
+		defer close(dialed)
+		quic.DialAddr(ctx, pc.LocalAddr().String(), &tls.Config{ServerName: name, NextProtos: []string{quicALPN}}, nil)
+	}()
+	defer func() {
+		cancel()
+		<-dialed
+	}()
+	// The flight's datagrams come back to back; the client's first
+	// retransmission comes much later.
+	var got [][]byte
+	buf := make([]byte, 65536)
+	pc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		n, _, err := pc.ReadFrom(buf)
+		if err != nil {
+			if len(got) == 0 {
+				t.Fatalf("no Initial from the QUIC client: %v", err)
+			}
+			return got
+		}
+		got = append(got, bytes.Clone(buf[:n]))
+		pc.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	}
+}
+
 func quicAsk(ctx context.Context, host *netnstest.NS, ca *testCA, svc netip.Addr, name string) (string, func(), error) {
 	network, local := "udp4", "0.0.0.0:0"
 	if svc.Is6() {
@@ -558,6 +605,33 @@ func TestNameQUIC(t *testing.T) {
 				f := findNameFlow(nameFlows(t, cfg, "--proto", "udp"), "udp", netip.AddrPortFrom(svc, 443))
 				if f == nil || f.Name != "www.good.example" || f.NameFrom != "quic" || f.Rule != "good-quic" || f.Verdict != "allow" {
 					t.Errorf("QUIC flow listed as %+v, want name www.good.example from quic, rule good-quic, allow", f)
+				}
+			})
+			t.Run("rejected", func(t *testing.T) {
+				// A name rejected after its Initial was read: the
+				// client's socket is refused at once, for the
+				// datagrams that were held, as for a datagram rejected
+				// on arrival; nothing reaches the server.
+				packets := srv.packets.Load()
+				initials := quicInitials(t, "refused.example")
+				c, err := topo.Host.Dial("udp", netip.AddrPortFrom(svc, 443).String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				start := time.Now()
+				for _, d := range initials {
+					if _, err := c.Write(d); err != nil {
+						t.Fatalf("send Initial: %v", err)
+					}
+				}
+				c.SetReadDeadline(time.Now().Add(3 * time.Second))
+				_, err = c.Read(make([]byte, 1500))
+				if !errors.Is(err, syscall.ECONNREFUSED) {
+					t.Fatalf("QUIC Initial for a rejected name: %v after %v, want connection refused", err, time.Since(start))
+				}
+				if n := srv.packets.Load() - packets; n != 0 {
+					t.Errorf("server read %d datagrams of a rejected flow, want none", n)
 				}
 			})
 			for _, name := range []string{"bad.example", "other.example"} {

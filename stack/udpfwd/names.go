@@ -166,9 +166,10 @@ func (u *Forwarder) peekUDP(f *udpFlow, payload []byte, now int64) bool {
 
 // decidePeek asks the engine for the verdict of a peeked flow, once. An
 // allowed flow's held datagrams go to the openers as a new flow's do; a
-// denied or rejected one's are dropped and the forwarder lets the flow go
-// (the engine keeps it, dropping or rejecting its datagrams, until it
-// expires).
+// denied or rejected one's are dropped (a rejected one's first answered
+// with the ICMP error a datagram rejected on arrival gets) and the
+// forwarder lets the flow go (the engine keeps it, dropping or rejecting
+// its datagrams, until it expires).
 func (u *Forwarder) decidePeek(f *udpFlow, name string, from filter.NameFrom) {
 	f.mu.Lock()
 	ps := f.peek
@@ -197,6 +198,9 @@ func (u *Forwarder) decidePeek(f *udpFlow, name string, from filter.NameFrom) {
 		}
 		u.lim.openBusy.Add(1)
 	}
+	if d.Verdict == filter.VerdictReject && len(held) > 0 {
+		u.refuseHeld(f.ref.Key, held[0])
+	}
 	f.mu.Lock()
 	byTable := f.closed
 	f.closed, f.held, f.heldBytes = true, nil, 0
@@ -209,3 +213,28 @@ func (u *Forwarder) decidePeek(f *udpFlow, name string, from filter.NameFrom) {
 		u.h.Engine.Release(f.ref, now) // allowed, but no room to open it
 	}
 }
+
+// refuseHeld answers the first datagram a flow held for its name, now that
+// the name is rejected, as the stack answers a datagram rejected on
+// arrival (filter.BuildReject: ICMP port unreachable), so that the client
+// is refused at once rather than at its next datagram. The datagram's
+// headers are rebuilt from the flow's key: the error quotes only them and
+// the first bytes of the payload.
+func (u *Forwarder) refuseHeld(key filter.FlowKey, payload []byte) {
+	quote := payload[:min(len(payload), maxQuoted)]
+	orig := make([]byte, filter.HeaderLen(key.Src.Addr())+header.UDPMinimumSize+len(quote))
+	copy(orig[len(orig)-len(quote):], quote)
+	p, n := filter.BuildUDP(orig, key.Src, key.Dst, len(quote))
+	if n == 0 {
+		return
+	}
+	bp := u.h.TUN.Buffer()
+	defer u.h.TUN.Release(bp)
+	if m := filter.BuildReject(&p, orig[:n], (*bp)[tunio.Headroom:]); m > 0 {
+		u.h.TUN.Write([][]byte{(*bp)[:tunio.Headroom+m]})
+	}
+}
+
+// maxQuoted is more of a datagram than an ICMPv6 error quotes (1280 bytes
+// with its own headers).
+const maxQuoted = 1280
