@@ -231,12 +231,12 @@ func TestRestartOnlyNamesKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := parseConfig("f.toml", []byte(base+"fail = \"closed\"\n[stack]\nrack = true\n"))
+	cfg, err := parseConfig("f.toml", []byte(base+"fail = \"closed\"\n[stack]\nrack = true\n[dns]\nblock = \"refused\"\nmax_names = 10\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := strings.Join(restartOnly(old, cfg), "\n")
-	for _, want := range []string{"route.fail changed", "stack.rack changed"} {
+	for _, want := range []string{"route.fail changed", "stack.rack changed", "dns.block changed", "dns.max_names changed"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("warnings lack %q:\n%s", want, got)
 		}

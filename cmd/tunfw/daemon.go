@@ -137,6 +137,17 @@ func restartOnly(old, cfg *Config) []string {
 	if old.Memory != cfg.Memory {
 		keys = append(keys, "limits.memory")
 	}
+	// The name table and the blocked-query answer are built with the
+	// stack.
+	if old.DNS.Snoop != cfg.DNS.Snoop {
+		keys = append(keys, "dns.snoop")
+	}
+	if old.DNS.Block != cfg.DNS.Block {
+		keys = append(keys, "dns.block")
+	}
+	if old.DNS.MaxNames != cfg.DNS.MaxNames {
+		keys = append(keys, "dns.max_names")
+	}
 	w := make([]string, len(keys))
 	for i, k := range keys {
 		w[i] = k + " changed; it applies only at start: restart tunfw to apply it"
