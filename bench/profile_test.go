@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"time"
 )
 
 // profiler records what tunfw does during the tunfw-path samples of the
@@ -40,12 +39,14 @@ func (b *bench) profileStart(id string, p path) {
 	pr.statF = filepath.Join(pr.dir, id+".stat")
 	pr.rec = exec.Command("perf", "record", "-q", "-F", "1999", "-g", "-p", pid, "-o", pr.data)
 	pr.stat = exec.Command("perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p", pid, "-o", pr.statF)
+	// Not waited for: perf may miss the workload's first milliseconds,
+	// which moves neither a profile nor a per-operation average over
+	// seconds.
 	for _, c := range []*exec.Cmd{pr.rec, pr.stat} {
 		if err := c.Start(); err != nil {
 			b.res.problem("profile %s: %v", id, err)
 		}
 	}
-	time.Sleep(200 * time.Millisecond) // perf attaches to every thread
 }
 
 // profileStop ends the recording of profileStart, writes the profile's
