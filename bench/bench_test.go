@@ -1,9 +1,11 @@
 package bench
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -58,6 +60,12 @@ type bench struct {
 	prof  profiler   // TUNFW_BENCH_PROFILE
 	res   *results
 	runID atomic.Uint64
+	// cpuBound is the machine's CPU latency bound before tunfw ran, when
+	// tunfw holds a request of its own (TUNFW_BENCH_WAKEUP_LATENCY); -1
+	// otherwise. Direct samples wait for it, so they measure the machine
+	// as it is without tunfw, not with the request tunfw still holds for
+	// a second after its own traffic.
+	cpuBound int32
 }
 
 // phase is one way of running tunfw and its workloads: host mode (the
@@ -279,7 +287,14 @@ func TestBench(t *testing.T) {
 		fmt.Printf("load average before the run: %v (%v cores); other work on the machine makes the figures noisy\n", mach["loadavg"], mach["nproc"])
 	}
 
-	b := &bench{t: t, m: m, res: newResults()}
+	b := &bench{t: t, m: m, res: newResults(), cpuBound: -1}
+	if os.Getenv("TUNFW_BENCH_WAKEUP_LATENCY") != "" {
+		bound, err := readCPUBound()
+		if err != nil {
+			t.Fatalf("TUNFW_BENCH_WAKEUP_LATENCY: %v", err)
+		}
+		b.cpuBound = bound
+	}
 	profDir, err := profileDir()
 	if err != nil {
 		t.Fatal(err)
@@ -294,7 +309,7 @@ func TestBench(t *testing.T) {
 			t.Fatalf("TUNFW_BENCH_MTU=%q: %v", s, err)
 		}
 	}
-	cfgText := benchConfig(mtu, "")
+	cfgText := benchConfig(mtu, "", os.Getenv("TUNFW_BENCH_WAKEUP_LATENCY"))
 	if p := os.Getenv("TUNFW_BENCH_CONFIG"); p != "" {
 		data, err := os.ReadFile(p)
 		if err != nil {
@@ -390,7 +405,7 @@ func (b *bench) gatewayPhase(cfgDir string, mtu int) *phase {
 	gw := topo.AddGatewayClient(t)
 	topo.Server.Run(t, "ip", "route", "add", gw.Prefix4.String(), "via", topo.HostV4.String(), "dev", topo.ServerIf)
 	ph := &phase{name: "gateway", prefix: "gw-", workloads: gwWorkloads, flows: b.m.gwFlows,
-		cfg:   writeConfig(t, cfgDir, "gateway.toml", benchConfig(mtu, gw.HostIf)),
+		cfg:   writeConfig(t, cfgDir, "gateway.toml", benchConfig(mtu, gw.HostIf, os.Getenv("TUNFW_BENCH_WAKEUP_LATENCY"))),
 		paths: [2]path{{"tunfw", topo.ServiceV4, gw.NS}, {"direct", topo.ServerV4, gw.NS}}}
 	b.res.gwConfig = readFile(t, ph.cfg)
 	ph.check = func(t *testing.T) {
@@ -481,6 +496,9 @@ func (b *bench) runWorkloads(ph *phase, selected func(string) bool, runStart tim
 				}
 				if b.fw.exited() {
 					t.Fatalf("tunfw exited during the run (%v):\n%s", b.fw.err, b.fw.log())
+				}
+				if p.name == "direct" {
+					b.waitCPUBound()
 				}
 				t0 := time.Now()
 				err := w.run(b, p)
@@ -597,5 +615,40 @@ func checkRoutes(t *testing.T, ns *netnstest.NS, paths [2]path, uplink string, h
 		if p.tunfw() == viaVeth {
 			t.Fatalf("path %s: route to %s is not what the benchmark needs: %s", p.name, p.dst, strings.TrimSpace(out))
 		}
+	}
+}
+
+// readCPUBound reads the machine's CPU latency bound (PM QoS), in
+// microseconds.
+func readCPUBound() (int32, error) {
+	f, err := os.Open("/dev/cpu_dma_latency")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	var v [4]byte
+	if _, err := io.ReadFull(f, v[:]); err != nil {
+		return 0, err
+	}
+	return int32(binary.NativeEndian.Uint32(v[:])), nil
+}
+
+// waitCPUBound waits until tunfw let its CPU latency request go (see
+// bench.cpuBound), at most a few seconds.
+func (b *bench) waitCPUBound() {
+	if b.cpuBound < 0 {
+		return
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		v, err := readCPUBound()
+		if err == nil && v == b.cpuBound {
+			return
+		}
+		if time.Now().After(deadline) {
+			b.res.problem("tunfw's CPU latency request still held 3 s after its traffic (bound %d us, %v)", v, err)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

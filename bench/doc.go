@@ -40,6 +40,8 @@
 //	                    (the gateway client is only built when one of
 //	                    these runs)
 //	TUNFW_BENCH_MTU     TUN MTU of the generated config (default: tunfw's, 65520)
+//	TUNFW_BENCH_WAKEUP_LATENCY  [cpu] wakeup_latency of the generated
+//	                    configs (default: tunfw's, off), e.g. 0us
 //	TUNFW_BENCH_LOG_LEVEL  --log-level for tunfw (default: tunfw's, info)
 //	TUNFW_BENCH_TUNFW_ENV  extra environment for tunfw, space-separated
 //	                    NAME=value pairs (e.g. GOMAXPROCS=1 GODEBUG=...)

@@ -388,7 +388,32 @@ func machine() map[string]any {
 			m["memory"] = strings.Join(strings.Fields(strings.TrimPrefix(l, "MemTotal:")), " ")
 		}
 	}
+	if s := cpuIdle(); s != "" {
+		m["cpuidle"] = s
+	}
 	return m
+}
+
+// cpuIdle says how the machine's idle CPUs sleep: request/response
+// latency through tunfw depends on it more than on anything tunfw does
+// (cpu.wakeup_latency in config.toml).
+func cpuIdle() string {
+	read := func(p string) string {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return ""
+		}
+		return strings.TrimSpace(string(b))
+	}
+	drv := read("/sys/devices/system/cpu/cpuidle/current_driver")
+	if drv == "" {
+		return ""
+	}
+	s := "driver " + drv + ", governor " + read("/sys/devices/system/cpu/cpuidle/current_governor_ro")
+	if ns := read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"); ns != "" {
+		s += ", guest_halt_poll_ns " + ns
+	}
+	return s
 }
 
 // revision is the source tree's commit, read-only (git describe).
@@ -406,6 +431,9 @@ func (r *results) table() string {
 	fmt.Fprintf(&sb, "tunfw benchmark, %s, mode %s, %d round(s), %v cores, kernel %v, %v, load average at the end %v\n",
 		time.Now().Format("2006-01-02 15:04 MST"), r.mode, r.rounds, mach["nproc"], mach["kernel"], mach["cpu"], mach["loadavg"])
 	fmt.Fprintf(&sb, "median [min..max] over rounds; direct = same client and server over the veth without tunfw\n")
+	if ci, ok := mach["cpuidle"]; ok {
+		fmt.Fprintf(&sb, "idle CPUs: %v\n", ci)
+	}
 	figs := r.figures()
 	if slices.ContainsFunc(figs, func(f figureJSON) bool { return strings.Contains(f.Key, "gw-") }) {
 		fmt.Fprintf(&sb, "gateway: the client in a namespace routed through tunfw's (route.from, link MTU 1500);\n"+

@@ -22,6 +22,7 @@ import (
 
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/inspect"
+	"github.com/tunfw/tunfw/stack/cpulatency"
 	"github.com/tunfw/tunfw/stack/dial"
 	"github.com/tunfw/tunfw/stack/echo"
 	"github.com/tunfw/tunfw/stack/internal/tunio"
@@ -61,6 +62,9 @@ type Options struct {
 	// DNS says how the DNS traffic relayed is read: the table of names
 	// learned, and the answer to blocked queries.
 	DNS udpfwd.DNS
+	// CPU is the [cpu] section: the CPU wake-up latency requested while
+	// packets flow.
+	CPU cpulatency.Setting
 }
 
 // Stack runs the packet loop between the TUN device and the forwarders.
@@ -74,13 +78,14 @@ type Stack struct {
 	dialer *dial.Dialer
 	tcp    *tcpfwd.Forwarder
 	udp    *udpfwd.Forwarder
-	ping   *echo.Forwarder // nil without raw sockets (CAP_NET_RAW)
+	ping   *echo.Forwarder     // nil without raw sockets (CAP_NET_RAW)
+	cpu    *cpulatency.Request // nil unless [cpu] asks for one
 
 	readErrors atomic.Uint64
 
 	ctx    context.Context
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // the expire loop
+	wg     sync.WaitGroup // the expire loop and the CPU latency request
 }
 
 // New builds the forwarders. Nothing is read from the device until Run.
@@ -114,6 +119,12 @@ func New(o Options) (*Stack, error) {
 	} else {
 		s.ping = p
 	}
+	if o.CPU.On {
+		// Like ICMP: the rest works without it, slower to answer.
+		if s.cpu, err = cpulatency.Open(o.CPU, s.now, s.log); err != nil {
+			s.log.Warn("cpu.wakeup_latency not applied", "err", err)
+		}
+	}
 	return s, nil
 }
 
@@ -141,8 +152,16 @@ const maxRead = 1 << 16
 // Run reads packets from the device until ctx is done or the device is
 // closed, judging each with the engine. It also expires idle flows.
 func (s *Stack) Run(ctx context.Context) error {
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.expireLoop(ctx)
+	// The CPU latency request ends with the loop or with Close.
+	cpuCtx, stopCPU := context.WithCancel(ctx)
+	defer stopCPU()
+	context.AfterFunc(s.ctx, stopCPU)
+	go func() {
+		defer s.wg.Done()
+		s.cpu.Run(cpuCtx)
+	}()
 	batch := s.dev.BatchSize()
 	// The first buffer takes what one read returns: with offloads, a
 	// TCP GSO packet stays whole (larger than a small MTU), a UDP one is
@@ -185,6 +204,7 @@ func (s *Stack) Run(ctx context.Context) error {
 		}
 		failures = 0
 		now := s.now()
+		s.cpu.Active(now)
 		for i := 0; i < n; i++ {
 			s.inbound(bufs[i][tunio.Headroom:tunio.Headroom+sizes[i]], checked, &p, now, reject)
 		}
@@ -267,4 +287,5 @@ func (s *Stack) Close() {
 	}
 	s.tcp.Close()
 	s.udp.Close()
+	s.cpu.Close()
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/tunfw/tunfw/inspect"
 	"github.com/tunfw/tunfw/internal/config"
 	"github.com/tunfw/tunfw/metrics"
+	"github.com/tunfw/tunfw/stack/cpulatency"
 	"github.com/tunfw/tunfw/stack/tcpfwd"
 	"github.com/tunfw/tunfw/tun"
 )
@@ -51,6 +52,7 @@ type fileLayout struct {
 	Stack   toml.Primitive   `toml:"stack"`
 	Inspect toml.Primitive   `toml:"inspect"`
 	DNS     toml.Primitive   `toml:"dns"`
+	CPU     toml.Primitive   `toml:"cpu"`
 }
 
 // Config is a loaded, validated config file.
@@ -72,6 +74,9 @@ type Config struct {
 	Inspect inspect.Options
 	// DNS is the [dns] section: snooping and blocking.
 	DNS dns.Options
+	// CPU is the [cpu] section: the wake-up latency asked for while
+	// packets flow.
+	CPU cpulatency.Setting
 	// Memory is [limits] memory in bytes; 0 sizes it from the machine
 	// at start (memory.go).
 	Memory int64
@@ -260,6 +265,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 		ic    inspect.Config
 		dc    dns.Config
 		sc    = tcpfwd.DefaultConfig() // keys left out keep their default
+		cpc   = cpulatency.DefaultConfig()
 	)
 	// Decoding a table stops at its first error (in map order), so keys
 	// it had not reached stay undecoded: failed tells unknownKeys which
@@ -290,6 +296,7 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	decode("stack", layout.Stack, &sc)
 	decode("inspect", layout.Inspect, &ic)
 	decode("dns", layout.DNS, &dc)
+	decode("cpu", layout.CPU, &cpc)
 	for i, p := range layout.Rule {
 		if err := md.PrimitiveDecode(p, &rules[i]); err != nil {
 			add(err)
@@ -328,6 +335,8 @@ func parseConfig(source string, data []byte) (*Config, error) {
 	cfg.Inspect, err = ic.Validate()
 	add(err)
 	cfg.DNS, err = dc.Validate()
+	add(err)
+	cfg.CPU, err = cpc.Validate()
 	add(err)
 	add(mc.Validate())
 	add(sc.Validate())

@@ -103,6 +103,7 @@ func TestConfigSyntaxAndTypeErrors(t *testing.T) {
 		{"type", "[tun]\nname = \"x\"\nmtu = \"big\"\naddresses = [\"198.18.0.1/30\"]\n", "f.toml:3: tun.mtu:"},
 		{"rule type", "[tun]\naddresses = [\"198.18.0.1/30\"]\n[[rule]]\naction = 3\n", "f.toml:4: rule.action:"},
 		{"queue length", "[tun]\naddresses = [\"198.18.0.1/30\"]\nqueue_length = 0x10000\n", "f.toml:3: tun.queue_length: 65536 is out of range"},
+		{"cpu latency", "[tun]\naddresses = [\"198.18.0.1/30\"]\n[cpu]\nwakeup_latency = \"fast\"\n", `f.toml:4: cpu.wakeup_latency: "fast" is neither off nor a duration`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -231,12 +232,12 @@ func TestRestartOnlyNamesKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := parseConfig("f.toml", []byte(base+"fail = \"closed\"\n[stack]\nrack = true\n[dns]\nblock = \"refused\"\nmax_names = 10\n"))
+	cfg, err := parseConfig("f.toml", []byte(base+"fail = \"closed\"\n[stack]\nrack = true\n[dns]\nblock = \"refused\"\nmax_names = 10\n[cpu]\nwakeup_latency = \"0us\"\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := strings.Join(restartOnly(old, cfg), "\n")
-	for _, want := range []string{"route.fail changed", "stack.rack changed", "dns.block changed", "dns.max_names changed"} {
+	for _, want := range []string{"route.fail changed", "stack.rack changed", "dns.block changed", "dns.max_names changed", "cpu.wakeup_latency changed"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("warnings lack %q:\n%s", want, got)
 		}

@@ -107,7 +107,7 @@ func (d *daemon) reload() (reloadResult, error) {
 	}
 	// Keep what only applies at start as it is running.
 	cfg.Net, cfg.ControlSocket, cfg.Metrics = old.Net, old.ControlSocket, old.Metrics
-	cfg.Stack, cfg.Memory = old.Stack, old.Memory
+	cfg.Stack, cfg.Memory, cfg.CPU = old.Stack, old.Memory, old.CPU
 	d.cfgMu.Lock()
 	d.cfg = cfg
 	d.cfgMu.Unlock()
@@ -147,6 +147,9 @@ func restartOnly(old, cfg *Config) []string {
 	}
 	if old.DNS.MaxNames != cfg.DNS.MaxNames {
 		keys = append(keys, "dns.max_names")
+	}
+	if old.CPU != cfg.CPU {
+		keys = append(keys, "cpu.wakeup_latency")
 	}
 	w := make([]string, len(keys))
 	for i, k := range keys {

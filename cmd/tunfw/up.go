@@ -150,6 +150,7 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		UDPReceiveBuffer: mem.UDPReceiveBuffer,
 		Inspect:          cfg.Inspect,
 		DNS:              udpfwd.DNS{Names: nameTable, Block: cfg.DNS.Block},
+		CPU:              cfg.CPU,
 	})
 	if err != nil {
 		return fmt.Errorf("build stack: %w", err)
