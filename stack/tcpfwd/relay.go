@@ -3,6 +3,7 @@ package tcpfwd
 import (
 	"bytes"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/stack/internal/sockread"
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/waiter"
 )
@@ -53,6 +55,12 @@ type tcpRelay struct {
 	cliR     bytes.Reader
 	cliEntry waiter.Entry
 	cliReady chan struct{}
+	// What moveToClient needs: the socket as gVisor's payload, and the
+	// outcome of its last call (its callback is made once, in
+	// startRelay, so a call allocates nothing).
+	upPay  upPayload
+	move   func(fd uintptr) bool
+	moveSt moveState
 
 	toUp, toClient pump
 	left           atomic.Int32 // directions not ended yet
@@ -119,6 +127,7 @@ func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.
 	r.upRaw = raw
 	r.fromUp.Init(r.toCliBufs.get, func(bp *[]byte) { r.toCliBufs.put(bp, 0) }, 0)
 	r.fromUp.Wait = true
+	r.move = r.moveFd
 	r.left.Store(2)
 	r.toUp.dir, r.toClient.dir = (*toUpDir)(r), (*toClientDir)(r)
 	fw.wg.Add(1)
@@ -273,6 +282,8 @@ func (r *tcpRelay) toUpIdle() bool { return r.ep.Readiness(waiter.ReadableEvents
 
 // drainToClient copies what the destination sent to the client. Between
 // bursts it waits in the netpoller, with relayLinger as read deadline.
+// Each run starts reading into small buffers; once one filled (bulk), the
+// bytes go from the socket straight into the netstack (moveToClient).
 func (r *tcpRelay) drainToClient() bool {
 	r.toCliBufs = relayBufs{} // each run starts with small buffers
 	rd := &r.fromUp
@@ -280,6 +291,12 @@ func (r *tcpRelay) drainToClient() bool {
 		if err := r.up.SetReadDeadline(time.Now().Add(relayLinger)); err != nil {
 			r.abort()
 			return true
+		}
+		if r.toCliBufs.large {
+			if done, ended := r.moveToClient(); done {
+				return ended
+			}
+			continue
 		}
 		rd.BP = nil
 		err := r.upRaw.Read(rd.Read)
@@ -341,6 +358,151 @@ func (r *tcpRelay) writeClient(b []byte) bool {
 		r.wq.EventUnregister(&r.cliEntry)
 	}
 	return true
+}
+
+// moveState is what moveFd found.
+type moveState struct {
+	moved int   // bytes the endpoint took
+	full  bool  // the endpoint's send buffer is full
+	eof   bool  // the destination closed its side
+	err   error // the socket failed, or the endpoint did
+}
+
+// moveToClient waits until the socket is readable, then moves what it
+// holds into the client's endpoint, waiting for room there when the send
+// buffer is full. done: the direction ended (ended true) or idled for
+// relayLinger (ended false); otherwise the caller loops.
+func (r *tcpRelay) moveToClient() (done, ended bool) {
+	r.moveSt = moveState{}
+	err := r.upRaw.Read(r.move)
+	st := &r.moveSt
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return true, false
+	case err != nil || st.err != nil:
+		r.abort()
+		return true, true
+	case st.eof:
+		r.ep.Shutdown(tcpip.ShutdownWrite)
+		return true, true
+	case st.full:
+		r.waitClientWritable()
+	}
+	return false, false
+}
+
+// moveFd is moveToClient's RawConn.Read callback: false asks the netpoller
+// to wait for the socket.
+func (r *tcpRelay) moveFd(fd uintptr) bool {
+	st := &r.moveSt
+	queued, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+	if err != nil {
+		st.err = err
+		return true
+	}
+	if queued == 0 {
+		// Empty, closed or failed: a peek tells which. A pending
+		// error is consumed by it, so it is kept here.
+		var one [1]byte
+		n, _, err := unix.Recvfrom(int(fd), one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case err == unix.EAGAIN || err == unix.EINTR:
+			return false
+		case err != nil:
+			st.err = err
+			return true
+		case n == 0:
+			st.eof = true
+			return true
+		}
+		// Bytes came after the ioctl: take them on the next call.
+		return true
+	}
+	r.upPay = upPayload{fd: int(fd), left: queued}
+	for r.upPay.left > 0 {
+		n, werr := r.ep.Write(&r.upPay, tcpip.WriteOptions{})
+		st.moved += int(n)
+		switch werr.(type) {
+		case nil:
+			if n == 0 {
+				return true
+			}
+		case *tcpip.ErrWouldBlock:
+			st.full = true
+			return true
+		default:
+			st.err = r.upPay.err
+			if st.err == nil {
+				st.err = errEndpointWrite
+			}
+			return true
+		}
+	}
+	return true
+}
+
+// errEndpointWrite: the client's endpoint refused a write (reset, closed).
+var errEndpointWrite = errors.New("client endpoint refused the write")
+
+// errShortRead: the socket held fewer bytes than SIOCINQ said.
+var errShortRead = errors.New("socket held fewer bytes than it said")
+
+// upPayload is the destination's socket as the payload of a write to the
+// client's endpoint: gVisor reads the bytes straight from the socket into
+// its own buffers, one copy where a relay buffer made two. gVisor reads
+// until it has Len bytes or the send buffer's room, so Len is exact: what
+// SIOCINQ said was queued (only the pump reads the socket, so that much is
+// there). A read that comes up short fails the write, and the relay is
+// aborted rather than left with a hole in the stream.
+type upPayload struct {
+	fd   int
+	left int
+	err  error
+}
+
+// Len implements tcpip.Payloader.
+func (p *upPayload) Len() int { return p.left }
+
+// Read implements io.Reader.
+func (p *upPayload) Read(b []byte) (int, error) {
+	if p.left == 0 {
+		return 0, io.EOF
+	}
+	if len(b) == 0 {
+		return 0, nil
+	}
+	if len(b) > p.left {
+		b = b[:p.left]
+	}
+	for {
+		n, err := unix.Read(p.fd, b)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case n > 0:
+			p.left -= n
+			return n, nil
+		case err == nil || err == unix.EAGAIN:
+			err = errShortRead
+		}
+		p.err = err
+		return 0, err
+	}
+}
+
+// waitClientWritable waits until the client's endpoint has room to send,
+// or failed: a closed or reset endpoint is ready for anything, and the
+// write that follows says which.
+func (r *tcpRelay) waitClientWritable() {
+	if r.cliReady == nil {
+		r.cliEntry, r.cliReady = waiter.NewChannelEntry(waiter.WritableEvents)
+	}
+	r.wq.EventRegister(&r.cliEntry)
+	// Room may have been made before the entry was registered.
+	if r.ep.Readiness(waiter.WritableEvents) == 0 {
+		<-r.cliReady
+	}
+	r.wq.EventUnregister(&r.cliEntry)
 }
 
 // toClientIdle hands the socket (back) to the watcher. When it cannot, the

@@ -1,0 +1,100 @@
+package e2e
+
+import (
+	"bytes"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/tunfw/tunfw/internal/netnstest"
+)
+
+// TestBulkToSlowClient: a server sends 24 MiB and closes to a client that
+// does not read for a while, so that the client's window and the netstack's
+// send buffer fill and the relay has to wait for room with the server's
+// bytes still queued in its socket; then the client reads everything. Every
+// byte arrives once and in order, and the server's close arrives as EOF.
+// Both ways of moving the server's bytes run: small reads through a relay
+// buffer first, then the bulk path straight from the socket into the
+// netstack.
+func TestBulkToSlowClient(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	startTunfw(t, topo.Host, writeConfig(t, `
+[tun]
+name = "tunfw0"
+addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
+[route]
+include = ["203.0.113.0/24", "2001:db8:99::/48"]
+[filter]
+default = "allow"
+`))
+	const size = 24 << 20
+	data := make([]byte, size)
+	rng := rand.New(rand.NewPCG(7, 11))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
+		t.Run(map[bool]string{false: "v4", true: "v6"}[svc.Is6()], func(t *testing.T) {
+			at := netip.AddrPortFrom(svc, 9500)
+			ln, err := topo.Server.Listen("tcp", at.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			served := make(chan error, 1)
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					served <- err
+					return
+				}
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(60 * time.Second))
+				// A few small writes first (the relay's small
+				// buffers), then the rest at once (bulk).
+				for i := 0; i < 8; i++ {
+					if _, err := c.Write(data[i*100 : (i+1)*100]); err != nil {
+						served <- err
+						return
+					}
+				}
+				_, err = c.Write(data[800:])
+				served <- err
+			}()
+			c, err := topo.Host.DialTimeout("tcp", at.String(), 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.(*net.TCPConn).SetReadBuffer(64 << 10)
+			c.SetDeadline(time.Now().Add(60 * time.Second))
+			// Read a little, then stop until the server is blocked:
+			// its write cannot finish while tunfw waits for room.
+			head := make([]byte, 800)
+			if _, err := io.ReadFull(c, head); err != nil {
+				t.Fatalf("read the first bytes: %v", err)
+			}
+			select {
+			case err := <-served:
+				t.Fatalf("the server wrote %d bytes to a client that does not read (err %v): nothing filled", size, err)
+			case <-time.After(500 * time.Millisecond):
+			}
+			rest, err := io.ReadAll(c)
+			if err != nil {
+				t.Fatalf("read the rest: %v", err)
+			}
+			got := append(head, rest...)
+			if len(got) != size || !bytes.Equal(got, data) {
+				t.Fatalf("got %d bytes, want %d; first difference at %d", len(got), size, firstDiff(got, data))
+			}
+			if err := <-served; err != nil {
+				t.Fatalf("server: %v", err)
+			}
+		})
+	}
+}
