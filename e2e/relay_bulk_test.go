@@ -98,3 +98,100 @@ default = "allow"
 		})
 	}
 }
+
+// TestBulkToSlowServer is TestBulkToSlowClient the other way: the client
+// sends 24 MiB and closes its side to a server that does not read for a
+// while, so the destination's socket fills and the relay waits for room
+// with the rest in the netstack. Small writes first (gathered in the relay
+// buffer), then bulk (written straight from the netstack's buffers).
+func TestBulkToSlowServer(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	startTunfw(t, topo.Host, writeConfig(t, `
+[tun]
+name = "tunfw0"
+addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
+[route]
+include = ["203.0.113.0/24", "2001:db8:99::/48"]
+[filter]
+default = "allow"
+`))
+	const size = 24 << 20
+	data := make([]byte, size)
+	rng := rand.New(rand.NewPCG(13, 17))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
+		t.Run(map[bool]string{false: "v4", true: "v6"}[svc.Is6()], func(t *testing.T) {
+			at := netip.AddrPortFrom(svc, 9501)
+			ln, err := topo.Server.Listen("tcp", at.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			type result struct {
+				got []byte
+				err error
+			}
+			resume := make(chan struct{})
+			received := make(chan result, 1)
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					received <- result{err: err}
+					return
+				}
+				defer c.Close()
+				c.(*net.TCPConn).SetReadBuffer(64 << 10)
+				c.SetDeadline(time.Now().Add(60 * time.Second))
+				head := make([]byte, 800)
+				if _, err := io.ReadFull(c, head); err != nil {
+					received <- result{err: err}
+					return
+				}
+				// Stop reading until the client is blocked.
+				<-resume
+				rest, err := io.ReadAll(c)
+				received <- result{append(head, rest...), err}
+			}()
+			c, err := topo.Host.DialTimeout("tcp", at.String(), 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.(*net.TCPConn).SetWriteBuffer(64 << 10)
+			c.SetDeadline(time.Now().Add(60 * time.Second))
+			sent := make(chan error, 1)
+			go func() {
+				for i := 0; i < 8; i++ {
+					if _, err := c.Write(data[i*100 : (i+1)*100]); err != nil {
+						sent <- err
+						return
+					}
+				}
+				if _, err := c.Write(data[800:]); err != nil {
+					sent <- err
+					return
+				}
+				sent <- c.(*net.TCPConn).CloseWrite()
+			}()
+			select {
+			case err := <-sent:
+				t.Fatalf("the client wrote %d bytes to a server that does not read (err %v): nothing filled", size, err)
+			case <-time.After(500 * time.Millisecond):
+			}
+			close(resume) // the server reads on
+			r := <-received
+			if r.err != nil {
+				t.Fatalf("server read: %v", r.err)
+			}
+			if len(r.got) != size || !bytes.Equal(r.got, data) {
+				t.Fatalf("server got %d bytes, want %d; first difference at %d", len(r.got), size, firstDiff(r.got, data))
+			}
+			if err := <-sent; err != nil {
+				t.Fatalf("client: %v", err)
+			}
+		})
+	}
+}
