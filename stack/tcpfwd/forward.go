@@ -27,6 +27,7 @@ const maxInFlightDials = MaxPendingDialsCap
 // pool of dials (dials.go), which bounds what a SYN flood holds and lets a
 // new SYN evict a dial nobody answered.
 func (fw *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
+	growStack(0)
 	id := r.ID()
 	dst := netip.AddrPortFrom(gaddr.From(id.LocalAddress), id.LocalPort)
 	src := netip.AddrPortFrom(gaddr.From(id.RemoteAddress), id.RemotePort)

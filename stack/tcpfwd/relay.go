@@ -200,6 +200,7 @@ func (p *pump) kick() {
 }
 
 func (p *pump) run() {
+	growStack(0)
 	defer func() {
 		if v := recover(); v != nil {
 			p.finish()
@@ -557,4 +558,17 @@ func (r *relayBufs) put(bp *[]byte, n int) {
 		r.large = true
 	}
 	smallRelayBufs.Put(bp)
+}
+
+// growStack gives a new goroutine, while its stack is shallow, the 16 KiB
+// the netstack's call chains need: grown on demand deep inside gVisor (2 to
+// 16 KiB, three times), the runtime copied it adjusting every frame, 6% of
+// tunfw's CPU with 32 connections at a time. An 8 KiB frame makes any
+// stack smaller than 16 KiB grow to 16 KiB at once. i defeats constant
+// folding.
+//
+//go:noinline
+func growStack(i int) byte {
+	var b [8 << 10]byte
+	return b[i&(len(b)-1)]
 }
