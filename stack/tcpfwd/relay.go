@@ -46,17 +46,9 @@ type tcpRelay struct {
 
 	// The pumps' buffers and readers, kept here so that a read allocates
 	// nothing; each is used by its one running pump.
+	upW                 tcpip.SliceWriter
 	toUpBufs, toCliBufs relayBufs
-	// What drainToUp needs: the writer a read from the endpoint copies
-	// into, the read's outcome, and its callbacks (made once, in
-	// startRelay, so a read allocates nothing).
-	upSock    upWriter
-	upRes     tcpip.ReadResult
-	upErr     tcpip.Error
-	readUp    func(fd uintptr)
-	waitUp    func(fd uintptr) bool
-	waitCalls int
-	fromUp    sockread.Reader
+	fromUp              sockread.Reader
 	// What writeClient needs, kept so that a write allocates nothing:
 	// the payload reader, and the writable notification it waits on when
 	// the client's window is full (made at the first such wait).
@@ -136,7 +128,6 @@ func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.
 	r.fromUp.Init(r.toCliBufs.get, func(bp *[]byte) { r.toCliBufs.put(bp, 0) }, 0)
 	r.fromUp.Wait = true
 	r.move = r.moveFd
-	r.readUp, r.waitUp = r.readUpFd, r.waitUpFd
 	r.left.Store(2)
 	r.toUp.dir, r.toClient.dir = (*toUpDir)(r), (*toClientDir)(r)
 	fw.wg.Add(1)
@@ -239,8 +230,6 @@ func (p *pump) finish() {
 }
 
 // drainToUp copies what the client sent into the destination's socket.
-// Large segments go from gVisor's buffers straight to the socket; small
-// ones are gathered in a relay buffer and written together (upWriter).
 func (r *tcpRelay) drainToUp() bool {
 	bufs := &r.toUpBufs
 	*bufs = relayBufs{} // each run starts with small buffers
@@ -252,42 +241,19 @@ func (r *tcpRelay) drainToUp() bool {
 	}()
 	for {
 		bp := bufs.get()
-		w := &r.upSock
-		*w = upWriter{buf: *bp}
-		if err := r.upRaw.Control(r.readUp); err != nil {
-			bufs.put(bp, 0)
-			r.abort()
-			return true
-		}
-		res, terr := r.upRes, r.upErr
+		r.upW = tcpip.SliceWriter(*bp)
+		res, terr := r.ep.Read(&r.upW, tcpip.ReadOptions{})
 		if res.Count > 0 {
 			r.ep.ModerateRecvBuf(res.Count)
-		}
-		if w.n > 0 {
-			// Taken from the endpoint already: written whatever
-			// the wait.
-			if _, err := r.up.Write(w.buf[:w.n]); err != nil {
-				w.err = err
-			}
-		}
-		bufs.put(bp, w.n)
-		w.buf = nil
-		switch {
-		case w.err != nil:
-			r.abort()
-			return true
-		case w.full:
-			// The socket took part of a segment; the endpoint
-			// keeps the rest until there is room.
-			r.waitCalls = 0
-			if err := r.upRaw.Write(r.waitUp); err != nil {
+			_, werr := r.up.Write((*bp)[:res.Count])
+			bufs.put(bp, res.Count)
+			if werr != nil {
 				r.abort()
 				return true
 			}
 			continue
-		case res.Count > 0:
-			continue
 		}
+		bufs.put(bp, 0)
 		switch terr.(type) {
 		case *tcpip.ErrWouldBlock:
 			if linger == nil {
@@ -309,82 +275,6 @@ func (r *tcpRelay) drainToUp() bool {
 			return true
 		}
 	}
-}
-
-// readUpFd is drainToUp's RawConn.Control callback: one read from the
-// client's endpoint into upWriter, with the socket's descriptor held.
-func (r *tcpRelay) readUpFd(fd uintptr) {
-	r.upSock.fd = int(fd)
-	r.upRes, r.upErr = r.ep.Read(&r.upSock, tcpip.ReadOptions{})
-}
-
-// waitUpFd is the RawConn.Write callback that waits until the socket has
-// room: false on its first call makes the netpoller wait.
-func (r *tcpRelay) waitUpFd(uintptr) bool {
-	r.waitCalls++
-	return r.waitCalls > 1
-}
-
-// Segments of directMin bytes or more are written to the socket straight
-// from gVisor's buffer, in writes of at most directMax: smaller ones cost
-// less copied and written together, and writes of 64 KiB made four
-// streams 15-20% slower than 32 KiB (make bench).
-const (
-	directMin = 16 << 10
-	directMax = 32 << 10
-)
-
-// upWriter is what a read from the client's endpoint copies into: the
-// destination's socket for segments of directMin bytes or more, written
-// without blocking, and buf for smaller ones (written after the read).
-// Writing straight from gVisor's buffers saves a copy of every bulk byte.
-// When it cannot take more (buf full, socket full, or an error) Write
-// returns short with errStopRead, and gVisor keeps the rest for the next
-// read.
-type upWriter struct {
-	fd   int
-	buf  []byte
-	n    int   // bytes of buf gathered
-	stop bool  // nothing more this read
-	full bool  // the socket had no room for a segment
-	err  error // the socket failed
-}
-
-// errStopRead ends a read from the endpoint; what was taken stays taken.
-var errStopRead = errors.New("relay takes no more this read")
-
-// Write implements io.Writer.
-func (w *upWriter) Write(p []byte) (int, error) {
-	if w.stop {
-		return 0, errStopRead
-	}
-	if w.n == 0 && len(p) >= directMin {
-		done := 0
-		for done < len(p) {
-			n, err := unix.Write(w.fd, p[done:min(len(p), done+directMax)])
-			if n > 0 {
-				done += n
-			}
-			if err == unix.EINTR || (err == nil && n > 0) {
-				continue
-			}
-			if err == nil || err == unix.EAGAIN {
-				w.full = true
-			} else {
-				w.err = err
-			}
-			w.stop = true
-			return done, errStopRead
-		}
-		return done, nil
-	}
-	k := copy(w.buf[w.n:], p)
-	w.n += k
-	if k < len(p) {
-		w.stop = true
-		return k, errStopRead
-	}
-	return k, nil
 }
 
 // toUpIdle reports whether the endpoint is still without data: gVisor's
