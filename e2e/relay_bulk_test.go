@@ -12,6 +12,32 @@ import (
 	"github.com/tunfw/tunfw/internal/netnstest"
 )
 
+// bulkConfig allows everything to the test topology's service prefixes.
+const bulkConfig = `
+[tun]
+name = "tunfw0"
+addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
+[route]
+include = ["203.0.113.0/24", "2001:db8:99::/48"]
+[filter]
+default = "allow"
+`
+
+// newBulkEnv starts tunfw with bulkConfig in a new topology and returns it
+// with 24 MiB of a pseudo-random stream seeded with seed.
+func newBulkEnv(t *testing.T, seed uint64) (*netnstest.Topology, []byte) {
+	t.Helper()
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	startTunfw(t, topo.Host, writeConfig(t, bulkConfig))
+	data := make([]byte, 24<<20)
+	rng := rand.New(rand.NewPCG(seed, seed+4))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	return topo, data
+}
+
 // TestBulkToSlowClient: a server sends 24 MiB and closes to a client that
 // does not read for a while, so that the client's window and the netstack's
 // send buffer fill and the relay has to wait for room with the server's
@@ -21,23 +47,8 @@ import (
 // buffer first, then the bulk path straight from the socket into the
 // netstack.
 func TestBulkToSlowClient(t *testing.T) {
-	netnstest.RequireRoot(t)
-	topo := netnstest.NewTopology(t)
-	startTunfw(t, topo.Host, writeConfig(t, `
-[tun]
-name = "tunfw0"
-addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
-[route]
-include = ["203.0.113.0/24", "2001:db8:99::/48"]
-[filter]
-default = "allow"
-`))
-	const size = 24 << 20
-	data := make([]byte, size)
-	rng := rand.New(rand.NewPCG(7, 11))
-	for i := range data {
-		data[i] = byte(rng.Uint32())
-	}
+	topo, data := newBulkEnv(t, 7)
+	size := len(data)
 	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
 		t.Run(map[bool]string{false: "v4", true: "v6"}[svc.Is6()], func(t *testing.T) {
 			at := netip.AddrPortFrom(svc, 9500)
@@ -105,23 +116,8 @@ default = "allow"
 // with the rest in the netstack. Small writes first (gathered in the relay
 // buffer), then bulk (written straight from the netstack's buffers).
 func TestBulkToSlowServer(t *testing.T) {
-	netnstest.RequireRoot(t)
-	topo := netnstest.NewTopology(t)
-	startTunfw(t, topo.Host, writeConfig(t, `
-[tun]
-name = "tunfw0"
-addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
-[route]
-include = ["203.0.113.0/24", "2001:db8:99::/48"]
-[filter]
-default = "allow"
-`))
-	const size = 24 << 20
-	data := make([]byte, size)
-	rng := rand.New(rand.NewPCG(13, 17))
-	for i := range data {
-		data[i] = byte(rng.Uint32())
-	}
+	topo, data := newBulkEnv(t, 13)
+	size := len(data)
 	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
 		t.Run(map[bool]string{false: "v4", true: "v6"}[svc.Is6()], func(t *testing.T) {
 			at := netip.AddrPortFrom(svc, 9501)
