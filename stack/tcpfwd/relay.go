@@ -363,10 +363,9 @@ func (r *tcpRelay) writeClient(b []byte) bool {
 
 // moveState is what moveFd found.
 type moveState struct {
-	moved int   // bytes the endpoint took
-	full  bool  // the endpoint's send buffer is full
-	eof   bool  // the destination closed its side
-	err   error // the socket failed, or the endpoint did
+	full bool  // the endpoint's send buffer is full
+	eof  bool  // the destination closed its side
+	err  error // the socket failed, or the endpoint did
 }
 
 // moveToClient waits until the socket is readable, then moves what it
@@ -422,7 +421,6 @@ func (r *tcpRelay) moveFd(fd uintptr) bool {
 	r.upPay = upPayload{fd: int(fd), left: queued}
 	for r.upPay.left > 0 {
 		n, werr := r.ep.Write(&r.upPay, tcpip.WriteOptions{})
-		st.moved += int(n)
 		switch werr.(type) {
 		case nil:
 			if n == 0 {
