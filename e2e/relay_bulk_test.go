@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/internal/netnstest"
+	"golang.org/x/sys/unix"
 )
 
 // bulkConfig allows everything to the test topology's service prefixes.
@@ -23,19 +25,19 @@ include = ["203.0.113.0/24", "2001:db8:99::/48"]
 default = "allow"
 `
 
-// newBulkEnv starts tunfw with bulkConfig in a new topology and returns it
-// with 24 MiB of a pseudo-random stream seeded with seed.
-func newBulkEnv(t *testing.T, seed uint64) (*netnstest.Topology, []byte) {
+// newBulkEnv starts tunfw with bulkConfig in a new topology and returns
+// both with 24 MiB of a pseudo-random stream seeded with seed.
+func newBulkEnv(t *testing.T, seed uint64) (*netnstest.Topology, *tunfwProc, []byte) {
 	t.Helper()
 	netnstest.RequireRoot(t)
 	topo := netnstest.NewTopology(t)
-	startTunfw(t, topo.Host, writeConfig(t, bulkConfig))
+	fw := startTunfw(t, topo.Host, writeConfig(t, bulkConfig))
 	data := make([]byte, 24<<20)
 	rng := rand.New(rand.NewPCG(seed, seed+4))
 	for i := range data {
 		data[i] = byte(rng.Uint32())
 	}
-	return topo, data
+	return topo, fw, data
 }
 
 // TestBulkToSlowClient: a server sends 24 MiB and closes to a client that
@@ -47,7 +49,7 @@ func newBulkEnv(t *testing.T, seed uint64) (*netnstest.Topology, []byte) {
 // buffer first, then the bulk path straight from the socket into the
 // netstack.
 func TestBulkToSlowClient(t *testing.T) {
-	topo, data := newBulkEnv(t, 7)
+	topo, _, data := newBulkEnv(t, 7)
 	size := len(data)
 	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
 		t.Run(map[bool]string{false: "v4", true: "v6"}[svc.Is6()], func(t *testing.T) {
@@ -116,7 +118,7 @@ func TestBulkToSlowClient(t *testing.T) {
 // with the rest in the netstack. Small writes first (gathered in the relay
 // buffer), then bulk (written straight from the netstack's buffers).
 func TestBulkToSlowServer(t *testing.T) {
-	topo, data := newBulkEnv(t, 13)
+	topo, _, data := newBulkEnv(t, 13)
 	size := len(data)
 	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
 		t.Run(map[bool]string{false: "v4", true: "v6"}[svc.Is6()], func(t *testing.T) {
@@ -187,6 +189,95 @@ func TestBulkToSlowServer(t *testing.T) {
 			}
 			if err := <-sent; err != nil {
 				t.Fatalf("client: %v", err)
+			}
+		})
+	}
+}
+
+// TestBulkUrgentByte: a server that sends an urgent byte (MSG_OOB, as
+// telnet and FTP's ABOR do) in the middle of a bulk transfer. tunfw's
+// socket does not take urgent data inline, so the client gets the stream
+// without it, all of it and in order, and the relay neither spins nor
+// stalls at the urgent mark (the kernel's count of readable bytes stops
+// short of it while a peek already skips it: the relay spun there, until
+// something else moved the socket on). The client reads nothing
+// until the server sent everything, so that the relay meets the mark with
+// bytes behind it already queued and nothing more to come (met as they
+// come, the kernel skips the byte itself).
+func TestBulkUrgentByte(t *testing.T) {
+	topo, fw, data := newBulkEnv(t, 19)
+	half := 2 << 20
+	data = data[:half+64<<10]
+	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
+		t.Run(map[bool]string{false: "v4", true: "v6"}[svc.Is6()], func(t *testing.T) {
+			at := netip.AddrPortFrom(svc, 9502)
+			ln, err := topo.Server.Listen("tcp", at.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			served := make(chan error, 1)
+			urgent := make(chan struct{})
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					served <- err
+					return
+				}
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(30 * time.Second))
+				if _, err := c.Write(data[:half]); err != nil {
+					served <- err
+					return
+				}
+				rc, err := c.(*net.TCPConn).SyscallConn()
+				if err != nil {
+					served <- err
+					return
+				}
+				var serr error
+				if err := rc.Write(func(fd uintptr) bool {
+					serr = unix.Sendto(int(fd), []byte{'!'}, unix.MSG_OOB, nil)
+					return serr != unix.EAGAIN
+				}); err != nil {
+					served <- err
+					return
+				}
+				if serr != nil {
+					served <- fmt.Errorf("send the urgent byte: %w", serr)
+					return
+				}
+				_, err = c.Write(data[half:])
+				close(urgent)
+				served <- err
+			}()
+			c, err := topo.Host.DialTimeout("tcp", at.String(), 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.(*net.TCPConn).SetReadBuffer(64 << 10)
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			select {
+			case <-urgent:
+			case err := <-served:
+				t.Fatalf("server ended before the urgent byte: %v", err)
+			}
+			cpu := cpuTime(t, fw.cmd.Process.Pid)
+			got, err := io.ReadAll(c)
+			if err != nil {
+				t.Fatalf("read after %d bytes: %v", len(got), err)
+			}
+			// Relaying 2 MiB costs a few milliseconds; a relay
+			// spinning at the mark burnt a second or more.
+			if spent := cpuTime(t, fw.cmd.Process.Pid) - cpu; spent > 500*time.Millisecond {
+				t.Errorf("tunfw spent %v of CPU relaying %d bytes: the relay spun at the urgent mark", spent, len(got))
+			}
+			if len(got) != len(data) || !bytes.Equal(got, data) {
+				t.Fatalf("got %d bytes, want %d without the urgent byte; first difference at %d", len(got), len(data), firstDiff(got, data))
+			}
+			if err := <-served; err != nil {
+				t.Fatalf("server: %v", err)
 			}
 		})
 	}

@@ -287,40 +287,50 @@ func (r *tcpRelay) toUpIdle() bool { return r.ep.Readiness(waiter.ReadableEvents
 // bytes go from the socket straight into the netstack (moveToClient).
 func (r *tcpRelay) drainToClient() bool {
 	r.toCliBufs = relayBufs{} // each run starts with small buffers
-	rd := &r.fromUp
 	for {
 		if err := r.up.SetReadDeadline(time.Now().Add(relayLinger)); err != nil {
 			r.abort()
 			return true
 		}
+		done, ended := false, false
 		if r.toCliBufs.large {
-			if done, ended := r.moveToClient(); done {
-				return ended
-			}
-			continue
+			done, ended = r.moveToClient()
+		} else {
+			done, ended = r.readToClient()
 		}
-		rd.BP = nil
-		err := r.upRaw.Read(rd.Read)
-		switch {
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			return false
-		case err != nil || rd.Err != nil:
-			// Closed by abort, or reset by the destination; no
-			// buffer is held.
-			r.abort()
-			return true
-		case rd.N == 0:
-			r.toCliBufs.put(rd.BP, 0)
-			r.ep.Shutdown(tcpip.ShutdownWrite)
-			return true
-		}
-		ok := r.writeClient((*rd.BP)[:rd.N])
-		r.toCliBufs.put(rd.BP, rd.N)
-		if !ok {
-			r.abort()
-			return true
+		if done {
+			return ended
 		}
 	}
+}
+
+// readToClient reads the socket once into a relay buffer, waiting for it
+// to be readable, and writes what it read to the client. done: the
+// direction ended (ended true) or idled for relayLinger (ended false).
+func (r *tcpRelay) readToClient() (done, ended bool) {
+	rd := &r.fromUp
+	rd.BP = nil
+	err := r.upRaw.Read(rd.Read)
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return true, false
+	case err != nil || rd.Err != nil:
+		// Closed by abort, or reset by the destination; no buffer is
+		// held.
+		r.abort()
+		return true, true
+	case rd.N == 0:
+		r.toCliBufs.put(rd.BP, 0)
+		r.ep.Shutdown(tcpip.ShutdownWrite)
+		return true, true
+	}
+	ok := r.writeClient((*rd.BP)[:rd.N])
+	r.toCliBufs.put(rd.BP, rd.N)
+	if !ok {
+		r.abort()
+		return true, true
+	}
+	return false, false
 }
 
 // writeClient writes b to the client's endpoint, waiting while its send
@@ -363,9 +373,10 @@ func (r *tcpRelay) writeClient(b []byte) bool {
 
 // moveState is what moveFd found.
 type moveState struct {
-	full bool  // the endpoint's send buffer is full
-	eof  bool  // the destination closed its side
-	err  error // the socket failed, or the endpoint did
+	full  bool  // the endpoint's send buffer is full
+	eof   bool  // the destination closed its side
+	plain bool  // bytes SIOCINQ does not count: read them the plain way
+	err   error // the socket failed, or the endpoint did
 }
 
 // moveToClient waits until the socket is readable, then moves what it
@@ -387,6 +398,8 @@ func (r *tcpRelay) moveToClient() (done, ended bool) {
 		return true, true
 	case st.full:
 		r.waitClientWritable()
+	case st.plain:
+		return r.readToClient()
 	}
 	return false, false
 }
@@ -415,12 +428,25 @@ func (r *tcpRelay) moveFd(fd uintptr) bool {
 			st.eof = true
 			return true
 		}
-		// Bytes came after the ioctl: take them on the next call.
+		// Readable, yet nothing counted: bytes that came after the
+		// ioctl, or the destination's urgent byte (SIOCINQ stops
+		// short of it, a peek skips it): a plain read steps past it,
+		// as the small-buffer path always did.
+		st.plain = true
 		return true
 	}
-	r.upPay = upPayload{fd: int(fd), left: queued}
+	// Atomic: gVisor reads the payload under the endpoint's lock and
+	// queues all it read; otherwise it may drop what it read when the
+	// send buffer shrank meanwhile (a lowered [stack] maximum), which
+	// would leave a hole. maxMove bounds how long the lock is held.
+	r.upPay = upPayload{fd: int(fd), left: min(queued, maxMove)}
 	for r.upPay.left > 0 {
-		n, werr := r.ep.Write(&r.upPay, tcpip.WriteOptions{})
+		before := r.upPay.left
+		n, werr := r.ep.Write(&r.upPay, tcpip.WriteOptions{Atomic: true})
+		if taken := before - r.upPay.left; int64(taken) != n && r.upPay.err == nil {
+			st.err = errShortWrite
+			return true
+		}
 		switch werr.(type) {
 		case nil:
 			if n == 0 {
@@ -440,6 +466,13 @@ func (r *tcpRelay) moveFd(fd uintptr) bool {
 	return true
 }
 
+// maxMove is the most moveFd hands the client's endpoint in one write.
+const maxMove = 256 << 10
+
+// errShortWrite: the endpoint queued other than what it read from the
+// socket.
+var errShortWrite = errors.New("client endpoint queued other than it read")
+
 // errEndpointWrite: the client's endpoint refused a write (reset, closed).
 var errEndpointWrite = errors.New("client endpoint refused the write")
 
@@ -452,7 +485,8 @@ var errShortRead = errors.New("socket held fewer bytes than it said")
 // until it has Len bytes or the send buffer's room, so Len is exact: what
 // SIOCINQ said was queued (only the pump reads the socket, so that much is
 // there). A read that comes up short fails the write, and the relay is
-// aborted rather than left with a hole in the stream.
+// aborted rather than left with a hole in the stream; so is a write that
+// queued other than it read (moveFd writes atomically, so it does not).
 type upPayload struct {
 	fd   int
 	left int
