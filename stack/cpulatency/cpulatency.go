@@ -1,7 +1,9 @@
 // Package cpulatency keeps idle CPUs quick to wake while packets flow: it
 // holds a CPU latency request of the kernel's PM QoS (/dev/cpu_dma_latency)
 // from the first packet of a burst until the traffic has been quiet for
-// Hold, and no request at all otherwise.
+// Hold, and no request at all otherwise. Traffic is what clients send into
+// the TUN (every TCP flow's client at least acknowledges); a flow that
+// only receives (a one-way UDP stream to a client) does not hold it.
 //
 // Why: a request through tunfw wakes four tasks in turn (tunfw, the
 // destination, tunfw again, the client), each often on an idle CPU. A CPU
@@ -148,6 +150,11 @@ func (r *Request) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-r.wake:
+		}
+		if time.Duration(r.now()-r.last.Load()) >= r.hold {
+			// A signal left from a packet that the last hold
+			// covered: nothing flows now.
+			continue
 		}
 		// held first: Active stops signalling before the request is
 		// set, so a burst costs one signal.
