@@ -172,7 +172,13 @@ func serveUDP(t *testing.T, ns *netnstest.NS, at netip.AddrPort, reply func(q []
 
 // families runs f for IPv4 and IPv6 service addresses.
 func families(t *testing.T, env *coreEnv, f func(t *testing.T, svc netip.Addr)) {
-	for _, svc := range []netip.Addr{env.topo.ServiceV4, env.topo.ServiceV6} {
+	topoFamilies(t, env.topo, f)
+}
+
+// topoFamilies runs f as subtests v4 and v6 with topo's service address of
+// each family.
+func topoFamilies(t *testing.T, topo *netnstest.Topology, f func(t *testing.T, svc netip.Addr)) {
+	for _, svc := range []netip.Addr{topo.ServiceV4, topo.ServiceV6} {
 		name := "v4"
 		if svc.Is6() {
 			name = "v6"
