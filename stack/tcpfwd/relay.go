@@ -339,7 +339,6 @@ func (r *tcpRelay) readToClient() (done, ended bool) {
 // toClient pump). false: the endpoint failed (reset or aborted; an abort
 // notifies the entry).
 func (r *tcpRelay) writeClient(b []byte) bool {
-	registered := false
 	for len(b) > 0 {
 		r.cliR.Reset(b)
 		n, err := r.ep.Write(&r.cliR, tcpip.WriteOptions{})
@@ -347,26 +346,10 @@ func (r *tcpRelay) writeClient(b []byte) bool {
 		switch err.(type) {
 		case nil:
 		case *tcpip.ErrWouldBlock:
-			if !registered {
-				if r.cliReady == nil {
-					r.cliEntry, r.cliReady = waiter.NewChannelEntry(waiter.WritableEvents)
-				}
-				r.wq.EventRegister(&r.cliEntry)
-				registered = true
-				// Try again before waiting: room may have been
-				// made before the entry was registered.
-				continue
-			}
-			<-r.cliReady
+			r.waitClientWritable()
 		default:
-			if registered {
-				r.wq.EventUnregister(&r.cliEntry)
-			}
 			return false
 		}
-	}
-	if registered {
-		r.wq.EventUnregister(&r.cliEntry)
 	}
 	return true
 }
