@@ -66,6 +66,19 @@ wakeup_latency = "0us"
 	}
 	held := func(v bool) int { return strings.Count(fw.log(), fmt.Sprintf(`msg="CPU latency request" held=%v`, v)) }
 	heldBefore, releasedBefore := held(true), held(false)
+	// expectOnce waits (the log is read from tunfw's stderr as it comes)
+	// until the exchanges changed the request to v exactly once.
+	expectOnce := func(v bool, before int, what string) {
+		t.Helper()
+		if err := eventually(5*time.Second, func() error {
+			if n := held(v) - before; n != 1 {
+				return fmt.Errorf("the exchanges %s the request %d times, want once", what, n)
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
+		}
+	}
 
 	c, err := topo.Host.DialTimeout("tcp", at.String(), 5*time.Second)
 	if err != nil {
@@ -85,15 +98,7 @@ wakeup_latency = "0us"
 	if got := cpuLatencyBound(t); got != 0 {
 		t.Fatalf("bound right after 100 exchanges is %d us, want 0", got)
 	}
-	// The log is read from tunfw's stderr as it comes.
-	if err := eventually(5*time.Second, func() error {
-		if n := held(true); n != heldBefore+1 {
-			return fmt.Errorf("the exchanges held the request %d times, want once", n-heldBefore)
-		}
-		return nil
-	}); err != nil {
-		t.Error(err)
-	}
+	expectOnce(true, heldBefore, "held")
 	start := time.Now()
 	if err := eventually(5*time.Second, back); err != nil {
 		t.Fatalf("after the traffic stopped: %v", err)
@@ -101,12 +106,5 @@ wakeup_latency = "0us"
 	if d := time.Since(start); d < 500*time.Millisecond {
 		t.Errorf("request let go %v after the traffic stopped, before the hold of a second", d)
 	}
-	if err := eventually(5*time.Second, func() error {
-		if n := held(false); n != releasedBefore+1 {
-			return fmt.Errorf("request let go %d times after the exchanges, want once", n-releasedBefore)
-		}
-		return nil
-	}); err != nil {
-		t.Error(err)
-	}
+	expectOnce(false, releasedBefore, "let go of")
 }
