@@ -94,11 +94,12 @@ type workload struct {
 }
 
 func bulkWorkload(id string, streams int, up bool) workload {
-	return workload{id: id, keys: []string{id, "cpu-" + id}, run: func(b *bench, p path) error {
+	return workload{id: id, keys: []string{id, "cpu-" + id, "mcpu-" + id}, run: func(b *bench, p path) error {
 		var cpu0 float64
 		if p.tunfw() {
 			cpu0, _ = procCPU(b.fw.pid)
 		}
+		m0, merr := machineBusy()
 		b.profileStart(id, p)
 		r, err := b.bulk(p, streams, up, b.m.bulk)
 		b.profileStop()
@@ -106,6 +107,9 @@ func bulkWorkload(id string, streams int, up bool) workload {
 			return err
 		}
 		b.res.add(id, p, r.gbps())
+		if m1, err := machineBusy(); err == nil && merr == nil && r.bytes > 0 {
+			b.res.add("mcpu-"+id, p, (m1-m0)/(float64(r.bytes)/1e9))
+		}
 		if p.tunfw() {
 			cpu1, err := procCPU(b.fw.pid)
 			if err != nil {
@@ -119,17 +123,22 @@ func bulkWorkload(id string, streams int, up bool) workload {
 }
 
 // procCost is tunfw's CPU time and context switches (all threads) and
-// its Go heap allocations, taken before and after a workload to give its
-// cost per operation.
+// its Go heap allocations, and the whole machine's busy CPU time, taken
+// before and after a workload to give its cost per operation.
 type procCost struct {
-	cpu float64 // seconds
-	cs  int64
-	rt  runtimeStats
+	cpu     float64 // seconds
+	cs      int64
+	rt      runtimeStats
+	machine float64 // seconds, < 0: unknown
 }
 
 func costOf(b *bench, p path) procCost {
+	m, err := machineBusy()
+	if err != nil {
+		m = -1
+	}
 	if !p.tunfw() {
-		return procCost{}
+		return procCost{machine: m}
 	}
 	cpu, _ := procCPU(b.fw.pid)
 	cs, _ := procSwitches(b.fw.pid)
@@ -137,19 +146,27 @@ func costOf(b *bench, p path) procCost {
 	if err != nil {
 		b.res.problem("%v", err)
 	}
-	return procCost{cpu, cs, rt}
+	return procCost{cpu, cs, rt, m}
 }
 
-// addCost reports tunfw's CPU (us), context switches and heap
-// allocations (count and KiB) per operation since c0, as id-cpu, id-cs,
-// id-allocs and id-alloc-kib, on the tunfw path only; when profiling
-// (profileStart), its system calls as id-sys.
+// addCost reports the machine's busy CPU per operation since c0 on both
+// paths (id-machine, us), and on the tunfw path tunfw's CPU (us), context
+// switches and heap allocations (count and KiB) per operation, as id-cpu,
+// id-cs, id-allocs and id-alloc-kib; when profiling (profileStart), its
+// system calls as id-sys.
 func (b *bench) addCost(id string, p path, c0 procCost, ops int) {
-	if !p.tunfw() || ops == 0 {
+	if ops == 0 {
 		b.profileStop()
 		return
 	}
 	c1 := costOf(b, p)
+	if c0.machine >= 0 && c1.machine >= 0 {
+		b.res.add(id+"-machine", p, (c1.machine-c0.machine)*1e6/float64(ops))
+	}
+	if !p.tunfw() {
+		b.profileStop()
+		return
+	}
 	if sys, ok := b.profileStop(); ok {
 		b.res.add(id+"-sys", p, sys/float64(ops))
 	}
@@ -162,7 +179,7 @@ func (b *bench) addCost(id string, p path, c0 procCost, ops int) {
 }
 
 func connWorkload(id string, port, conc int) workload {
-	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib", id + "-sys"}, run: func(b *bench, p path) error {
+	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail", id + "-machine", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib", id + "-sys"}, run: func(b *bench, p path) error {
 		b.profileStart(id, p)
 		c0 := costOf(b, p)
 		r, err := b.connRate(p, port, conc, b.m.conn)
@@ -182,7 +199,7 @@ func connWorkload(id string, port, conc int) workload {
 }
 
 func rrWorkload(id string) workload {
-	return workload{id: id, keys: []string{id + "-p50", id + "-p99", id + "-rate", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib", id + "-sys"}, run: func(b *bench, p path) error {
+	return workload{id: id, keys: []string{id + "-p50", id + "-p99", id + "-rate", id + "-machine", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib", id + "-sys"}, run: func(b *bench, p path) error {
 		b.profileStart(id, p)
 		c0 := costOf(b, p)
 		r, err := b.requestResponse(p, b.m.rr)

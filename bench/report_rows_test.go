@@ -33,7 +33,7 @@ func TestFigDefsCoverWorkloads(t *testing.T) {
 			t.Errorf("figure %s has no row in figDefs", k)
 		}
 	}
-	for _, k := range []string{"gw-tcp1-c2s", "gw-tcp1-s2c", "cpu-gw-tcp1-c2s", "cpu-gw-tcp1-s2c", "gw-conn-seq", "gw-conn-32",
+	for _, k := range []string{"gw-tcp1-c2s", "gw-tcp1-s2c", "cpu-gw-tcp1-c2s", "cpu-gw-tcp1-s2c", "mcpu-gw-tcp1-c2s", "mcpu-gw-tcp1-s2c", "gw-conn-seq", "gw-conn-32",
 		"gw-rr-p50", "gw-rr-p99", "gw-udp-c2s-loss", "gw-udp-s2c-loss", "gw-flows-1000", "gw-flows-10000"} {
 		if !slices.Contains(keys, k) {
 			t.Errorf("no gateway workload reports %s", k)

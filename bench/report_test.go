@@ -36,6 +36,7 @@ var hostFigDefs = []figDef{
 	{key: "conn-seq-p50", title: "  latency p50", unit: "us", latency: true},
 	{key: "conn-seq-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-seq-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
+	{key: "conn-seq-machine", title: "  machine CPU per connection (both vCPUs, every process)", unit: "us"},
 	{key: "conn-seq-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-seq-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
 	{key: "conn-seq-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -45,6 +46,7 @@ var hostFigDefs = []figDef{
 	{key: "conn-peek-p50", title: "  latency p50", unit: "us", latency: true},
 	{key: "conn-peek-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-peek-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
+	{key: "conn-peek-machine", title: "  machine CPU per connection (both vCPUs, every process)", unit: "us"},
 	{key: "conn-peek-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-peek-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
 	{key: "conn-peek-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -54,6 +56,7 @@ var hostFigDefs = []figDef{
 	{key: "conn-32-p50", title: "  latency p50", unit: "us", latency: true},
 	{key: "conn-32-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-32-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
+	{key: "conn-32-machine", title: "  machine CPU per connection (both vCPUs, every process)", unit: "us"},
 	{key: "conn-32-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-32-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
 	{key: "conn-32-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -62,6 +65,7 @@ var hostFigDefs = []figDef{
 	{key: "rr-p50", title: "TCP 64-byte request/response p50", unit: "us", latency: true},
 	{key: "rr-p99", title: "TCP 64-byte request/response p99", unit: "us", latency: true},
 	{key: "rr-rate", title: "  transactions", unit: "1/s", higherBetter: true},
+	{key: "rr-machine", title: "  machine CPU per transaction (both vCPUs, every process)", unit: "us"},
 	{key: "rr-cpu", title: "  tunfw CPU per transaction", unit: "us", tunfwOnly: true},
 	{key: "rr-cs", title: "  tunfw context switches per transaction", unit: "1", tunfwOnly: true},
 	{key: "rr-allocs", title: "  tunfw heap allocations per transaction", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -76,6 +80,10 @@ var hostFigDefs = []figDef{
 	{key: "cpu-tcp4-c2s", title: "tunfw CPU, TCP 4 streams client->server", unit: "s/GB", tunfwOnly: true},
 	{key: "cpu-tcp4-s2c", title: "tunfw CPU, TCP 4 streams server->client", unit: "s/GB", tunfwOnly: true},
 	{key: "cpu-all", title: "tunfw CPU, all bulk runs", unit: "s/GB", tunfwOnly: true},
+	{key: "mcpu-tcp1-c2s", title: "machine CPU, TCP 1 stream client->server", unit: "s/GB"},
+	{key: "mcpu-tcp1-s2c", title: "machine CPU, TCP 1 stream server->client", unit: "s/GB"},
+	{key: "mcpu-tcp4-c2s", title: "machine CPU, TCP 4 streams client->server", unit: "s/GB"},
+	{key: "mcpu-tcp4-s2c", title: "machine CPU, TCP 4 streams server->client", unit: "s/GB"},
 	{key: "rss-start", title: "tunfw RSS at start", unit: "MiB", tunfwOnly: true},
 	{key: "rss-end", title: "tunfw RSS after the workloads", unit: "MiB", tunfwOnly: true},
 	{key: "hwm-end", title: "tunfw peak RSS (VmHWM) in the workloads", unit: "MiB", tunfwOnly: true},
@@ -88,11 +96,11 @@ var hostFigDefs = []figDef{
 // gwRows are the host-mode rows that gateway mode has too.
 var gwRows = []string{
 	"tcp1-c2s", "tcp1-s2c",
-	"conn-seq", "conn-seq-p50", "conn-seq-p99", "conn-seq-fail", "conn-seq-cpu", "conn-seq-cs", "conn-seq-allocs", "conn-seq-alloc-kib", "conn-seq-sys",
-	"conn-32", "conn-32-p50", "conn-32-p99", "conn-32-fail", "conn-32-cpu", "conn-32-cs", "conn-32-allocs", "conn-32-alloc-kib", "conn-32-sys",
-	"rr-p50", "rr-p99", "rr-rate", "rr-cpu", "rr-cs", "rr-allocs", "rr-alloc-kib", "rr-sys",
+	"conn-seq", "conn-seq-p50", "conn-seq-p99", "conn-seq-fail", "conn-seq-machine", "conn-seq-cpu", "conn-seq-cs", "conn-seq-allocs", "conn-seq-alloc-kib", "conn-seq-sys",
+	"conn-32", "conn-32-p50", "conn-32-p99", "conn-32-fail", "conn-32-machine", "conn-32-cpu", "conn-32-cs", "conn-32-allocs", "conn-32-alloc-kib", "conn-32-sys",
+	"rr-p50", "rr-p99", "rr-rate", "rr-machine", "rr-cpu", "rr-cs", "rr-allocs", "rr-alloc-kib", "rr-sys",
 	"udp-c2s-loss", "udp-c2s-rx", "udp-s2c-loss", "udp-s2c-rx",
-	"cpu-tcp1-c2s", "cpu-tcp1-s2c", "cpu-all",
+	"cpu-tcp1-c2s", "cpu-tcp1-s2c", "cpu-all", "mcpu-tcp1-c2s", "mcpu-tcp1-s2c",
 	"rss-start", "rss-end", "hwm-end",
 	"flows-1000", "flows-1000-heap", "flows-10000", "flows-10000-heap",
 }
@@ -115,11 +123,13 @@ func gatewayFigDefs(host []figDef) []figDef {
 }
 
 // gwKey is the gateway-mode key of a host-mode figure: "gw-" in front,
-// after "cpu-" for a bulk workload's CPU (bulkWorkload names it
-// "cpu-"+id).
+// after "cpu-" or "mcpu-" for a bulk workload's CPU (bulkWorkload names
+// them "cpu-"+id and "mcpu-"+id).
 func gwKey(key string) string {
-	if rest, ok := strings.CutPrefix(key, "cpu-tcp"); ok {
-		return "cpu-gw-tcp" + rest
+	for _, pre := range []string{"cpu-", "mcpu-"} {
+		if rest, ok := strings.CutPrefix(key, pre+"tcp"); ok {
+			return pre + "gw-tcp" + rest
+		}
 	}
 	return "gw-" + key
 }

@@ -250,6 +250,31 @@ func procCPU(pid int) (float64, error) {
 	return float64(ut+st) / clockTicks, nil
 }
 
+// machineBusy returns the CPU time all of the machine's CPUs have spent
+// busy so far (/proc/stat: user, nice, system, irq and softirq; not
+// idle, iowait or steal), in seconds. It is the whole machine's,
+// namespaces and other containers included.
+func machineBusy() (float64, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0, fmt.Errorf("bad /proc/stat: %q", line)
+	}
+	var busy int64
+	for _, i := range []int{1, 2, 3, 6, 7} {
+		v, err := strconv.ParseInt(f[i], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("bad /proc/stat: %q: %w", line, err)
+		}
+		busy += v
+	}
+	return float64(busy) / clockTicks, nil
+}
+
 // procSwitches returns the context switches (voluntary and not) of all
 // of pid's threads so far.
 func procSwitches(pid int) (int64, error) {
