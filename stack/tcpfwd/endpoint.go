@@ -58,22 +58,56 @@ func (e *linkEndpoint) GSOMaxSize() uint32 {
 	return 0
 }
 
-// deliver hands a packet that arrived from the TUN to the stack. The bytes
-// are copied, so pkt may be reused when deliver returns.
-func (e *linkEndpoint) deliver(pkt []byte, v6 bool) {
+// splitPayload is the least payload a segment's headers are copied apart
+// from (see deliver).
+const splitPayload = 512
+
+// deliver hands a TCP packet that arrived from the TUN to the stack; its
+// TCP header starts at l4. The bytes are copied, so pkt may be reused when
+// deliver returns.
+//
+// The headers of a segment with a payload go in a buffer of their own:
+// gVisor's IP layer keeps a view of the network header while it slices
+// the header again, and a slice of a buffer whose memory is shared is
+// made by copying all of that memory first (buffer.Buffer.PullUp), 64 KiB
+// for a large segment. Apart, that copy is of the headers only.
+func (e *linkEndpoint) deliver(pkt []byte, l4 int, v6 bool) {
 	e.mu.RLock()
 	d := e.dispatcher
 	e.mu.RUnlock()
 	if d == nil {
 		return
 	}
-	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(pkt)})
+	var data buffer.Buffer
+	if h := tcpHeadersLen(pkt, l4); h > 0 && len(pkt)-h >= splitPayload {
+		// Prepended, not appended: Append would fill the headers'
+		// chunk with the payload's first bytes.
+		data = buffer.MakeWithView(buffer.NewViewWithData(pkt[h:]))
+		data.Prepend(buffer.NewViewWithData(pkt[:h]))
+	} else {
+		data = buffer.MakeWithData(pkt)
+	}
+	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: data})
 	proto := header.IPv4ProtocolNumber
 	if v6 {
 		proto = header.IPv6ProtocolNumber
 	}
 	d.DeliverNetworkPacket(proto, pb)
 	pb.DecRef()
+}
+
+// tcpHeadersLen returns the length of pkt's IP and TCP headers (the TCP
+// header at l4), or 0 when pkt is too short for what its TCP header says;
+// the stack then finds it malformed.
+func tcpHeadersLen(pkt []byte, l4 int) int {
+	if l4+header.TCPMinimumSize > len(pkt) {
+		return 0
+	}
+	h := l4 + int(pkt[l4+12]>>4)*4
+	if h < l4+header.TCPMinimumSize || h > len(pkt) {
+		return 0
+	}
+	return h
 }
 
 // WritePackets implements stack.LinkWriter.

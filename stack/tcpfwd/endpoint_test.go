@@ -228,3 +228,84 @@ func TestWritePacketsGSO(t *testing.T) {
 		}
 	}
 }
+
+// recordDispatcher keeps the views of the packets the link endpoint
+// delivers.
+type recordDispatcher struct{ views [][][]byte }
+
+func (r *recordDispatcher) DeliverNetworkPacket(_ tcpip.NetworkProtocolNumber, pkt *stack.PacketBuffer) {
+	var vs [][]byte
+	for _, s := range pkt.AsSlices() {
+		vs = append(vs, bytes.Clone(s))
+	}
+	r.views = append(r.views, vs)
+}
+
+func (r *recordDispatcher) DeliverLinkPacket(tcpip.NetworkProtocolNumber, *stack.PacketBuffer) {}
+
+// TestDeliverHeadersApart checks that a segment with a payload reaches the
+// stack with its IP and TCP headers in a buffer of their own (gVisor's IP
+// layer would otherwise copy the whole packet's memory to slice its
+// header), whole and unchanged; a small or malformed one in one buffer.
+func TestDeliverHeadersApart(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		src, dst := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")
+		if v6 {
+			src, dst = netip.MustParseAddr("fd00::1"), netip.MustParseAddr("fd00::2")
+		}
+		large, l4 := gvisorSegment(src, dst, bytes.Repeat([]byte("0123456789abcdef"), 4000))
+		small, _ := gvisorSegment(src, dst, make([]byte, splitPayload-1))
+		badOffset := bytes.Clone(large)
+		badOffset[l4+12] = 4 << 4 // 16 bytes: shorter than a TCP header
+		short := large[:l4+10]
+		cases := []struct {
+			name  string
+			pkt   []byte
+			views int
+		}{
+			{"large", large, 2},
+			{"small", small, 1},
+			{"bad data offset", badOffset, 1},
+			{"no whole TCP header", short, 1},
+		}
+		for _, c := range cases {
+			var rec recordDispatcher
+			e := &linkEndpoint{}
+			e.Attach(&rec)
+			e.deliver(c.pkt, l4, v6)
+			if len(rec.views) != 1 {
+				t.Fatalf("v6 %v %s: %d packets delivered, want 1", v6, c.name, len(rec.views))
+			}
+			vs := rec.views[0]
+			if len(vs) != c.views {
+				t.Errorf("v6 %v %s: %d views, want %d", v6, c.name, len(vs), c.views)
+			}
+			if c.views == 2 && len(vs[0]) != l4+header.TCPMinimumSize {
+				t.Errorf("v6 %v %s: first view %d bytes, want the %d of the headers", v6, c.name, len(vs[0]), l4+header.TCPMinimumSize)
+			}
+			if got := bytes.Join(vs, nil); !bytes.Equal(got, c.pkt) {
+				t.Errorf("v6 %v %s: delivered bytes differ from the packet", v6, c.name)
+			}
+		}
+	}
+}
+
+// discardDispatcher drops what it is delivered.
+type discardDispatcher struct{}
+
+func (discardDispatcher) DeliverNetworkPacket(tcpip.NetworkProtocolNumber, *stack.PacketBuffer) {}
+func (discardDispatcher) DeliverLinkPacket(tcpip.NetworkProtocolNumber, *stack.PacketBuffer)    {}
+
+// TestDeliverDoesNotAllocate: a large segment's two buffers come from
+// gVisor's pools.
+func TestDeliverDoesNotAllocate(t *testing.T) {
+	if race.Enabled {
+		t.Skip("the race detector makes sync.Pool drop items at random")
+	}
+	pkt, l4 := gvisorSegment(netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2"), make([]byte, 60000))
+	e := &linkEndpoint{}
+	e.Attach(discardDispatcher{})
+	if a := testing.AllocsPerRun(100, func() { e.deliver(pkt, l4, false) }); a != 0 {
+		t.Errorf("deliver allocates %v times a segment", a)
+	}
+}
