@@ -32,12 +32,12 @@ func TestControlMarksAndBinds(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	c, err := d.DialContext(context.Background(), "udp4", ln.LocalAddr().String())
+	c, err := d.DialUDP(context.Background(), ln.LocalAddr().(*net.UDPAddr).AddrPort())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	raw, err := c.(*net.UDPConn).SyscallConn()
+	raw, err := c.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
