@@ -93,12 +93,30 @@ func (p *Packet) isICMP() bool {
 // ErrTruncated, ErrBadHeader, ErrBadVersion or ErrFragment for input it
 // cannot use; it never panics and does not allocate. Transport protocols
 // other than TCP, UDP and ICMP are not an error: only the IP fields are set.
-func ParsePacket(b []byte, p *Packet) error {
+func ParsePacket(b []byte, p *Packet) error { return parse(b, len(b), p) }
+
+// ParseHeaders is ParsePacket for a packet of n bytes of which b holds
+// the first, its IP and transport headers at least: p gets the fields
+// ParsePacket would give it for the whole packet. A writer that sends a
+// packet's payload from where it lies parses the headers it copied.
+func ParseHeaders(b []byte, n int, p *Packet) error {
+	if n < len(b) {
+		b = b[:n]
+	}
+	return parse(b, n, p)
+}
+
+// parse parses a packet of n bytes, len(b) <= n of which are in b: the
+// headers must be, the lengths are checked against n.
+func parse(b []byte, n int, p *Packet) error {
 	*p = Packet{}
 	if len(b) < 1 {
 		return ErrTruncated
 	}
+	// l4 is the transport header and what of the payload b holds; l4Len
+	// is the transport header's and payload's length in the packet.
 	var l4 []byte
+	var l4Len int
 	switch b[0] >> 4 {
 	case 4:
 		if len(b) < 20 {
@@ -112,10 +130,10 @@ func ParsePacket(b []byte, p *Packet) error {
 		if total < ihl {
 			return ErrBadHeader
 		}
-		if total > len(b) {
+		if total > n || ihl > len(b) {
 			return ErrTruncated
 		}
-		b = b[:total] // drop TUN padding
+		b = b[:min(total, len(b))] // drop TUN padding
 		// MF flag or a non-zero offset: see the package fragment policy.
 		if b[6]&0x20 != 0 || binary.BigEndian.Uint16(b[6:8])&0x1fff != 0 {
 			return ErrFragment
@@ -127,15 +145,16 @@ func ParsePacket(b []byte, p *Packet) error {
 		p.IPHeaderLen = ihl
 		p.Len = total
 		l4 = b[ihl:]
+		l4Len = total - ihl
 	case 6:
 		if len(b) < 40 {
 			return ErrTruncated
 		}
 		total := 40 + int(binary.BigEndian.Uint16(b[4:6]))
-		if total > len(b) {
+		if total > n {
 			return ErrTruncated
 		}
-		b = b[:total]
+		b = b[:min(total, len(b))]
 		next := b[6]
 		off := 40
 	ext:
@@ -166,6 +185,7 @@ func ParsePacket(b []byte, p *Packet) error {
 		p.IPHeaderLen = off
 		p.Len = total
 		l4 = b[off:]
+		l4Len = total - off
 	default:
 		return ErrBadVersion
 	}
@@ -187,7 +207,7 @@ func ParsePacket(b []byte, p *Packet) error {
 		p.TCPSeq = binary.BigEndian.Uint32(l4[4:8])
 		p.TCPAck = binary.BigEndian.Uint32(l4[8:12])
 		p.TCPFlags = l4[13]
-		p.PayloadLen = len(l4) - doff
+		p.PayloadLen = l4Len - doff
 		// SYN with FIN or RST has no meaning; scanners use it to probe.
 		if p.TCPFlags&TCPSyn != 0 && p.TCPFlags&(TCPFin|TCPRst) != 0 {
 			return ErrBadHeader
@@ -206,7 +226,7 @@ func ParsePacket(b []byte, p *Packet) error {
 		// IP packet, are not part of the datagram and are not forwarded,
 		// as the kernel trims them.
 		ul := int(binary.BigEndian.Uint16(l4[4:6]))
-		if ul < 8 || ul > len(l4) {
+		if ul < 8 || ul > l4Len {
 			return ErrBadHeader
 		}
 		p.PayloadLen = ul - 8
@@ -218,16 +238,16 @@ func ParsePacket(b []byte, p *Packet) error {
 			return ErrTruncated
 		}
 		p.ICMPType, p.ICMPCode = l4[0], l4[1]
-		p.PayloadLen = len(l4) - 4
+		p.PayloadLen = l4Len - 4
 		if req, rep := p.icmpEcho(); req || rep {
 			if len(l4) < 8 {
 				return ErrTruncated
 			}
 			p.SrcPort = binary.BigEndian.Uint16(l4[4:6]) // echo identifier
-			p.PayloadLen = len(l4) - 8
+			p.PayloadLen = l4Len - 8
 		}
 	default:
-		p.PayloadLen = len(l4)
+		p.PayloadLen = l4Len
 	}
 	return nil
 }

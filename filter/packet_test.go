@@ -114,3 +114,32 @@ func TestParsePacketPrefixes(t *testing.T) {
 		}
 	}
 }
+
+// ParseHeaders gives, from the headers alone, what ParsePacket gives for
+// the whole packet; without the whole headers, or for a packet shorter
+// than its IP header says, it fails as ParsePacket does.
+func TestParseHeaders(t *testing.T) {
+	payload := make([]byte, 3000)
+	for _, x := range []pk{
+		{src: "10.0.0.2", dst: "1.2.3.4", proto: ProtoTCP, sport: 1, dport: 2, flags: TCPAck, v4opts: 4, tcpOpts: 12, payload: payload},
+		{src: "fd00::2", dst: "2001:db8::1", proto: ProtoTCP, sport: 1, dport: 2, flags: TCPAck, v6ext: []byte{0, 60}, payload: payload},
+		{src: "10.0.0.2", dst: "8.8.8.8", proto: ProtoUDP, sport: 5, dport: 53, payload: payload},
+		{src: "fd00::2", dst: "2001:db8::1", proto: ProtoICMPv6, icmpType: icmpv6EchoReply, sport: 5, payload: payload},
+	} {
+		b := mk(x)
+		var whole, head Packet
+		if err := ParsePacket(b, &whole); err != nil {
+			t.Fatalf("ParsePacket %v: %v", x.proto, err)
+		}
+		hdr := len(b) - len(payload)
+		if err := ParseHeaders(b[:hdr], len(b), &head); err != nil || head != whole {
+			t.Errorf("ParseHeaders of the %d header bytes: %v\n got  %+v\n want %+v", hdr, err, head, whole)
+		}
+		if err := ParseHeaders(b[:hdr-1], len(b), &head); err == nil {
+			t.Errorf("ParseHeaders of %d of the %d header bytes: no error", hdr-1, hdr)
+		}
+		if err := ParseHeaders(b[:hdr], len(b)-1, &head); err == nil {
+			t.Errorf("ParseHeaders of a packet a byte shorter than its IP header says: no error")
+		}
+	}
+}

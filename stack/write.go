@@ -52,7 +52,7 @@ func (w *tunWriter) Write(bufs [][]byte) {
 
 // tsoDevice is a device that segments TCP packets itself (tun.Device).
 type tsoDevice interface {
-	WriteTSO(buf []byte, offset, mss int) error
+	WriteTSO(buf []byte, offset int, payload [][]byte, mss int) error
 	TSO() bool
 }
 
@@ -66,10 +66,10 @@ func (w *tunWriter) segmenter() tunio.Segmenter {
 }
 
 // WriteTSO implements tunio.Segmenter; only with a tsoDevice.
-func (w *tunWriter) WriteTSO(pkt []byte, mss int) {
+func (w *tunWriter) WriteTSO(head []byte, payload [][]byte, mss int) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if err := w.dev.(tsoDevice).WriteTSO(pkt, tunio.Headroom, mss); err != nil && w.ctx.Err() == nil {
+	if err := w.dev.(tsoDevice).WriteTSO(head, tunio.Headroom, payload, mss); err != nil && w.ctx.Err() == nil {
 		w.errors.Add(1)
 		// Not seen in any test: a kernel refusing the segmentation
 		// offload would stall the connections that use it, so the
@@ -78,7 +78,11 @@ func (w *tunWriter) WriteTSO(pkt []byte, mss int) {
 		if !w.tsoWarned.Swap(true) {
 			lvl = slog.LevelWarn
 		}
-		w.log.Log(w.ctx, lvl, "write to TUN with segmentation offload", "bytes", len(pkt), "segment", mss, "err", err)
+		n := len(head) - tunio.Headroom
+		for _, p := range payload {
+			n += len(p)
+		}
+		w.log.Log(w.ctx, lvl, "write to TUN with segmentation offload", "bytes", n, "segment", mss, "err", err)
 	}
 }
 

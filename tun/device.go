@@ -30,6 +30,9 @@ type Device struct {
 	// virtio-net headers: ReadPackets and WriteTSO use it directly (offload.go).
 	file    *os.File
 	vnetHdr bool
+	// tso is WriteTSO's vectored write, made once so that a write
+	// allocates nothing; WriteTSO's callers serialise its use.
+	tso tsoWriter
 	// split holds the datagrams ReadPackets cuts from a UDP GSO packet
 	// (all but the first); only the reading goroutine uses it.
 	split []byte
@@ -59,6 +62,9 @@ func Open(s Settings) (_ *Device, err error) {
 	}
 	if d.file = d.File(); d.file != nil {
 		d.vnetHdr = vnetHeaderOn(d.file, d.name)
+		if err := d.tso.init(d.file); err != nil {
+			return nil, fmt.Errorf("TUN %s: %w", d.name, err)
+		}
 	}
 	if d.link, err = netlink.LinkByName(d.name); err != nil {
 		return nil, fmt.Errorf("find link %s: %w", d.name, err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 	wgtun "golang.zx2c4.com/wireguard/tun"
@@ -216,22 +217,32 @@ func vnetHeaderOn(f *os.File, name string) bool {
 	return on
 }
 
-// WriteTSO writes one TCP packet whose checksum is left to the kernel
-// (its checksum field holds the sum of the pseudo-header only), and which
-// the kernel cuts into segments of mss bytes of payload when it carries
-// more (TSO, as a NIC would): the netstack builds one 64 KiB segment where
-// a 1500-byte path would need 45, and neither tunfw nor, for a local
-// client, the kernel sums its bytes. The packet starts offset bytes into
-// buf, which must leave VirtioHeaderLen bytes before it. It fails when
-// the device carries no virtio-net headers (TSO reports which).
-func (d *Device) WriteTSO(buf []byte, offset, mss int) error {
+// WriteTSO writes a TCP packet whose checksum the kernel completes (its
+// checksum field holds the sum of the pseudo-header only), and which the
+// kernel cuts into segments of mss bytes of payload when it carries more
+// (TSO, as a NIC would): the netstack builds one 64 KiB segment where a
+// 1500-byte path would need 45, and neither tunfw nor, for a local client,
+// the kernel sums its bytes. The packet is buf[offset:] (its headers at
+// least) followed by the slices of payload, written as they lie in one
+// writev: the netstack's buffers need not be copied. buf must leave
+// VirtioHeaderLen bytes before offset, and payload hold at most
+// MaxTSOSlices slices. It fails when the device carries no virtio-net
+// headers (TSO reports which). Calls must not overlap.
+func (d *Device) WriteTSO(buf []byte, offset int, payload [][]byte, mss int) error {
 	if !d.vnetHdr || offset < VirtioHeaderLen {
 		return errors.New("write to TUN: the device takes no segmentation offload")
 	}
-	if err := tsoHeader(buf[offset-VirtioHeaderLen:offset], buf[offset:], mss); err != nil {
+	if len(payload) > MaxTSOSlices {
+		return fmt.Errorf("write to TUN: a packet in %d slices, more than %d", len(payload)+1, MaxTSOSlices+1)
+	}
+	total := len(buf) - offset
+	for _, p := range payload {
+		total += len(p)
+	}
+	if err := tsoHeader(buf[offset-VirtioHeaderLen:offset], buf[offset:], total, mss); err != nil {
 		return err
 	}
-	if _, err := d.file.Write(buf[offset-VirtioHeaderLen:]); err != nil {
+	if err := d.tso.write(buf[offset-VirtioHeaderLen:], payload); err != nil {
 		if errors.Is(err, syscall.EBADFD) {
 			return os.ErrClosed
 		}
@@ -240,10 +251,83 @@ func (d *Device) WriteTSO(buf []byte, offset, mss int) error {
 	return nil
 }
 
-// tsoHeader writes into h the virtio-net header of the TCP packet pkt for
+// MaxTSOSlices is the most payload slices WriteTSO takes.
+const MaxTSOSlices = 31
+
+// tsoWriter writes a packet in slices with one writev on the TUN's
+// descriptor, through Go's poller (the descriptor is non-blocking). Its
+// method value and iovec array are made once: a write allocates nothing.
+type tsoWriter struct {
+	raw   syscall.RawConn
+	fn    func(fd uintptr) bool
+	iov   [MaxTSOSlices + 1]unix.Iovec
+	n     int // iovecs in use
+	wrote int
+	err   syscall.Errno
+}
+
+func (w *tsoWriter) init(f *os.File) error {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("descriptor for vectored writes: %w", err)
+	}
+	w.raw, w.fn = raw, w.writev
+	return nil
+}
+
+// write writes head and then payload as one packet.
+func (w *tsoWriter) write(head []byte, payload [][]byte) error {
+	want := len(head)
+	w.iov[0] = unix.Iovec{Base: &head[0]}
+	w.iov[0].SetLen(len(head))
+	w.n = 1
+	for _, p := range payload {
+		if len(p) == 0 {
+			continue
+		}
+		w.iov[w.n] = unix.Iovec{Base: &p[0]}
+		w.iov[w.n].SetLen(len(p))
+		w.n++
+		want += len(p)
+	}
+	w.wrote, w.err = 0, 0
+	err := w.raw.Write(w.fn)
+	// Cleared, the array keeps no buffer alive past the write.
+	for i := range w.n {
+		w.iov[i] = unix.Iovec{}
+	}
+	switch {
+	case err != nil:
+		return err
+	case w.err != 0:
+		return w.err
+	case w.wrote != want:
+		return fmt.Errorf("wrote %d of %d bytes", w.wrote, want)
+	}
+	return nil
+}
+
+// writev is the RawConn.Write callback: false asks the poller to wait
+// until the descriptor is writable.
+func (w *tsoWriter) writev(fd uintptr) bool {
+	for {
+		n, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&w.iov[0])), uintptr(w.n))
+		switch e {
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return false
+		}
+		w.wrote, w.err = int(n), e
+		return true
+	}
+}
+
+// tsoHeader writes into h the virtio-net header of the TCP packet of
+// total bytes whose first bytes (its headers at least) are pkt, for
 // WriteTSO: checksum partial from the TCP header on, and GSO of mss bytes
 // when the payload is longer.
-func tsoHeader(h, pkt []byte, mss int) error {
+func tsoHeader(h, pkt []byte, total, mss int) error {
 	gso, l3 := byte(gsoTCPv4), 0
 	switch {
 	case len(pkt) >= 40 && pkt[0]>>4 == 6:
@@ -258,7 +342,7 @@ func tsoHeader(h, pkt []byte, mss int) error {
 	if hdrLen > len(pkt) {
 		return fmt.Errorf("write to TUN: TCP header past the packet (%d bytes)", len(pkt))
 	}
-	if len(pkt)-hdrLen <= mss {
+	if total-hdrLen <= mss {
 		gso, mss = gsoNone, 0 // one segment: only its checksum is left to the kernel
 	}
 	h[0], h[1] = vnetNeedsCsum, gso

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"io"
+	"os"
 	"testing"
 
 	wgtun "golang.zx2c4.com/wireguard/tun"
@@ -259,7 +261,7 @@ func TestTSOHeader(t *testing.T) {
 		if c.name == "TCP header past the packet" {
 			c.pkt[20+12] = 15 << 4
 		}
-		err := tsoHeader(h, c.pkt, c.mss)
+		err := tsoHeader(h, c.pkt, len(c.pkt), c.mss)
 		if (err != nil) != c.wantErr {
 			t.Errorf("%s: err %v, want error %v", c.name, err, c.wantErr)
 			continue
@@ -295,4 +297,57 @@ func TestSplitVirtioLargest(t *testing.T) {
 			t.Fatalf("segment size %d: the datagrams do not carry the packet's payload", seg)
 		}
 	}
+}
+
+// WriteTSO writes the virtio-net header, the packet's first bytes and its
+// payload slices as one write, allocating nothing; a packet in more
+// slices than it takes is refused. A pipe stands in for the TUN.
+func TestWriteTSOVectored(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	defer w.Close()
+	d := &Device{vnetHdr: true}
+	if err := d.tso.init(w); err != nil {
+		t.Fatal(err)
+	}
+	tcp := make([]byte, 20)
+	tcp[12] = 5 << 4
+	payload := pattern(3000)
+	pkt := ipv4(6, 1, append(tcp, payload...))
+	const off = 16
+	head := append(make([]byte, off), pkt[:40]...)
+	slices := [][]byte{pkt[40:1000], pkt[1000:2500], pkt[2500:]}
+	if err := d.WriteTSO(head, off, slices, 1448); err != nil {
+		t.Fatalf("WriteTSO: %v", err)
+	}
+	got := make([]byte, 2*len(pkt))
+	n, err := r.Read(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, VirtioHeaderLen)
+	if err := tsoHeader(want, pkt, len(pkt), 1448); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, pkt...)
+	if !bytes.Equal(got[:n], want) {
+		t.Fatalf("wrote %d bytes, want the header and the packet's %d", n, len(want))
+	}
+	if err := d.WriteTSO(head, off, make([][]byte, MaxTSOSlices+1), 1448); err == nil {
+		t.Errorf("WriteTSO of %d slices: no error", MaxTSOSlices+2)
+	}
+	// Read what the writes put in the pipe as they go.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		io.Copy(io.Discard, r)
+	}()
+	if a := testing.AllocsPerRun(100, func() { d.WriteTSO(head, off, slices, 1448) }); a != 0 {
+		t.Errorf("WriteTSO allocates %v times a packet", a)
+	}
+	w.Close()
+	<-done
 }

@@ -189,6 +189,10 @@ func (fw *Forwarder) writePackets(pkts []*stack.PacketBuffer) {
 	var p filter.Packet
 	for _, pb := range pkts {
 		bp := fw.h.TUN.Buffer()
+		if fw.h.TSO != nil && fw.writeTSO(pb, (*bp)[:tunio.Headroom], &p, now) {
+			fw.h.TUN.Release(bp)
+			continue
+		}
 		b := appendPacket((*bp)[:tunio.Headroom], pb)
 		// The copy is parsed again, though gVisor keeps the headers
 		// apart: reaching them (PacketBuffer.NetworkHeader().Slice()
@@ -204,8 +208,9 @@ func (fw *Forwarder) writePackets(pkts []*stack.PacketBuffer) {
 		}
 		if gso := pb.GSOOptions; gso.Type != stack.GSONone && gso.NeedsCsum && parsed {
 			if p.PayloadLen > int(gso.MSS) || p.PayloadLen >= partialCsumMin {
+				// In more slices than a vectored write takes.
 				fw.flushWrites()
-				fw.h.TSO.WriteTSO(b, int(gso.MSS))
+				fw.h.TSO.WriteTSO(b, nil, int(gso.MSS))
 				fw.h.TUN.Release(bp)
 				continue
 			}
@@ -216,6 +221,64 @@ func (fw *Forwarder) writePackets(pkts []*stack.PacketBuffer) {
 		fw.writeBps = append(fw.writeBps, bp)
 	}
 	fw.flushWrites()
+}
+
+// writeTSO writes pb for writePackets, if the kernel is to segment it or
+// complete its checksum (its payload is more than its MSS, or at least
+// partialCsumMin), without copying its payload: head (a TUN buffer's
+// headroom) gets its headers, the payload is written from the stack's own
+// buffers. It reports whether pb was dealt with (written, or silenced by
+// the engine); p and now are writePackets'. writeMu is held.
+func (fw *Forwarder) writeTSO(pb *stack.PacketBuffer, head []byte, p *filter.Packet, now int64) bool {
+	gso := pb.GSOOptions
+	hdrs := pb.HeaderSize()
+	payload := pb.Size() - hdrs
+	if gso.Type == stack.GSONone || !gso.NeedsCsum || (payload <= int(gso.MSS) && payload < partialCsumMin) {
+		return false
+	}
+	head, slices, ok := splitPacket(head, pb, hdrs, fw.tsoSlices[:0])
+	if !ok || filter.ParseHeaders(head[tunio.Headroom:], pb.Size(), p) != nil {
+		clear(slices)
+		return false // in too many slices, or not parsed: copied whole
+	}
+	if fw.h.Engine.Outbound(p, now) != filter.OutboundSilenced {
+		fw.flushWrites()
+		fw.h.TSO.WriteTSO(head, slices, int(gso.MSS))
+	}
+	clear(slices) // keeps no buffer of the stack's alive
+	fw.tsoSlices = slices[:0]
+	return true
+}
+
+// splitPacket appends pb's first n bytes (from its network header on) to
+// head and its other bytes, as the slices of pb's own buffers they lie
+// in, to slices; ok is false when they take more than
+// tunio.MaxPayloadSlices.
+func splitPacket(head []byte, pb *stack.PacketBuffer, n int, slices [][]byte) (_ []byte, _ [][]byte, ok bool) {
+	vl, off := pb.AsViewList()
+	for v := vl.Front(); v != nil; v = v.Next() {
+		b := v.AsSlice()
+		if off >= len(b) {
+			off -= len(b)
+			continue
+		}
+		b = b[off:]
+		off = 0
+		if n > 0 {
+			k := min(n, len(b))
+			head = append(head, b[:k]...)
+			n -= k
+			b = b[k:]
+		}
+		if len(b) == 0 {
+			continue
+		}
+		if len(slices) == tunio.MaxPayloadSlices {
+			return head, slices, false
+		}
+		slices = append(slices, b)
+	}
+	return head, slices, true
 }
 
 // flushWrites writes the packets writePackets gathered and gives their

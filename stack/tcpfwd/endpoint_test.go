@@ -46,7 +46,17 @@ func TestAppendPacket(t *testing.T) {
 // header in front), a TCP segment from dst to src with the given flags, a
 // 12-byte option block and payload.
 func segment(src, dst netip.AddrPort, flags header.TCPFlags, payload []byte) *stack.PacketBuffer {
-	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{ReserveHeaderBytes: 80, Payload: buffer.MakeWithData(payload)})
+	return segmentInViews(src, dst, flags, payload, len(payload))
+}
+
+// segmentInViews is segment with the payload in views of at most size
+// bytes each (a power of two fills each view's chunk, so they stay apart).
+func segmentInViews(src, dst netip.AddrPort, flags header.TCPFlags, payload []byte, size int) *stack.PacketBuffer {
+	var data buffer.Buffer
+	for rest := payload; len(rest) > 0; rest = rest[min(size, len(rest)):] {
+		data.Append(buffer.NewViewWithData(rest[:min(size, len(rest))]))
+	}
+	pb := stack.NewPacketBuffer(stack.PacketBufferOptions{ReserveHeaderBytes: 80, Payload: data})
 	tcpLen := header.TCPMinimumSize + 12
 	th := header.TCP(pb.TransportHeader().Push(tcpLen))
 	th.Encode(&header.TCPFields{
@@ -157,13 +167,35 @@ func TestWritePacketsDoesNotAllocate(t *testing.T) {
 	}
 }
 
+// TestWriteTSODoesNotAllocate: a segment the kernel is to cut goes out
+// with its payload where it lies, allocating nothing.
+func TestWriteTSODoesNotAllocate(t *testing.T) {
+	h := testHost(t, nil)
+	d := newDiscardTUN()
+	h.TUN, h.TSO = d, d
+	s := stateOnly(h)
+	pb := segmentInViews(netip.MustParseAddrPort("198.18.0.1:40000"), netip.MustParseAddrPort("203.0.113.10:443"),
+		header.TCPFlagAck, make([]byte, 60000), 16384)
+	defer pb.DecRef()
+	pb.GSOOptions = stack.GSO{Type: stack.GSOTCPv4, NeedsCsum: true, MSS: 1400, L3HdrLen: header.IPv4MinimumSize}
+	pkts := []*stack.PacketBuffer{pb}
+	s.writePackets(pkts)
+	if race.Enabled {
+		t.Skip("allocation counts are meaningless under -race; make test checks them without it")
+	}
+	if n := testing.AllocsPerRun(100, func() { s.writePackets(pkts) }); n != 0 {
+		t.Errorf("writing a segment to cut allocates %v times", n)
+	}
+}
+
 // recordTUN is a TUN writer (and segmenter) that keeps what it is given,
 // in order: "w" for a packet of a Write, "tso" for WriteTSO.
 type recordTUN struct {
 	discardTUN
-	kinds []string
-	pkts  [][]byte
-	mss   []int
+	kinds  []string
+	pkts   [][]byte
+	mss    []int
+	slices []int // of the payload of each WriteTSO
 }
 
 func (r *recordTUN) Write(bufs [][]byte) {
@@ -172,8 +204,13 @@ func (r *recordTUN) Write(bufs [][]byte) {
 	}
 }
 
-func (r *recordTUN) WriteTSO(pkt []byte, mss int) {
-	r.kinds, r.pkts, r.mss = append(r.kinds, "tso"), append(r.pkts, bytes.Clone(pkt[tunio.Headroom:])), append(r.mss, mss)
+func (r *recordTUN) WriteTSO(head []byte, payload [][]byte, mss int) {
+	pkt := bytes.Clone(head[tunio.Headroom:])
+	for _, p := range payload {
+		pkt = append(pkt, p...)
+	}
+	r.kinds, r.pkts, r.mss = append(r.kinds, "tso"), append(r.pkts, pkt), append(r.mss, mss)
+	r.slices = append(r.slices, len(payload))
 }
 
 // With GSO on, the netstack's segments carry partial checksums: a small
@@ -190,8 +227,13 @@ func TestWritePacketsGSO(t *testing.T) {
 		rec.kinds, rec.pkts, rec.mss = nil, nil, nil
 		const mss = 1000
 		var pkts []*stack.PacketBuffer
-		for _, n := range []int{500, 3 * mss, mss, partialCsumMin} {
+		// The last: a payload in more views than one write takes.
+		for i, n := range []int{500, 3 * mss, mss, partialCsumMin, 40 * 64} {
 			pb := segment(src, dst, header.TCPFlagAck, bytes.Repeat([]byte{byte(n)}, n))
+			if i == 4 {
+				pb.DecRef()
+				pb = segmentInViews(src, dst, header.TCPFlagAck, bytes.Repeat([]byte{byte(n)}, n), 64)
+			}
 			defer pb.DecRef()
 			// As the netstack leaves it with GSO: the pseudo-header's sum
 			// (over the TCP length) in the checksum field.
@@ -213,9 +255,23 @@ func TestWritePacketsGSO(t *testing.T) {
 			}
 			pkts = append(pkts, pb)
 		}
+		want := pktsBytes(pkts)
+		rec.slices = nil
 		s.writePackets(pkts)
-		if got := fmt.Sprint(rec.kinds, rec.mss); got != "[w tso w tso] [0 1000 0 65000]" {
-			t.Fatalf("%s: written as %s, want [w tso w tso] [0 1000 0 65000]", c[0], got)
+		if got := fmt.Sprint(rec.kinds, rec.mss); got != "[w tso w tso tso] [0 1000 0 65000 1000]" {
+			t.Fatalf("%s: written as %s, want [w tso w tso tso] [0 1000 0 65000 1000]", c[0], got)
+		}
+		// Segmented ones go with their payload where the stack keeps it,
+		// unless it lies in more slices than a write takes.
+		if got := fmt.Sprint(rec.slices); got != "[1 1 0]" {
+			t.Errorf("%s: payload slices of the segmented packets %s, want [1 1 0]", c[0], got)
+		}
+		for i := range want {
+			// The checksum field is the one difference: completed for
+			// the small ones.
+			if g, w := rec.pkts[i], want[i]; len(g) != len(w) || !bytes.Equal(g[l3Len(src)+18:], w[l3Len(src)+18:]) || !bytes.Equal(g[:l3Len(src)+16], w[:l3Len(src)+16]) {
+				t.Errorf("%s: packet %d written differs from the stack's", c[0], i)
+			}
 		}
 		for i, pkt := range rec.pkts {
 			l3 := header.IPv4MinimumSize
@@ -227,6 +283,23 @@ func TestWritePacketsGSO(t *testing.T) {
 			}
 		}
 	}
+}
+
+// pktsBytes returns the bytes of each of pkts.
+func pktsBytes(pkts []*stack.PacketBuffer) [][]byte {
+	var out [][]byte
+	for _, pb := range pkts {
+		out = append(out, appendPacket(nil, pb))
+	}
+	return out
+}
+
+// l3Len is the IP header length of packets from src in these tests.
+func l3Len(src netip.AddrPort) int {
+	if src.Addr().Is6() {
+		return header.IPv6MinimumSize
+	}
+	return header.IPv4MinimumSize
 }
 
 // recordDispatcher keeps the views of the packets the link endpoint

@@ -22,9 +22,10 @@ func newDiscardTUN() *discardTUN {
 	return d
 }
 
-func (d *discardTUN) Write([][]byte)     {}
-func (d *discardTUN) Buffer() *[]byte    { return d.pool.Get().(*[]byte) }
-func (d *discardTUN) Release(bp *[]byte) { d.pool.Put(bp) }
+func (d *discardTUN) Write([][]byte)                 {}
+func (d *discardTUN) WriteTSO([]byte, [][]byte, int) {}
+func (d *discardTUN) Buffer() *[]byte                { return d.pool.Get().(*[]byte) }
+func (d *discardTUN) Release(bp *[]byte)             { d.pool.Put(bp) }
 
 // testHost returns a Host with an engine allowing everything, logging to
 // log (nil: nowhere) and writing to a discardTUN.
@@ -48,5 +49,6 @@ func testHost(t testing.TB, log *slog.Logger) Host {
 // stateOnly returns a Forwarder with h and no netstack or watcher, for the
 // parts that only keep state.
 func stateOnly(h Host) *Forwarder {
-	return &Forwarder{h: h, dials: newDialPool(), guard: flows.Guard{Engine: h.Engine, Log: h.Log, Now: h.Now}}
+	return &Forwarder{h: h, dials: newDialPool(), guard: flows.Guard{Engine: h.Engine, Log: h.Log, Now: h.Now},
+		tsoSlices: make([][]byte, 0, tunio.MaxPayloadSlices)}
 }

@@ -89,6 +89,7 @@ type Forwarder struct {
 	writeMu   sync.Mutex
 	writeBufs [][]byte
 	writeBps  []*[]byte
+	tsoSlices [][]byte // a packet's payload for writeTSO
 }
 
 // New builds the netstack with c's TCP options (its zero value means
@@ -101,6 +102,8 @@ func New(h Host, c Config, lim DialLimits) (*Forwarder, error) {
 		h:     h,
 		dials: newDialPool(),
 		guard: flows.Guard{Engine: h.Engine, Log: h.Log, Now: h.Now},
+		// Sized once: writing a packet allocates nothing.
+		tsoSlices: make([][]byte, 0, tunio.MaxPayloadSlices),
 	}
 	fw.ctx, fw.cancel = context.WithCancel(context.Background())
 	fw.SetDialLimits(lim)

@@ -27,9 +27,16 @@ type Writer interface {
 // when they are larger than their segment size, cuts into segments (TSO):
 // see tun.Device.WriteTSO.
 type Segmenter interface {
-	// WriteTSO writes pkt (Headroom bytes into its buffer, its TCP
-	// checksum field holding the pseudo-header's sum), to be cut into
-	// segments of mss payload bytes if it carries more. Errors are
-	// counted by the writer, as Write's are.
-	WriteTSO(pkt []byte, mss int)
+	// WriteTSO writes the packet made of head (Headroom bytes into its
+	// buffer, the packet's headers at least, the TCP checksum field
+	// holding the pseudo-header's sum) and then the slices of payload
+	// (at most MaxPayloadSlices), to be cut into segments of mss
+	// payload bytes if it carries more. The slices are written where
+	// they lie, not copied. Errors are counted by the writer, as
+	// Write's are.
+	WriteTSO(head []byte, payload [][]byte, mss int)
 }
+
+// MaxPayloadSlices is the most payload slices Segmenter.WriteTSO takes
+// (tun.MaxTSOSlices).
+const MaxPayloadSlices = 31
