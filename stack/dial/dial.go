@@ -7,7 +7,6 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/netip"
 	"sync/atomic"
 	"syscall"
 
@@ -42,24 +41,10 @@ func New(o Outbound) *Dialer {
 	return d
 }
 
-// DialTCP connects a TCP socket set up by Control to dst. The address is
-// taken as it is: no name resolution, no address list to try (a dial by
-// string parsed and resolved dst each time, allocations included).
-func (d *Dialer) DialTCP(ctx context.Context, dst netip.AddrPort) (*net.TCPConn, error) {
-	network := "tcp4"
-	if dst.Addr().Is6() {
-		network = "tcp6"
-	}
-	return d.net.DialTCP(ctx, network, netip.AddrPort{}, dst)
-}
-
-// DialUDP connects a UDP socket set up by Control to dst, as DialTCP does.
-func (d *Dialer) DialUDP(ctx context.Context, dst netip.AddrPort) (*net.UDPConn, error) {
-	network := "udp4"
-	if dst.Addr().Is6() {
-		network = "udp6"
-	}
-	return d.net.DialUDP(ctx, network, netip.AddrPort{}, dst)
+// DialContext connects to address on network ("tcp", "udp4", ...) with a
+// socket set up by Control.
+func (d *Dialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	return d.net.DialContext(ctx, network, address)
 }
 
 // Interfaces returns the interfaces new IPv4 and IPv6 sockets are bound to.

@@ -32,12 +32,12 @@ func TestControlMarksAndBinds(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	c, err := d.DialUDP(context.Background(), ln.LocalAddr().(*net.UDPAddr).AddrPort())
+	c, err := d.DialContext(context.Background(), "udp4", ln.LocalAddr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	raw, err := c.SyscallConn()
+	raw, err := c.(*net.UDPConn).SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}

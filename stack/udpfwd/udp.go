@@ -479,10 +479,15 @@ func (u *Forwarder) openUDP(f *udpFlow) {
 
 // dialUDP opens and connects the socket of flow key.
 func (u *Forwarder) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, error) {
-	uc, err := u.h.Dialer.DialUDP(u.ctx, key.Dst)
+	network := "udp4"
+	if key.Dst.Addr().Is6() {
+		network = "udp6"
+	}
+	c, err := u.h.Dialer.DialContext(u.ctx, network, key.Dst.String())
 	if err != nil {
 		return nil, nil, err
 	}
+	uc := c.(*net.UDPConn)
 	raw, err := uc.SyscallConn()
 	if err != nil {
 		uc.Close()
