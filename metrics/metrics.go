@@ -97,7 +97,7 @@ func newCollector(src Source) *collector {
 		reloads:        d("reloads_total", "Config reloads by result.", "result"),
 		tunErr:         d("tun_errors_total", "Failed TUN device operations.", "op"),
 		controlRefused: d("control_refused_total", "Control socket requests refused (bad request or not root)."),
-		dialFailures:   d("dial_failures_total", "TCP dials that did not connect, by reason (refused, timeout, unreachable, descriptors, evicted, deferred, cancelled, other).", "reason"),
+		dialFailures:   d("dial_failures_total", "TCP dials that did not connect, by reason (refused, timeout, unreachable, descriptors, ports, evicted, deferred, cancelled, other).", "reason"),
 		pendingDials:   d("pending_dials", "TCP connections being set up (destination dialled, client handshake not complete)."),
 		flowPanics:     d("flow_panics_total", "Flow handlers that panicked and were recovered; each closed its own flow only."),
 		stackDrops:     d("stack_drops_total", "Packets the stack dropped after the filter let them through, by reason (no echo identifier, a client's share of flows used up, full socket buffer...).", "reason"),

@@ -417,6 +417,7 @@ const (
 	dialFailTimeout
 	dialFailUnreachable
 	dialFailDescriptors // EMFILE, ENFILE, ENOBUFS: out of sockets
+	dialFailPorts       // EADDRNOTAVAIL, EADDRINUSE: no local port free
 	dialFailEvicted
 	dialFailDeferred
 	dialFailCancelled
@@ -424,7 +425,7 @@ const (
 	numDialFails
 )
 
-var dialFailNames = [numDialFails]string{"refused", "timeout", "unreachable", "descriptors", "evicted", "deferred", "cancelled", "other"}
+var dialFailNames = [numDialFails]string{"refused", "timeout", "unreachable", "descriptors", "ports", "evicted", "deferred", "cancelled", "other"}
 
 // classify names the reason of a failed dial, err.
 func classifyDial(err error) dialFailReason {
@@ -438,12 +439,18 @@ func classifyDial(err error) dialFailReason {
 		return dialFailUnreachable
 	case errors.Is(err, syscall.EMFILE), errors.Is(err, syscall.ENFILE), errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.ENOMEM):
 		return dialFailDescriptors
+	case errors.Is(err, syscall.EADDRNOTAVAIL), errors.Is(err, syscall.EADDRINUSE):
+		// Every local port to the destination is taken (TIME_WAIT
+		// included): the kernel's ephemeral range is shared with the
+		// host's own sockets in host mode.
+		return dialFailPorts
 	}
 	return dialFailOther
 }
 
 // DialFailures returns how many TCP dials did not connect, by reason:
 // refused, timeout, unreachable, descriptors (tunfw was out of sockets),
+// ports (no local port to the destination was free),
 // evicted (gave way to newer SYNs in a full pool), deferred (not dialled:
 // the SYN came under pressure and was no retransmission), cancelled (the flow left
 // the table first), other.

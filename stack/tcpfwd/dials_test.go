@@ -1,7 +1,11 @@
 package tcpfwd
 
 import (
+	"context"
+	"net"
 	"net/netip"
+	"os"
+	"syscall"
 	"testing"
 	"time"
 
@@ -187,5 +191,30 @@ func TestScreenSYNsAllocs(t *testing.T) {
 	}
 	if allocs != 0 {
 		t.Errorf("screening a SYN allocates %.1f times", allocs)
+	}
+}
+
+// TestClassifyDial: a failed dial's error, as net.Dialer wraps it, is
+// counted under the reason `tunfw stats` and the metrics name.
+func TestClassifyDial(t *testing.T) {
+	wrap := func(call string, errno syscall.Errno) error {
+		return &net.OpError{Op: "dial", Net: "tcp4", Err: os.NewSyscallError(call, errno)}
+	}
+	for _, c := range []struct {
+		err  error
+		want string
+	}{
+		{wrap("connect", syscall.ECONNREFUSED), "refused"},
+		{wrap("connect", syscall.ETIMEDOUT), "timeout"},
+		{context.DeadlineExceeded, "timeout"},
+		{wrap("connect", syscall.EHOSTUNREACH), "unreachable"},
+		{wrap("socket", syscall.EMFILE), "descriptors"},
+		{wrap("connect", syscall.EADDRNOTAVAIL), "ports"},
+		{wrap("bind", syscall.EADDRINUSE), "ports"},
+		{wrap("connect", syscall.EPERM), "other"},
+	} {
+		if got := dialFailNames[classifyDial(c.err)]; got != c.want {
+			t.Errorf("%v: reason %s, want %s", c.err, got, c.want)
+		}
 	}
 }
