@@ -296,19 +296,10 @@ func (fw *Forwarder) flushWrites() {
 }
 
 // appendPacket appends the bytes of pb, from its network header on, to dst.
-// It walks the views in place: PacketBuffer.AsSlices would allocate per
-// packet.
+// It walks the views in place (splitPacket): PacketBuffer.AsSlices would
+// allocate per packet.
 func appendPacket(dst []byte, pb *stack.PacketBuffer) []byte {
-	vl, off := pb.AsViewList()
-	for v := vl.Front(); v != nil; v = v.Next() {
-		b := v.AsSlice()
-		if off >= len(b) {
-			off -= len(b)
-			continue
-		}
-		dst = append(dst, b[off:]...)
-		off = 0
-	}
+	dst, _, _ = splitPacket(dst, pb, pb.Size(), nil)
 	return dst
 }
 
