@@ -311,23 +311,38 @@ func (r *tcpRelay) readToClient() (done, ended bool) {
 	rd := &r.fromUp
 	rd.BP = nil
 	err := r.upRaw.Read(rd.Read)
-	switch {
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		return true, false
-	case err != nil || rd.Err != nil:
-		// Closed by abort, or reset by the destination; no buffer is
-		// held.
-		r.abort()
-		return true, true
-	case rd.N == 0:
+	// Closed by abort, or reset by the destination: no buffer is held.
+	failed := err != nil || rd.Err != nil
+	if !failed && rd.N == 0 {
 		r.toCliBufs.put(rd.BP, 0)
-		r.ep.Shutdown(tcpip.ShutdownWrite)
-		return true, true
+	}
+	if done, ended = r.readEnded(err, failed, !failed && rd.N == 0); done {
+		return done, ended
 	}
 	ok := r.writeClient((*rd.BP)[:rd.N])
 	r.toCliBufs.put(rd.BP, rd.N)
 	if !ok {
 		r.abort()
+		return true, true
+	}
+	return false, false
+}
+
+// readEnded is what a read from the socket toward the client (err from
+// the netpoller, failed by the socket or the endpoint, eof from the
+// destination) means for the direction, the same for both ways of
+// reading: the idle deadline (done, not ended), a failure (the relay is
+// aborted) or the destination's FIN (passed on to the client); otherwise
+// not done.
+func (r *tcpRelay) readEnded(err error, failed, eof bool) (done, ended bool) {
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return true, false
+	case err != nil || failed:
+		r.abort()
+		return true, true
+	case eof:
+		r.ep.Shutdown(tcpip.ShutdownWrite)
 		return true, true
 	}
 	return false, false
@@ -370,15 +385,10 @@ func (r *tcpRelay) moveToClient() (done, ended bool) {
 	r.moveSt = moveState{}
 	err := r.upRaw.Read(r.move)
 	st := &r.moveSt
+	if done, ended = r.readEnded(err, st.err != nil, st.eof); done {
+		return done, ended
+	}
 	switch {
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		return true, false
-	case err != nil || st.err != nil:
-		r.abort()
-		return true, true
-	case st.eof:
-		r.ep.Shutdown(tcpip.ShutdownWrite)
-		return true, true
 	case st.full:
 		r.waitClientWritable()
 	case st.plain:
