@@ -201,7 +201,19 @@ func FuzzParsePacket(f *testing.F) {
 		e := NewEngine(rs, EngineOptions{Logger: quiet, Limits: EngineLimits{MaxFlows: 4}})
 		out := make([]byte, 1500)
 		var p Packet
-		if err := ParsePacket(b, &p); err != nil {
+		err := ParsePacket(b, &p)
+		// ParseHeaders of any first bytes of b parses only what
+		// ParsePacket of the whole parses, into the same fields.
+		for k := 0; k <= len(b); k++ {
+			var h Packet
+			if herr := ParseHeaders(b[:k], len(b), &h); herr == nil && (err != nil || h != p) {
+				t.Fatalf("ParseHeaders of %d of %d bytes: %+v; ParsePacket: %+v, %v", k, len(b), h, p, err)
+			}
+			if k == 256 && k < len(b) {
+				k = len(b) - 1 // past 256 bytes only the whole, to keep each run short
+			}
+		}
+		if err != nil {
 			e.Count(ParseErrorReason(err))
 			return
 		}
