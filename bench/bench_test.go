@@ -102,12 +102,13 @@ func bulkWorkload(id string, streams int, up bool) workload {
 		m0, merr := machineBusy()
 		b.profileStart(id, p)
 		r, err := b.bulk(p, streams, up, b.m.bulk)
+		m1, merr1 := machineBusy()
 		b.profileStop()
 		if err != nil {
 			return err
 		}
 		b.res.add(id, p, r.gbps())
-		if m1, err := machineBusy(); err == nil && merr == nil && r.bytes > 0 {
+		if merr == nil && merr1 == nil && r.bytes > 0 && !b.res.profiling {
 			b.res.add("mcpu-"+id, p, (m1-m0)/(float64(r.bytes)/1e9))
 		}
 		if p.tunfw() {
@@ -160,7 +161,7 @@ func (b *bench) addCost(id string, p path, c0 procCost, ops int) {
 		return
 	}
 	c1 := costOf(b, p)
-	if c0.machine >= 0 && c1.machine >= 0 {
+	if c0.machine >= 0 && c1.machine >= 0 && !b.res.profiling {
 		b.res.add(id+"-machine", p, (c1.machine-c0.machine)*1e6/float64(ops))
 	}
 	if !p.tunfw() {
@@ -317,6 +318,7 @@ func TestBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.prof.dir = profDir
+	b.res.profiling = profDir != ""
 	b.res.mode, b.res.rounds = m.name, m.rounds
 	b.bin = buildTunfw(t)
 	mtu := tun.DefaultMTU // what a user gets without setting it

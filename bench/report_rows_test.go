@@ -46,7 +46,7 @@ func TestFigDefsCoverWorkloads(t *testing.T) {
 
 // TestMissing: the smoke run's check wants every figure measured, takes
 // 0 where 0 is the goal (allocations) and leaves out the figures only a
-// profiled run has.
+// profiled run has, and in a profiled run the machine's CPU.
 func TestMissing(t *testing.T) {
 	r := newResults()
 	tunfw, direct := path{name: "tunfw"}, path{name: "direct"}
@@ -58,5 +58,14 @@ func TestMissing(t *testing.T) {
 	want := []string{"rr-cpu via tunfw = 0 us", "rr-cs (1) not measured via tunfw"}
 	if !slices.Equal(got, want) {
 		t.Errorf("missing = %q, want %q", got, want)
+	}
+	// The machine's CPU is wanted on both paths, except in a profiled run.
+	want = []string{"rr-machine (us) not measured via tunfw", "rr-machine (us) not measured via direct"}
+	if got := r.missing([]string{"rr-machine"}); !slices.Equal(got, want) {
+		t.Errorf("missing = %q, want %q", got, want)
+	}
+	r.profiling = true
+	if got := r.missing([]string{"rr-machine"}); len(got) != 0 {
+		t.Errorf("profiled run: missing = %q, want nothing", got)
 	}
 }

@@ -22,6 +22,9 @@ type figDef struct {
 	zeroOK           bool // 0 is a valid measurement (loss)
 	latency          bool // also show tunfw - direct
 	profiled         bool // only in a profiled run (TUNFW_BENCH_PROFILE)
+	// unprofiled: not in a profiled run, where perf's own work would
+	// count (the whole machine's CPU).
+	unprofiled bool
 }
 
 var figDefs = slices.Concat(hostFigDefs, gatewayFigDefs(hostFigDefs))
@@ -36,7 +39,7 @@ var hostFigDefs = []figDef{
 	{key: "conn-seq-p50", title: "  latency p50", unit: "us", latency: true},
 	{key: "conn-seq-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-seq-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
-	{key: "conn-seq-machine", title: "  machine CPU per connection (both vCPUs, every process)", unit: "us"},
+	{key: "conn-seq-machine", title: "  machine CPU per connection (every CPU and process)", unit: "us", unprofiled: true},
 	{key: "conn-seq-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-seq-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
 	{key: "conn-seq-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -46,7 +49,7 @@ var hostFigDefs = []figDef{
 	{key: "conn-peek-p50", title: "  latency p50", unit: "us", latency: true},
 	{key: "conn-peek-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-peek-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
-	{key: "conn-peek-machine", title: "  machine CPU per connection (both vCPUs, every process)", unit: "us"},
+	{key: "conn-peek-machine", title: "  machine CPU per connection (every CPU and process)", unit: "us", unprofiled: true},
 	{key: "conn-peek-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-peek-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
 	{key: "conn-peek-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -56,7 +59,7 @@ var hostFigDefs = []figDef{
 	{key: "conn-32-p50", title: "  latency p50", unit: "us", latency: true},
 	{key: "conn-32-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-32-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
-	{key: "conn-32-machine", title: "  machine CPU per connection (both vCPUs, every process)", unit: "us"},
+	{key: "conn-32-machine", title: "  machine CPU per connection (every CPU and process)", unit: "us", unprofiled: true},
 	{key: "conn-32-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-32-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
 	{key: "conn-32-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -65,7 +68,7 @@ var hostFigDefs = []figDef{
 	{key: "rr-p50", title: "TCP 64-byte request/response p50", unit: "us", latency: true},
 	{key: "rr-p99", title: "TCP 64-byte request/response p99", unit: "us", latency: true},
 	{key: "rr-rate", title: "  transactions", unit: "1/s", higherBetter: true},
-	{key: "rr-machine", title: "  machine CPU per transaction (both vCPUs, every process)", unit: "us"},
+	{key: "rr-machine", title: "  machine CPU per transaction (every CPU and process)", unit: "us", unprofiled: true},
 	{key: "rr-cpu", title: "  tunfw CPU per transaction", unit: "us", tunfwOnly: true},
 	{key: "rr-cs", title: "  tunfw context switches per transaction", unit: "1", tunfwOnly: true},
 	{key: "rr-allocs", title: "  tunfw heap allocations per transaction", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -80,10 +83,10 @@ var hostFigDefs = []figDef{
 	{key: "cpu-tcp4-c2s", title: "tunfw CPU, TCP 4 streams client->server", unit: "s/GB", tunfwOnly: true},
 	{key: "cpu-tcp4-s2c", title: "tunfw CPU, TCP 4 streams server->client", unit: "s/GB", tunfwOnly: true},
 	{key: "cpu-all", title: "tunfw CPU, all bulk runs", unit: "s/GB", tunfwOnly: true},
-	{key: "mcpu-tcp1-c2s", title: "machine CPU, TCP 1 stream client->server", unit: "s/GB"},
-	{key: "mcpu-tcp1-s2c", title: "machine CPU, TCP 1 stream server->client", unit: "s/GB"},
-	{key: "mcpu-tcp4-c2s", title: "machine CPU, TCP 4 streams client->server", unit: "s/GB"},
-	{key: "mcpu-tcp4-s2c", title: "machine CPU, TCP 4 streams server->client", unit: "s/GB"},
+	{key: "mcpu-tcp1-c2s", title: "machine CPU, TCP 1 stream client->server", unit: "s/GB", unprofiled: true},
+	{key: "mcpu-tcp1-s2c", title: "machine CPU, TCP 1 stream server->client", unit: "s/GB", unprofiled: true},
+	{key: "mcpu-tcp4-c2s", title: "machine CPU, TCP 4 streams client->server", unit: "s/GB", unprofiled: true},
+	{key: "mcpu-tcp4-s2c", title: "machine CPU, TCP 4 streams server->client", unit: "s/GB", unprofiled: true},
 	{key: "rss-start", title: "tunfw RSS at start", unit: "MiB", tunfwOnly: true},
 	{key: "rss-end", title: "tunfw RSS after the workloads", unit: "MiB", tunfwOnly: true},
 	{key: "hwm-end", title: "tunfw peak RSS (VmHWM) in the workloads", unit: "MiB", tunfwOnly: true},
@@ -145,16 +148,18 @@ func defOf(key string) figDef {
 
 // results collects samples per figure and path.
 type results struct {
-	mu       sync.Mutex
-	mode     string
-	rounds   int
-	config   string
-	gwConfig string                          // gateway mode's, if it ran
-	samples  map[string]map[string][]float64 // key -> path -> samples
-	problems []string
-	notes    []string
-	tunfwLog []string
-	flows    []flowsJSON
+	mu     sync.Mutex
+	mode   string
+	rounds int
+	// profiling: perf records tunfw (TUNFW_BENCH_PROFILE).
+	profiling bool
+	config    string
+	gwConfig  string                          // gateway mode's, if it ran
+	samples   map[string]map[string][]float64 // key -> path -> samples
+	problems  []string
+	notes     []string
+	tunfwLog  []string
+	flows     []flowsJSON
 	// cpu sums tunfw's CPU time and the bytes moved of the bulk runs, by
 	// the key of their overall figure (cpu-all, gw-cpu-all).
 	cpu map[string]cpuSum
@@ -331,7 +336,7 @@ func (r *results) missing(keys []string) []string {
 		}
 		for _, p := range paths {
 			s := r.samples[k][p]
-			if len(s) == 0 && d.profiled {
+			if len(s) == 0 && (d.profiled || d.unprofiled && r.profiling) {
 				continue
 			}
 			if len(s) == 0 {
