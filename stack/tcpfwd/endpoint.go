@@ -63,15 +63,15 @@ func (e *linkEndpoint) GSOMaxSize() uint32 {
 const splitPayload = 512
 
 // deliver hands a TCP packet that arrived from the TUN to the stack; its
-// TCP header starts at l4. The bytes are copied, so pkt may be reused when
-// deliver returns.
+// IP and TCP headers are its first hdrLen bytes. The bytes are copied, so
+// pkt may be reused when deliver returns.
 //
 // The headers of a segment with a payload go in a buffer of their own:
 // gVisor's IP layer keeps a view of the network header while it slices
 // the header again, and a slice of a buffer whose memory is shared is
 // made by copying all of that memory first (buffer.Buffer.PullUp), 64 KiB
 // for a large segment. Apart, that copy is of the headers only.
-func (e *linkEndpoint) deliver(pkt []byte, l4 int, v6 bool) {
+func (e *linkEndpoint) deliver(pkt []byte, hdrLen int, v6 bool) {
 	e.mu.RLock()
 	d := e.dispatcher
 	e.mu.RUnlock()
@@ -79,7 +79,7 @@ func (e *linkEndpoint) deliver(pkt []byte, l4 int, v6 bool) {
 		return
 	}
 	var data buffer.Buffer
-	if h := tcpHeadersLen(pkt, l4); h > 0 && len(pkt)-h >= splitPayload {
+	if h := hdrLen; h > 0 && len(pkt)-h >= splitPayload {
 		// Prepended, not appended: Append would fill the headers'
 		// chunk with the payload's first bytes.
 		data = buffer.MakeWithView(buffer.NewViewWithData(pkt[h:]))
@@ -94,20 +94,6 @@ func (e *linkEndpoint) deliver(pkt []byte, l4 int, v6 bool) {
 	}
 	d.DeliverNetworkPacket(proto, pb)
 	pb.DecRef()
-}
-
-// tcpHeadersLen returns the length of pkt's IP and TCP headers (the TCP
-// header at l4), or 0 when pkt is too short for what its TCP header says;
-// the stack then finds it malformed.
-func tcpHeadersLen(pkt []byte, l4 int) int {
-	if l4+header.TCPMinimumSize > len(pkt) {
-		return 0
-	}
-	h := l4 + int(pkt[l4+12]>>4)*4
-	if h < l4+header.TCPMinimumSize || h > len(pkt) {
-		return 0
-	}
-	return h
 }
 
 // WritePackets implements stack.LinkWriter.
@@ -206,8 +192,8 @@ func (fw *Forwarder) writePackets(pkts []*stack.PacketBuffer) {
 			fw.h.TUN.Release(bp)
 			continue
 		}
-		if gso := pb.GSOOptions; gso.Type != stack.GSONone && gso.NeedsCsum && parsed {
-			if p.PayloadLen > int(gso.MSS) || p.PayloadLen >= partialCsumMin {
+		if gso := pb.GSOOptions; parsed && gso.Type != stack.GSONone && gso.NeedsCsum {
+			if kernelFinishes(gso, p.PayloadLen) {
 				// In more slices than a vectored write takes.
 				fw.flushWrites()
 				fw.h.TSO.WriteTSO(b, nil, int(gso.MSS))
@@ -224,16 +210,14 @@ func (fw *Forwarder) writePackets(pkts []*stack.PacketBuffer) {
 }
 
 // writeTSO writes pb for writePackets, if the kernel is to segment it or
-// complete its checksum (its payload is more than its MSS, or at least
-// partialCsumMin), without copying its payload: head (a TUN buffer's
+// complete its checksum (kernelFinishes), without copying its payload: head (a TUN buffer's
 // headroom) gets its headers, the payload is written from the stack's own
 // buffers. It reports whether pb was dealt with (written, or silenced by
 // the engine); p and now are writePackets'. writeMu is held.
 func (fw *Forwarder) writeTSO(pb *stack.PacketBuffer, head []byte, p *filter.Packet, now int64) bool {
 	gso := pb.GSOOptions
 	hdrs := pb.HeaderSize()
-	payload := pb.Size() - hdrs
-	if gso.Type == stack.GSONone || !gso.NeedsCsum || (payload <= int(gso.MSS) && payload < partialCsumMin) {
+	if gso.Type == stack.GSONone || !gso.NeedsCsum || !kernelFinishes(gso, pb.Size()-hdrs) {
 		return false
 	}
 	head, slices, ok := splitPacket(head, pb, hdrs, fw.tsoSlices[:0])
@@ -301,6 +285,14 @@ func (fw *Forwarder) flushWrites() {
 func appendPacket(dst []byte, pb *stack.PacketBuffer) []byte {
 	dst, _, _ = splitPacket(dst, pb, pb.Size(), nil)
 	return dst
+}
+
+// kernelFinishes reports whether a segment of payload bytes, built by the
+// netstack with gso (a partial checksum), goes to the TUN for the kernel
+// to cut into segments or to sum (tunio.Segmenter): more than its MSS, or
+// at least partialCsumMin.
+func kernelFinishes(gso stack.GSO, payload int) bool {
+	return payload > int(gso.MSS) || payload >= partialCsumMin
 }
 
 // partialCsumMin is the payload from which a segment of one MSS also goes

@@ -190,7 +190,7 @@ func (fw *Forwarder) Deliver(p *filter.Packet, pkt []byte, checked bool) {
 		fw.h.Engine.Count(filter.ReasonMalformed)
 		return
 	}
-	fw.ep.deliver(pkt, p.IPHeaderLen, p.Version == 6)
+	fw.ep.deliver(pkt, p.Len-p.PayloadLen, p.Version == 6)
 }
 
 // checksumsValid reports whether the IPv4 header checksum (when v4) and
