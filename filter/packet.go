@@ -100,6 +100,10 @@ func ParsePacket(b []byte, p *Packet) error { return parse(b, len(b), p) }
 // ParsePacket would give it for the whole packet. A writer that sends a
 // packet's payload from where it lies parses the headers it copied.
 func ParseHeaders(b []byte, n int, p *Packet) error {
+	if n < 0 {
+		*p = Packet{}
+		return ErrTruncated
+	}
 	if n < len(b) {
 		b = b[:n]
 	}

@@ -141,5 +141,11 @@ func TestParseHeaders(t *testing.T) {
 		if err := ParseHeaders(b[:hdr], len(b)-1, &head); err == nil {
 			t.Errorf("ParseHeaders of a packet a byte shorter than its IP header says: no error")
 		}
+		if err := ParseHeaders(b, hdr, &head); err == nil {
+			t.Errorf("ParseHeaders of a packet said to end after its headers: no error")
+		}
+		if err := ParseHeaders(b[:hdr], -1, &head); err == nil {
+			t.Errorf("ParseHeaders of a packet of -1 bytes: no error")
+		}
 	}
 }
