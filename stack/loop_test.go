@@ -11,6 +11,8 @@ import (
 
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/stack/internal/gaddr"
+	"github.com/tunfw/tunfw/stack/internal/tunio"
+	"github.com/tunfw/tunfw/tun"
 	wgtun "golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
@@ -99,5 +101,13 @@ func TestRunJudgesEachPacket(t *testing.T) {
 	}
 	if p.Proto != filter.ProtoTCP || p.TCPFlags&filter.TCPRst == 0 || p.Src != dst.Addr() || p.SrcPort != dst.Port() || p.Dst != client.Addr() || p.DstPort != client.Port() {
 		t.Errorf("written %+v, want a RST from %v to %v", p, dst, client)
+	}
+}
+
+// The forwarder hands WriteTSO at most tunio.MaxPayloadSlices slices; a
+// device taking fewer would refuse every large segment.
+func TestPayloadSlicesFitDevice(t *testing.T) {
+	if tunio.MaxPayloadSlices > tun.MaxTSOSlices {
+		t.Errorf("forwarder writes up to %d payload slices, the device takes %d", tunio.MaxPayloadSlices, tun.MaxTSOSlices)
 	}
 }

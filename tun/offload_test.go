@@ -336,6 +336,11 @@ func TestWriteTSOVectored(t *testing.T) {
 	if !bytes.Equal(got[:n], want) {
 		t.Fatalf("wrote %d bytes, want the header and the packet's %d", n, len(want))
 	}
+	for i, v := range d.tso.iov {
+		if v.Base != nil {
+			t.Fatalf("iovec %d still points at a buffer after the write", i)
+		}
+	}
 	if err := d.WriteTSO(head, off, make([][]byte, MaxTSOSlices+1), 1448); err == nil {
 		t.Errorf("WriteTSO of %d slices: no error", MaxTSOSlices+2)
 	}
