@@ -441,8 +441,9 @@ func classifyDial(err error) dialFailReason {
 		return dialFailDescriptors
 	case errors.Is(err, syscall.EADDRNOTAVAIL), errors.Is(err, syscall.EADDRINUSE):
 		// Every local port to the destination is taken (TIME_WAIT
-		// included): the kernel's ephemeral range is shared with the
-		// host's own sockets in host mode.
+		// included; the kernel's ephemeral range is shared with the
+		// host's own sockets in host mode), or, rarer, the source
+		// address the route picked is gone.
 		return dialFailPorts
 	}
 	return dialFailOther
