@@ -91,10 +91,28 @@ type workload struct {
 	id   string
 	keys []string // figures it produces
 	run  func(b *bench, p path) error
+	need needSpec // the machine CPUs half of direct's rate needs, if any
 }
 
+// needSpec derives, after a phase's rounds, the figure key: how many of the
+// machine's CPUs (busy time, every process) the tunfw path would need to
+// run at half of the direct path's rate, from each round's machine CPU per
+// operation through tunfw (figure machine) and the direct path's rate
+// (figure rate). cpus converts one operation's machine CPU figure and a
+// rate into CPUs. More than the machine has: the 0.5 of direct is
+// out of reach for the whole machine, whatever tunfw's own share.
+type needSpec struct {
+	key, rate, machine string
+	cpus               func(machine, rate float64) float64
+}
+
+// needKey is the figure a needSpec of workload id reports.
+func needKey(id string) string { return id + "-need" }
+
 func bulkWorkload(id string, streams int, up bool) workload {
-	return workload{id: id, keys: []string{id, "cpu-" + id, "mcpu-" + id}, run: func(b *bench, p path) error {
+	// s/GB times GB/s.
+	need := needSpec{key: needKey(id), rate: id, machine: "mcpu-" + id, cpus: func(m, gbps float64) float64 { return m * gbps / 8 }}
+	return workload{id: id, keys: []string{id, "cpu-" + id, "mcpu-" + id, need.key}, need: need, run: func(b *bench, p path) error {
 		var cpu0 float64
 		if p.tunfw() {
 			cpu0, _ = procCPU(b.fw.pid)
@@ -179,8 +197,12 @@ func (b *bench) addCost(id string, p path, c0 procCost, ops int) {
 	}
 }
 
+// perOpNeed: us of machine CPU per operation times operations per second.
+func perOpNeed(us, rate float64) float64 { return us * 1e-6 * rate }
+
 func connWorkload(id string, port, conc int) workload {
-	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail", id + "-machine", id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib", id + "-sys"}, run: func(b *bench, p path) error {
+	need := needSpec{key: needKey(id), rate: id, machine: id + "-machine", cpus: perOpNeed}
+	return workload{id: id, keys: []string{id, id + "-p50", id + "-p99", id + "-fail", id + "-machine", need.key, id + "-cpu", id + "-cs", id + "-allocs", id + "-alloc-kib", id + "-sys"}, need: need, run: func(b *bench, p path) error {
 		b.profileStart(id, p)
 		c0 := costOf(b, p)
 		r, err := b.connRate(p, port, conc, b.m.conn)
@@ -536,6 +558,11 @@ func (b *bench) runWorkloads(ph *phase, selected func(string) bool, runStart tim
 		b.res.add(ph.prefix+"hwm-end", ph.paths[0], float64(hwm)/1024)
 	}
 	b.res.finishCPU(ph.prefix+"cpu-all", ph.paths[0])
+	for _, w := range ph.workloads {
+		if w.need.key != "" {
+			b.res.deriveNeed(w.need, ph.paths[0], ph.paths[1])
+		}
+	}
 	b.res.tunfwLog = append(b.res.tunfwLog, b.fw.notable()...)
 	stats := b.tunfwStats(ph.cfg)
 	if ph.prefix == "" {

@@ -59,6 +59,12 @@
 // and every sample, so runs can be compared; the table is also written
 // next to it (.txt), and tunfw's log and `tunfw stats` to .tunfw.log.
 //
+// Connection and bulk workloads also report the machine CPUs the tunfw
+// path would need at half of the direct path's rate: each round's machine
+// CPU per connection or GB through tunfw times half that round's direct
+// rate. Above the machine's CPU count, 0.5 of direct is out of reach for
+// the machine as a whole, however tunfw's share were spread over it.
+//
 // Connection-rate and idle-flow clients run in a helper process (this test
 // binary again, TestBenchHelper) inside the client namespace: dialling from
 // threads switched into a namespace costs a thread hand-off at every

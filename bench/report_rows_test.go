@@ -69,3 +69,42 @@ func TestMissing(t *testing.T) {
 		t.Errorf("profiled run: missing = %q, want nothing", got)
 	}
 }
+
+// TestDeriveNeed: the CPUs needed at half of direct's rate pair each
+// round's machine CPU through tunfw with that round's direct rate, and a
+// round without both gives no sample.
+func TestDeriveNeed(t *testing.T) {
+	r := newResults()
+	tunfw, direct := path{name: "tunfw"}, path{name: "direct"}
+	conn := connWorkload("conn-32", portCRR, 32).need
+	// 170 us of machine CPU a connection through tunfw; direct ran
+	// 28,000/s then 26,000/s (and a third round whose tunfw run failed).
+	r.add("conn-32-machine", tunfw, 170)
+	r.add("conn-32-machine", tunfw, 160)
+	for _, v := range []float64{28000, 26000, 27000} {
+		r.add("conn-32", direct, v)
+	}
+	r.deriveNeed(conn, tunfw, direct)
+	got := r.samples["conn-32-need"]["tunfw"]
+	want := []float64{170e-6 * 14000, 160e-6 * 13000}
+	if len(got) != len(want) {
+		t.Fatalf("conn-32-need = %v, want %v", got, want)
+	}
+	for i := range want {
+		if d := got[i] - want[i]; d > 1e-9 || d < -1e-9 {
+			t.Errorf("conn-32-need[%d] = %v, want %v", i, got[i], want[i])
+		}
+	}
+	// Bulk: 1.68 s/GB through tunfw, direct at 21 Gbit/s: half is
+	// 1.3125 GB/s, 2.205 CPUs.
+	bulk := bulkWorkload("gw-tcp1-c2s", 1, true).need
+	if bulk.key != "gw-tcp1-c2s-need" || gwKey("tcp1-c2s-need") != bulk.key {
+		t.Errorf("gateway bulk need key %q, want the gateway row of tcp1-c2s-need", bulk.key)
+	}
+	r.add("mcpu-gw-tcp1-c2s", tunfw, 1.68)
+	r.add("gw-tcp1-c2s", direct, 21)
+	r.deriveNeed(bulk, tunfw, direct)
+	if got := r.samples[bulk.key]["tunfw"]; len(got) != 1 || got[0] < 2.2049 || got[0] > 2.2051 {
+		t.Errorf("%s = %v, want [2.205]", bulk.key, got)
+	}
+}

@@ -40,6 +40,7 @@ var hostFigDefs = []figDef{
 	{key: "conn-seq-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-seq-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
 	{key: "conn-seq-machine", title: "  machine CPU per connection (every CPU and process)", unit: "us", unprofiled: true},
+	{key: "conn-seq-need", title: "  machine CPUs needed at half of direct's rate", unit: "CPUs", tunfwOnly: true, unprofiled: true},
 	{key: "conn-seq-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-seq-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
 	{key: "conn-seq-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -50,6 +51,7 @@ var hostFigDefs = []figDef{
 	{key: "conn-peek-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-peek-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
 	{key: "conn-peek-machine", title: "  machine CPU per connection (every CPU and process)", unit: "us", unprofiled: true},
+	{key: "conn-peek-need", title: "  machine CPUs needed at half of direct's rate", unit: "CPUs", tunfwOnly: true, unprofiled: true},
 	{key: "conn-peek-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-peek-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
 	{key: "conn-peek-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -60,6 +62,7 @@ var hostFigDefs = []figDef{
 	{key: "conn-32-p99", title: "  latency p99", unit: "us", latency: true},
 	{key: "conn-32-fail", title: "  failed connections (5s timeout)", unit: "conn", zeroOK: true},
 	{key: "conn-32-machine", title: "  machine CPU per connection (every CPU and process)", unit: "us", unprofiled: true},
+	{key: "conn-32-need", title: "  machine CPUs needed at half of direct's rate", unit: "CPUs", tunfwOnly: true, unprofiled: true},
 	{key: "conn-32-cpu", title: "  tunfw CPU per connection", unit: "us", tunfwOnly: true},
 	{key: "conn-32-cs", title: "  tunfw context switches per connection", unit: "1", tunfwOnly: true},
 	{key: "conn-32-allocs", title: "  tunfw heap allocations per connection", unit: "1", tunfwOnly: true, zeroOK: true},
@@ -87,6 +90,10 @@ var hostFigDefs = []figDef{
 	{key: "mcpu-tcp1-s2c", title: "machine CPU, TCP 1 stream server->client", unit: "s/GB", unprofiled: true},
 	{key: "mcpu-tcp4-c2s", title: "machine CPU, TCP 4 streams client->server", unit: "s/GB", unprofiled: true},
 	{key: "mcpu-tcp4-s2c", title: "machine CPU, TCP 4 streams server->client", unit: "s/GB", unprofiled: true},
+	{key: "tcp1-c2s-need", title: "machine CPUs needed at half of direct's rate, TCP 1 stream client->server", unit: "CPUs", tunfwOnly: true, unprofiled: true},
+	{key: "tcp1-s2c-need", title: "machine CPUs needed at half of direct's rate, TCP 1 stream server->client", unit: "CPUs", tunfwOnly: true, unprofiled: true},
+	{key: "tcp4-c2s-need", title: "machine CPUs needed at half of direct's rate, TCP 4 streams client->server", unit: "CPUs", tunfwOnly: true, unprofiled: true},
+	{key: "tcp4-s2c-need", title: "machine CPUs needed at half of direct's rate, TCP 4 streams server->client", unit: "CPUs", tunfwOnly: true, unprofiled: true},
 	{key: "rss-start", title: "tunfw RSS at start", unit: "MiB", tunfwOnly: true},
 	{key: "rss-end", title: "tunfw RSS after the workloads", unit: "MiB", tunfwOnly: true},
 	{key: "hwm-end", title: "tunfw peak RSS (VmHWM) in the workloads", unit: "MiB", tunfwOnly: true},
@@ -99,11 +106,11 @@ var hostFigDefs = []figDef{
 // gwRows are the host-mode rows that gateway mode has too.
 var gwRows = []string{
 	"tcp1-c2s", "tcp1-s2c",
-	"conn-seq", "conn-seq-p50", "conn-seq-p99", "conn-seq-fail", "conn-seq-machine", "conn-seq-cpu", "conn-seq-cs", "conn-seq-allocs", "conn-seq-alloc-kib", "conn-seq-sys",
-	"conn-32", "conn-32-p50", "conn-32-p99", "conn-32-fail", "conn-32-machine", "conn-32-cpu", "conn-32-cs", "conn-32-allocs", "conn-32-alloc-kib", "conn-32-sys",
+	"conn-seq", "conn-seq-p50", "conn-seq-p99", "conn-seq-fail", "conn-seq-machine", "conn-seq-need", "conn-seq-cpu", "conn-seq-cs", "conn-seq-allocs", "conn-seq-alloc-kib", "conn-seq-sys",
+	"conn-32", "conn-32-p50", "conn-32-p99", "conn-32-fail", "conn-32-machine", "conn-32-need", "conn-32-cpu", "conn-32-cs", "conn-32-allocs", "conn-32-alloc-kib", "conn-32-sys",
 	"rr-p50", "rr-p99", "rr-rate", "rr-machine", "rr-cpu", "rr-cs", "rr-allocs", "rr-alloc-kib", "rr-sys",
 	"udp-c2s-loss", "udp-c2s-rx", "udp-s2c-loss", "udp-s2c-rx",
-	"cpu-tcp1-c2s", "cpu-tcp1-s2c", "cpu-all", "mcpu-tcp1-c2s", "mcpu-tcp1-s2c",
+	"cpu-tcp1-c2s", "cpu-tcp1-s2c", "cpu-all", "mcpu-tcp1-c2s", "mcpu-tcp1-s2c", "tcp1-c2s-need", "tcp1-s2c-need",
 	"rss-start", "rss-end", "hwm-end",
 	"flows-1000", "flows-1000-heap", "flows-10000", "flows-10000-heap",
 }
@@ -194,6 +201,19 @@ func (r *results) finishCPU(key string, p path) {
 	r.mu.Unlock()
 	if c.bytes > 0 {
 		r.add(key, p, c.secs/(float64(c.bytes)/1e9))
+	}
+}
+
+// deriveNeed adds n's figure on the tunfw path, one sample per round that
+// measured both the machine's CPU through tunfw and the direct path's rate:
+// the CPUs the machine would need at half of direct's rate at the cost
+// through tunfw of that round.
+func (r *results) deriveNeed(n needSpec, tunfw, direct path) {
+	r.mu.Lock()
+	m, rate := r.samples[n.machine][tunfw.name], r.samples[n.rate][direct.name]
+	r.mu.Unlock()
+	for i := range min(len(m), len(rate)) {
+		r.add(n.key, tunfw, n.cpus(m[i], rate[i]/2))
 	}
 }
 
