@@ -165,19 +165,28 @@ func TestReadRuntime(t *testing.T) {
 func TestShouldReturn(t *testing.T) {
 	const mib = 1 << 20
 	for _, c := range []struct {
-		allocated, free, live uint64
-		since                 time.Duration
-		want                  bool
+		allocated, free, objects, live uint64
+		since                          time.Duration
+		want                           bool
 	}{
-		{0, 20 * mib, 30 * mib, time.Minute, true},
-		{512 << 10, 5 * mib, 10 * mib, returnEvery, true},
-		{2 * mib, 20 * mib, 30 * mib, time.Minute, false}, // busy
-		{0, 3 * mib, 10 * mib, time.Minute, false},        // too little free
-		{0, 9 * mib, 100 * mib, time.Minute, false},       // little against the live heap
-		{0, 20 * mib, 30 * mib, time.Second, false},       // returned recently
+		{0, 20 * mib, 30 * mib, 30 * mib, time.Minute, true},
+		{512 << 10, 5 * mib, 10 * mib, 10 * mib, returnEvery, true},
+		{2 * mib, 20 * mib, 30 * mib, 30 * mib, time.Minute, false}, // busy
+		{0, 3 * mib, 10 * mib, 10 * mib, time.Minute, false},        // too little free
+		{0, 9 * mib, 100 * mib, 100 * mib, time.Minute, false},      // little against the live heap
+		{0, 20 * mib, 30 * mib, 30 * mib, time.Second, false},       // returned recently
+		// A burst's garbage, not yet collected, counts with the free
+		// heap: 1 MiB free and 6 MiB allocated since the collection
+		// that found 10 MiB live.
+		{0, 1 * mib, 16 * mib, 10 * mib, time.Minute, true},
+		// Right after a collection objects and live agree.
+		{0, 1 * mib, 10 * mib, 10 * mib, time.Minute, false},
+		// live read a little after objects (two samples, not atomic):
+		// no underflow.
+		{0, 1 * mib, 10 * mib, 11 * mib, time.Minute, false},
 	} {
-		if got := shouldReturn(c.allocated, c.free, c.live, c.since); got != c.want {
-			t.Errorf("shouldReturn(%d, %d, %d, %v) = %v, want %v", c.allocated, c.free, c.live, c.since, got, c.want)
+		if got := shouldReturn(c.allocated, c.free, c.objects, c.live, c.since); got != c.want {
+			t.Errorf("shouldReturn(%d, %d, %d, %d, %v) = %v, want %v", c.allocated, c.free, c.objects, c.live, c.since, got, c.want)
 		}
 	}
 }
