@@ -70,6 +70,9 @@ type Forwarder struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // the relays
 
+	// running counts the relay directions that hold a goroutine (relay.go,
+	// linger).
+	running atomic.Int32
 	// watcher waits for the sockets of idle relays (relay.go).
 	watcher   *sockWatcher
 	watcherWG sync.WaitGroup
