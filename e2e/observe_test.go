@@ -12,6 +12,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -654,6 +656,75 @@ func TestIdleRelaysHoldNoGoroutines(t *testing.T) {
 		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
 			t.Fatalf("connection %d after idling: echo %q, %v", i, got, err)
 		}
+	}
+}
+
+// TestBurstLingersBounded checks the bound on relays that keep their
+// goroutine after a burst: connections opened at once, each with one
+// exchange, would each hold two goroutines for the relays' full linger
+// (100 ms); while more than 128 directions run, a quiet one lingers 10 ms.
+// So 50 ms after the burst at most about 128 are left, where unbounded
+// every connection of the burst's last 100 ms would be.
+func TestBurstLingersBounded(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	svc := topo.ServiceV4
+	startTCPEcho(t, topo.Server, netip.AddrPortFrom(svc, 9100))
+	cfg := writeConfig(t, observeConfig+"\n[metrics]\nlisten = \"127.0.0.1:9479\"\n")
+	startTunfw(t, topo.Host, cfg)
+	goroutines := func() float64 { return scrapeMetrics(t, topo.Host, "127.0.0.1:9479")["go_goroutines"] }
+	base := goroutines()
+
+	const n, workers = 600, 32
+	var (
+		mu    sync.Mutex
+		conns []net.Conn
+		errs  []error
+		next  atomic.Int32
+		wg    sync.WaitGroup
+	)
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	start := time.Now()
+	for range workers {
+		wg.Go(func() {
+			buf := make([]byte, 1)
+			for next.Add(1) <= n {
+				c, err := topo.Host.DialTimeout("tcp", hostPort(svc, 9100), 5*time.Second)
+				if err == nil {
+					c.SetDeadline(time.Now().Add(5 * time.Second))
+					if _, err = c.Write([]byte{'x'}); err == nil {
+						_, err = io.ReadFull(c, buf)
+					}
+				}
+				mu.Lock()
+				if c != nil {
+					conns = append(conns, c)
+				}
+				if err != nil {
+					errs = append(errs, err)
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	took := time.Since(start)
+	if len(errs) > 0 {
+		t.Fatalf("%d of %d connections failed, first: %v", len(errs), n, errs[0])
+	}
+	// What is measured is how long relays keep their goroutine: this
+	// sleep is the interval under test, not a stand-in for an event.
+	time.Sleep(50 * time.Millisecond)
+	g := goroutines()
+	t.Logf("%d connections in %v (%.0f/s); goroutines %v before, %v 50 ms after", n, took.Round(time.Millisecond), float64(n)/took.Seconds(), base, g)
+	// 128 lingering directions, plus the scrape's own and slack for
+	// directions that decided on the long linger just as others ended.
+	if limit := base + 128 + 48; g > limit {
+		t.Errorf("%v goroutines 50 ms after a burst of %d connections, %v before: more than %v, so quiet relays kept their goroutines beyond the bound", g, n, base, limit)
 	}
 }
 
