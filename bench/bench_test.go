@@ -94,8 +94,8 @@ type workload struct {
 	need needSpec // the machine CPUs half of direct's rate needs, if any
 }
 
-// needSpec derives, after a phase's rounds, the figure key: how many of the
-// machine's CPUs (busy time, every process) the tunfw path would need to
+// needSpec derives, after each round of its workload, the figure key: how
+// many of the machine's CPUs (busy time, every process) the tunfw path would need to
 // run at half of the direct path's rate, from each round's machine CPU per
 // operation through tunfw (figure machine) and the direct path's rate
 // (figure rate). cpus converts one operation's machine CPU figure and a
@@ -530,6 +530,7 @@ func (b *bench) runWorkloads(ph *phase, selected func(string) bool, runStart tim
 			if round%2 == 1 {
 				order = [2]path{ph.paths[1], ph.paths[0]}
 			}
+			before := b.res.needInputs(w.need, ph.paths[0], ph.paths[1])
 			for _, p := range order {
 				if b.outOfTime() {
 					b.res.problem("%s round %d via %s: skipped, test deadline near", w.id, round+1, p.name)
@@ -551,6 +552,9 @@ func (b *bench) runWorkloads(ph *phase, selected func(string) bool, runStart tim
 					w.id, p.name, b.res.lastOf(w.keys, p, err, time.Since(t0)))
 				time.Sleep(m.pause)
 			}
+			if w.need.key != "" {
+				b.res.deriveNeed(w.need, ph.paths[0], ph.paths[1], before)
+			}
 		}
 	}
 	if rss, hwm, err := procRSS(b.fw.pid); err == nil {
@@ -558,11 +562,6 @@ func (b *bench) runWorkloads(ph *phase, selected func(string) bool, runStart tim
 		b.res.add(ph.prefix+"hwm-end", ph.paths[0], float64(hwm)/1024)
 	}
 	b.res.finishCPU(ph.prefix+"cpu-all", ph.paths[0])
-	for _, w := range ph.workloads {
-		if w.need.key != "" {
-			b.res.deriveNeed(w.need, ph.paths[0], ph.paths[1])
-		}
-	}
 	b.res.tunfwLog = append(b.res.tunfwLog, b.fw.notable()...)
 	stats := b.tunfwStats(ph.cfg)
 	if ph.prefix == "" {

@@ -72,21 +72,27 @@ func TestMissing(t *testing.T) {
 
 // TestDeriveNeed: the CPUs needed at half of direct's rate pair each
 // round's machine CPU through tunfw with that round's direct rate, and a
-// round without both gives no sample.
+// round without both (here the middle one, whose tunfw run failed, and a
+// direct run that connected nothing) gives no sample and shifts no other
+// round's pair.
 func TestDeriveNeed(t *testing.T) {
 	r := newResults()
 	tunfw, direct := path{name: "tunfw"}, path{name: "direct"}
 	conn := connWorkload("conn-32", portCRR, 32).need
-	// 170 us of machine CPU a connection through tunfw; direct ran
-	// 28,000/s then 26,000/s (and a third round whose tunfw run failed).
-	r.add("conn-32-machine", tunfw, 170)
-	r.add("conn-32-machine", tunfw, 160)
-	for _, v := range []float64{28000, 26000, 27000} {
-		r.add("conn-32", direct, v)
+	round := func(machine, rate float64) {
+		before := r.needInputs(conn, tunfw, direct)
+		if machine > 0 {
+			r.add("conn-32-machine", tunfw, machine)
+		}
+		r.add("conn-32", direct, rate)
+		r.deriveNeed(conn, tunfw, direct, before)
 	}
-	r.deriveNeed(conn, tunfw, direct)
+	round(170, 28000) // 170 us a connection, direct at 28,000/s
+	round(0, 26000)   // the tunfw run failed: no machine CPU
+	round(160, 27000)
+	round(150, 0) // direct connected nothing
 	got := r.samples["conn-32-need"]["tunfw"]
-	want := []float64{170e-6 * 14000, 160e-6 * 13000}
+	want := []float64{170e-6 * 14000, 160e-6 * 13500}
 	if len(got) != len(want) {
 		t.Fatalf("conn-32-need = %v, want %v", got, want)
 	}
@@ -101,9 +107,10 @@ func TestDeriveNeed(t *testing.T) {
 	if bulk.key != "gw-tcp1-c2s-need" || gwKey("tcp1-c2s-need") != bulk.key {
 		t.Errorf("gateway bulk need key %q, want the gateway row of tcp1-c2s-need", bulk.key)
 	}
+	before := r.needInputs(bulk, tunfw, direct)
 	r.add("mcpu-gw-tcp1-c2s", tunfw, 1.68)
 	r.add("gw-tcp1-c2s", direct, 21)
-	r.deriveNeed(bulk, tunfw, direct)
+	r.deriveNeed(bulk, tunfw, direct, before)
 	if got := r.samples[bulk.key]["tunfw"]; len(got) != 1 || got[0] < 2.2049 || got[0] > 2.2051 {
 		t.Errorf("%s = %v, want [2.205]", bulk.key, got)
 	}

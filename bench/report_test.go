@@ -204,17 +204,27 @@ func (r *results) finishCPU(key string, p path) {
 	}
 }
 
-// deriveNeed adds n's figure on the tunfw path, one sample per round that
-// measured both the machine's CPU through tunfw and the direct path's rate:
-// the CPUs the machine would need at half of direct's rate at the cost
-// through tunfw of that round.
-func (r *results) deriveNeed(n needSpec, tunfw, direct path) {
+// needInputs returns how many samples n's inputs have, the machine's CPU
+// through tunfw and the direct path's rate, for deriveNeed after a round.
+func (r *results) needInputs(n needSpec, tunfw, direct path) [2]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return [2]int{len(r.samples[n.machine][tunfw.name]), len(r.samples[n.rate][direct.name])}
+}
+
+// deriveNeed adds n's figure on the tunfw path for the round that began
+// with before (needInputs): the CPUs the machine would need at half of
+// direct's rate at that round's cost through tunfw. A round that did not
+// measure both inputs (a failed run, no machine CPU in a profiled run, a
+// direct rate of 0) adds nothing.
+func (r *results) deriveNeed(n needSpec, tunfw, direct path, before [2]int) {
 	r.mu.Lock()
 	m, rate := r.samples[n.machine][tunfw.name], r.samples[n.rate][direct.name]
 	r.mu.Unlock()
-	for i := range min(len(m), len(rate)) {
-		r.add(n.key, tunfw, n.cpus(m[i], rate[i]/2))
+	if len(m) != before[0]+1 || len(rate) != before[1]+1 || rate[len(rate)-1] <= 0 {
+		return
 	}
+	r.add(n.key, tunfw, n.cpus(m[len(m)-1], rate[len(rate)-1]/2))
 }
 
 func (r *results) add(key string, p path, v float64) {

@@ -181,8 +181,8 @@ func TestShouldReturn(t *testing.T) {
 		{0, 1 * mib, 16 * mib, 10 * mib, time.Minute, true},
 		// Right after a collection objects and live agree.
 		{0, 1 * mib, 10 * mib, 10 * mib, time.Minute, false},
-		// live read a little after objects (two samples, not atomic):
-		// no underflow.
+		// live above objects (metrics of different moments of the
+		// collector's cycle): no underflow.
 		{0, 1 * mib, 10 * mib, 11 * mib, time.Minute, false},
 	} {
 		if got := shouldReturn(c.allocated, c.free, c.objects, c.live, c.since); got != c.want {
