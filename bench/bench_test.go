@@ -530,7 +530,10 @@ func (b *bench) runWorkloads(ph *phase, selected func(string) bool, runStart tim
 			if round%2 == 1 {
 				order = [2]path{ph.paths[1], ph.paths[0]}
 			}
-			before := b.res.needInputs(w.need, ph.paths[0], ph.paths[1])
+			var before [2]int
+			if w.need.key != "" {
+				before = b.res.needInputs(w.need, ph.paths[0], ph.paths[1])
+			}
 			for _, p := range order {
 				if b.outOfTime() {
 					b.res.problem("%s round %d via %s: skipped, test deadline near", w.id, round+1, p.name)

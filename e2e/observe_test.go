@@ -603,18 +603,25 @@ func scrapeMetrics(t *testing.T, ns *netnstest.NS, addr string) map[string]float
 	return out
 }
 
+// relayGoroutines starts a TCP echo server on the service address's port
+// 9100 and a tunfw relaying to it with its metrics on listen, and returns
+// the topology and a reader of tunfw's goroutine count (go_goroutines).
+func relayGoroutines(t *testing.T, listen string) (*netnstest.Topology, func() float64) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	startTCPEcho(t, topo.Server, netip.AddrPortFrom(topo.ServiceV4, 9100))
+	cfg := writeConfig(t, observeConfig+"\n[metrics]\nlisten = \""+listen+"\"\n")
+	startTunfw(t, topo.Host, cfg)
+	return topo, func() float64 { return scrapeMetrics(t, topo.Host, listen)["go_goroutines"] }
+}
+
 // TestIdleRelaysHoldNoGoroutines checks what keeps idle TCP flows cheap: a
 // relay quiet for a while gives up both its goroutines (go_goroutines
 // falls back to where it was before the flows), and data in either
 // direction afterwards still wakes it and crosses.
 func TestIdleRelaysHoldNoGoroutines(t *testing.T) {
-	netnstest.RequireRoot(t)
-	topo := netnstest.NewTopology(t)
+	topo, goroutines := relayGoroutines(t, "127.0.0.1:9478")
 	svc := topo.ServiceV4
-	startTCPEcho(t, topo.Server, netip.AddrPortFrom(svc, 9100))
-	cfg := writeConfig(t, observeConfig+"\n[metrics]\nlisten = \"127.0.0.1:9478\"\n")
-	startTunfw(t, topo.Host, cfg)
-	goroutines := func() float64 { return scrapeMetrics(t, topo.Host, "127.0.0.1:9478")["go_goroutines"] }
 	base := goroutines()
 
 	const n = 100
@@ -666,13 +673,8 @@ func TestIdleRelaysHoldNoGoroutines(t *testing.T) {
 // So 50 ms after the burst at most about 128 are left, where unbounded
 // every connection of the burst's last 50 ms would still hold two.
 func TestBurstLingersBounded(t *testing.T) {
-	netnstest.RequireRoot(t)
-	topo := netnstest.NewTopology(t)
+	topo, goroutines := relayGoroutines(t, "127.0.0.1:9479")
 	svc := topo.ServiceV4
-	startTCPEcho(t, topo.Server, netip.AddrPortFrom(svc, 9100))
-	cfg := writeConfig(t, observeConfig+"\n[metrics]\nlisten = \"127.0.0.1:9479\"\n")
-	startTunfw(t, topo.Host, cfg)
-	goroutines := func() float64 { return scrapeMetrics(t, topo.Host, "127.0.0.1:9479")["go_goroutines"] }
 	base := goroutines()
 
 	const n, workers = 800, 32

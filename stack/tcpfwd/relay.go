@@ -28,9 +28,10 @@ import (
 // direction is started by gVisor's readable notification, the destination's
 // by the Forwarder's sockWatcher, one epoll instance for all idle sockets. A
 // running pump copies, and between bursts waits for more in the usual way
-// (netpoller, gVisor notification) for up to its linger (fw.linger); only a
-// direction quiet that long goes back to the watcher and ends its goroutine, so a busy
-// connection pays no goroutine start or epoll call per burst.
+// (netpoller, gVisor notification) for up to its linger (fw.linger); only
+// a direction quiet that long goes back to the watcher and ends its
+// goroutine, so a busy connection pays no goroutine start or epoll call
+// per burst.
 type tcpRelay struct {
 	fw    *Forwarder
 	flow  filter.FlowRef // released when the relay ends
