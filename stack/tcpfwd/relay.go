@@ -42,31 +42,61 @@ type tcpRelay struct {
 	entry waiter.Entry // gVisor readable notification -> toUp
 	token uint64       // the socket's registration with the watcher
 
-	// upReady wakes a running toUp pump that waits for the client.
-	upReady chan struct{}
-
-	// The pumps' buffers and readers, kept here so that a read allocates
-	// nothing; each is used by its one running pump.
-	upW                 tcpip.SliceWriter
-	toUpBufs, toCliBufs relayBufs
-	fromUp              sockread.Reader
-	// What writeClient needs, kept so that a write allocates nothing:
-	// the payload reader, and the writable notification it waits on when
-	// the client's window is full (made at the first such wait).
-	cliR     bytes.Reader
-	cliEntry waiter.Entry
-	cliReady chan struct{}
-	// What moveToClient needs: the socket as gVisor's payload, and the
-	// outcome of its last call (its callback is made once, in
-	// startRelay, so a call allocates nothing).
-	upPay  upPayload
-	move   func(fd uintptr) bool
-	moveSt moveState
+	// upRun is the running toUp pump's state, whose ready channel
+	// gVisor's notification signals; nil while that direction is idle.
+	upRun atomic.Pointer[toUpState]
 
 	toUp, toClient pump
 	left           atomic.Int32 // directions not ended yet
 	abortOnce      sync.Once
 }
+
+// toUpState is what the client-to-destination direction works with while it
+// runs; toClientState the same for the other way. Each run takes one from
+// its pool and puts it back when it ends or idles, so that an idle relay
+// holds neither (at 1,000 idle flows they were a third of the relay's 768
+// bytes) and a run allocates nothing. A run that panicked leaves its state
+// to the collector: it may still be registered for gVisor's notification.
+type toUpState struct {
+	// ready wakes the run when it waits for the client. A notification
+	// may reach a state after its run put it back (it loaded the state
+	// just before): the next run drains that, and a wake-up it misses
+	// costs the run one more look.
+	ready  chan struct{}
+	bufs   relayBufs
+	w      tcpip.SliceWriter // the buffer gVisor reads into
+	linger *time.Timer       // made at the first wait; stopped between runs
+}
+
+type toClientState struct {
+	r      *tcpRelay // the relay of the run; nil in the pool
+	bufs   relayBufs
+	fromUp sockread.Reader
+	// What writeClient needs: the payload reader, and the writable
+	// notification it waits on when the client's window is full.
+	cliR     bytes.Reader
+	cliEntry waiter.Entry
+	cliReady chan struct{}
+	// What moveToClient needs: the socket as gVisor's payload, and the
+	// outcome of its last call (its callback is made once, with the
+	// state, so a call allocates nothing).
+	upPay  upPayload
+	move   func(fd uintptr) bool
+	moveSt moveState
+}
+
+var (
+	toUpStates = sync.Pool{New: func() any { return &toUpState{ready: make(chan struct{}, 1)} }}
+	// The reader's and the move's callbacks are bound to the state once.
+	toClientStates = sync.Pool{New: func() any {
+		s := new(toClientState)
+		s.fromUp.Init(s.bufs.get, func(bp *[]byte) { s.bufs.put(bp, 0) }, 0)
+		s.fromUp.Wait = true
+		s.move = s.moveFd
+		s.cliEntry, s.cliReady = waiter.NewChannelEntry(waiter.WritableEvents)
+		return s
+	}}
+)
 
 // relayLinger is how long a direction may be quiet before its goroutine
 // ends and the watcher (or gVisor's notification) waits for it instead,
@@ -121,10 +151,23 @@ type (
 	toClientDir tcpRelay
 )
 
-func (d *toUpDir) drain() bool        { return (*tcpRelay)(d).drainToUp() }
-func (d *toUpDir) idle() bool         { return (*tcpRelay)(d).toUpIdle() }
-func (d *toUpDir) end()               { (*tcpRelay)(d).directionEnded() }
-func (d *toUpDir) panicked(v any)     { (*tcpRelay)(d).panicked(v) }
+func (d *toUpDir) drain() bool    { return (*tcpRelay)(d).drainToUp() }
+func (d *toUpDir) idle() bool     { return (*tcpRelay)(d).toUpIdle() }
+func (d *toUpDir) end()           { (*tcpRelay)(d).directionEnded() }
+func (d *toUpDir) panicked(v any) { (*tcpRelay)(d).panicked(v) }
+
+// NotifyEvent is gVisor's readable notification (the relay's entry): it
+// wakes the toUp pump when it runs and waits, or starts it.
+func (d *toUpDir) NotifyEvent(waiter.EventMask) {
+	r := (*tcpRelay)(d)
+	if s := r.upRun.Load(); s != nil {
+		select {
+		case s.ready <- struct{}{}:
+		default:
+		}
+	}
+	r.toUp.kick()
+}
 func (d *toClientDir) drain() bool    { return (*tcpRelay)(d).drainToClient() }
 func (d *toClientDir) idle() bool     { return (*tcpRelay)(d).toClientIdle() }
 func (d *toClientDir) end()           { (*tcpRelay)(d).directionEnded() }
@@ -140,7 +183,7 @@ const (
 // socket. It returns when the client's direction is first quiet; the relay
 // ends itself.
 func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
-	r := &tcpRelay{fw: fw, flow: flow, ep: ep, wq: wq, up: up, upReady: make(chan struct{}, 1)}
+	r := &tcpRelay{fw: fw, flow: flow, ep: ep, wq: wq, up: up}
 	raw, err := up.SyscallConn()
 	if err != nil {
 		up.Close()
@@ -149,20 +192,11 @@ func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.
 		return
 	}
 	r.upRaw = raw
-	r.fromUp.Init(r.toCliBufs.get, func(bp *[]byte) { r.toCliBufs.put(bp, 0) }, 0)
-	r.fromUp.Wait = true
-	r.move = r.moveFd
 	r.left.Store(2)
 	r.toUp.dir, r.toClient.dir = (*toUpDir)(r), (*toClientDir)(r)
 	fw.wg.Add(1)
 	fw.tracker.Track(flow, r.abort)
-	r.entry = waiter.NewFunctionEntry(waiter.ReadableEvents, func(waiter.EventMask) {
-		select {
-		case r.upReady <- struct{}{}:
-		default:
-		}
-		r.toUp.kick()
-	})
+	r.entry.Init((*toUpDir)(r), waiter.ReadableEvents)
 	wq.EventRegister(&r.entry)
 	// Data or a FIN may have come before the entry was registered, and
 	// the socket may hold the destination's first bytes: look at both.
@@ -257,40 +291,52 @@ func (p *pump) finish() {
 func (r *tcpRelay) drainToUp() bool {
 	r.fw.running.Add(1)
 	defer r.fw.running.Add(-1)
-	bufs := &r.toUpBufs
-	*bufs = relayBufs{} // each run starts with small buffers
-	var linger *time.Timer
-	defer func() {
-		if linger != nil {
-			linger.Stop()
-		}
-	}()
+	s := toUpStates.Get().(*toUpState)
+	s.bufs = relayBufs{} // each run starts with small buffers
+	select {
+	case <-s.ready:
+	default:
+	}
+	// Published before the first read: data that comes later finds it.
+	r.upRun.Store(s)
+	ended := r.copyToUp(s)
+	r.upRun.Store(nil)
+	if s.linger != nil {
+		s.linger.Stop()
+	}
+	toUpStates.Put(s)
+	return ended
+}
+
+// copyToUp is drainToUp's loop, with the run's state s.
+func (r *tcpRelay) copyToUp(s *toUpState) bool {
 	for {
-		bp := bufs.get()
-		r.upW = tcpip.SliceWriter(*bp)
-		res, terr := r.ep.Read(&r.upW, tcpip.ReadOptions{})
+		bp := s.bufs.get()
+		s.w = tcpip.SliceWriter(*bp)
+		res, terr := r.ep.Read(&s.w, tcpip.ReadOptions{})
+		s.w = nil
 		if res.Count > 0 {
 			r.ep.ModerateRecvBuf(res.Count)
 			_, werr := r.up.Write((*bp)[:res.Count])
-			bufs.put(bp, res.Count)
+			s.bufs.put(bp, res.Count)
 			if werr != nil {
 				r.abort()
 				return true
 			}
 			continue
 		}
-		bufs.put(bp, 0)
+		s.bufs.put(bp, 0)
 		switch terr.(type) {
 		case *tcpip.ErrWouldBlock:
-			if linger == nil {
-				linger = time.NewTimer(r.fw.linger())
+			if s.linger == nil {
+				s.linger = time.NewTimer(r.fw.linger())
 			} else {
-				linger.Reset(r.fw.linger())
+				s.linger.Reset(r.fw.linger())
 			}
 			select {
-			case <-r.upReady:
+			case <-s.ready:
 				continue
-			case <-linger.C:
+			case <-s.linger.C:
 				return false
 			}
 		case *tcpip.ErrClosedForReceive:
@@ -314,17 +360,31 @@ func (r *tcpRelay) toUpIdle() bool { return r.ep.Readiness(waiter.ReadableEvents
 func (r *tcpRelay) drainToClient() bool {
 	r.fw.running.Add(1)
 	defer r.fw.running.Add(-1)
-	r.toCliBufs = relayBufs{} // each run starts with small buffers
+	s := toClientStates.Get().(*toClientState)
+	s.r, s.bufs, s.fromUp.Woken = r, relayBufs{}, false
+	ended := s.copyToClient()
+	s.r = nil
+	select {
+	case <-s.cliReady: // a notification that came after its wait
+	default:
+	}
+	toClientStates.Put(s)
+	return ended
+}
+
+// copyToClient is drainToClient's loop.
+func (s *toClientState) copyToClient() bool {
+	r := s.r
 	for {
 		if err := r.up.SetReadDeadline(time.Now().Add(r.fw.linger())); err != nil {
 			r.abort()
 			return true
 		}
 		done, ended := false, false
-		if r.toCliBufs.large {
-			done, ended = r.moveToClient()
+		if s.bufs.large {
+			done, ended = s.moveToClient()
 		} else {
-			done, ended = r.readToClient()
+			done, ended = s.readToClient()
 		}
 		if done {
 			return ended
@@ -335,20 +395,20 @@ func (r *tcpRelay) drainToClient() bool {
 // readToClient reads the socket once into a relay buffer, waiting for it
 // to be readable, and writes what it read to the client. done: the
 // direction ended (ended true) or idled for its linger (ended false).
-func (r *tcpRelay) readToClient() (done, ended bool) {
-	rd := &r.fromUp
+func (s *toClientState) readToClient() (done, ended bool) {
+	r, rd := s.r, &s.fromUp
 	rd.BP = nil
 	err := r.upRaw.Read(rd.Read)
 	// Closed by abort, or reset by the destination: no buffer is held.
 	failed := err != nil || rd.Err != nil
 	if !failed && rd.N == 0 {
-		r.toCliBufs.put(rd.BP, 0)
+		s.bufs.put(rd.BP, 0)
 	}
 	if done, ended = r.readEnded(err, failed, !failed && rd.N == 0); done {
 		return done, ended
 	}
-	ok := r.writeClient((*rd.BP)[:rd.N])
-	r.toCliBufs.put(rd.BP, rd.N)
+	ok := s.writeClient((*rd.BP)[:rd.N])
+	s.bufs.put(rd.BP, rd.N)
 	if !ok {
 		r.abort()
 		return true, true
@@ -378,18 +438,18 @@ func (r *tcpRelay) readEnded(err error, failed, eof bool) (done, ended bool) {
 
 // writeClient writes b to the client's endpoint, waiting while its send
 // buffer is full, as gonet.TCPConn.Write does but without allocating: the
-// reader and the notification entry are the relay's (one writer, the
+// reader and the notification entry are the run's state (one writer, the
 // toClient pump). false: the endpoint failed (reset or aborted; an abort
 // notifies the entry).
-func (r *tcpRelay) writeClient(b []byte) bool {
+func (s *toClientState) writeClient(b []byte) bool {
 	for len(b) > 0 {
-		r.cliR.Reset(b)
-		n, err := r.ep.Write(&r.cliR, tcpip.WriteOptions{})
+		s.cliR.Reset(b)
+		n, err := s.r.ep.Write(&s.cliR, tcpip.WriteOptions{})
 		b = b[n:]
 		switch err.(type) {
 		case nil:
 		case *tcpip.ErrWouldBlock:
-			r.waitClientWritable()
+			s.waitClientWritable()
 		default:
 			return false
 		}
@@ -409,26 +469,27 @@ type moveState struct {
 // holds into the client's endpoint, waiting for room there when the send
 // buffer is full. done: the direction ended (ended true) or idled for
 // linger (ended false); otherwise the caller loops.
-func (r *tcpRelay) moveToClient() (done, ended bool) {
-	r.moveSt = moveState{}
-	err := r.upRaw.Read(r.move)
-	st := &r.moveSt
+func (s *toClientState) moveToClient() (done, ended bool) {
+	r := s.r
+	s.moveSt = moveState{}
+	err := r.upRaw.Read(s.move)
+	st := &s.moveSt
 	if done, ended = r.readEnded(err, st.err != nil, st.eof); done {
 		return done, ended
 	}
 	switch {
 	case st.full:
-		r.waitClientWritable()
+		s.waitClientWritable()
 	case st.plain:
-		return r.readToClient()
+		return s.readToClient()
 	}
 	return false, false
 }
 
 // moveFd is moveToClient's RawConn.Read callback: false asks the netpoller
 // to wait for the socket.
-func (r *tcpRelay) moveFd(fd uintptr) bool {
-	st := &r.moveSt
+func (s *toClientState) moveFd(fd uintptr) bool {
+	r, st := s.r, &s.moveSt
 	queued, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
 	if err != nil {
 		st.err = err
@@ -460,11 +521,11 @@ func (r *tcpRelay) moveFd(fd uintptr) bool {
 	// queues all it read; otherwise it may drop what it read when the
 	// send buffer shrank meanwhile (a lowered [stack] maximum), which
 	// would leave a hole. maxMove bounds how long the lock is held.
-	r.upPay = upPayload{fd: int(fd), left: min(queued, maxMove)}
-	for r.upPay.left > 0 {
-		before := r.upPay.left
-		n, werr := r.ep.Write(&r.upPay, tcpip.WriteOptions{Atomic: true})
-		if taken := before - r.upPay.left; int64(taken) != n && r.upPay.err == nil {
+	s.upPay = upPayload{fd: int(fd), left: min(queued, maxMove)}
+	for s.upPay.left > 0 {
+		before := s.upPay.left
+		n, werr := r.ep.Write(&s.upPay, tcpip.WriteOptions{Atomic: true})
+		if taken := before - s.upPay.left; int64(taken) != n && s.upPay.err == nil {
 			st.err = errShortWrite
 			return true
 		}
@@ -477,7 +538,7 @@ func (r *tcpRelay) moveFd(fd uintptr) bool {
 			st.full = true
 			return true
 		default:
-			st.err = r.upPay.err
+			st.err = s.upPay.err
 			if st.err == nil {
 				st.err = errEndpointWrite
 			}
@@ -547,16 +608,14 @@ func (p *upPayload) Read(b []byte) (int, error) {
 // waitClientWritable waits until the client's endpoint has room to send,
 // or failed: a closed or reset endpoint is ready for anything, and the
 // write that follows says which.
-func (r *tcpRelay) waitClientWritable() {
-	if r.cliReady == nil {
-		r.cliEntry, r.cliReady = waiter.NewChannelEntry(waiter.WritableEvents)
-	}
-	r.wq.EventRegister(&r.cliEntry)
+func (s *toClientState) waitClientWritable() {
+	r := s.r
+	r.wq.EventRegister(&s.cliEntry)
 	// Room may have been made before the entry was registered.
 	if r.ep.Readiness(waiter.WritableEvents) == 0 {
-		<-r.cliReady
+		<-s.cliReady
 	}
-	r.wq.EventUnregister(&r.cliEntry)
+	r.wq.EventUnregister(&s.cliEntry)
 }
 
 // toClientIdle hands the socket (back) to the watcher. When it cannot, the
