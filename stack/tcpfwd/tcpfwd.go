@@ -252,7 +252,6 @@ func (fw *Forwarder) Close() {
 	fw.ns.Close()
 	fw.ns.Wait()
 	fw.wg.Wait()
-	fw.watcher.wake()
-	fw.watcherWG.Wait()
 	fw.watcher.close()
+	fw.watcherWG.Wait()
 }

@@ -1,8 +1,8 @@
 package tcpfwd
 
 import (
-	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"syscall"
 
@@ -15,39 +15,45 @@ import (
 // kicks its pump, which reads until the socket would block and then arms
 // the watch again.
 //
+// The watcher's epoll instance is itself waited for in Go's netpoller (an
+// epoll fd is readable while events are pending), not in a blocking
+// epoll_wait: a goroutine blocked in a system call keeps the scheduler's
+// P, so a pump it kicked waited for the runtime's monitor to take the P
+// back and start another thread (tens to hundreds of microseconds on the
+// first bytes after an idle spell, the whole of it on one P). Woken by the
+// netpoller, the watcher and the pumps it kicks run on the P at once.
+//
 // Sockets are also in Go's netpoller (net.TCPConn); an fd may be in two
 // epoll instances. Every epoll_ctl runs inside RawConn.Control, so the fd
 // cannot be closed and its number reused meanwhile.
 type sockWatcher struct {
-	epfd   int
-	wakefd int // eventfd that ends run
+	epfd int
+	file *os.File // epfd, in Go's netpoller; closing it ends run
+	raw  syscall.RawConn
 
 	mu      sync.Mutex
 	next    uint64
 	waiting map[uint64]*pump
 }
 
-// wakeToken is the event data of wakefd; socket tokens start at 1.
-const wakeToken = 0
-
 func newSockWatcher() (*sockWatcher, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create: %w", err)
 	}
-	wakefd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	// Nonblocking, os.NewFile puts it in the netpoller (epoll_wait
+	// itself only ever runs with a zero timeout here).
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("epoll fd nonblocking: %w", err)
+	}
+	f := os.NewFile(uintptr(epfd), "relay-watcher")
+	raw, err := f.SyscallConn()
 	if err != nil {
-		unix.Close(epfd)
-		return nil, fmt.Errorf("eventfd: %w", err)
+		f.Close()
+		return nil, fmt.Errorf("epoll fd in the netpoller: %w", err)
 	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN}
-	setToken(&ev, wakeToken)
-	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wakefd, &ev); err != nil {
-		unix.Close(epfd)
-		unix.Close(wakefd)
-		return nil, fmt.Errorf("epoll_ctl add eventfd: %w", err)
-	}
-	return &sockWatcher{epfd: epfd, wakefd: wakefd, waiting: make(map[uint64]*pump)}, nil
+	return &sockWatcher{epfd: epfd, file: f, raw: raw, waiting: make(map[uint64]*pump)}, nil
 }
 
 func setToken(ev *unix.EpollEvent, t uint64) {
@@ -109,22 +115,25 @@ func (w *sockWatcher) ctl(rc syscall.RawConn, op int, t uint64) error {
 }
 
 // run kicks the pump of each socket that became readable until close.
-// It blocks an OS thread in epoll_wait, as the netpoller does.
 func (w *sockWatcher) run() {
 	events := make([]unix.EpollEvent, 128)
-	for {
-		n, err := unix.EpollWait(w.epfd, events, -1)
-		if err != nil {
-			if errors.Is(err, unix.EINTR) {
-				continue
+	var n int
+	var werr error
+	// Made once; false asks the netpoller to wait for the epoll fd.
+	take := func(fd uintptr) bool {
+		for {
+			n, werr = unix.EpollWait(int(fd), events, 0)
+			if werr != unix.EINTR {
+				return werr != nil || n > 0
 			}
-			return
+		}
+	}
+	for {
+		if err := w.raw.Read(take); err != nil || werr != nil {
+			return // closed
 		}
 		for i := range events[:n] {
 			t := eventToken(&events[i])
-			if t == wakeToken {
-				return
-			}
 			w.mu.Lock()
 			p := w.waiting[t]
 			w.mu.Unlock()
@@ -135,15 +144,6 @@ func (w *sockWatcher) run() {
 	}
 }
 
-// wake ends run.
-func (w *sockWatcher) wake() {
-	var one [8]byte
-	one[0] = 1 // any non-zero value wakes
-	unix.Write(w.wakefd, one[:])
-}
-
-// close releases the epoll instance once run has returned.
-func (w *sockWatcher) close() {
-	unix.Close(w.epfd)
-	unix.Close(w.wakefd)
-}
+// close ends run and then releases the epoll instance (the netpoller
+// closes the fd once run's wait let go of it).
+func (w *sockWatcher) close() { w.file.Close() }
