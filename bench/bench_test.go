@@ -27,6 +27,7 @@ type modeCfg struct {
 	name                       string
 	rounds                     int
 	bulk, conn, rr, udp, pause time.Duration
+	rrIdle                     int // transactions of rr-idle, each after idleGap
 	flows                      []int
 	gwFlows                    []int         // idle flows from the gateway client
 	flowLimit                  time.Duration // bound on opening one set of idle flows
@@ -36,13 +37,13 @@ var modes = map[string]modeCfg{
 	"full": {
 		name: "full", rounds: 3,
 		bulk: 5 * time.Second, conn: 4 * time.Second, rr: 3 * time.Second, udp: 4 * time.Second,
-		pause: 300 * time.Millisecond,
+		pause: 300 * time.Millisecond, rrIdle: 40,
 		flows: []int{1000, 10000}, gwFlows: []int{1000, 10000}, flowLimit: 90 * time.Second,
 	},
 	"smoke": {
 		name: "smoke", rounds: 1,
 		bulk: 1500 * time.Millisecond, conn: time.Second, rr: time.Second, udp: time.Second,
-		pause: 100 * time.Millisecond,
+		pause: 100 * time.Millisecond, rrIdle: 4,
 		// 1,000 gateway flows prove the path; 10,000 more would cost
 		// a fresh tunfw and ~10s for a figure the host row already has.
 		flows: []int{1000, 10000}, gwFlows: []int{1000}, flowLimit: 30 * time.Second,
@@ -237,6 +238,23 @@ func rrWorkload(id string) workload {
 	}}
 }
 
+// rrIdleWorkload is request/response on a connection that goes quiet
+// between transactions, the way interactive sessions do (a shell, a
+// keep-alive connection between page loads): each request comes idleGap
+// after the last response, long enough for tunfw's relay to have handed
+// the connection to its idle watcher.
+func rrIdleWorkload(id string) workload {
+	return workload{id: id, keys: []string{id + "-p50", id + "-p90"}, run: func(b *bench, p path) error {
+		r, err := b.requestAfterIdle(p, b.m.rrIdle, idleGap)
+		if err != nil {
+			return err
+		}
+		b.res.add(id+"-p50", p, us(r.p50))
+		b.res.add(id+"-p90", p, us(r.p90))
+		return nil
+	}}
+}
+
 func udpWorkload(id string, up bool) workload {
 	return workload{id: id, keys: []string{id + "-loss", id + "-rx"}, run: func(b *bench, p path) error {
 		var r udpResult
@@ -267,6 +285,7 @@ var workloads = []workload{
 	// reads the first 64 bytes (no name in them), decides, then dials.
 	connWorkload("conn-peek", portPeek, 1),
 	rrWorkload("rr"),
+	rrIdleWorkload("rr-idle"),
 	udpWorkload("udp-c2s", true),
 	udpWorkload("udp-s2c", false),
 }

@@ -34,7 +34,8 @@
 //	TUNFW_BENCH_ROUNDS  number of rounds (default 3 full, 1 smoke)
 //	TUNFW_BENCH_ONLY    comma-separated workload ids to run: host mode
 //	                    tcp1-c2s, tcp1-s2c, tcp4-c2s, tcp4-s2c, conn-seq,
-//	                    conn-peek, conn-32, rr, udp-c2s, udp-s2c, flows;
+//	                    conn-peek, conn-32, rr, rr-idle, udp-c2s, udp-s2c,
+//	                    flows;
 //	                    gateway mode gw-tcp1-c2s, gw-tcp1-s2c, gw-conn-seq,
 //	                    gw-conn-32, gw-rr, gw-udp-c2s, gw-udp-s2c, gw-flows
 //	                    (the gateway client is only built when one of

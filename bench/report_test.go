@@ -77,6 +77,8 @@ var hostFigDefs = []figDef{
 	{key: "rr-allocs", title: "  tunfw heap allocations per transaction", unit: "1", tunfwOnly: true, zeroOK: true},
 	{key: "rr-alloc-kib", title: "  tunfw heap allocated per transaction", unit: "KiB", tunfwOnly: true, zeroOK: true},
 	{key: "rr-sys", title: "  tunfw system calls per transaction (profiled run)", unit: "1", tunfwOnly: true, profiled: true},
+	{key: "rr-idle-p50", title: "same, each request after 150 ms idle, p50", unit: "us", latency: true},
+	{key: "rr-idle-p90", title: "same, each request after 150 ms idle, p90", unit: "us", latency: true},
 	{key: "udp-c2s-loss", title: "UDP 1 Gbit/s offered client->server loss", unit: "%", zeroOK: true},
 	{key: "udp-c2s-rx", title: "  received", unit: "Gbit/s", higherBetter: true},
 	{key: "udp-s2c-loss", title: "UDP 1 Gbit/s offered server->client loss", unit: "%", zeroOK: true},

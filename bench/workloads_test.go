@@ -312,13 +312,48 @@ func (b *bench) requestResponse(p path, dur time.Duration) (latencyResult, error
 	return r, nil
 }
 
+// idleGap is how long rr-idle's connection is quiet before each request:
+// longer than tunfw's relays linger (100 ms) before they go idle.
+const idleGap = 150 * time.Millisecond
+
+// idleResult is what requestAfterIdle measured.
+type idleResult struct{ p50, p90 time.Duration }
+
+// requestAfterIdle exchanges 64 bytes n times on one connection, each
+// time gap after the last response, and times each exchange.
+func (b *bench) requestAfterIdle(p path, n int, gap time.Duration) (idleResult, error) {
+	c, err := b.dial(p, portEcho)
+	if err != nil {
+		return idleResult{}, fmt.Errorf("dial: %w", err)
+	}
+	defer c.Close()
+	msg := make([]byte, 64)
+	buf := make([]byte, 64)
+	lats := make([]time.Duration, 0, n)
+	for range n {
+		time.Sleep(gap) // the workload itself: the connection is quiet
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		t0 := time.Now()
+		if _, err := c.Write(msg); err != nil {
+			return idleResult{}, fmt.Errorf("write: %w", err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return idleResult{}, fmt.Errorf("read: %w", err)
+		}
+		lats = append(lats, time.Since(t0))
+	}
+	slices.Sort(lats)
+	return idleResult{p50: quantile(lats, 0.5), p90: quantile(lats, 0.9)}, nil
+}
+
+// quantile returns the q quantile of d, sorted, by the nearest rank.
+func quantile(d []time.Duration, q float64) time.Duration {
+	return d[int(q*float64(len(d)-1)+0.5)]
+}
+
 func percentiles(d []time.Duration) (p50, p99 time.Duration) {
 	slices.Sort(d)
-	at := func(q float64) time.Duration {
-		i := int(q*float64(len(d)-1) + 0.5)
-		return d[i]
-	}
-	return at(0.50), at(0.99)
+	return quantile(d, 0.50), quantile(d, 0.99)
 }
 
 // ---- UDP at a fixed offered rate ----
