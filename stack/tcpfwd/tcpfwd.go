@@ -133,7 +133,11 @@ func New(h Host, c Config, lim DialLimits) (*Forwarder, error) {
 	fw.watcherWG.Add(1)
 	go func() {
 		defer fw.watcherWG.Done()
-		w.run()
+		if err := w.run(); err != nil {
+			// Idle relays are woken no more; flows that go quiet
+			// hang until they expire.
+			h.Log.Error("idle TCP relays cannot be watched any more", "err", err)
+		}
 	}()
 	return fw, nil
 }

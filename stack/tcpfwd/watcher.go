@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -24,12 +26,13 @@ import (
 // netpoller, the watcher and the pumps it kicks run on the P at once.
 //
 // Sockets are also in Go's netpoller (net.TCPConn); an fd may be in two
-// epoll instances. Every epoll_ctl runs inside RawConn.Control, so the fd
-// cannot be closed and its number reused meanwhile.
+// epoll instances. Every epoll_ctl runs inside the RawConn.Control of both
+// the socket and the epoll fd, so neither can be closed and its number
+// reused meanwhile (a relay that comes late, after Close, gets an error).
 type sockWatcher struct {
-	epfd int
-	file *os.File // epfd, in Go's netpoller; closing it ends run
-	raw  syscall.RawConn
+	file   *os.File // the epoll fd, in Go's netpoller; closing it ends run
+	raw    syscall.RawConn
+	closed atomic.Bool
 
 	mu      sync.Mutex
 	next    uint64
@@ -48,12 +51,19 @@ func newSockWatcher() (*sockWatcher, error) {
 		return nil, fmt.Errorf("epoll fd nonblocking: %w", err)
 	}
 	f := os.NewFile(uintptr(epfd), "relay-watcher")
+	// NewFile leaves a file out of the netpoller when it cannot be put
+	// there, silently; then run could not wait. Only a polled file takes
+	// a deadline.
+	if err := f.SetReadDeadline(time.Time{}); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("epoll fd in the netpoller: %w", err)
+	}
 	raw, err := f.SyscallConn()
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("epoll fd in the netpoller: %w", err)
 	}
-	return &sockWatcher{epfd: epfd, file: f, raw: raw, waiting: make(map[uint64]*pump)}, nil
+	return &sockWatcher{file: f, raw: raw, waiting: make(map[uint64]*pump)}, nil
 }
 
 func setToken(ev *unix.EpollEvent, t uint64) {
@@ -105,17 +115,23 @@ func (w *sockWatcher) forget(t uint64) {
 }
 
 func (w *sockWatcher) ctl(rc syscall.RawConn, op int, t uint64) error {
-	var err error
+	var err, cerr error
 	ev := unix.EpollEvent{Events: watchEvents}
 	setToken(&ev, t)
-	if cerr := rc.Control(func(fd uintptr) { err = unix.EpollCtl(w.epfd, op, int(fd), &ev) }); cerr != nil {
+	if werr := w.raw.Control(func(epfd uintptr) {
+		cerr = rc.Control(func(fd uintptr) { err = unix.EpollCtl(int(epfd), op, int(fd), &ev) })
+	}); werr != nil {
+		return werr
+	}
+	if cerr != nil {
 		return cerr
 	}
 	return err
 }
 
-// run kicks the pump of each socket that became readable until close.
-func (w *sockWatcher) run() {
+// run kicks the pump of each socket that became readable until close. It
+// returns nil after close, else why it could not wait any more.
+func (w *sockWatcher) run() error {
 	events := make([]unix.EpollEvent, 128)
 	var n int
 	var werr error
@@ -129,8 +145,14 @@ func (w *sockWatcher) run() {
 		}
 	}
 	for {
-		if err := w.raw.Read(take); err != nil || werr != nil {
-			return // closed
+		if err := w.raw.Read(take); err != nil {
+			if w.closed.Load() {
+				return nil
+			}
+			return fmt.Errorf("wait for the epoll fd: %w", err)
+		}
+		if werr != nil {
+			return fmt.Errorf("epoll_wait: %w", werr)
 		}
 		for i := range events[:n] {
 			t := eventToken(&events[i])
@@ -146,4 +168,7 @@ func (w *sockWatcher) run() {
 
 // close ends run and then releases the epoll instance (the netpoller
 // closes the fd once run's wait let go of it).
-func (w *sockWatcher) close() { w.file.Close() }
+func (w *sockWatcher) close() {
+	w.closed.Store(true)
+	w.file.Close()
+}
