@@ -54,7 +54,7 @@ func TestDockerImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	build := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(ctx, "bin", "tunfw"), "../cmd/tunfw")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	build.Env = shippedBuildEnv()
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("static build: %v\n%s", err, out)
 	}

@@ -30,7 +30,7 @@ const unitPath = "../deploy/tunfw.service"
 var hardNoCgo = sync.OnceValues(func() (string, error) {
 	p := filepath.Join(filepath.Dir(binary), "tunfw-nocgo")
 	cmd := exec.Command("go", "build", "-o", p, "../cmd/tunfw")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	cmd.Env = shippedBuildEnv()
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("build tunfw with CGO_ENABLED=0: %v\n%s", err, out)
 	}

@@ -36,9 +36,10 @@ func TestMain(m *testing.M) {
 	// drops its capabilities once up (cmd/tunfw/caps.go), so every test
 	// runs tunfw as it ships. A run under GOFLAGS=-race builds it with
 	// cgo, which the race detector needs; that tunfw keeps its
-	// capabilities (a warning in its log), so the tests of those fail.
+	// capabilities (a warning in its log). The capability and image tests
+	// build their own binary as shipped (shippedBuildEnv).
 	cgo := "CGO_ENABLED=0"
-	if strings.Contains(os.Getenv("GOFLAGS"), "-race") {
+	if raceRequested() {
 		cgo = "CGO_ENABLED=1"
 	}
 	bc := exec.Command("go", "build", "-o", binary, "../cmd/tunfw")
@@ -226,4 +227,31 @@ func (p *tunfwProc) waitLog(t testing.TB, d time.Duration, parts ...string) stri
 			t.Fatalf("no log line with %q within %v", parts, d)
 		}
 	}
+}
+
+// raceRequested reports whether GOFLAGS asks for the race detector.
+func raceRequested() bool {
+	for _, f := range strings.Fields(os.Getenv("GOFLAGS")) {
+		if t := strings.TrimLeft(f, "-"); t == "race" || t == "race=true" {
+			return true
+		}
+	}
+	return false
+}
+
+// shippedBuildEnv is the environment of a build of tunfw as `make build`
+// and the image make it: CGO_ENABLED=0 and no race detector, whatever
+// GOFLAGS the tests run with.
+func shippedBuildEnv() []string {
+	env := append(os.Environ(), "CGO_ENABLED=0")
+	if !raceRequested() {
+		return env
+	}
+	var kept []string
+	for _, f := range strings.Fields(os.Getenv("GOFLAGS")) {
+		if t := strings.TrimLeft(f, "-"); t != "race" && !strings.HasPrefix(t, "race=") {
+			kept = append(kept, f)
+		}
+	}
+	return append(env, "GOFLAGS="+strings.Join(kept, " "))
 }
