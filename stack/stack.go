@@ -52,6 +52,9 @@ type Options struct {
 	// socket, in bytes (see udpfwd.Host.ReceiveBuffer); 0 means
 	// udpfwd.DefaultReceiveBuffer.
 	UDPReceiveBuffer int
+	// UDPLargeBuffers bounds how many UDP flows may hold that buffer at
+	// once (see udpfwd.Host.LargeBuffers); 0 means no bound.
+	UDPLargeBuffers int
 	// MaxUDPFlowsPerSource and MaxEchoFlowsPerSource bound the UDP flows
 	// (sockets) and ICMP echo flows (identifiers) of one client address;
 	// 0 means the defaults (see perSourceBound).
@@ -104,7 +107,7 @@ func New(o Options) (*Stack, error) {
 	}
 	s.udp = udpfwd.New(udpfwd.Host{
 		Engine: s.eng, Log: s.log, Now: s.now, MTU: s.mtu, Dialer: s.dialer, TUN: &s.out,
-		TUNConn: s.out.rawConn(), ReceiveBuffer: o.UDPReceiveBuffer, DNS: o.DNS, Inspect: o.Inspect,
+		TUNConn: s.out.rawConn(), ReceiveBuffer: o.UDPReceiveBuffer, LargeBuffers: o.UDPLargeBuffers, DNS: o.DNS, Inspect: o.Inspect,
 		MaxPerSource: func() int { return s.perSourceBound(o.MaxUDPFlowsPerSource, udpfwd.DefaultMaxPerSource) },
 	})
 	p, err := echo.New(echo.Host{

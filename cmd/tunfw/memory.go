@@ -18,6 +18,7 @@ import (
 
 	"github.com/tunfw/tunfw/internal/config"
 	"github.com/tunfw/tunfw/stack/tcpfwd"
+	"github.com/tunfw/tunfw/stack/udpfwd"
 )
 
 // memoryConfig is the [limits] key this file owns: the memory budget. The
@@ -132,10 +133,17 @@ type memoryPlan struct {
 	PerFlow int64
 	// WorstCase is max_flows connections with full buffers.
 	WorstCase int64
-	// UDPReceiveBuffer is the bound for a UDP flow's socket receive buffer
-	// (kernel memory): the flow's share, between 256 KiB (what a flow's
-	// socket starts with) and 4 MiB (what a 1 Gbit/s burst needed).
+	// UDPReceiveBuffer is the receive buffer a busy UDP flow's socket
+	// grows to (kernel memory, which a cgroup is charged for):
+	// udpfwd.DefaultReceiveBuffer, 4 MiB, what a 1 Gbit/s burst needed.
+	// UDPLargeBuffers is how many flows may hold it at once: a quarter of
+	// the budget's worth (at least 4, as the budget is at least 64 MiB).
+	// A share of budget / max_flows each, as TCP buffers get, would never
+	// let one grow with the default max_flows (24 KiB each of a 6 GiB
+	// budget), and a flow left at its first 256 KiB lost up to a quarter
+	// of a 1 Gbit/s reply stream.
 	UDPReceiveBuffer int
+	UDPLargeBuffers  int
 }
 
 // planMemory sizes what the budget allows; budget 0 means the default: a
@@ -159,7 +167,8 @@ func planMemory(budget int64, maxFlows, mtu int, sc tcpfwd.Config, machine int64
 	p.PerFlow = p.Budget / int64(maxFlows)
 	p.Stack = sc.Bounded(p.PerFlow, tcpfwd.FlowBufferFloor(mtu))
 	p.WorstCase = int64(maxFlows) * int64(p.Stack.ReceiveBufferMax+p.Stack.SendBufferMax)
-	p.UDPReceiveBuffer = int(min(max(p.PerFlow, 256<<10), 4<<20))
+	p.UDPReceiveBuffer = udpfwd.DefaultReceiveBuffer
+	p.UDPLargeBuffers = int(max(p.Budget/4/int64(p.UDPReceiveBuffer), 1))
 	return p
 }
 
@@ -176,7 +185,8 @@ func applyMemoryBudget(cfg *Config, log *slog.Logger) memoryPlan {
 		debug.SetMemoryLimit(p.Budget)
 	}
 	log.Info("memory budget", "budget_mib", p.Budget>>20, "from", p.From, "gomemlimit", gomem,
-		"tcp_buffer_max", p.Stack.ReceiveBufferMax, "max_flows", cfg.Limits.MaxFlows, "udp_receive_buffer", p.UDPReceiveBuffer)
+		"tcp_buffer_max", p.Stack.ReceiveBufferMax, "max_flows", cfg.Limits.MaxFlows, "udp_receive_buffer", p.UDPReceiveBuffer,
+		"udp_large_buffers", p.UDPLargeBuffers)
 	if p.Stack != cfg.Stack {
 		log.Info("[stack] buffers lowered so that max_flows connections fit in the memory budget",
 			"receive_buffer_max", p.Stack.ReceiveBufferMax, "send_buffer_max", p.Stack.SendBufferMax)

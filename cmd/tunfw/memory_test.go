@@ -62,13 +62,23 @@ func TestPlanMemory(t *testing.T) {
 	if p.Stack.ReceiveBufferMax != 256<<10 || p.Stack.SendBufferMax != 256<<10 || p.WorstCase > p.Budget {
 		t.Errorf("512 MiB, 1024 flows: %+v", p)
 	}
-	if p.UDPReceiveBuffer != 512<<10 {
-		t.Errorf("UDP receive buffer %d, want 512 KiB", p.UDPReceiveBuffer)
+	// UDP: 4 MiB for busy flows, 32 of them (a quarter of 512 MiB).
+	if p.UDPReceiveBuffer != 4<<20 || p.UDPLargeBuffers != 32 {
+		t.Errorf("UDP receive buffer %d for %d flows, want 4 MiB for 32", p.UDPReceiveBuffer, p.UDPLargeBuffers)
 	}
 	// Too many flows for the budget: the floor, and the worst case says so.
 	p = planMemory(512<<20, 262144, 1500, sc, 16<<30, "MemTotal")
-	if p.Stack.ReceiveBufferMax != tcpfwd.FlowBufferFloor(1500) || p.WorstCase <= p.Budget || p.UDPReceiveBuffer != 256<<10 {
+	if p.Stack.ReceiveBufferMax != tcpfwd.FlowBufferFloor(1500) || p.WorstCase <= p.Budget {
 		t.Errorf("512 MiB, 262144 flows: %+v", p)
+	}
+	// However many flows there may be, busy UDP flows still grow (the
+	// default max_flows left a 1 Gbit/s reply stream at 256 KiB).
+	if p.UDPReceiveBuffer != 4<<20 || p.UDPLargeBuffers != 32 {
+		t.Errorf("512 MiB, 262144 flows: UDP receive buffer %d for %d flows, want 4 MiB for 32", p.UDPReceiveBuffer, p.UDPLargeBuffers)
+	}
+	// The smallest budget: a quarter of 64 MiB, 4 flows of 4 MiB.
+	if p = planMemory(minMemory, 262144, 1500, sc, 16<<30, "MemTotal"); p.UDPReceiveBuffer != 4<<20 || p.UDPLargeBuffers != 4 {
+		t.Errorf("64 MiB: UDP receive buffer %d for %d flows, want 4 MiB for 4", p.UDPReceiveBuffer, p.UDPLargeBuffers)
 	}
 }
 

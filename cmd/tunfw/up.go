@@ -145,9 +145,10 @@ func up(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		Logger:   log,
 		TCP:      mem.Stack,
 		Dial:     cfg.Dial,
-		// A UDP flow's receive buffer grows up to the memory budget's
-		// share, as a TCP connection's does.
+		// A busy UDP flow's receive buffer grows, for as many flows as
+		// the memory budget's share for them allows.
 		UDPReceiveBuffer: mem.UDPReceiveBuffer,
+		UDPLargeBuffers:  mem.UDPLargeBuffers,
 		Inspect:          cfg.Inspect,
 		DNS:              udpfwd.DNS{Names: nameTable, Block: cfg.DNS.Block},
 		CPU:              cfg.CPU,

@@ -43,7 +43,7 @@ import (
 // replies queue (udpReplies found a full batch waiting), so the many quiet
 // flows a client can open do not each ask for megabytes. It is kernel
 // memory, used only while replies queue, and bounded overall by
-// net.ipv4.udp_mem.
+// net.ipv4.udp_mem; Host.LargeBuffers bounds how many flows hold it.
 const DefaultReceiveBuffer = 4 << 20
 
 // udpRcvBufStart is a new flow's receive buffer: the kernel's usual
@@ -93,6 +93,9 @@ type Host struct {
 	// ReceiveBuffer is the largest receive buffer of a flow's socket; 0
 	// means DefaultReceiveBuffer.
 	ReceiveBuffer int
+	// LargeBuffers bounds how many flows may hold ReceiveBuffer at once
+	// (the others keep udpRcvBufStart); 0 means no bound.
+	LargeBuffers int
 	// DNS says how DNS traffic is read (names.go).
 	DNS DNS
 	// Inspect bounds how a flow is held while its name is read from its
@@ -140,6 +143,10 @@ type Forwarder struct {
 // udpLimits are the UDP bounds and drop counters of a Forwarder.
 type udpLimits struct {
 	rcvBuf int
+	// largeBufs counts the flows holding rcvBuf, at most maxLargeBufs
+	// (0: no bound).
+	largeBufs    atomic.Int32
+	maxLargeBufs int32
 	// maxSockets keeps UDP sockets to three quarters of the descriptors
 	// the process may open, so a flood cannot take those of TCP, the
 	// control socket and the TUN.
@@ -177,6 +184,7 @@ func newForwarder(h Host) *Forwarder {
 	if u.lim.rcvBuf <= 0 {
 		u.lim.rcvBuf = DefaultReceiveBuffer
 	}
+	u.lim.maxLargeBufs = int32(max(h.LargeBuffers, 0))
 	u.icmpErr.limit.init(icmpErrorsPerSecond, icmpErrorBurst)
 	u.lim.maxSockets = 1 << 20
 	var rl unix.Rlimit
@@ -502,6 +510,17 @@ func (u *Forwarder) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, 
 	return uc, raw, nil
 }
 
+// takeLargeBuf reports whether one more flow may hold the largest receive
+// buffer, and counts it if so; closeUDP gives it back. A flow refused now
+// asks again at its next full batch.
+func (l *udpLimits) takeLargeBuf() bool {
+	if l.largeBufs.Add(1) > l.maxLargeBufs && l.maxLargeBufs > 0 {
+		l.largeBufs.Add(-1)
+		return false
+	}
+	return true
+}
+
 // setUDPRcvBuf sets the receive buffer of a flow's socket. Best effort:
 // without CAP_NET_ADMIN the default stays.
 func (u *Forwarder) setUDPRcvBuf(raw syscall.RawConn, size int) {
@@ -621,7 +640,7 @@ func (u *Forwarder) udpReplies(f *udpFlow) {
 			if len(held) == udpReplyBatch {
 				// Replies queue: this flow is busy enough for the
 				// largest buffer.
-				if !f.bigRcvBuf {
+				if !f.bigRcvBuf && u.lim.takeLargeBuf() {
 					f.bigRcvBuf = true
 					u.setUDPRcvBuf(f.raw, u.lim.rcvBuf)
 				}
@@ -681,6 +700,10 @@ func (u *Forwarder) udpReplyPacket(f *udpFlow, bp *[]byte, n, ipLen int, now int
 // engine's table (endUDP did the rest then).
 func (u *Forwarder) closeUDP(f *udpFlow) {
 	f.conn.Close()
+	if f.bigRcvBuf {
+		f.bigRcvBuf = false
+		u.lim.largeBufs.Add(-1)
+	}
 	f.mu.Lock()
 	byTable := f.closed
 	f.closed = true

@@ -372,3 +372,51 @@ func TestUDPCloseKeepsNewerFlow(t *testing.T) {
 		t.Errorf("%d flows in the engine after the old relay ended, want the new one", n)
 	}
 }
+
+// TestLargeBuffersBounded: at most Host.LargeBuffers flows hold the largest
+// receive buffer at once; a flow that ends (closeUDP) gives its back, and
+// the next busy flow gets it.
+func TestLargeBuffersBounded(t *testing.T) {
+	s := newTestForwarder(t, newTestTUN(), DefaultMaxPerSource)
+	s.lim.maxLargeBufs = 2
+	dst := netip.MustParseAddrPort("192.0.2.1:53")
+	var flows []*udpFlow
+	for i := range 3 {
+		key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(netip.MustParseAddr("10.1.1.1"), uint16(1000+i)), Dst: dst}
+		f := s.startUDP(key, s.h.Now())
+		if f == nil {
+			t.Fatal("no UDP flow")
+		}
+		conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.conn = conn
+		flows = append(flows, f)
+	}
+	// What udpReplies does at a full batch.
+	grow := func(f *udpFlow) bool {
+		if !f.bigRcvBuf && s.lim.takeLargeBuf() {
+			f.bigRcvBuf = true
+		}
+		return f.bigRcvBuf
+	}
+	if !grow(flows[0]) || !grow(flows[1]) {
+		t.Fatal("the first two busy flows did not get the large buffer")
+	}
+	if grow(flows[2]) {
+		t.Fatal("a third busy flow got the large buffer past the bound of 2")
+	}
+	s.closeUDP(flows[0])
+	if n := s.lim.largeBufs.Load(); n != 1 {
+		t.Fatalf("%d large buffers counted after one of two ended, want 1", n)
+	}
+	if !grow(flows[2]) {
+		t.Fatal("the third flow did not get the buffer the ended flow gave back")
+	}
+	s.closeUDP(flows[1])
+	s.closeUDP(flows[2])
+	if n := s.lim.largeBufs.Load(); n != 0 {
+		t.Fatalf("%d large buffers counted with every flow ended, want 0", n)
+	}
+}
