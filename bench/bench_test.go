@@ -256,9 +256,14 @@ func rrIdleWorkload(id string) workload {
 }
 
 func udpWorkload(id string, up bool) workload {
-	return workload{id: id, keys: []string{id + "-loss", id + "-rx"}, run: func(b *bench, p path) error {
+	return workload{id: id, keys: []string{id + "-loss", id + "-rcvbuf", id + "-rx"}, run: func(b *bench, p path) error {
 		var r udpResult
 		var err error
+		nss := []*netnstest.NS{b.topo.Host, b.topo.Server}
+		if p.client != b.topo.Host {
+			nss = append(nss, p.client)
+		}
+		drops0, derr := rcvbufErrors(nss)
 		if up {
 			r, err = b.udpUp(p, b.m.udp)
 		} else {
@@ -268,6 +273,9 @@ func udpWorkload(id string, up bool) workload {
 			return err
 		}
 		b.res.add(id+"-loss", p, r.lossPct())
+		if drops1, err := rcvbufErrors(nss); err == nil && derr == nil && r.sent > 0 {
+			b.res.add(id+"-rcvbuf", p, 100*float64(drops1-drops0)/float64(r.sent))
+		}
 		b.res.add(id+"-rx", p, r.rxGbps())
 		return nil
 	}}

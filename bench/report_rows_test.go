@@ -115,3 +115,24 @@ func TestDeriveNeed(t *testing.T) {
 		t.Errorf("%s = %v, want [2.205]", bulk.key, got)
 	}
 }
+
+// TestParseRcvbufErrors: the receive buffer drops are read by column name
+// from /proc/net/snmp's Udp lines (not UdpLite's) and added to
+// /proc/net/snmp6's Udp6RcvbufErrors; text without them is an error.
+func TestParseRcvbufErrors(t *testing.T) {
+	text := `Ip: Forwarding DefaultTTL
+Ip: 1 64
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+Udp: 296105 0 61040 3 61040 0 0 0 0
+UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+UdpLite: 0 0 0 0 7 0 0 0 0
+Udp6InDatagrams                 	12
+Udp6RcvbufErrors                	5
+`
+	if n, err := parseRcvbufErrors(text); err != nil || n != 61045 {
+		t.Errorf("parseRcvbufErrors = %d, %v; want 61045", n, err)
+	}
+	if _, err := parseRcvbufErrors("Ip: Forwarding\nIp: 1\n"); err == nil {
+		t.Error("text without UDP counters parsed")
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -367,6 +368,64 @@ type udpResult struct {
 
 func (r udpResult) lossPct() float64 { return 100 * (1 - float64(r.recv)/float64(r.sent)) }
 func (r udpResult) rxGbps() float64  { return float64(r.recv) * udpPayload * 8 / r.secs / 1e9 }
+
+// rcvbufErrors sums the UDP datagrams the kernel dropped on a full socket
+// receive buffer (RcvbufErrors, IPv4 and IPv6) in the namespaces nss:
+// which part of a UDP workload's loss was a socket not read in time
+// (tunfw's, the client's or the server's), rather than a queue or
+// tunfw's own drops (counted in its stats).
+func rcvbufErrors(nss []*netnstest.NS) (int64, error) {
+	var sum int64
+	for _, ns := range nss {
+		out, err := ns.Cmd("cat", "/proc/net/snmp", "/proc/net/snmp6").Output()
+		if err != nil {
+			return 0, fmt.Errorf("read %s's UDP counters: %w", ns.Name, err)
+		}
+		n, err := parseRcvbufErrors(string(out))
+		if err != nil {
+			return 0, fmt.Errorf("%s: %w", ns.Name, err)
+		}
+		sum += n
+	}
+	return sum, nil
+}
+
+// parseRcvbufErrors reads RcvbufErrors from /proc/net/snmp ("Udp:" header
+// and value lines) and /proc/net/snmp6 ("Udp6RcvbufErrors value") text.
+func parseRcvbufErrors(text string) (int64, error) {
+	var sum int64
+	found := false
+	var header []string
+	for _, line := range strings.Split(text, "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) == 2 && f[0] == "Udp6RcvbufErrors":
+			n, err := strconv.ParseInt(f[1], 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("Udp6RcvbufErrors %q: %w", f[1], err)
+			}
+			sum, found = sum+n, true
+		case len(f) > 1 && f[0] == "Udp:":
+			if header == nil {
+				header = f
+				continue
+			}
+			i := slices.Index(header, "RcvbufErrors")
+			if i < 0 || i >= len(f) {
+				return 0, errors.New("no RcvbufErrors in the Udp: lines")
+			}
+			n, err := strconv.ParseInt(f[i], 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("RcvbufErrors %q: %w", f[i], err)
+			}
+			sum, found = sum+n, true
+		}
+	}
+	if !found {
+		return 0, errors.New("no UDP receive buffer counters")
+	}
+	return sum, nil
+}
 
 var udpInterval = time.Duration(float64(time.Second) * udpPayload * 8 / udpRate)
 
