@@ -462,3 +462,26 @@ func (tp *Topology) AddGatewayClient(t testing.TB) *GatewayClient {
 func prefixOf(a netip.Addr, p netip.Prefix) string {
 	return netip.PrefixFrom(a, p.Bits()).String()
 }
+
+// LoopbackTCP returns the two ends of a TCP connection on 127.0.0.1 in the
+// test's own namespace (nothing is created there), the dialling end first,
+// for unit tests that need a real socket. Both close with the test.
+func LoopbackTCP(t testing.TB) (dialled, accepted *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	a, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	return c.(*net.TCPConn), a.(*net.TCPConn)
+}

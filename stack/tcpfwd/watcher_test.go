@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tunfw/tunfw/internal/netnstest"
 )
 
 // kickDir is a pump direction that reports each run on ran and its going
@@ -21,27 +23,6 @@ func (d *kickDir) drain() bool    { d.ran <- struct{}{}; return false }
 func (d *kickDir) idle() bool     { d.idled <- struct{}{}; return true }
 func (d *kickDir) end()           {}
 func (d *kickDir) panicked(v any) { panic(v) }
-
-// loopbackPair returns the two ends of a TCP connection on loopback.
-func loopbackPair(t *testing.T) (a, b *net.TCPConn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.Accept()
-	if err != nil {
-		c.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c.(*net.TCPConn), s.(*net.TCPConn)
-}
 
 // await fails t unless c delivers within 5s.
 func await(t *testing.T, c <-chan struct{}, what string) {
@@ -64,7 +45,7 @@ type watched struct {
 
 func watch(t *testing.T, w *sockWatcher) *watched {
 	t.Helper()
-	a, b := loopbackPair(t)
+	a, b := netnstest.LoopbackTCP(t)
 	raw, err := a.SyscallConn()
 	if err != nil {
 		t.Fatal(err)

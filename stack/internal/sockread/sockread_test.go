@@ -6,6 +6,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/tunfw/tunfw/internal/netnstest"
 	"github.com/tunfw/tunfw/stack/internal/race"
 )
 
@@ -63,24 +64,10 @@ func TestSockReader(t *testing.T) {
 // the raw connection of the dialling end; both close with the test.
 func loopbackTCP(t *testing.T) (*net.TCPConn, syscall.RawConn) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	c, a := netnstest.LoopbackTCP(t)
+	raw, err := c.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	a, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
-	raw, err := c.(*net.TCPConn).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return a.(*net.TCPConn), raw
+	return a, raw
 }
