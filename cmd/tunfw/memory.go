@@ -137,7 +137,8 @@ type memoryPlan struct {
 	// grows to (kernel memory, which a cgroup is charged for):
 	// udpfwd.DefaultReceiveBuffer, 4 MiB, what a 1 Gbit/s burst needed.
 	// UDPLargeBuffers is how many flows may hold it at once: a quarter of
-	// the budget's worth (at least 4, as the budget is at least 64 MiB).
+	// the budget's worth (at least 4, as the budget is at least 64 MiB),
+	// one client's a quarter of those (udpfwd).
 	// A share of budget / max_flows each, as TCP buffers get, would never
 	// let one grow with the default max_flows (24 KiB each of a 6 GiB
 	// budget), and a flow left at its first 256 KiB lost up to a quarter

@@ -143,9 +143,12 @@ type Forwarder struct {
 // udpLimits are the UDP bounds and drop counters of a Forwarder.
 type udpLimits struct {
 	rcvBuf int
-	// largeBufs counts the flows holding rcvBuf, at most maxLargeBufs
-	// (0: no bound).
-	largeBufs    atomic.Int32
+	// largeBufs counts the flows holding rcvBuf, in all and by client
+	// address (guarded by Forwarder.mu): at most maxLargeBufs in all
+	// (0: no bound), and a quarter of that (at least 1) for one client,
+	// so that one client's busy flows cannot take them all.
+	largeBufs    int32
+	largeBySrc   map[netip.Addr]int32
 	maxLargeBufs int32
 	// maxSockets keeps UDP sockets to three quarters of the descriptors
 	// the process may open, so a flood cannot take those of TCP, the
@@ -185,6 +188,7 @@ func newForwarder(h Host) *Forwarder {
 		u.lim.rcvBuf = DefaultReceiveBuffer
 	}
 	u.lim.maxLargeBufs = int32(max(h.LargeBuffers, 0))
+	u.lim.largeBySrc = make(map[netip.Addr]int32)
 	u.icmpErr.limit.init(icmpErrorsPerSecond, icmpErrorBurst)
 	u.lim.maxSockets = 1 << 20
 	var rl unix.Rlimit
@@ -510,15 +514,30 @@ func (u *Forwarder) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, 
 	return uc, raw, nil
 }
 
-// takeLargeBuf reports whether one more flow may hold the largest receive
-// buffer, and counts it if so; closeUDP gives it back. A flow refused now
-// asks again at its next full batch.
-func (l *udpLimits) takeLargeBuf() bool {
-	if l.largeBufs.Add(1) > l.maxLargeBufs && l.maxLargeBufs > 0 {
-		l.largeBufs.Add(-1)
+// takeLargeBuf reports whether one more flow of client src may hold the
+// largest receive buffer, and counts it if so; closeUDP gives it back
+// (giveLargeBuf). A flow refused now asks again at its next full batch.
+func (u *Forwarder) takeLargeBuf(src netip.Addr) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	l := &u.lim
+	if m := l.maxLargeBufs; m > 0 && (l.largeBufs >= m || l.largeBySrc[src] >= max(m/4, 1)) {
 		return false
 	}
+	l.largeBufs++
+	l.largeBySrc[src]++
 	return true
+}
+
+// giveLargeBuf uncounts a large buffer of client src.
+func (u *Forwarder) giveLargeBuf(src netip.Addr) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	l := &u.lim
+	l.largeBufs--
+	if l.largeBySrc[src]--; l.largeBySrc[src] <= 0 {
+		delete(l.largeBySrc, src)
+	}
 }
 
 // setUDPRcvBuf sets the receive buffer of a flow's socket. Best effort:
@@ -640,7 +659,7 @@ func (u *Forwarder) udpReplies(f *udpFlow) {
 			if len(held) == udpReplyBatch {
 				// Replies queue: this flow is busy enough for the
 				// largest buffer.
-				if !f.bigRcvBuf && u.lim.takeLargeBuf() {
+				if !f.bigRcvBuf && u.takeLargeBuf(f.key.Src.Addr()) {
 					f.bigRcvBuf = true
 					u.setUDPRcvBuf(f.raw, u.lim.rcvBuf)
 				}
@@ -702,7 +721,7 @@ func (u *Forwarder) closeUDP(f *udpFlow) {
 	f.conn.Close()
 	if f.bigRcvBuf {
 		f.bigRcvBuf = false
-		u.lim.largeBufs.Add(-1)
+		u.giveLargeBuf(f.key.Src.Addr())
 	}
 	f.mu.Lock()
 	byTable := f.closed

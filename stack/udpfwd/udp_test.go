@@ -374,15 +374,15 @@ func TestUDPCloseKeepsNewerFlow(t *testing.T) {
 }
 
 // TestLargeBuffersBounded: at most Host.LargeBuffers flows hold the largest
-// receive buffer at once; a flow that ends (closeUDP) gives its back, and
-// the next busy flow gets it.
+// receive buffer at once, and one client a quarter of them; a flow that
+// ends (closeUDP) gives its back, and the next busy flow gets it.
 func TestLargeBuffersBounded(t *testing.T) {
 	s := newTestForwarder(t, newTestTUN(), DefaultMaxPerSource)
-	s.lim.maxLargeBufs = 2
+	s.lim.maxLargeBufs = 4 // 1 per client
 	dst := netip.MustParseAddrPort("192.0.2.1:53")
-	var flows []*udpFlow
-	for i := range 3 {
-		key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(netip.MustParseAddr("10.1.1.1"), uint16(1000+i)), Dst: dst}
+	flow := func(client string, port uint16) *udpFlow {
+		t.Helper()
+		key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(netip.MustParseAddr(client), port), Dst: dst}
 		f := s.startUDP(key, s.h.Now())
 		if f == nil {
 			t.Fatal("no UDP flow")
@@ -392,31 +392,43 @@ func TestLargeBuffersBounded(t *testing.T) {
 			t.Fatal(err)
 		}
 		f.conn = conn
-		flows = append(flows, f)
+		return f
 	}
 	// What udpReplies does at a full batch.
 	grow := func(f *udpFlow) bool {
-		if !f.bigRcvBuf && s.lim.takeLargeBuf() {
+		if !f.bigRcvBuf && s.takeLargeBuf(f.key.Src.Addr()) {
 			f.bigRcvBuf = true
 		}
 		return f.bigRcvBuf
 	}
-	if !grow(flows[0]) || !grow(flows[1]) {
-		t.Fatal("the first two busy flows did not get the large buffer")
+	a1, a2 := flow("10.1.1.1", 1000), flow("10.1.1.1", 1001)
+	if !grow(a1) {
+		t.Fatal("a client's first busy flow did not get the large buffer")
 	}
-	if grow(flows[2]) {
-		t.Fatal("a third busy flow got the large buffer past the bound of 2")
+	if grow(a2) {
+		t.Fatal("a client got a second large buffer past its quarter of 4")
 	}
-	s.closeUDP(flows[0])
-	if n := s.lim.largeBufs.Load(); n != 1 {
-		t.Fatalf("%d large buffers counted after one of two ended, want 1", n)
+	for _, c := range []string{"10.1.1.2", "10.1.1.3", "10.1.1.4"} {
+		if !grow(flow(c, 1000)) {
+			t.Fatalf("client %s's busy flow did not get a large buffer", c)
+		}
 	}
-	if !grow(flows[2]) {
-		t.Fatal("the third flow did not get the buffer the ended flow gave back")
+	e := flow("10.1.1.5", 1000)
+	if grow(e) {
+		t.Fatal("a fifth busy flow got a large buffer past the bound of 4")
 	}
-	s.closeUDP(flows[1])
-	s.closeUDP(flows[2])
-	if n := s.lim.largeBufs.Load(); n != 0 {
-		t.Fatalf("%d large buffers counted with every flow ended, want 0", n)
+	s.closeUDP(a1)
+	if !grow(e) {
+		t.Fatal("a busy flow did not get the buffer an ended flow gave back")
+	}
+	s.closeUDP(e)
+	if !grow(a2) {
+		t.Fatal("the client's second flow did not get a buffer once its first ended")
+	}
+	s.mu.Lock()
+	n, bySrc := s.lim.largeBufs, len(s.lim.largeBySrc)
+	s.mu.Unlock()
+	if n != 4 || bySrc != 4 {
+		t.Fatalf("%d large buffers of %d clients counted, want 4 of 4", n, bySrc)
 	}
 }
