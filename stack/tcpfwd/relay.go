@@ -86,18 +86,29 @@ type toClientState struct {
 	moveSt moveState
 }
 
-var (
-	toUpStates = sync.Pool{New: func() any { return &toUpState{ready: make(chan struct{}, 1)} }}
-	// The reader's and the move's callbacks are bound to the state once.
-	toClientStates = sync.Pool{New: func() any {
-		s := new(toClientState)
-		s.fromUp.Init(s.bufs.get, func(bp *[]byte) { s.bufs.put(bp, 0) }, 0)
-		s.fromUp.Wait = true
-		s.move = s.moveFd
-		s.cliEntry, s.cliReady = waiter.NewChannelEntry(waiter.WritableEvents)
+// runStates are the Forwarder's pools of the relays' run states; the zero
+// value is ready to use.
+type runStates struct{ up, cli sync.Pool }
+
+func (p *runStates) getUp() *toUpState {
+	if s, ok := p.up.Get().(*toUpState); ok {
 		return s
-	}}
-)
+	}
+	return &toUpState{ready: make(chan struct{}, 1)}
+}
+
+func (p *runStates) getCli() *toClientState {
+	if s, ok := p.cli.Get().(*toClientState); ok {
+		return s
+	}
+	// The reader's and the move's callbacks are bound to the state once.
+	s := new(toClientState)
+	s.fromUp.Init(s.bufs.get, func(bp *[]byte) { s.bufs.put(bp, 0) }, 0)
+	s.fromUp.Wait = true
+	s.move = s.moveFd
+	s.cliEntry, s.cliReady = waiter.NewChannelEntry(waiter.WritableEvents)
+	return s
+}
 
 // relayLinger is how long a direction may be quiet before its goroutine
 // ends and the watcher (or gVisor's notification) waits for it instead,
@@ -292,7 +303,7 @@ func (p *pump) finish() {
 func (r *tcpRelay) drainToUp() bool {
 	r.fw.running.Add(1)
 	defer r.fw.running.Add(-1)
-	s := toUpStates.Get().(*toUpState)
+	s := r.fw.states.getUp()
 	s.bufs = relayBufs{} // each run starts with small buffers
 	select {
 	case <-s.ready:
@@ -305,7 +316,7 @@ func (r *tcpRelay) drainToUp() bool {
 	if s.linger != nil {
 		s.linger.Stop()
 	}
-	toUpStates.Put(s)
+	r.fw.states.up.Put(s)
 	return ended
 }
 
@@ -361,7 +372,7 @@ func (r *tcpRelay) toUpIdle() bool { return r.ep.Readiness(waiter.ReadableEvents
 func (r *tcpRelay) drainToClient() bool {
 	r.fw.running.Add(1)
 	defer r.fw.running.Add(-1)
-	s := toClientStates.Get().(*toClientState)
+	s := r.fw.states.getCli()
 	s.r, s.bufs, s.fromUp.Woken = r, relayBufs{}, false
 	ended := s.copyToClient()
 	s.r, s.fromUp.BP = nil, nil // the buffer went back to its pool
@@ -370,7 +381,7 @@ func (r *tcpRelay) drainToClient() bool {
 	case <-s.cliReady: // a notification that came after its wait
 	default:
 	}
-	toClientStates.Put(s)
+	r.fw.states.cli.Put(s)
 	return ended
 }
 

@@ -73,6 +73,8 @@ type Forwarder struct {
 	// running counts the relay directions that hold a goroutine (relay.go,
 	// linger).
 	running atomic.Int32
+	// states are the relays' run states, pooled (relay.go).
+	states runStates
 	// watcher waits for the sockets of idle relays (relay.go).
 	watcher   *sockWatcher
 	watcherWG sync.WaitGroup
