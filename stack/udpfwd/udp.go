@@ -265,8 +265,10 @@ type udpFlow struct {
 	gso bool
 
 	// bigRcvBuf: the reply goroutine gave the socket its largest receive
-	// buffer.
-	bigRcvBuf bool
+	// buffer; largeRetryAt: refused one, it asks again no earlier (both
+	// the reply goroutine's own).
+	bigRcvBuf    bool
+	largeRetryAt int64
 	// queued: the flow is in the openers' queue (set once, by the read
 	// loop, or by a peek's decision, see names.go).
 	queued atomic.Bool
@@ -529,6 +531,26 @@ func (u *Forwarder) takeLargeBuf(src netip.Addr) bool {
 	return true
 }
 
+// largeBufRetry is how long a flow refused the largest receive buffer
+// waits before it asks again: a busy flow fills a batch many times a
+// second, and each ask takes the forwarder's lock.
+const largeBufRetry = int64(time.Second)
+
+// growRcvBuf gives flow f, whose replies queue, the largest receive buffer
+// if it has not got it and the bounds allow; the reply goroutine calls it
+// at a full batch read at now.
+func (u *Forwarder) growRcvBuf(f *udpFlow, now int64) {
+	if f.bigRcvBuf || now < f.largeRetryAt {
+		return
+	}
+	if !u.takeLargeBuf(f.key.Src.Addr()) {
+		f.largeRetryAt = now + largeBufRetry
+		return
+	}
+	f.bigRcvBuf = true
+	u.setUDPRcvBuf(f.raw, u.lim.rcvBuf)
+}
+
 // giveLargeBuf uncounts a large buffer of client src.
 func (u *Forwarder) giveLargeBuf(src netip.Addr) {
 	u.mu.Lock()
@@ -659,10 +681,7 @@ func (u *Forwarder) udpReplies(f *udpFlow) {
 			if len(held) == udpReplyBatch {
 				// Replies queue: this flow is busy enough for the
 				// largest buffer.
-				if !f.bigRcvBuf && u.takeLargeBuf(f.key.Src.Addr()) {
-					f.bigRcvBuf = true
-					u.setUDPRcvBuf(f.raw, u.lim.rcvBuf)
-				}
+				u.growRcvBuf(f, now)
 				break
 			}
 			// More already there? Read without waiting.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
 	"testing"
 	"time"
@@ -392,18 +393,27 @@ func TestLargeBuffersBounded(t *testing.T) {
 			t.Fatal(err)
 		}
 		f.conn = conn
+		if f.raw, err = conn.SyscallConn(); err != nil {
+			t.Fatal(err)
+		}
 		return f
 	}
-	// What udpReplies does at a full batch.
+	// What udpReplies does at each full batch, a second apart unless
+	// said: a refused flow asks again only after largeBufRetry.
+	now := s.h.Now()
 	grow := func(f *udpFlow) bool {
-		if !f.bigRcvBuf && s.takeLargeBuf(f.key.Src.Addr()) {
-			f.bigRcvBuf = true
-		}
+		now += largeBufRetry
+		s.growRcvBuf(f, now)
 		return f.bigRcvBuf
 	}
 	a1, a2 := flow("10.1.1.1", 1000), flow("10.1.1.1", 1001)
 	if !grow(a1) {
 		t.Fatal("a client's first busy flow did not get the large buffer")
+	}
+	// Setting it takes CAP_NET_ADMIN (SO_RCVBUFFORCE); without, the
+	// kernel's default stays (setUDPRcvBuf is best effort).
+	if got := rcvBuf(t, a1); os.Geteuid() == 0 && got < DefaultReceiveBuffer {
+		t.Errorf("the flow given the large buffer has a receive buffer of %d bytes, want at least %d", got, DefaultReceiveBuffer)
 	}
 	if grow(a2) {
 		t.Fatal("a client got a second large buffer past its quarter of 4")
@@ -418,6 +428,9 @@ func TestLargeBuffersBounded(t *testing.T) {
 		t.Fatal("a fifth busy flow got a large buffer past the bound of 4")
 	}
 	s.closeUDP(a1)
+	if s.growRcvBuf(e, now); e.bigRcvBuf {
+		t.Fatal("a refused flow asked again within largeBufRetry")
+	}
 	if !grow(e) {
 		t.Fatal("a busy flow did not get the buffer an ended flow gave back")
 	}
@@ -431,4 +444,19 @@ func TestLargeBuffersBounded(t *testing.T) {
 	if n != 4 || bySrc != 4 {
 		t.Fatalf("%d large buffers of %d clients counted, want 4 of 4", n, bySrc)
 	}
+}
+
+// rcvBuf returns the receive buffer size of f's socket (the kernel
+// reports twice what was set, its bookkeeping included).
+func rcvBuf(t *testing.T, f *udpFlow) int {
+	t.Helper()
+	var n int
+	var err error
+	if cerr := f.raw.Control(func(fd uintptr) { n, err = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF) }); cerr != nil {
+		t.Fatal(cerr)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
