@@ -353,15 +353,7 @@ func TestUDPCloseKeepsNewerFlow(t *testing.T) {
 	if d := eng.Inbound(&p, s.h.Now()); d.Verdict != filter.VerdictForward {
 		t.Fatalf("engine verdict %v", d)
 	}
-	old := s.startUDP(key, s.h.Now())
-	if old == nil {
-		t.Fatal("no UDP flow")
-	}
-	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	old.conn = conn
+	old := startTestFlow(t, s, key)
 	// The flow leaves the table (as when it expires) and the client's
 	// next datagram makes a new one.
 	eng.Forget(key)
@@ -384,19 +376,7 @@ func TestLargeBuffersBounded(t *testing.T) {
 	flow := func(client string, port uint16) *udpFlow {
 		t.Helper()
 		key := filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(netip.MustParseAddr(client), port), Dst: dst}
-		f := s.startUDP(key, s.h.Now())
-		if f == nil {
-			t.Fatal("no UDP flow")
-		}
-		conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.conn = conn
-		if f.raw, err = conn.SyscallConn(); err != nil {
-			t.Fatal(err)
-		}
-		return f
+		return startTestFlow(t, s, key)
 	}
 	// What udpReplies does at each full batch, a second apart unless
 	// said: a refused flow asks again only after largeBufRetry.
@@ -459,4 +439,23 @@ func rcvBuf(t *testing.T, f *udpFlow) int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// startTestFlow starts the UDP flow of key on s with a socket of its own on
+// loopback in place of a dialled one (no reply goroutine reads it).
+func startTestFlow(t *testing.T, s *Forwarder, key filter.FlowKey) *udpFlow {
+	t.Helper()
+	f := s.startUDP(key, s.h.Now())
+	if f == nil {
+		t.Fatal("no UDP flow")
+	}
+	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.conn = conn
+	if f.raw, err = conn.SyscallConn(); err != nil {
+		t.Fatal(err)
+	}
+	return f
 }
