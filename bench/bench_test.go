@@ -508,6 +508,26 @@ type runtimeStats struct {
 	Allocs           uint64 `json:"allocs_total"`
 	AllocBytes       uint64 `json:"alloc_bytes_total"`
 	HeapObjectsBytes uint64 `json:"heap_objects_bytes"`
+	HeapFreeBytes    uint64 `json:"heap_free_bytes"`
+}
+
+// readFlowCount asks the tunfw running config cfg how many flows its
+// table holds.
+func readFlowCount(cfg string) (int, error) {
+	resp, err := control.Call(controlSocket(cfg), control.Request{Cmd: "status"}, 10*time.Second)
+	if err == nil && !resp.OK {
+		err = errors.New(resp.Error)
+	}
+	var st struct {
+		Flows int `json:"flows"`
+	}
+	if err == nil {
+		err = json.Unmarshal(resp.Data, &st)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("tunfw status: %w", err)
+	}
+	return st.Flows, nil
 }
 
 // readRuntimeStats asks the tunfw running config cfg for its runtime
@@ -629,11 +649,12 @@ func (b *bench) runFlows(ph *phase) []string {
 			if r.heapAfter > 0 {
 				b.res.add(flowKey(ph.prefix, n)+"-heap", ph.paths[0], float64(int64(r.heapAfter)-int64(r.heapBefore))/1024/float64(r.opened))
 			}
-			b.res.flows = append(b.res.flows, flowsJSON{Mode: ph.name, Flows: n, Opened: r.opened, RSSBeforeKiB: r.rssBefore,
+			b.res.add(flowKey(ph.prefix, n)+"-warmup", ph.paths[0], float64(r.rssBefore-r.rssStart)/1024)
+			b.res.flows = append(b.res.flows, flowsJSON{Mode: ph.name, Flows: n, Opened: r.opened, RSSStartKiB: r.rssStart, RSSBeforeKiB: r.rssBefore,
 				RSSAfterKiB: r.rssAfter, OpenSeconds: r.openSecs, Errors: r.errors, FirstError: r.firstErr})
 		}
-		fmt.Printf("%-8s %5d: opened %d in %.1fs, tunfw RSS %d -> %d KiB, Go heap objects %d -> %d KiB\n",
-			ph.flowsID(), n, r.opened, r.openSecs, r.rssBefore, r.rssAfter, r.heapBefore>>10, r.heapAfter>>10)
+		fmt.Printf("%-8s %5d: opened %d in %.1fs, tunfw RSS %d (start) -> %d (warm) -> %d KiB, Go heap objects %d -> %d KiB\n",
+			ph.flowsID(), n, r.opened, r.openSecs, r.rssStart, r.rssBefore, r.rssAfter, r.heapBefore>>10, r.heapAfter>>10)
 		b.res.tunfwLog = append(b.res.tunfwLog, fw.notable()...)
 		if err := fw.stop(30 * time.Second); err != nil {
 			b.res.problem("tunfw stop after %d idle flows (%s mode): %v", n, ph.name, err)

@@ -190,8 +190,10 @@ func TestBenchHelper(t *testing.T) {
 // ---- idle flows ----
 
 type flowsResult struct {
-	opened              int
-	rssBefore, rssAfter int64 // KiB
+	opened int
+	// rssStart is tunfw's RSS before the warm-up, rssBefore after it
+	// (KiB).
+	rssStart, rssBefore, rssAfter int64
 	// heapBefore and heapAfter are the bytes of the Go heap's objects.
 	heapBefore, heapAfter uint64
 	openSecs              float64
@@ -202,19 +204,24 @@ type flowsResult struct {
 // idleWait is how long idleFlows waits after the last flow opened.
 const idleWait = 6 * time.Second
 
-// idleFlows opens n TCP connections from p's client namespace through
-// tunfw to the echo server, with one 1-byte echo on each, waits idleWait, and
-// reads tunfw's RSS and (over cfg's control socket) the bytes of its Go
-// heap's objects. The connections are closed before it returns. Opening
-// is bounded by limit.
+// idleFlows warms tunfw up (warmUp), then opens n TCP connections from
+// p's client namespace through tunfw to the echo server, with one 1-byte
+// echo on each, waits idleWait, and reads tunfw's RSS and (over cfg's
+// control socket) the bytes of its Go heap's objects. The connections are
+// closed before it returns. Opening is bounded by limit.
 //
 // The client ends live in a helper process: the server ends alone nearly
 // fill this process's open-file limit, which a container may not let the
 // test raise.
 func (b *bench) idleFlows(fw *tunfwProc, cfg string, p path, n int, limit time.Duration) (flowsResult, error) {
-	time.Sleep(time.Second)
 	var r flowsResult
 	var err error
+	if r.rssStart, _, err = procRSS(fw.pid); err != nil {
+		return r, err
+	}
+	if err := b.warmUp(cfg, p, limit); err != nil {
+		return r, err
+	}
 	if r.rssBefore, _, err = procRSS(fw.pid); err != nil {
 		return r, err
 	}
@@ -255,6 +262,58 @@ func (b *bench) idleFlows(fw *tunfwProc, cfg string, p path, n int, limit time.D
 		return r, fmt.Errorf("opened %d of %d flows in %.1fs (%d errors, first: %s)", r.opened, n, r.openSecs, r.errors, r.firstErr)
 	}
 	return r, nil
+}
+
+// warmFlows is how many connections warmUp opens and closes.
+const warmFlows = 200
+
+// warmUp opens warmFlows connections through the tunfw running config
+// cfg, closes them, and returns once its flow table is empty and it has
+// handed the memory they left back to the kernel.
+// What only the first connections of a process cost (code paged in,
+// the collector's work buffers, a span per size class, pools filled)
+// then stays out of what idleFlows divides by its count.
+func (b *bench) warmUp(cfg string, p path, limit time.Duration) error {
+	rt0, err := readRuntimeStats(cfg)
+	if err != nil {
+		return err
+	}
+	h, err := b.startHelper(p.client, "flows", map[string]string{
+		"ADDR": p.addr(portEcho), "N": strconv.Itoa(warmFlows), "LIMIT": strconv.FormatInt(int64(limit), 10),
+	})
+	if err != nil {
+		return err
+	}
+	kv, err := h.report(limit + 30*time.Second)
+	h.close()
+	if err != nil {
+		return fmt.Errorf("warm-up: %w", err)
+	}
+	if kv["opened"] != strconv.Itoa(warmFlows) {
+		return fmt.Errorf("warm-up: opened %s of %d flows (first error: %s)", kv["opened"], warmFlows, kv["first"])
+	}
+	// tunfw returns memory once quiet for a second, at most every 5s;
+	// then its heap holds what it held before the warm-up, give or take
+	// a MiB, and keeps no free heap. Polled for, not slept on.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		flows, err := readFlowCount(cfg)
+		if err != nil {
+			return err
+		}
+		rt, err := readRuntimeStats(cfg)
+		if err != nil {
+			return err
+		}
+		if flows == 0 && rt.HeapFreeBytes < 1<<20 && rt.HeapObjectsBytes < rt0.HeapObjectsBytes+1<<20 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("warm-up: after 30s tunfw still has %d flows, %d KiB of free heap and %d KiB of heap objects (%d before)",
+				flows, rt.HeapFreeBytes>>10, rt.HeapObjectsBytes>>10, rt0.HeapObjectsBytes>>10)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
 
 // openFlows is the helper's side of idleFlows.

@@ -18,7 +18,7 @@ func TestFigDefsCoverWorkloads(t *testing.T) {
 	for _, prefix := range []string{"", "gw-"} {
 		keys = append(keys, prefix+"cpu-all", prefix+"rss-start", prefix+"rss-end", prefix+"hwm-end")
 		for _, n := range modes["full"].flows {
-			keys = append(keys, flowKey(prefix, n), flowKey(prefix, n)+"-heap")
+			keys = append(keys, flowKey(prefix, n), flowKey(prefix, n)+"-heap", flowKey(prefix, n)+"-warmup")
 		}
 	}
 	seen := map[string]bool{}

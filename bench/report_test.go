@@ -103,8 +103,10 @@ var hostFigDefs = []figDef{
 	{key: "hwm-end", title: "tunfw peak RSS (VmHWM) in the workloads", unit: "MiB", tunfwOnly: true},
 	{key: "flows-1000", title: "tunfw RSS per idle TCP flow, 1,000 flows", unit: "KiB", tunfwOnly: true},
 	{key: "flows-1000-heap", title: "  Go heap objects per idle flow (live or not yet collected)", unit: "KiB", tunfwOnly: true},
+	{key: "flows-1000-warmup", title: "  RSS the 200 warm-up connections left, paid once (before the count)", unit: "MiB", tunfwOnly: true},
 	{key: "flows-10000", title: "tunfw RSS per idle TCP flow, 10,000 flows", unit: "KiB", tunfwOnly: true},
 	{key: "flows-10000-heap", title: "  Go heap objects per idle flow (live or not yet collected)", unit: "KiB", tunfwOnly: true},
+	{key: "flows-10000-warmup", title: "  RSS the 200 warm-up connections left, paid once (before the count)", unit: "MiB", tunfwOnly: true},
 }
 
 // gwRows are the host-mode rows that gateway mode has too.
@@ -116,7 +118,7 @@ var gwRows = []string{
 	"udp-c2s-loss", "udp-c2s-rcvbuf", "udp-c2s-rx", "udp-s2c-loss", "udp-s2c-rcvbuf", "udp-s2c-rx",
 	"cpu-tcp1-c2s", "cpu-tcp1-s2c", "cpu-all", "mcpu-tcp1-c2s", "mcpu-tcp1-s2c", "tcp1-c2s-need", "tcp1-s2c-need",
 	"rss-start", "rss-end", "hwm-end",
-	"flows-1000", "flows-1000-heap", "flows-10000", "flows-10000-heap",
+	"flows-1000", "flows-1000-heap", "flows-1000-warmup", "flows-10000", "flows-10000-heap", "flows-10000-warmup",
 }
 
 // gatewayFigDefs are the gateway-mode rows: each of gwRows under its
@@ -318,6 +320,7 @@ type flowsJSON struct {
 	Mode         string  `json:"mode"` // host or gateway
 	Flows        int     `json:"flows"`
 	Opened       int     `json:"opened"`
+	RSSStartKiB  int64   `json:"rss_start_kib"`
 	RSSBeforeKiB int64   `json:"rss_before_kib"`
 	RSSAfterKiB  int64   `json:"rss_after_kib"`
 	OpenSeconds  float64 `json:"open_seconds"`
