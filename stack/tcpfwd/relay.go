@@ -86,15 +86,18 @@ type toClientState struct {
 	moveSt moveState
 }
 
-// runStates are the Forwarder's pools of the relays' run states; the zero
-// value is ready to use.
-type runStates struct{ up, cli sync.Pool }
+// runStates are the Forwarder's pools of the relays' run states and of
+// their copy buffers; the zero value is ready to use.
+type runStates struct {
+	up, cli sync.Pool
+	bufs    bufPools
+}
 
 func (p *runStates) getUp() *toUpState {
 	if s, ok := p.up.Get().(*toUpState); ok {
 		return s
 	}
-	return &toUpState{ready: make(chan struct{}, 1)}
+	return &toUpState{ready: make(chan struct{}, 1), bufs: relayBufs{pools: &p.bufs}}
 }
 
 func (p *runStates) getCli() *toClientState {
@@ -102,7 +105,7 @@ func (p *runStates) getCli() *toClientState {
 		return s
 	}
 	// The reader's and the move's callbacks are bound to the state once.
-	s := new(toClientState)
+	s := &toClientState{bufs: relayBufs{pools: &p.bufs}}
 	s.fromUp.Init(s.bufs.get, func(bp *[]byte) { s.bufs.put(bp, 0) }, 0)
 	s.fromUp.Wait = true
 	s.move = s.moveFd
@@ -304,7 +307,7 @@ func (r *tcpRelay) drainToUp() bool {
 	r.fw.running.Add(1)
 	defer r.fw.running.Add(-1)
 	s := r.fw.states.getUp()
-	s.bufs = relayBufs{} // each run starts with small buffers
+	s.bufs.large = false // each run starts with small buffers
 	select {
 	case <-s.ready:
 	default:
@@ -373,7 +376,7 @@ func (r *tcpRelay) drainToClient() bool {
 	r.fw.running.Add(1)
 	defer r.fw.running.Add(-1)
 	s := r.fw.states.getCli()
-	s.r, s.bufs, s.fromUp.Woken = r, relayBufs{}, false
+	s.r, s.bufs.large, s.fromUp.Woken = r, false, false
 	ended := s.copyToClient()
 	s.r, s.fromUp.BP = nil, nil // the buffer went back to its pool
 	s.cliR.Reset(nil)
@@ -658,31 +661,42 @@ const (
 	largeRelayBuf = 32 << 10
 )
 
-var (
-	smallRelayBufs = sync.Pool{New: func() any { b := make([]byte, smallRelayBuf); return &b }}
-	largeRelayBufs = sync.Pool{New: func() any { b := make([]byte, largeRelayBuf); return &b }}
-)
+// bufPools are the Forwarder's pools of relay copy buffers, by size; the
+// zero value is ready to use.
+type bufPools struct{ small, large sync.Pool }
 
-// relayBufs hands out the copy buffers of a pump.
-type relayBufs struct{ large bool }
+// relayBufs hands out the copy buffers of a pump from the Forwarder's
+// pools.
+type relayBufs struct {
+	pools *bufPools
+	large bool // a read filled a small buffer in this run
+}
 
 func (r *relayBufs) get() *[]byte {
 	if r.large {
-		return largeRelayBufs.Get().(*[]byte)
+		if bp, ok := r.pools.large.Get().(*[]byte); ok {
+			return bp
+		}
+		b := make([]byte, largeRelayBuf)
+		return &b
 	}
-	return smallRelayBufs.Get().(*[]byte)
+	if bp, ok := r.pools.small.Get().(*[]byte); ok {
+		return bp
+	}
+	b := make([]byte, smallRelayBuf)
+	return &b
 }
 
 // put returns bp, which a read filled with n bytes.
 func (r *relayBufs) put(bp *[]byte, n int) {
 	if len(*bp) == largeRelayBuf {
-		largeRelayBufs.Put(bp)
+		r.pools.large.Put(bp)
 		return
 	}
 	if n == len(*bp) {
 		r.large = true
 	}
-	smallRelayBufs.Put(bp)
+	r.pools.small.Put(bp)
 }
 
 // growStack gives a new goroutine, while its stack is shallow, the 16 KiB
