@@ -485,3 +485,97 @@ func maxRcvBuf(t *testing.T, ns *netnstest.NS, dst netip.Addr) int {
 	}
 	return most
 }
+
+// TestUDPBurstsShareLargeBuffers: a UDP flow whose replies queue gets the
+// 4 MiB receive buffer, a client's second busy flow past its quarter of
+// the pool is refused one (counted, in `tunfw stats` and the metrics),
+// and a flow that leaves the table gives its buffer back. With a 64 MiB
+// budget the pool is 4 buffers, 1 per client.
+func TestUDPBurstsShareLargeBuffers(t *testing.T) {
+	netnstest.RequireRoot(t)
+	topo := netnstest.NewTopology(t)
+	svc := topo.ServiceV4
+	// The server answers each datagram with a burst of 3,000 datagrams
+	// of 1,400 bytes (4.2 MB): far more than a 256 KiB buffer holds.
+	pc, err := topo.Server.ListenPacket("udp", netip.AddrPortFrom(svc, 7100).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf, reply := make([]byte, 100), make([]byte, 1400)
+		for {
+			_, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			for range 3000 {
+				pc.WriteTo(reply, from)
+			}
+		}
+	}()
+	cfg := writeConfig(t, `
+[tun]
+addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
+[route]
+include = ["203.0.113.0/24", "2001:db8:99::/48"]
+[filter]
+default = "allow"
+[limits]
+memory = "64MiB"
+udp_idle = "2s"
+[metrics]
+listen = "127.0.0.1:9477"
+`)
+	startTunfw(t, topo.Host, cfg)
+	burst := func() int {
+		t.Helper()
+		c, err := topo.Host.Dial("udp", netip.AddrPortFrom(svc, 7100).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := c.Write([]byte("burst")); err != nil {
+			t.Fatal(err)
+		}
+		n, buf := 0, make([]byte, 2000)
+		for {
+			// The burst arrives within milliseconds; a quiet 300 ms
+			// is its end.
+			c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+			if _, err := c.Read(buf); err != nil {
+				return n
+			}
+			n++
+		}
+	}
+	large := func() map[string]uint64 { return statsCounts(t, cfg, "udp_large_buffers") }
+	first := burst()
+	if b := large(); b["held"] != 1 || b["max"] != 4 || b["refused"] != 0 {
+		t.Fatalf("after one burst (%d datagrams received): udp_large_buffers %v, want held 1, max 4, refused 0", first, b)
+	}
+	// The same client's second busy flow, while the first still holds
+	// its buffer (udp_idle 2s): past the client's quarter.
+	second := burst()
+	b := large()
+	if b["held"] != 1 || b["refused"] == 0 {
+		t.Fatalf("after a second burst from the same client (%d datagrams received): udp_large_buffers %v, want held 1 and refused counted", second, b)
+	}
+	t.Logf("bursts of 3,000: %d and %d received; udp_large_buffers %v", first, second, b)
+	m := scrapeMetrics(t, topo.Host, "127.0.0.1:9477")
+	if m["tunfw_udp_large_buffers"] != 1 || m["tunfw_udp_large_buffers_max"] != 4 || m["tunfw_udp_large_buffers_refused_total"] != float64(b["refused"]) {
+		t.Errorf("metrics: held %v, max %v, refused %v; stats say %v", m["tunfw_udp_large_buffers"], m["tunfw_udp_large_buffers_max"],
+			m["tunfw_udp_large_buffers_refused_total"], b)
+	}
+	// The flows leave the table after udp_idle: the buffer goes back.
+	deadline := time.Now().Add(10 * time.Second)
+	for statusFlows(t, cfg) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("UDP flows still in the table 10s after the bursts")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if b := large(); b["held"] != 0 {
+		t.Errorf("no flow left, but udp_large_buffers %v: the buffer was not given back", b)
+	}
+}

@@ -67,6 +67,10 @@ type Source struct {
 	// gave that are remembered now.
 	NameEvents func() map[string]uint64
 	NamesKnown func() int
+	// UDPLargeBuffers returns how many UDP flows hold the largest
+	// receive buffer, how many may, and how often a busy flow was
+	// refused one.
+	UDPLargeBuffers func() (held, max int, refused uint64)
 }
 
 type collector struct {
@@ -78,6 +82,7 @@ type collector struct {
 	dialFailures, pendingDials                         *prometheus.Desc
 	stackDrops, flowPanics, icmpErrors                 *prometheus.Desc
 	nameEvents, namesKnown                             *prometheus.Desc
+	udpLargeBufs, udpLargeBufsMax, udpLargeRefused     *prometheus.Desc
 }
 
 func newCollector(src Source) *collector {
@@ -85,25 +90,28 @@ func newCollector(src Source) *collector {
 		return prometheus.NewDesc("tunfw_"+name, help, labels, nil)
 	}
 	return &collector{
-		src:            src,
-		flows:          d("flows", "Flows in the flow table by state.", "state"),
-		flowsCreated:   d("flows_created_total", "Flows created since start."),
-		packets:        d("packets_total", "Packets from clients by verdict (forward, drop, reject) and replies to clients.", "verdict"),
-		drops:          d("drops_total", "Packets from clients not forwarded, by reason.", "reason"),
-		bytes:          d("bytes_total", "Bytes carried by forwarded flows, by direction (in: client to destination).", "direction"),
-		ruleFlows:      d("rule_flows_total", "Flows judged by each rule of the current ruleset.", "rule", "action"),
-		rulePackets:    d("rule_packets_total", "Packets of flows judged by each rule.", "rule", "action"),
-		ruleBytes:      d("rule_bytes_total", "Bytes of flows judged by each rule.", "rule", "action"),
-		reloads:        d("reloads_total", "Config reloads by result.", "result"),
-		tunErr:         d("tun_errors_total", "Failed TUN device operations.", "op"),
-		controlRefused: d("control_refused_total", "Control socket requests refused (bad request or not root)."),
-		dialFailures:   d("dial_failures_total", "TCP dials that did not connect, by reason (refused, timeout, unreachable, descriptors, ports, evicted, deferred, cancelled, other).", "reason"),
-		pendingDials:   d("pending_dials", "TCP connections being set up (destination dialled, client handshake not complete)."),
-		flowPanics:     d("flow_panics_total", "Flow handlers that panicked and were recovered; each closed its own flow only."),
-		stackDrops:     d("stack_drops_total", "Packets the stack dropped after the filter let them through, by reason (no echo identifier, a client's share of flows used up, full socket buffer...).", "reason"),
-		nameEvents:     d("name_events_total", "What rules by name did, by event: flows peeked, peek_busy, peek_timeouts, peek_no_name, peek_invalid, names read (sni, host, quic), names_learned (addresses named by DNS answers), dns_answered (queries tunfw answered itself).", "event"),
-		namesKnown:     d("dns_names", "Addresses named by DNS answers that tunfw remembers (at most [dns] max_names)."),
-		icmpErrors:     d("icmp_errors_relayed_total", "ICMP errors from the network relayed to clients of UDP flows, by kind (port-unreachable, host-unreachable, net-unreachable, prohibited, too-big, time-exceeded, unreachable).", "kind"),
+		src:             src,
+		flows:           d("flows", "Flows in the flow table by state.", "state"),
+		flowsCreated:    d("flows_created_total", "Flows created since start."),
+		packets:         d("packets_total", "Packets from clients by verdict (forward, drop, reject) and replies to clients.", "verdict"),
+		drops:           d("drops_total", "Packets from clients not forwarded, by reason.", "reason"),
+		bytes:           d("bytes_total", "Bytes carried by forwarded flows, by direction (in: client to destination).", "direction"),
+		ruleFlows:       d("rule_flows_total", "Flows judged by each rule of the current ruleset.", "rule", "action"),
+		rulePackets:     d("rule_packets_total", "Packets of flows judged by each rule.", "rule", "action"),
+		ruleBytes:       d("rule_bytes_total", "Bytes of flows judged by each rule.", "rule", "action"),
+		reloads:         d("reloads_total", "Config reloads by result.", "result"),
+		tunErr:          d("tun_errors_total", "Failed TUN device operations.", "op"),
+		controlRefused:  d("control_refused_total", "Control socket requests refused (bad request or not root)."),
+		dialFailures:    d("dial_failures_total", "TCP dials that did not connect, by reason (refused, timeout, unreachable, descriptors, ports, evicted, deferred, cancelled, other).", "reason"),
+		pendingDials:    d("pending_dials", "TCP connections being set up (destination dialled, client handshake not complete)."),
+		flowPanics:      d("flow_panics_total", "Flow handlers that panicked and were recovered; each closed its own flow only."),
+		stackDrops:      d("stack_drops_total", "Packets the stack dropped after the filter let them through, by reason (no echo identifier, a client's share of flows used up, full socket buffer...).", "reason"),
+		nameEvents:      d("name_events_total", "What rules by name did, by event: flows peeked, peek_busy, peek_timeouts, peek_no_name, peek_invalid, names read (sni, host, quic), names_learned (addresses named by DNS answers), dns_answered (queries tunfw answered itself).", "event"),
+		namesKnown:      d("dns_names", "Addresses named by DNS answers that tunfw remembers (at most [dns] max_names)."),
+		udpLargeBufs:    d("udp_large_buffers", "UDP flows holding the largest socket receive buffer (busy flows grow to it)."),
+		udpLargeBufsMax: d("udp_large_buffers_max", "UDP flows that may hold the largest receive buffer at once (a quarter of the memory budget's worth)."),
+		udpLargeRefused: d("udp_large_buffers_refused_total", "Times a busy UDP flow was refused the largest receive buffer (the pool or its client's quarter full); its replies may overflow the smaller one."),
+		icmpErrors:      d("icmp_errors_relayed_total", "ICMP errors from the network relayed to clients of UDP flows, by kind (port-unreachable, host-unreachable, net-unreachable, prohibited, too-big, time-exceeded, unreachable).", "kind"),
 	}
 }
 
@@ -185,6 +193,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		for k, v := range c.src.ICMPErrors() {
 			counter(c.icmpErrors, v, k)
 		}
+	}
+	if c.src.UDPLargeBuffers != nil {
+		held, bound, refused := c.src.UDPLargeBuffers()
+		gauge(c.udpLargeBufs, float64(held))
+		gauge(c.udpLargeBufsMax, float64(bound))
+		counter(c.udpLargeRefused, refused)
 	}
 }
 

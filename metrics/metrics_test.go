@@ -121,13 +121,15 @@ func TestServeTimeouts(t *testing.T) {
 }
 
 // TestCollectorExposesStackCounters: what the stack counts (dial failures,
-// pending dials, its drops by reason, recovered panics) is in the scrape.
+// pending dials, its drops by reason, recovered panics, the UDP large
+// buffers) is in the scrape.
 func TestCollectorExposesStackCounters(t *testing.T) {
 	src := testSource(t)
 	src.DialFailures = func() map[string]uint64 { return map[string]uint64{"refused": 4} }
 	src.PendingDials = func() int { return 7 }
 	src.StackDrops = func() map[string]uint64 { return map[string]uint64{"udp-queue": 2, "echo-no-id": 5} }
 	src.FlowPanics = func() uint64 { return 3 }
+	src.UDPLargeBuffers = func() (int, int, uint64) { return 2, 384, 9 }
 	reg := prometheus.NewPedanticRegistry()
 	if err := reg.Register(newCollector(src)); err != nil {
 		t.Fatal(err)
@@ -155,6 +157,7 @@ func TestCollectorExposesStackCounters(t *testing.T) {
 		"tunfw_dial_failures_total/refused": 4, "tunfw_pending_dials": 7,
 		"tunfw_stack_drops_total/udp-queue": 2, "tunfw_stack_drops_total/echo-no-id": 5,
 		"tunfw_flow_panics_total": 3,
+		"tunfw_udp_large_buffers": 2, "tunfw_udp_large_buffers_max": 384, "tunfw_udp_large_buffers_refused_total": 9,
 	} {
 		if got[name] != want {
 			t.Errorf("%s = %v, want %v", name, got[name], want)

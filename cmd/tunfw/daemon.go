@@ -23,6 +23,7 @@ import (
 	"github.com/tunfw/tunfw/metrics"
 	"github.com/tunfw/tunfw/names"
 	"github.com/tunfw/tunfw/stack"
+	"github.com/tunfw/tunfw/stack/udpfwd"
 	"github.com/tunfw/tunfw/tun"
 )
 
@@ -235,6 +236,10 @@ type statsInfo struct {
 	// ICMPErrors counts the ICMP errors from the network relayed to
 	// clients of UDP flows, by kind (udpfwd.Forwarder.ICMPErrors).
 	ICMPErrors map[string]uint64 `json:"icmp_errors_relayed"`
+	// UDPLargeBuffers is the pool of the largest UDP receive buffers:
+	// held, the bound, and busy flows refused one
+	// (udpfwd.Forwarder.LargeBuffers).
+	UDPLargeBuffers udpfwd.LargeBuffers `json:"udp_large_buffers"`
 	// Names counts what rules by name did (nameEvents); NamesKnown is
 	// the number of addresses DNS answers named that are remembered.
 	Names      map[string]uint64 `json:"names"`
@@ -338,7 +343,7 @@ func (d *daemon) stats() statsInfo {
 		FlowsCreated: c.FlowsCreated, TUNReadErrs: r, TUNWriteErrs: w, ControlRefuse: d.ctrl.Refused(),
 		UDPQueueDrops: d.st.UDP().WriteDrops(), FlowPanics: d.st.Panics(),
 		PendingDials: d.st.TCP().PendingDials(), DialFailures: d.st.TCP().DialFailures(),
-		StackDrops: d.st.Drops(), ICMPErrors: d.st.UDP().ICMPErrors(),
+		StackDrops: d.st.Drops(), ICMPErrors: d.st.UDP().ICMPErrors(), UDPLargeBuffers: d.st.UDP().LargeBuffers(),
 		Names: d.nameEvents(), NamesKnown: d.namesKnown(), Runtime: readRuntime(),
 	}
 }
@@ -446,8 +451,12 @@ func (d *daemon) serve(ctx context.Context, eng *filter.Engine, st *stack.Stack,
 			StackDrops:     st.Drops,
 			FlowPanics:     st.Panics,
 			ICMPErrors:     st.UDP().ICMPErrors,
-			NameEvents:     d.nameEvents,
-			NamesKnown:     d.namesKnown,
+			UDPLargeBuffers: func() (held, max int, refused uint64) {
+				b := st.UDP().LargeBuffers()
+				return b.Held, b.Max, b.Refused
+			},
+			NameEvents: d.nameEvents,
+			NamesKnown: d.namesKnown,
 		}, d.log)
 	}
 	hup := make(chan os.Signal, 1)

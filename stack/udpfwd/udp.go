@@ -156,6 +156,9 @@ type udpLimits struct {
 	maxSockets int
 
 	sourceLimit, socketLimit, openBusy, openFailed atomic.Uint64
+	// largeRefused counts the times a flow whose replies queued was
+	// refused the largest receive buffer (either bound).
+	largeRefused atomic.Uint64
 }
 
 // New starts a Forwarder's socket openers. Close stops them.
@@ -211,6 +214,27 @@ func (u *Forwarder) Drops(m map[string]uint64) {
 	m["udp-open-failed"] = u.lim.openFailed.Load()
 	m["udp-queue"] = u.writeDrops.Load()
 	m["icmp-error-rate"] = u.icmpErr.rateDrops.Load()
+}
+
+// LargeBuffers is what the pool of the largest UDP receive buffers holds:
+// busy flows grow their socket's buffer from it (growRcvBuf).
+type LargeBuffers struct {
+	// Held is how many flows hold one now; Max how many may (0: no
+	// bound); a client's flows may hold a quarter of Max (at least 1).
+	Held int `json:"held"`
+	Max  int `json:"max"`
+	// Refused counts the times a busy flow was refused one because the
+	// pool or its client's share was full; it asks again a second later.
+	// While it is refused, its replies may overflow the smaller buffer.
+	Refused uint64 `json:"refused"`
+}
+
+// LargeBuffers returns the state of the pool of large receive buffers.
+func (u *Forwarder) LargeBuffers() LargeBuffers {
+	u.mu.Lock()
+	held := int(u.lim.largeBufs)
+	u.mu.Unlock()
+	return LargeBuffers{Held: held, Max: int(u.lim.maxLargeBufs), Refused: u.lim.largeRefused.Load()}
 }
 
 // WriteDrops returns how many relayed datagrams were dropped because a
@@ -544,6 +568,7 @@ func (u *Forwarder) growRcvBuf(f *udpFlow, now int64) {
 		return
 	}
 	if !u.takeLargeBuf(f.key.Src.Addr()) {
+		u.lim.largeRefused.Add(1)
 		f.largeRetryAt = now + largeBufRetry
 		return
 	}
