@@ -40,8 +40,9 @@ import (
 // kernel: at 1 Gbit/s offered, 1 MiB lost about 1% of the datagrams
 // (2.5-18% on a loaded machine), 4 MiB none (0-5.6% loaded; make bench,
 // udp-s2c). A flow starts with udpRcvBufStart and gets this only once its
-// replies queue (udpReplies found a full batch waiting), so the many quiet
-// flows a client can open do not each ask for megabytes. It is kernel
+// replies queue (udpReplies found a full batch waiting), and gives it back
+// largeBufIdle after they last did, so the many quiet flows a client can
+// open do not each ask for megabytes. It is kernel
 // memory, used only while replies queue, and bounded overall by
 // net.ipv4.udp_mem; Host.LargeBuffers bounds how many flows hold it.
 const DefaultReceiveBuffer = 4 << 20
@@ -289,10 +290,12 @@ type udpFlow struct {
 	gso bool
 
 	// bigRcvBuf: the reply goroutine gave the socket its largest receive
-	// buffer; largeRetryAt: refused one, it asks again no earlier (both
-	// the reply goroutine's own).
+	// buffer; largeRetryAt: refused one, it asks again no earlier;
+	// lastFull: engine clock of the last full batch of replies (all
+	// three the reply goroutine's own).
 	bigRcvBuf    bool
 	largeRetryAt int64
+	lastFull     int64
 	// queued: the flow is in the openers' queue (set once, by the read
 	// loop, or by a peek's decision, see names.go).
 	queued atomic.Bool
@@ -541,8 +544,9 @@ func (u *Forwarder) dialUDP(key filter.FlowKey) (*net.UDPConn, syscall.RawConn, 
 }
 
 // takeLargeBuf reports whether one more flow of client src may hold the
-// largest receive buffer, and counts it if so; closeUDP gives it back
-// (giveLargeBuf). A flow refused now asks again at its next full batch.
+// largest receive buffer, and counts it if so; shrinkRcvBuf or closeUDP
+// gives it back (giveLargeBuf). A flow refused asks again at a full batch
+// largeBufRetry later.
 func (u *Forwarder) takeLargeBuf(src netip.Addr) bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -560,10 +564,18 @@ func (u *Forwarder) takeLargeBuf(src netip.Addr) bool {
 // second, and each ask takes the forwarder's lock.
 const largeBufRetry = int64(time.Second)
 
+// largeBufIdle is how long a flow keeps the largest receive buffer after
+// its replies last queued (a full batch): then it gives it back for
+// another busy flow, and its socket goes back to udpRcvBufStart. A flow
+// quiet that long holds nothing in the buffer; the slot is what it kept
+// from others (until udp_idle, 60 s by default, before this).
+const largeBufIdle = int64(10 * time.Second)
+
 // growRcvBuf gives flow f, whose replies queue, the largest receive buffer
 // if it has not got it and the bounds allow; the reply goroutine calls it
-// at a full batch read at now.
+// at each full batch, read at now.
 func (u *Forwarder) growRcvBuf(f *udpFlow, now int64) {
+	f.lastFull = now
 	if f.bigRcvBuf || now < f.largeRetryAt {
 		return
 	}
@@ -574,6 +586,19 @@ func (u *Forwarder) growRcvBuf(f *udpFlow, now int64) {
 	}
 	f.bigRcvBuf = true
 	u.setUDPRcvBuf(f.raw, u.lim.rcvBuf)
+}
+
+// shrinkRcvBuf gives flow f's largest receive buffer back once its replies
+// have not queued for largeBufIdle, and reports whether it did; the reply
+// goroutine calls it, at now, while f holds one.
+func (u *Forwarder) shrinkRcvBuf(f *udpFlow, now int64) bool {
+	if !f.bigRcvBuf || now-f.lastFull < largeBufIdle {
+		return false
+	}
+	u.setUDPRcvBuf(f.raw, min(udpRcvBufStart, u.lim.rcvBuf))
+	f.bigRcvBuf = false
+	u.giveLargeBuf(f.key.Src.Addr())
+	return true
 }
 
 // giveLargeBuf uncounts a large buffer of client src.
@@ -668,10 +693,16 @@ func (u *Forwarder) udpReplies(f *udpFlow) {
 	held := make([]*[]byte, 0, udpReplyBatch)
 	pkts := make([][]byte, 0, udpReplyBatch)
 	for {
+		at := u.h.Now()
 		idle := int64(u.h.Engine.Timeouts().UDPIdle)
-		left := idle - (u.h.Now() - f.last.Load())
+		left := idle - (at - f.last.Load())
 		if left <= 0 {
 			return
+		}
+		// A large buffer goes back when replies stopped queueing: the
+		// wait ends then too.
+		if f.bigRcvBuf && !u.shrinkRcvBuf(f, at) {
+			left = min(left, f.lastFull+largeBufIdle-at)
 		}
 		f.conn.SetReadDeadline(time.Now().Add(time.Duration(left)))
 		// The first datagram: wait in the netpoller for it. When a send

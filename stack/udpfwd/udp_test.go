@@ -428,6 +428,43 @@ func TestLargeBuffersBounded(t *testing.T) {
 	}
 }
 
+// TestQuietFlowGivesLargeBufferBack: a flow whose replies have not queued
+// for largeBufIdle gives its large buffer back, for its client's next busy
+// flow, and its socket goes back to the starting size.
+func TestQuietFlowGivesLargeBufferBack(t *testing.T) {
+	s := newTestForwarder(t, newTestTUN(), DefaultMaxPerSource)
+	s.lim.maxLargeBufs = 4 // 1 per client
+	dst := netip.MustParseAddrPort("192.0.2.1:53")
+	client := netip.MustParseAddr("10.1.1.1")
+	f := startTestFlow(t, s, filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(client, 1000), Dst: dst})
+	g := startTestFlow(t, s, filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(client, 1001), Dst: dst})
+	now := s.h.Now()
+	if s.growRcvBuf(f, now); !f.bigRcvBuf {
+		t.Fatal("a busy flow did not get the large buffer")
+	}
+	// Replies queue again 5 s later: the quiet spell starts over.
+	s.growRcvBuf(f, now+largeBufIdle/2)
+	if s.shrinkRcvBuf(f, now+largeBufIdle) || !f.bigRcvBuf {
+		t.Fatal("a flow whose replies queued 5 s ago gave its buffer back")
+	}
+	if s.growRcvBuf(g, now+largeBufIdle); g.bigRcvBuf {
+		t.Fatal("the client's second busy flow got a buffer past its quarter")
+	}
+	if !s.shrinkRcvBuf(f, now+largeBufIdle/2+largeBufIdle) || f.bigRcvBuf {
+		t.Fatal("a flow quiet for largeBufIdle kept its large buffer")
+	}
+	if got := s.LargeBuffers().Held; got != 0 {
+		t.Fatalf("%d large buffers held after the only one was given back", got)
+	}
+	// The kernel reports twice what was set.
+	if got := rcvBuf(t, f); os.Geteuid() == 0 && got > 2*udpRcvBufStart {
+		t.Errorf("the quiet flow's socket kept a receive buffer of %d bytes, want at most %d", got, 2*udpRcvBufStart)
+	}
+	if s.growRcvBuf(g, now+3*largeBufIdle); !g.bigRcvBuf {
+		t.Fatal("the client's other busy flow did not get the buffer given back")
+	}
+}
+
 // rcvBuf returns the receive buffer size of f's socket (the kernel
 // reports twice what was set, its bookkeeping included).
 func rcvBuf(t *testing.T, f *udpFlow) int {
