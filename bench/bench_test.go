@@ -509,6 +509,7 @@ type runtimeStats struct {
 	AllocBytes       uint64 `json:"alloc_bytes_total"`
 	HeapObjectsBytes uint64 `json:"heap_objects_bytes"`
 	HeapFreeBytes    uint64 `json:"heap_free_bytes"`
+	GCCycles         uint64 `json:"gc_cycles"`
 }
 
 // readFlowCount asks the tunfw running config cfg how many flows its

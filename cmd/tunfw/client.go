@@ -234,8 +234,11 @@ func printStats(w io.Writer, data []byte) int {
 	fmt.Fprintln(w)
 	printCounts(w, "ICMP errors relayed to UDP clients", s.ICMPErrors)
 	fmt.Fprintln(w)
-	b := s.UDPLargeBuffers
-	fmt.Fprintf(w, "UDP large receive buffers: %d held of %d; busy flows refused one %d\n", b.Held, b.Max, b.Refused)
+	b, bound := s.UDPLargeBuffers, "no bound"
+	if b.Max > 0 {
+		bound = fmt.Sprintf("at most %d", b.Max)
+	}
+	fmt.Fprintf(w, "UDP large receive buffers: %d held (%s); refused to busy flows %d times\n", b.Held, bound, b.Refused)
 	printCounts(w, "rules by name", s.Names)
 	fmt.Fprintf(w, "; names remembered from DNS answers %d", s.NamesKnown)
 	fmt.Fprintln(w)

@@ -224,8 +224,9 @@ type LargeBuffers struct {
 	// bound); a client's flows may hold a quarter of Max (at least 1).
 	Held int `json:"held"`
 	Max  int `json:"max"`
-	// Refused counts the times a busy flow was refused one because the
-	// pool or its client's share was full; it asks again a second later.
+	// Refused counts the refusals: a busy flow refused one because the
+	// pool or its client's share was full asks again a second later, and
+	// each ask refused counts.
 	// While it is refused, its replies may overflow the smaller buffer.
 	Refused uint64 `json:"refused"`
 }
@@ -566,9 +567,10 @@ const largeBufRetry = int64(time.Second)
 
 // largeBufIdle is how long a flow keeps the largest receive buffer after
 // its replies last queued (a full batch): then it gives it back for
-// another busy flow, and its socket goes back to udpRcvBufStart. A flow
-// quiet that long holds nothing in the buffer; the slot is what it kept
-// from others (until udp_idle, 60 s by default, before this).
+// another busy flow, and its socket goes back to udpRcvBufStart. Replies
+// that have not queued that long hold less than a batch in the buffer;
+// the slot is what the flow kept from others (until it left the table,
+// udp_idle, 60 s by default, before this).
 const largeBufIdle = int64(10 * time.Second)
 
 // growRcvBuf gives flow f, whose replies queue, the largest receive buffer
@@ -599,6 +601,17 @@ func (u *Forwarder) shrinkRcvBuf(f *udpFlow, now int64) bool {
 	f.bigRcvBuf = false
 	u.giveLargeBuf(f.key.Src.Addr())
 	return true
+}
+
+// replyWait is how long, from at, the reply goroutine of flow f waits for
+// a datagram: until the flow's idle timeout (left, above 0) or, while it
+// holds the large buffer, until that goes back (shrinkRcvBuf, which was
+// asked at at), whichever comes first. Above 0.
+func replyWait(f *udpFlow, at, left int64) int64 {
+	if f.bigRcvBuf {
+		return min(left, f.lastFull+largeBufIdle-at)
+	}
+	return left
 }
 
 // giveLargeBuf uncounts a large buffer of client src.
@@ -701,9 +714,10 @@ func (u *Forwarder) udpReplies(f *udpFlow) {
 		}
 		// A large buffer goes back when replies stopped queueing: the
 		// wait ends then too.
-		if f.bigRcvBuf && !u.shrinkRcvBuf(f, at) {
-			left = min(left, f.lastFull+largeBufIdle-at)
+		if f.bigRcvBuf {
+			u.shrinkRcvBuf(f, at)
 		}
+		left = replyWait(f, at, left)
 		f.conn.SetReadDeadline(time.Now().Add(time.Duration(left)))
 		// The first datagram: wait in the netpoller for it. When a send
 		// took the socket's pending error, its queued ICMP error may have

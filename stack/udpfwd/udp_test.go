@@ -465,6 +465,23 @@ func TestQuietFlowGivesLargeBufferBack(t *testing.T) {
 	}
 }
 
+// TestReplyWait: the reply goroutine of a flow holding the large buffer
+// wakes when the buffer is due back, not only at the flow's idle timeout.
+func TestReplyWait(t *testing.T) {
+	const idle = int64(60 * time.Second)
+	f := &udpFlow{lastFull: 100}
+	if got := replyWait(f, 100, idle); got != idle {
+		t.Errorf("without the large buffer: waits %v, want the idle timeout %v", time.Duration(got), time.Duration(idle))
+	}
+	f.bigRcvBuf = true
+	if got := replyWait(f, 100+int64(time.Second), idle); got != largeBufIdle-int64(time.Second) {
+		t.Errorf("holding the large buffer, 1 s after the last full batch: waits %v, want %v", time.Duration(got), time.Duration(largeBufIdle-int64(time.Second)))
+	}
+	if got := replyWait(f, 100, int64(time.Second)); got != int64(time.Second) {
+		t.Errorf("holding it with 1 s of idle timeout left: waits %v, want 1s", time.Duration(got))
+	}
+}
+
 // rcvBuf returns the receive buffer size of f's socket (the kernel
 // reports twice what was set, its bookkeeping included).
 func rcvBuf(t *testing.T, f *udpFlow) int {
