@@ -37,6 +37,19 @@ type sockWatcher struct {
 	mu      sync.Mutex
 	next    uint64
 	waiting map[uint64]*pump
+
+	// ctlMu serialises epoll_ctl calls, whose arguments and results go
+	// through the fields below to callbacks made once (newSockWatcher):
+	// closures made per call cost five allocations at every rearm, that
+	// is at every request after a quiet spell.
+	ctlMu              sync.Mutex
+	ctlSock            syscall.RawConn
+	ctlOp              int
+	ctlEv              unix.EpollEvent
+	ctlEpfd            uintptr
+	ctlErr, ctlSockErr error
+	ctlOuter           func(epfd uintptr)
+	ctlInner           func(fd uintptr)
 }
 
 func newSockWatcher() (*sockWatcher, error) {
@@ -63,7 +76,13 @@ func newSockWatcher() (*sockWatcher, error) {
 		f.Close()
 		return nil, fmt.Errorf("epoll fd in the netpoller: %w", err)
 	}
-	return &sockWatcher{file: f, raw: raw, waiting: make(map[uint64]*pump)}, nil
+	w := &sockWatcher{file: f, raw: raw, waiting: make(map[uint64]*pump)}
+	w.ctlOuter = func(epfd uintptr) {
+		w.ctlEpfd = epfd
+		w.ctlSockErr = w.ctlSock.Control(w.ctlInner)
+	}
+	w.ctlInner = func(fd uintptr) { w.ctlErr = unix.EpollCtl(int(w.ctlEpfd), w.ctlOp, int(fd), &w.ctlEv) }
+	return w, nil
 }
 
 func setToken(ev *unix.EpollEvent, t uint64) {
@@ -115,16 +134,19 @@ func (w *sockWatcher) forget(t uint64) {
 }
 
 func (w *sockWatcher) ctl(rc syscall.RawConn, op int, t uint64) error {
-	var err, cerr error
-	ev := unix.EpollEvent{Events: watchEvents}
-	setToken(&ev, t)
-	if werr := w.raw.Control(func(epfd uintptr) {
-		cerr = rc.Control(func(fd uintptr) { err = unix.EpollCtl(int(epfd), op, int(fd), &ev) })
-	}); werr != nil {
+	w.ctlMu.Lock()
+	defer w.ctlMu.Unlock()
+	w.ctlSock, w.ctlOp, w.ctlErr, w.ctlSockErr = rc, op, nil, nil
+	w.ctlEv = unix.EpollEvent{Events: watchEvents}
+	setToken(&w.ctlEv, t)
+	werr := w.raw.Control(w.ctlOuter)
+	err, serr := w.ctlErr, w.ctlSockErr
+	w.ctlSock = nil // holds no socket past the call
+	switch {
+	case werr != nil:
 		return werr
-	}
-	if cerr != nil {
-		return cerr
+	case serr != nil:
+		return serr
 	}
 	return err
 }
