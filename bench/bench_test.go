@@ -512,42 +512,40 @@ type runtimeStats struct {
 	GCCycles         uint64 `json:"gc_cycles"`
 }
 
-// readFlowCount asks the tunfw running config cfg how many flows its
-// table holds.
-func readFlowCount(cfg string) (int, error) {
-	resp, err := control.Call(controlSocket(cfg), control.Request{Cmd: "status"}, 10*time.Second)
+// askTunfw sends cmd to the control socket of the tunfw running config cfg
+// and decodes its answer's data into v.
+func askTunfw(cfg, cmd string, v any) error {
+	resp, err := control.Call(controlSocket(cfg), control.Request{Cmd: cmd}, 10*time.Second)
 	if err == nil && !resp.OK {
 		err = errors.New(resp.Error)
 	}
+	if err == nil {
+		err = json.Unmarshal(resp.Data, v)
+	}
+	if err != nil {
+		return fmt.Errorf("tunfw %s: %w", cmd, err)
+	}
+	return nil
+}
+
+// readFlowCount asks the tunfw running config cfg how many flows its
+// table holds.
+func readFlowCount(cfg string) (int, error) {
 	var st struct {
 		Flows int `json:"flows"`
 	}
-	if err == nil {
-		err = json.Unmarshal(resp.Data, &st)
-	}
-	if err != nil {
-		return 0, fmt.Errorf("tunfw status: %w", err)
-	}
-	return st.Flows, nil
+	err := askTunfw(cfg, "status", &st)
+	return st.Flows, err
 }
 
 // readRuntimeStats asks the tunfw running config cfg for its runtime
 // counters over its control socket.
 func readRuntimeStats(cfg string) (runtimeStats, error) {
-	resp, err := control.Call(controlSocket(cfg), control.Request{Cmd: "stats"}, 10*time.Second)
-	if err == nil && !resp.OK {
-		err = errors.New(resp.Error)
-	}
 	var st struct {
 		Runtime runtimeStats `json:"runtime"`
 	}
-	if err == nil {
-		err = json.Unmarshal(resp.Data, &st)
-	}
-	if err != nil {
-		return runtimeStats{}, fmt.Errorf("tunfw stats: %w", err)
-	}
-	return st.Runtime, nil
+	err := askTunfw(cfg, "stats", &st)
+	return st.Runtime, err
 }
 
 func readFile(t *testing.T, p string) string {

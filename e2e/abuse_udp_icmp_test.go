@@ -515,18 +515,11 @@ func TestUDPBurstsShareLargeBuffers(t *testing.T) {
 			}
 		}
 	}()
-	cfg := writeConfig(t, `
-[tun]
-addresses = ["198.18.0.1/30", "fd54:756e:6677::1/126"]
-[route]
-include = ["203.0.113.0/24", "2001:db8:99::/48"]
-[filter]
-default = "allow"
-[limits]
+	// Everything allowed, metrics on (as icmpErrorsConfig), with a
+	// 64 MiB budget and flows that outlive the test.
+	cfg := writeConfig(t, icmpErrorsConfig+`[limits]
 memory = "64MiB"
 udp_idle = "60s"
-[metrics]
-listen = "127.0.0.1:9477"
 `)
 	startTunfw(t, topo.Host, cfg)
 	burst := func() int {
