@@ -489,9 +489,9 @@ func maxRcvBuf(t *testing.T, ns *netnstest.NS, dst netip.Addr) int {
 // TestUDPBurstsShareLargeBuffers: a UDP flow whose replies queue gets the
 // 4 MiB receive buffer, a client's second busy flow past its quarter of
 // the pool is refused one (counted, in `tunfw stats` and the metrics), and
-// a flow whose replies stopped queueing gives its buffer back 10 s later
-// (largeBufIdle), while it stays in the table, for the client's next busy
-// flow. With a 64 MiB budget the pool is 4 buffers, 1 per client.
+// a flow no reply came to for 10 s (largeBufIdle) gives its buffer back,
+// while it stays in the table, for the client's next busy flow. With a
+// 64 MiB budget the pool is 4 buffers, 1 per client.
 func TestUDPBurstsShareLargeBuffers(t *testing.T) {
 	netnstest.RequireRoot(t)
 	topo := netnstest.NewTopology(t)

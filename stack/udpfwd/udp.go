@@ -41,7 +41,7 @@ import (
 // (2.5-18% on a loaded machine), 4 MiB none (0-5.6% loaded; make bench,
 // udp-s2c). A flow starts with udpRcvBufStart and gets this only once its
 // replies queue (udpReplies found a full batch waiting), and gives it back
-// largeBufIdle after they last did, so the many quiet flows a client can
+// once no reply came for largeBufIdle, so the many quiet flows a client can
 // open do not each ask for megabytes. It is kernel
 // memory, used only while replies queue, and bounded overall by
 // net.ipv4.udp_mem; Host.LargeBuffers bounds how many flows hold it.
@@ -292,11 +292,11 @@ type udpFlow struct {
 
 	// bigRcvBuf: the reply goroutine gave the socket its largest receive
 	// buffer; largeRetryAt: refused one, it asks again no earlier;
-	// lastFull: engine clock of the last full batch of replies (all
-	// three the reply goroutine's own).
+	// lastReply: engine clock of the last reply read (all three the
+	// reply goroutine's own).
 	bigRcvBuf    bool
 	largeRetryAt int64
-	lastFull     int64
+	lastReply    int64
 	// queued: the flow is in the openers' queue (set once, by the read
 	// loop, or by a peek's decision, see names.go).
 	queued atomic.Bool
@@ -565,19 +565,20 @@ func (u *Forwarder) takeLargeBuf(src netip.Addr) bool {
 // second, and each ask takes the forwarder's lock.
 const largeBufRetry = int64(time.Second)
 
-// largeBufIdle is how long a flow keeps the largest receive buffer after
-// its replies last queued (a full batch): then it gives it back for
-// another busy flow, and its socket goes back to udpRcvBufStart. Replies
-// that have not queued that long hold less than a batch in the buffer;
-// the slot is what the flow kept from others (until it left the table,
-// udp_idle, 60 s by default, before this).
+// largeBufIdle is how long a flow keeps the largest receive buffer with no
+// reply coming: then it gives it back for another busy flow, and its
+// socket goes back to udpRcvBufStart. Its buffer is empty by then; the
+// slot is what the flow kept from others (until it left the table,
+// udp_idle, 60 s by default, before this). A flow still receiving keeps
+// it even when its replies no longer queue: a steady stream the reply
+// loop keeps up with would otherwise be left 2 ms of buffer at 1 Gbit/s
+// against any pause of tunfw's.
 const largeBufIdle = int64(10 * time.Second)
 
 // growRcvBuf gives flow f, whose replies queue, the largest receive buffer
 // if it has not got it and the bounds allow; the reply goroutine calls it
 // at each full batch, read at now.
 func (u *Forwarder) growRcvBuf(f *udpFlow, now int64) {
-	f.lastFull = now
 	if f.bigRcvBuf || now < f.largeRetryAt {
 		return
 	}
@@ -590,11 +591,11 @@ func (u *Forwarder) growRcvBuf(f *udpFlow, now int64) {
 	u.setUDPRcvBuf(f.raw, u.lim.rcvBuf)
 }
 
-// shrinkRcvBuf gives flow f's largest receive buffer back once its replies
-// have not queued for largeBufIdle, and reports whether it did; the reply
-// goroutine calls it, at now, while f holds one.
+// shrinkRcvBuf gives flow f's largest receive buffer back once no reply
+// came for largeBufIdle, and reports whether it did; the reply goroutine
+// calls it, at now, while f holds one.
 func (u *Forwarder) shrinkRcvBuf(f *udpFlow, now int64) bool {
-	if !f.bigRcvBuf || now-f.lastFull < largeBufIdle {
+	if !f.bigRcvBuf || now-f.lastReply < largeBufIdle {
 		return false
 	}
 	u.setUDPRcvBuf(f.raw, min(udpRcvBufStart, u.lim.rcvBuf))
@@ -609,7 +610,7 @@ func (u *Forwarder) shrinkRcvBuf(f *udpFlow, now int64) bool {
 // asked at at), whichever comes first. Above 0.
 func replyWait(f *udpFlow, at, left int64) int64 {
 	if f.bigRcvBuf {
-		return min(left, f.lastFull+largeBufIdle-at)
+		return min(left, f.lastReply+largeBufIdle-at)
 	}
 	return left
 }
@@ -712,7 +713,7 @@ func (u *Forwarder) udpReplies(f *udpFlow) {
 		if left <= 0 {
 			return
 		}
-		// A large buffer goes back when replies stopped queueing: the
+		// A large buffer goes back when replies stopped coming: the
 		// wait ends then too.
 		if f.bigRcvBuf {
 			u.shrinkRcvBuf(f, at)
@@ -740,6 +741,7 @@ func (u *Forwarder) udpReplies(f *udpFlow) {
 		}
 		now := u.h.Now()
 		f.last.Store(now)
+		f.lastReply = now
 		for {
 			if pkt := u.udpReplyPacket(f, r.BP, r.N, ipLen, now); pkt != nil {
 				held = append(held, r.BP)

@@ -428,9 +428,10 @@ func TestLargeBuffersBounded(t *testing.T) {
 	}
 }
 
-// TestQuietFlowGivesLargeBufferBack: a flow whose replies have not queued
-// for largeBufIdle gives its large buffer back, for its client's next busy
-// flow, and its socket goes back to the starting size.
+// TestQuietFlowGivesLargeBufferBack: a flow no reply came to for
+// largeBufIdle gives its large buffer back, for its client's next busy
+// flow, and its socket goes back to the starting size; one still
+// receiving keeps it, whether or not its replies queue.
 func TestQuietFlowGivesLargeBufferBack(t *testing.T) {
 	s := newTestForwarder(t, newTestTUN(), DefaultMaxPerSource)
 	s.lim.maxLargeBufs = 4 // 1 per client
@@ -438,20 +439,24 @@ func TestQuietFlowGivesLargeBufferBack(t *testing.T) {
 	client := netip.MustParseAddr("10.1.1.1")
 	f := startTestFlow(t, s, filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(client, 1000), Dst: dst})
 	g := startTestFlow(t, s, filter.FlowKey{Proto: filter.ProtoUDP, Src: netip.AddrPortFrom(client, 1001), Dst: dst})
+	// What udpReplies does at a read (reply) and at a full batch (busy).
+	reply := func(f *udpFlow, at int64) { f.lastReply = at }
+	busy := func(f *udpFlow, at int64) { reply(f, at); s.growRcvBuf(f, at) }
 	now := s.h.Now()
-	if s.growRcvBuf(f, now); !f.bigRcvBuf {
+	if busy(f, now); !f.bigRcvBuf {
 		t.Fatal("a busy flow did not get the large buffer")
 	}
-	// Replies queue again 5 s later: the quiet spell starts over.
-	s.growRcvBuf(f, now+largeBufIdle/2)
+	// Replies keep coming without queueing (a stream the loop keeps up
+	// with): the buffer stays.
+	reply(f, now+largeBufIdle/2)
 	if s.shrinkRcvBuf(f, now+largeBufIdle) || !f.bigRcvBuf {
-		t.Fatal("a flow whose replies queued 5 s ago gave its buffer back")
+		t.Fatal("a flow a reply came to 5 s ago gave its buffer back")
 	}
-	if s.growRcvBuf(g, now+largeBufIdle); g.bigRcvBuf {
+	if busy(g, now+largeBufIdle); g.bigRcvBuf {
 		t.Fatal("the client's second busy flow got a buffer past its quarter")
 	}
 	if !s.shrinkRcvBuf(f, now+largeBufIdle/2+largeBufIdle) || f.bigRcvBuf {
-		t.Fatal("a flow quiet for largeBufIdle kept its large buffer")
+		t.Fatal("a flow no reply came to for largeBufIdle kept its large buffer")
 	}
 	if got := s.LargeBuffers().Held; got != 0 {
 		t.Fatalf("%d large buffers held after the only one was given back", got)
@@ -460,7 +465,7 @@ func TestQuietFlowGivesLargeBufferBack(t *testing.T) {
 	if got := rcvBuf(t, f); os.Geteuid() == 0 && got > 2*udpRcvBufStart {
 		t.Errorf("the quiet flow's socket kept a receive buffer of %d bytes, want at most %d", got, 2*udpRcvBufStart)
 	}
-	if s.growRcvBuf(g, now+3*largeBufIdle); !g.bigRcvBuf {
+	if busy(g, now+3*largeBufIdle); !g.bigRcvBuf {
 		t.Fatal("the client's other busy flow did not get the buffer given back")
 	}
 }
@@ -469,13 +474,13 @@ func TestQuietFlowGivesLargeBufferBack(t *testing.T) {
 // wakes when the buffer is due back, not only at the flow's idle timeout.
 func TestReplyWait(t *testing.T) {
 	const idle = int64(60 * time.Second)
-	f := &udpFlow{lastFull: 100}
+	f := &udpFlow{lastReply: 100}
 	if got := replyWait(f, 100, idle); got != idle {
 		t.Errorf("without the large buffer: waits %v, want the idle timeout %v", time.Duration(got), time.Duration(idle))
 	}
 	f.bigRcvBuf = true
 	if got := replyWait(f, 100+int64(time.Second), idle); got != largeBufIdle-int64(time.Second) {
-		t.Errorf("holding the large buffer, 1 s after the last full batch: waits %v, want %v", time.Duration(got), time.Duration(largeBufIdle-int64(time.Second)))
+		t.Errorf("holding the large buffer, 1 s after the last reply: waits %v, want %v", time.Duration(got), time.Duration(largeBufIdle-int64(time.Second)))
 	}
 	if got := replyWait(f, 100, int64(time.Second)); got != int64(time.Second) {
 		t.Errorf("holding it with 1 s of idle timeout left: waits %v, want 1s", time.Duration(got))
