@@ -516,8 +516,10 @@ func TestUDPBurstsShareLargeBuffers(t *testing.T) {
 		}
 	}()
 	// Everything allowed, metrics on (as icmpErrorsConfig), with a
-	// 64 MiB budget and flows that outlive the test.
-	cfg := writeConfig(t, icmpErrorsConfig+`[limits]
+	// 64 MiB budget, flows that outlive the test, and a reload that
+	// rechecks them.
+	allowAll := strings.Replace(icmpErrorsConfig, `default = "allow"`, "default = \"allow\"\non_reload = \"recheck\"", 1)
+	cfg := writeConfig(t, allowAll+`[limits]
 memory = "64MiB"
 udp_idle = "60s"
 `)
@@ -582,4 +584,21 @@ udp_idle = "60s"
 		t.Errorf("the client's next busy flow (%d datagrams received) did not get the buffer given back: udp_large_buffers %v", third, b)
 	}
 	t.Logf("given back %v after the first burst; a third flow got it", back.Round(100*time.Millisecond))
+
+	// A flow that ends gives its buffer back at once: a reload that
+	// denies everything cuts the three flows, the third holding one.
+	denyAll := strings.Replace(readFile(t, cfg), `default = "allow"`, `default = "deny"`, 1)
+	if err := os.WriteFile(cfg, []byte(denyAll), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, errOut, code := ctl(t, cfg, "reload"); code != 0 || !strings.Contains(out, "3 flows closed by the new rules") {
+		t.Fatalf("reload: exit %d\n%s%s", code, out, errOut)
+	}
+	cut := time.Now()
+	for large()["held"] != 0 {
+		if time.Since(cut) > 3*time.Second {
+			t.Fatalf("udp_large_buffers %v 3 s after the flows were cut: the ended flow kept its buffer", large())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -715,9 +715,7 @@ func (u *Forwarder) udpReplies(f *udpFlow) {
 		}
 		// A large buffer goes back when replies stopped coming: the
 		// wait ends then too.
-		if f.bigRcvBuf {
-			u.shrinkRcvBuf(f, at)
-		}
+		u.shrinkRcvBuf(f, at)
 		left = replyWait(f, at, left)
 		f.conn.SetReadDeadline(time.Now().Add(time.Duration(left)))
 		// The first datagram: wait in the netpoller for it. When a send
