@@ -33,6 +33,8 @@ type Device struct {
 	// tso is WriteTSO's vectored write, made once so that a write
 	// allocates nothing; WriteTSO's callers serialise its use.
 	tso tsoWriter
+	// rd is ReadPackets' reader, used by the reading goroutine only.
+	rd tunReader
 	// split holds the datagrams ReadPackets cuts from a UDP GSO packet
 	// (all but the first); only the reading goroutine uses it.
 	split []byte
@@ -63,6 +65,9 @@ func Open(s Settings) (_ *Device, err error) {
 	if d.file = d.File(); d.file != nil {
 		d.vnetHdr = vnetHeaderOn(d.file, d.name)
 		if err := d.tso.init(d.file); err != nil {
+			return nil, fmt.Errorf("TUN %s: %w", d.name, err)
+		}
+		if err := d.rd.init(d.file); err != nil {
 			return nil, fmt.Errorf("TUN %s: %w", d.name, err)
 		}
 	}

@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"os"
 	"syscall"
-	"unsafe"
 
+	"github.com/tunfw/tunfw/internal/nbio"
 	"golang.org/x/sys/unix"
 	wgtun "golang.zx2c4.com/wireguard/tun"
 )
@@ -67,11 +67,8 @@ func (d *Device) ReadPackets(bufs [][]byte, sizes []int, offset int) (n int, che
 		return 0, false, fmt.Errorf("read from TUN: offset %d leaves no room for the virtio-net header", offset)
 	}
 	in := bufs[0][offset-VirtioHeaderLen:]
-	m, err := d.file.Read(in)
+	m, err := d.rd.read(in)
 	if err != nil {
-		if errors.Is(err, syscall.EBADFD) {
-			err = os.ErrClosed
-		}
 		return 0, false, err
 	}
 	if need := splitArenaSize(offset, len(bufs)); len(d.split) < need {
@@ -251,6 +248,77 @@ func (d *Device) WriteTSO(buf []byte, offset int, payload [][]byte, mss int) err
 	return nil
 }
 
+// Write writes the packets of bufs, each starting offset bytes in (gVisor's
+// and the packet loop's packets). A single packet on a device with
+// virtio-net headers is written here, with a header that asks for nothing
+// (it is whole and summed), as a raw system call (internal/nbio): most
+// writes are one packet, and Go's system call path woke the runtime's
+// monitor thread for each burst. Batches go to the device's own Write,
+// which coalesces the segments of a flow (GRO). Calls must not overlap
+// each other or WriteTSO.
+func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
+	if !d.vnetHdr || len(bufs) != 1 || offset < VirtioHeaderLen {
+		return d.Device.Write(bufs, offset)
+	}
+	pkt := bufs[0][offset-VirtioHeaderLen:]
+	clear(pkt[:VirtioHeaderLen])
+	if err := d.tso.write(pkt, nil); err != nil {
+		if errors.Is(err, syscall.EBADFD) {
+			return 0, os.ErrClosed
+		}
+		return 0, fmt.Errorf("write to TUN: %w", err)
+	}
+	return 1, nil
+}
+
+// tunReader reads the TUN's packets through Go's poller with raw system
+// calls (internal/nbio). Its method value is made once: a read allocates
+// nothing. Only the reading goroutine uses it.
+type tunReader struct {
+	raw syscall.RawConn
+	fn  func(fd uintptr) bool
+	buf []byte
+	n   int
+	err syscall.Errno
+}
+
+func (r *tunReader) init(f *os.File) error {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("descriptor for reads: %w", err)
+	}
+	r.raw, r.fn = raw, r.readFd
+	return nil
+}
+
+// read reads one packet into b, waiting in the poller for one to come.
+func (r *tunReader) read(b []byte) (int, error) {
+	r.buf = b
+	err := r.raw.Read(r.fn)
+	r.buf = nil
+	switch {
+	case err != nil:
+		// The poller fails only when the file is closing.
+		return 0, os.ErrClosed
+	case r.err == unix.EBADFD:
+		return 0, os.ErrClosed
+	case r.err != 0:
+		return 0, fmt.Errorf("read from TUN: %w", r.err)
+	}
+	return r.n, nil
+}
+
+// readFd is the RawConn.Read callback: false asks the poller to wait
+// until the descriptor is readable.
+func (r *tunReader) readFd(fd uintptr) bool {
+	n, e := nbio.Read(fd, r.buf)
+	if e == unix.EAGAIN {
+		return false
+	}
+	r.n, r.err = n, e
+	return true
+}
+
 // MaxTSOSlices is the most payload slices WriteTSO takes.
 const MaxTSOSlices = 31
 
@@ -311,14 +379,11 @@ func (w *tsoWriter) write(head []byte, payload [][]byte) error {
 // until the descriptor is writable.
 func (w *tsoWriter) writev(fd uintptr) bool {
 	for {
-		n, _, e := unix.Syscall(unix.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&w.iov[0])), uintptr(w.n))
-		switch e {
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
+		n, e := nbio.Writev(fd, w.iov[:w.n])
+		if e == unix.EAGAIN {
 			return false
 		}
-		w.wrote, w.err = int(n), e
+		w.wrote, w.err = n, e
 		return true
 	}
 }

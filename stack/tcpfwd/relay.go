@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/internal/nbio"
 	"github.com/tunfw/tunfw/stack/internal/sockread"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -67,6 +68,43 @@ type toUpState struct {
 	bufs   relayBufs
 	w      tcpip.SliceWriter // the buffer gVisor reads into
 	linger *time.Timer       // made at the first wait; stopped between runs
+	// What writeUp needs: the bytes still to write, the outcome, and
+	// its callback, bound once so that a write allocates nothing.
+	out    []byte
+	outErr syscall.Errno
+	outFn  func(fd uintptr) bool
+}
+
+// writeUp writes b to the destination's socket with raw system calls
+// (internal/nbio), waiting in the netpoller while the socket is full.
+func (s *toUpState) writeUp(raw syscall.RawConn, b []byte) error {
+	s.out, s.outErr = b, 0
+	err := raw.Write(s.outFn)
+	s.out = nil
+	if err != nil {
+		return err
+	}
+	if s.outErr != 0 {
+		return s.outErr
+	}
+	return nil
+}
+
+// writeFd is writeUp's RawConn.Write callback: false asks the netpoller
+// to wait until the socket is writable.
+func (s *toUpState) writeFd(fd uintptr) bool {
+	for len(s.out) > 0 {
+		n, e := nbio.Write(fd, s.out)
+		switch {
+		case e == unix.EAGAIN:
+			return false
+		case e != 0:
+			s.outErr = e
+			return true
+		}
+		s.out = s.out[n:]
+	}
+	return true
 }
 
 type toClientState struct {
@@ -97,7 +135,9 @@ func (p *runStates) getUp() *toUpState {
 	if s, ok := p.up.Get().(*toUpState); ok {
 		return s
 	}
-	return &toUpState{ready: make(chan struct{}, 1), bufs: relayBufs{pools: &p.bufs}}
+	s := &toUpState{ready: make(chan struct{}, 1), bufs: relayBufs{pools: &p.bufs}}
+	s.outFn = s.writeFd
+	return s
 }
 
 func (p *runStates) getCli() *toClientState {
@@ -332,7 +372,7 @@ func (r *tcpRelay) copyToUp(s *toUpState) bool {
 		s.w = nil
 		if res.Count > 0 {
 			r.ep.ModerateRecvBuf(res.Count)
-			_, werr := r.up.Write((*bp)[:res.Count])
+			werr := s.writeUp(r.upRaw, (*bp)[:res.Count])
 			s.bufs.put(bp, res.Count)
 			if werr != nil {
 				r.abort()
@@ -507,9 +547,9 @@ func (s *toClientState) moveToClient() (done, ended bool) {
 // to wait for the socket.
 func (s *toClientState) moveFd(fd uintptr) bool {
 	r, st := s.r, &s.moveSt
-	queued, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ)
-	if err != nil {
-		st.err = err
+	queued, e := nbio.Queued(fd)
+	if e != 0 {
+		st.err = e
 		return true
 	}
 	if queued == 0 {
@@ -607,15 +647,16 @@ func (p *upPayload) Read(b []byte) (int, error) {
 		b = b[:p.left]
 	}
 	for {
-		n, err := unix.Read(p.fd, b)
+		n, e := nbio.Read(uintptr(p.fd), b)
+		var err error
 		switch {
-		case err == unix.EINTR:
-			continue
-		case n > 0:
+		case n > 0 && e == 0:
 			p.left -= n
 			return n, nil
-		case err == nil || err == unix.EAGAIN:
+		case e == 0 || e == unix.EAGAIN:
 			err = errShortRead
+		default:
+			err = e
 		}
 		p.err = err
 		return 0, err

@@ -2,7 +2,10 @@
 // they are empty; the TCP relay and the UDP reply loop share it.
 package sockread
 
-import "golang.org/x/sys/unix"
+import (
+	"github.com/tunfw/tunfw/internal/nbio"
+	"golang.org/x/sys/unix"
+)
 
 // Reader reads once from a nonblocking socket into a buffer it takes only
 // when data is there, so that a connection or flow with nothing to read
@@ -49,11 +52,10 @@ func (r *Reader) Init(get func() *[]byte, put func(*[]byte), off int) {
 
 func (r *Reader) readFd(fd uintptr) bool {
 	r.BP = r.get()
-	for {
-		r.N, r.Err = unix.Read(int(fd), (*r.BP)[r.off:])
-		if r.Err != unix.EINTR {
-			break
-		}
+	n, e := nbio.Read(fd, (*r.BP)[r.off:])
+	r.N, r.Err = n, nil
+	if e != 0 {
+		r.N, r.Err = 0, e
 	}
 	if r.Err == nil {
 		r.Woken = false
