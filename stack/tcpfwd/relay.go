@@ -101,6 +101,10 @@ func (s *toUpState) writeFd(fd uintptr) bool {
 		case e != 0:
 			s.outErr = e
 			return true
+		case n == 0:
+			// A socket takes a byte or says why not; never loop on it.
+			s.outErr = unix.EIO
+			return true
 		}
 		s.out = s.out[n:]
 	}
@@ -650,7 +654,7 @@ func (p *upPayload) Read(b []byte) (int, error) {
 		n, e := nbio.Read(uintptr(p.fd), b)
 		var err error
 		switch {
-		case n > 0 && e == 0:
+		case n > 0: // nbio returns 0 with an error
 			p.left -= n
 			return n, nil
 		case e == 0 || e == unix.EAGAIN:
