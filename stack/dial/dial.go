@@ -5,12 +5,9 @@ package dial
 
 import (
 	"context"
-	"errors"
 	"net"
 	"sync/atomic"
 	"syscall"
-
-	"golang.org/x/sys/unix"
 )
 
 // Outbound says how tunfw's own sockets leave the host without being routed
@@ -68,19 +65,9 @@ func (d *Dialer) iface(network string) string {
 // Control marks and binds a socket before it connects (net.Dialer's and
 // net.ListenConfig's Control), so the kernel routes it past the TUN.
 func (d *Dialer) Control(network, _ string, c syscall.RawConn) error {
-	iface := d.iface(network)
 	var serr error
-	err := c.Control(func(fd uintptr) {
-		if d.mark != 0 {
-			if err := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(d.mark)); err != nil {
-				serr = errors.Join(serr, &net.OpError{Op: "set SO_MARK", Err: err})
-			}
-		}
-		if iface != "" {
-			if err := unix.BindToDevice(int(fd), iface); err != nil {
-				serr = errors.Join(serr, &net.OpError{Op: "bind to device " + iface, Err: err})
-			}
-		}
-	})
-	return errors.Join(err, serr)
+	if err := c.Control(func(fd uintptr) { serr = d.control(fd, network) }); err != nil {
+		return err
+	}
+	return serr
 }

@@ -2,7 +2,6 @@ package tcpfwd
 
 import (
 	"context"
-	"net"
 	"net/netip"
 	"os"
 	"syscall"
@@ -194,12 +193,10 @@ func TestScreenSYNsAllocs(t *testing.T) {
 	}
 }
 
-// TestClassifyDial: a failed dial's error, as net.Dialer wraps it, is
+// TestClassifyDial: a failed dial's error, as dial.DialTCP wraps it, is
 // counted under the reason `tunfw stats` and the metrics name.
 func TestClassifyDial(t *testing.T) {
-	wrap := func(call string, errno syscall.Errno) error {
-		return &net.OpError{Op: "dial", Net: "tcp4", Err: os.NewSyscallError(call, errno)}
-	}
+	wrap := os.NewSyscallError
 	for _, c := range []struct {
 		err  error
 		want string

@@ -3,13 +3,13 @@ package tcpfwd
 import (
 	"encoding/binary"
 	"io"
-	"net"
 	"net/netip"
 	"sync"
 	"time"
 
 	"github.com/tunfw/tunfw/dns"
 	"github.com/tunfw/tunfw/filter"
+	"github.com/tunfw/tunfw/stack/dial"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 )
@@ -42,14 +42,13 @@ func (fw *Forwarder) readsDNS(key filter.FlowKey) bool {
 
 // dnsRelay relays a DNS-over-TCP connection until either side ends it,
 // or CloseFlows aborts it.
-func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcpip.Endpoint, up *net.TCPConn) {
+func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcpip.Endpoint, up *dial.Conn) {
 	fw.wg.Add(1)
 	defer fw.wg.Done()
 	var once sync.Once
 	abort := func() {
 		once.Do(func() {
-			up.SetLinger(0)
-			up.Close()
+			up.Abort()
 			ep.Abort()
 		})
 	}

@@ -2,7 +2,6 @@ package tcpfwd
 
 import (
 	"context"
-	"net"
 	"net/netip"
 	"time"
 
@@ -68,7 +67,7 @@ func (fw *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 		stopDial(v)
 		waitReleased(ctx, v)
 	}
-	up, err := fw.h.Dialer.DialContext(ctx, "tcp", dst.String())
+	up, err := fw.h.Dialer.DialTCP(ctx, dst)
 	if err != nil {
 		if why := fw.dials.done(d); why != dialDone {
 			fw.dialStopped(r, flow, why)
@@ -135,10 +134,10 @@ func (fw *Forwarder) handleTCP(r *tcp.ForwarderRequest) {
 	// The relay has no goroutine of its own while idle: this one pumps the
 	// client's first bytes and ends when that direction is quiet.
 	if fw.readsDNS(key) {
-		fw.dnsRelay(flow, gonet.NewTCPConn(&wq, ep), ep, up.(*net.TCPConn))
+		fw.dnsRelay(flow, gonet.NewTCPConn(&wq, ep), ep, up)
 		return
 	}
-	fw.startRelay(flow, &wq, ep, up.(*net.TCPConn))
+	fw.startRelay(flow, &wq, ep, up)
 }
 
 // dialStopped ends the request of a dial that left the pool before it

@@ -96,7 +96,7 @@ func (fw *Forwarder) peekThenDial(r *tcp.ForwarderRequest, flow filter.FlowRef) 
 	}
 	lim := fw.DialLimits()
 	ctx, cancel := context.WithTimeout(fw.ctx, lim.Timeout)
-	up, err := fw.h.Dialer.DialContext(ctx, "tcp", flow.Key.Dst.String())
+	up, err := fw.h.Dialer.DialTCP(ctx, flow.Key.Dst)
 	cancel()
 	if err != nil {
 		// The client's handshake is complete: a destination that
@@ -108,19 +108,18 @@ func (fw *Forwarder) peekThenDial(r *tcp.ForwarderRequest, flow filter.FlowRef) 
 		fw.h.Log.Debug("dial failed after peek", "src", flow.Key.Src, "dst", flow.Key.Dst, "reason", dialFailNames[reason], "err", err)
 		return
 	}
-	tc := up.(*net.TCPConn)
 	if n > 0 {
-		tc.SetWriteDeadline(time.Now().Add(lim.Timeout))
-		_, err := tc.Write(buf[:n])
-		tc.SetWriteDeadline(time.Time{})
+		up.SetWriteDeadline(time.Now().Add(lim.Timeout))
+		_, err := up.Write(buf[:n])
+		up.SetWriteDeadline(time.Time{})
 		if err != nil {
-			tc.Close()
+			up.Close()
 			ep.Abort()
 			fw.h.Engine.Release(flow, fw.h.Now())
 			return
 		}
 	}
-	fw.startRelay(flow, &wq, ep, tc)
+	fw.startRelay(flow, &wq, ep, up)
 }
 
 // readName reads the client's first bytes into buf until its name is

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"io"
-	"net"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/tunfw/tunfw/filter"
 	"github.com/tunfw/tunfw/internal/nbio"
+	"github.com/tunfw/tunfw/stack/dial"
 	"github.com/tunfw/tunfw/stack/internal/sockread"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -38,7 +38,7 @@ type tcpRelay struct {
 	flow  filter.FlowRef // released when the relay ends
 	ep    tcpip.Endpoint // the client's
 	wq    *waiter.Queue
-	up    *net.TCPConn
+	up    *dial.Conn
 	upRaw syscall.RawConn
 	entry waiter.Entry // gVisor readable notification -> toUp
 	token uint64       // the socket's registration with the watcher
@@ -241,16 +241,8 @@ const (
 // startRelay relays between the client's endpoint and the destination's
 // socket. It returns when the client's direction is first quiet; the relay
 // ends itself.
-func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.Endpoint, up *net.TCPConn) {
-	r := &tcpRelay{fw: fw, flow: flow, ep: ep, wq: wq, up: up}
-	raw, err := up.SyscallConn()
-	if err != nil {
-		up.Close()
-		ep.Abort()
-		fw.h.Engine.Release(flow, fw.h.Now())
-		return
-	}
-	r.upRaw = raw
+func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.Endpoint, up *dial.Conn) {
+	r := &tcpRelay{fw: fw, flow: flow, ep: ep, wq: wq, up: up, upRaw: up.SyscallConn()}
 	r.left.Store(2)
 	r.toUp.dir, r.toClient.dir = (*toUpDir)(r), (*toClientDir)(r)
 	fw.wg.Add(1)
@@ -273,8 +265,7 @@ func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.
 // socket is no longer watched.
 func (r *tcpRelay) abort() {
 	r.abortOnce.Do(func() {
-		r.up.SetLinger(0)
-		r.up.Close()
+		r.up.Abort()
 		r.ep.Abort()
 	})
 	r.toClient.kick()
