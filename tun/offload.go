@@ -249,26 +249,90 @@ func (d *Device) WriteTSO(buf []byte, offset int, payload [][]byte, mss int) err
 }
 
 // Write writes the packets of bufs, each starting offset bytes in (gVisor's
-// and the packet loop's packets). A single packet on a device with
-// virtio-net headers is written here, with a header that asks for nothing
-// (it is whole and summed), as a raw system call (internal/nbio): most
-// writes are one packet, and Go's system call path woke the runtime's
-// monitor thread for each burst. Batches go to the device's own Write,
-// which coalesces the segments of a flow (GRO). Calls must not overlap
-// each other or WriteTSO.
+// and the packet loop's packets). On a device with virtio-net headers,
+// a batch in which no two packets could be merged (GRO: see mayCoalesce)
+// is written here, a packet at a time with a header that asks for nothing
+// (each is whole and summed), as raw system calls (internal/nbio): most
+// writes are one packet, or a connection's few (an answer and a FIN), and
+// Go's system call path woke the runtime's monitor thread for each burst.
+// Other batches go to the device's own Write, which coalesces the segments
+// of a flow. It returns the packets written. Calls must not overlap each
+// other or WriteTSO.
 func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
-	if !d.vnetHdr || len(bufs) != 1 || offset < VirtioHeaderLen {
+	if !d.vnetHdr || offset < VirtioHeaderLen || mayCoalesce(bufs, offset) {
 		return d.Device.Write(bufs, offset)
 	}
-	pkt := bufs[0][offset-VirtioHeaderLen:]
-	clear(pkt[:VirtioHeaderLen])
-	if err := d.tso.write(pkt, nil); err != nil {
-		if errors.Is(err, syscall.EBADFD) {
-			return 0, os.ErrClosed
+	var errs error
+	for _, b := range bufs {
+		pkt := b[offset-VirtioHeaderLen:]
+		clear(pkt[:VirtioHeaderLen])
+		if err := d.tso.write(pkt, nil); err != nil {
+			if errors.Is(err, syscall.EBADFD) {
+				return 0, os.ErrClosed
+			}
+			// As the device's Write: the other packets still go.
+			errs = errors.Join(errs, fmt.Errorf("write to TUN: %w", err))
 		}
-		return 0, fmt.Errorf("write to TUN: %w", err)
 	}
-	return 1, nil
+	if errs != nil {
+		return 0, errs
+	}
+	return len(bufs), nil
+}
+
+// mayCoalesce reports whether the device's Write could merge packets of
+// bufs into one (GRO), which takes two candidates: TCP segments that carry
+// data and no flag but ACK and PSH, or UDP datagrams. Packets it cannot
+// tell (too short for their headers) count as candidates, so that they
+// meet the device's own checks.
+func mayCoalesce(bufs [][]byte, offset int) bool {
+	n := 0
+	for _, b := range bufs {
+		if len(b) <= offset || groCandidate(b[offset:]) {
+			if n++; n == 2 {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// groCandidate reports whether the IP packet p may merge with another of
+// its flow (mayCoalesce).
+func groCandidate(p []byte) bool {
+	if len(p) < 1 {
+		return true
+	}
+	var proto byte
+	var l4 int
+	switch p[0] >> 4 {
+	case 4:
+		if len(p) < 20 {
+			return true
+		}
+		proto, l4 = p[9], int(p[0]&0x0f)*4
+	case 6:
+		if len(p) < 40 {
+			return true
+		}
+		proto, l4 = p[6], 40
+	default:
+		return true
+	}
+	switch proto {
+	case unix.IPPROTO_TCP:
+		if len(p) < l4+20 {
+			return true
+		}
+		const ack, psh = 0x10, 0x08
+		if f := p[l4+13]; f != ack && f != ack|psh {
+			return false
+		}
+		return len(p) > l4+int(p[l4+12]>>4)*4
+	case unix.IPPROTO_UDP:
+		return true
+	}
+	return false
 }
 
 // tunReader reads the TUN's packets through Go's poller with raw system
