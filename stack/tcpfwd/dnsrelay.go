@@ -101,7 +101,7 @@ func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcp
 		}
 	}()
 	<-done
-	up.Close()
+	fw.closer.add(up)
 	client.Close()
 	fw.tracker.Untrack(flow)
 	fw.h.Engine.Release(flow, fw.h.Now())

@@ -292,7 +292,7 @@ func (r *tcpRelay) directionEnded() {
 	}
 	r.wq.EventUnregister(&r.entry)
 	r.fw.watcher.forget(r.token)
-	r.up.Close()
+	r.fw.closer.add(r.up) // an aborted relay closed it already: a no-op then
 	r.ep.Close()
 	r.fw.tracker.Untrack(r.flow)
 	r.fw.h.Engine.Release(r.flow, r.fw.h.Now())

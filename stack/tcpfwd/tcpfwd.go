@@ -78,6 +78,8 @@ type Forwarder struct {
 	// watcher waits for the sockets of idle relays (relay.go).
 	watcher   *sockWatcher
 	watcherWG sync.WaitGroup
+	// closer closes the sockets of relays that ended well (closer.go).
+	closer *sockCloser
 
 	// dials are the connections between SYN and the client's completed
 	// handshake (dials.go), within dialLimits (limits.go).
@@ -104,9 +106,10 @@ func New(h Host, c Config, lim DialLimits) (*Forwarder, error) {
 		h.Inspect = inspect.DefaultOptions()
 	}
 	fw := &Forwarder{
-		h:     h,
-		dials: newDialPool(),
-		guard: flows.Guard{Engine: h.Engine, Log: h.Log, Now: h.Now},
+		h:      h,
+		dials:  newDialPool(),
+		closer: newSockCloser(),
+		guard:  flows.Guard{Engine: h.Engine, Log: h.Log, Now: h.Now},
 		// Sized once: writing a packet allocates nothing.
 		tsoSlices: make([][]byte, 0, tunio.MaxPayloadSlices),
 	}
@@ -258,6 +261,7 @@ func (fw *Forwarder) Close() {
 	fw.ns.Close()
 	fw.ns.Wait()
 	fw.wg.Wait()
+	fw.closer.close()
 	fw.watcher.close()
 	fw.watcherWG.Wait()
 }
