@@ -256,8 +256,9 @@ func (d *Device) WriteTSO(buf []byte, offset int, payload [][]byte, mss int) err
 // writes are one packet, or a connection's few (an answer and a FIN), and
 // Go's system call path woke the runtime's monitor thread for each burst.
 // Other batches go to the device's own Write, which coalesces the segments
-// of a flow. It returns the packets written. Calls must not overlap each
-// other or WriteTSO.
+// of a flow. It returns the packets written (0 when a packet failed; the
+// others were still written). Calls must not overlap each other or
+// WriteTSO.
 func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
 	if !d.vnetHdr || offset < VirtioHeaderLen || mayCoalesce(bufs, offset) {
 		return d.Device.Write(bufs, offset)
@@ -283,12 +284,16 @@ func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
 // mayCoalesce reports whether the device's Write could merge packets of
 // bufs into one (GRO), which takes two candidates: TCP segments that carry
 // data and no flag but ACK and PSH, or UDP datagrams. Packets it cannot
-// tell (too short for their headers) count as candidates, so that they
-// meet the device's own checks.
+// tell (too short for their headers) count as candidates, and a buffer
+// shorter than offset sends the batch to the device's Write at once, so
+// that they meet the device's own checks.
 func mayCoalesce(bufs [][]byte, offset int) bool {
 	n := 0
 	for _, b := range bufs {
-		if len(b) <= offset || groCandidate(b[offset:]) {
+		if len(b) <= offset {
+			return true // the device's Write reports the bad offset
+		}
+		if groCandidate(b[offset:]) {
 			if n++; n == 2 {
 				return true
 			}

@@ -446,6 +446,10 @@ func TestMayCoalesce(t *testing.T) {
 			t.Errorf("%s: mayCoalesce %v, want %v", c.name, got, c.want)
 		}
 	}
+	// A buffer shorter than the offset: the device's Write says so.
+	if !mayCoalesce([][]byte{make([]byte, 4)}, 16) {
+		t.Error("a buffer shorter than the offset goes the raw way")
+	}
 }
 
 // TestBatchRawPath: a batch whose packets cannot merge is written a packet

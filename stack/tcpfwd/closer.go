@@ -29,6 +29,9 @@ type sockCloser struct {
 	armed   bool         // timer runs flush
 	closed  bool         // Forwarder closed: no more waiting
 	timer   *time.Timer
+	// flushing is held while a batch is being closed, so that close
+	// returns only once the timer's batch is closed too.
+	flushing sync.Mutex
 }
 
 func newSockCloser() *sockCloser {
@@ -56,6 +59,8 @@ func (c *sockCloser) add(s *dial.Conn) {
 
 // flush closes the sockets waiting.
 func (c *sockCloser) flush() {
+	c.flushing.Lock()
+	defer c.flushing.Unlock()
 	c.mu.Lock()
 	batch := c.pending
 	c.pending, c.spare = c.spare[:0], nil
@@ -72,7 +77,8 @@ func (c *sockCloser) flush() {
 	c.mu.Unlock()
 }
 
-// close closes the sockets waiting and every later one at once.
+// close closes the sockets waiting, waits for a batch being closed, and
+// closes every later one at once.
 func (c *sockCloser) close() {
 	c.mu.Lock()
 	c.closed = true

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tunfw/tunfw/dns"
@@ -46,8 +47,10 @@ func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcp
 	fw.wg.Add(1)
 	defer fw.wg.Done()
 	var once sync.Once
+	var aborted atomic.Bool // abort closed the socket
 	abort := func() {
 		once.Do(func() {
+			aborted.Store(true)
 			up.Abort()
 			ep.Abort()
 		})
@@ -101,9 +104,11 @@ func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcp
 		}
 	}()
 	<-done
-	fw.closer.add(up)
-	client.Close()
 	fw.tracker.Untrack(flow)
+	if !aborted.Load() {
+		fw.closer.add(up)
+	}
+	client.Close()
 	fw.h.Engine.Release(flow, fw.h.Now())
 }
 

@@ -49,7 +49,7 @@ type tcpRelay struct {
 
 	toUp, toClient pump
 	left           atomic.Int32 // directions not ended yet
-	abortOnce      sync.Once
+	aborted        atomic.Bool  // set by the one abort that closes both sides
 }
 
 // toUpState is what the client-to-destination direction works with while it
@@ -264,10 +264,12 @@ func (fw *Forwarder) startRelay(flow filter.FlowRef, wq *waiter.Queue, ep tcpip.
 // endpoint and end; the destination's pump is kicked because a closed
 // socket is no longer watched.
 func (r *tcpRelay) abort() {
-	r.abortOnce.Do(func() {
+	// Only the first caller closes, and kicks after it closed: the pump
+	// sees the closed socket even if a later caller's kick came first.
+	if r.aborted.CompareAndSwap(false, true) {
 		r.up.Abort()
 		r.ep.Abort()
-	})
+	}
 	r.toClient.kick()
 }
 
@@ -292,9 +294,13 @@ func (r *tcpRelay) directionEnded() {
 	}
 	r.wq.EventUnregister(&r.entry)
 	r.fw.watcher.forget(r.token)
-	r.fw.closer.add(r.up) // an aborted relay closed it already: a no-op then
-	r.ep.Close()
+	// Untracked first, so that no abort reaches the socket the closer
+	// holds; an aborted relay's socket is closed already.
 	r.fw.tracker.Untrack(r.flow)
+	if !r.aborted.Load() {
+		r.fw.closer.add(r.up)
+	}
+	r.ep.Close()
 	r.fw.h.Engine.Release(r.flow, r.fw.h.Now())
 	r.fw.wg.Done()
 }
