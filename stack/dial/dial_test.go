@@ -123,11 +123,20 @@ func TestDialTCP(t *testing.T) {
 	if n, err := io.ReadFull(c, buf[:4]); n != 4 || string(buf[:4]) != "pong" {
 		t.Fatalf("read %q, %v", buf[:n], err)
 	}
+	c.SetReadDeadline(time.Now().Add(-time.Second))
+	if n, err := c.Read(buf); n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("read past its deadline: %d, %v; want os.ErrDeadlineExceeded", n, err)
+	}
+	c.SetReadDeadline(time.Time{})
 	if err := c.CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
 	if n, err := p.Read(buf); n != 0 || err != io.EOF {
 		t.Errorf("peer read %d, %v after CloseWrite; want EOF", n, err)
+	}
+	p.Close()
+	if n, err := c.Read(buf); n != 0 || err != io.EOF {
+		t.Errorf("read %d, %v after the peer closed; want EOF", n, err)
 	}
 
 	// A port nobody listens on: the listener's, closed.

@@ -2,6 +2,7 @@ package dial
 
 import (
 	"context"
+	"io"
 	"net/netip"
 	"os"
 	"syscall"
@@ -144,11 +145,58 @@ func (d *Dialer) control(fd uintptr, network string) error {
 	return nil
 }
 
-// Read reads from the socket, waiting in the netpoller.
-func (c *Conn) Read(p []byte) (int, error) { return c.f.Read(p) }
+// Read reads from the socket with raw system calls, waiting in the
+// netpoller until bytes come, the read deadline passes (an error that is
+// os.ErrDeadlineExceeded) or the destination ends (io.EOF).
+func (c *Conn) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	var n int
+	var e syscall.Errno
+	err := c.rc.Read(func(fd uintptr) bool {
+		n, e = nbio.Read(fd, p)
+		return e != unix.EAGAIN
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case e != 0:
+		return 0, os.NewSyscallError("read", e)
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
 
-// Write writes all of p to the socket, waiting in the netpoller.
-func (c *Conn) Write(p []byte) (int, error) { return c.f.Write(p) }
+// Write writes all of p to the socket with raw system calls, waiting in
+// the netpoller while the socket is full, until the write deadline.
+func (c *Conn) Write(p []byte) (int, error) {
+	done := 0
+	var e syscall.Errno
+	err := c.rc.Write(func(fd uintptr) bool {
+		for done < len(p) {
+			var n int
+			if n, e = nbio.Write(fd, p[done:]); e != 0 {
+				return e != unix.EAGAIN
+			}
+			if n == 0 {
+				// Not on a socket with room, but never loop on it.
+				e = unix.EIO
+				return true
+			}
+			done += n
+		}
+		return true
+	})
+	switch {
+	case err != nil:
+		return done, err
+	case e != 0:
+		return done, os.NewSyscallError("write", e)
+	}
+	return done, nil
+}
 
 // SetReadDeadline sets the deadline of Read and of RawConn reads.
 func (c *Conn) SetReadDeadline(t time.Time) error { return c.f.SetReadDeadline(t) }
