@@ -447,14 +447,12 @@ func (w *tsoWriter) write(head []byte, payload [][]byte) error {
 // writev is the RawConn.Write callback: false asks the poller to wait
 // until the descriptor is writable.
 func (w *tsoWriter) writev(fd uintptr) bool {
-	for {
-		n, e := nbio.Writev(fd, w.iov[:w.n])
-		if e == unix.EAGAIN {
-			return false
-		}
-		w.wrote, w.err = n, e
-		return true
+	n, e := nbio.Writev(fd, w.iov[:w.n])
+	if e == unix.EAGAIN {
+		return false
 	}
+	w.wrote, w.err = n, e
+	return true
 }
 
 // tsoHeader writes into h the virtio-net header of the TCP packet of

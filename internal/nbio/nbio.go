@@ -57,6 +57,25 @@ func Write(fd uintptr, p []byte) (int, syscall.Errno) {
 	}
 }
 
+// WriteFull writes p to the non-blocking descriptor fd until all of it is
+// written, fd is full or a write fails. It returns the bytes written and
+// the error number: EAGAIN when the rest waits for room; EIO for a write
+// that took nothing and gave no reason, which is never looped on.
+func WriteFull(fd uintptr, p []byte) (int, syscall.Errno) {
+	done := 0
+	for done < len(p) {
+		n, e := Write(fd, p[done:])
+		if e != 0 {
+			return done, e
+		}
+		if n == 0 {
+			return done, unix.EIO
+		}
+		done += n
+	}
+	return done, 0
+}
+
 // Writev writes the buffers of iov to the non-blocking descriptor fd in
 // one call, retrying when interrupted.
 func Writev(fd uintptr, iov []unix.Iovec) (int, syscall.Errno) {

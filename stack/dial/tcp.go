@@ -56,12 +56,7 @@ func (d *Dialer) DialTCP(ctx context.Context, dst netip.AddrPort) (*Conn, error)
 		return nil, os.NewSyscallError("connect", e)
 	}
 	c := &Conn{f: os.NewFile(fd, "tcp")}
-	rc, err := c.f.SyscallConn()
-	if err != nil {
-		c.f.Close()
-		return nil, err
-	}
-	c.rc = rc
+	c.rc, _ = c.f.SyscallConn() // fails only for a nil File
 	if e == 0 {
 		return c, nil
 	}
@@ -175,19 +170,10 @@ func (c *Conn) Write(p []byte) (int, error) {
 	done := 0
 	var e syscall.Errno
 	err := c.rc.Write(func(fd uintptr) bool {
-		for done < len(p) {
-			var n int
-			if n, e = nbio.Write(fd, p[done:]); e != 0 {
-				return e != unix.EAGAIN
-			}
-			if n == 0 {
-				// Not on a socket with room, but never loop on it.
-				e = unix.EIO
-				return true
-			}
-			done += n
-		}
-		return true
+		var n int
+		n, e = nbio.WriteFull(fd, p[done:])
+		done += n
+		return e != unix.EAGAIN
 	})
 	switch {
 	case err != nil:

@@ -46,14 +46,12 @@ func (fw *Forwarder) readsDNS(key filter.FlowKey) bool {
 func (fw *Forwarder) dnsRelay(flow filter.FlowRef, client *gonet.TCPConn, ep tcpip.Endpoint, up *dial.Conn) {
 	fw.wg.Add(1)
 	defer fw.wg.Done()
-	var once sync.Once
-	var aborted atomic.Bool // abort closed the socket
+	var aborted atomic.Bool // set by the one abort that closes both sides
 	abort := func() {
-		once.Do(func() {
-			aborted.Store(true)
+		if aborted.CompareAndSwap(false, true) {
 			up.Abort()
 			ep.Abort()
-		})
+		}
 	}
 	fw.tracker.Track(flow, abort)
 	var toClient sync.Mutex // both directions write to the client

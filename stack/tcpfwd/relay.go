@@ -93,21 +93,12 @@ func (s *toUpState) writeUp(raw syscall.RawConn, b []byte) error {
 // writeFd is writeUp's RawConn.Write callback: false asks the netpoller
 // to wait until the socket is writable.
 func (s *toUpState) writeFd(fd uintptr) bool {
-	for len(s.out) > 0 {
-		n, e := nbio.Write(fd, s.out)
-		switch {
-		case e == unix.EAGAIN:
-			return false
-		case e != 0:
-			s.outErr = e
-			return true
-		case n == 0:
-			// A socket takes a byte or says why not; never loop on it.
-			s.outErr = unix.EIO
-			return true
-		}
-		s.out = s.out[n:]
+	n, e := nbio.WriteFull(fd, s.out)
+	s.out = s.out[n:]
+	if e == unix.EAGAIN {
+		return false
 	}
+	s.outErr = e
 	return true
 }
 
