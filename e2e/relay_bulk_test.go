@@ -31,6 +31,14 @@ func newBulkEnv(t *testing.T, seed uint64) (*netnstest.Topology, *tunfwProc, []b
 	t.Helper()
 	netnstest.RequireRoot(t)
 	topo := netnstest.NewTopology(t)
+	// The slow-peer tests need the path's buffers to hold less than the
+	// data: a namespace inherits the machine's tcp_rmem, and one of 32 MiB
+	// (these VMs') let a socket's receive buffer, grown while the relay
+	// read fast, take in all 24 MiB. Linux's default maximum (6 MiB)
+	// keeps every buffer on the path well below it.
+	for _, ns := range []*netnstest.NS{topo.Host, topo.Server} {
+		ns.Run(t, "sysctl", "-qw", "net.ipv4.tcp_rmem=4096 131072 6291456", "net.ipv4.tcp_wmem=4096 16384 4194304")
+	}
 	fw := startTunfw(t, topo.Host, writeConfig(t, bulkConfig))
 	data := make([]byte, 24<<20)
 	rng := rand.New(rand.NewPCG(seed, seed+4))
